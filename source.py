@@ -1,0 +1,1698 @@
+"""QuLab's data layer: everything the codelab's pages demonstrate, in one module.
+
+The pages only render; every model, query, cache read and event lives here, so what a learner
+sees on a page is the code below, running for real.
+
+Contents (each a headed section below):
+ 1. Configuration        - settings read from the environment, with safe defaults
+ 2. Errors               - exceptions whose messages can be shown to a learner as they are
+ 3. Validation           - checks for user input, run before anything touches the database
+ 4. Models               - User, Assessment, AIRScore, DomainEvent
+ 5. Engine and sessions  - one async engine per database, get_session() as the unit of work
+ 6. Statement log        - records the SQL that really ran, for the pages to show and count
+ 7. Repositories         - UserRepository, AssessmentRepository, AIRScoreRepository
+ 8. Redis                - a real server or fakeredis, one namespaced link per sandbox
+ 9. Sandboxes            - each browser session gets its own database and Redis namespace
+10. Data models and connectivity - the use cases behind sections 1 and 2 of the codelab
+11. Runtime              - one background event loop that owns every async resource, and the
+                           small synchronous facade (Lab) that Streamlit pages call
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextvars
+import logging
+import math
+import os
+import re
+import secrets
+import statistics
+import tempfile
+import threading
+import time
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Generic, Optional, TypeVar
+
+import fakeredis
+import redis.asyncio as redis_asyncio
+import redis.exceptions
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    delete,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import (
+    AsyncAttrs,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.pool import NullPool
+from sqlalchemy.types import TypeDecorator
+
+logger = logging.getLogger("qulab")
+
+T = TypeVar("T")
+
+
+# =============================================================================================
+# 1. Configuration
+# =============================================================================================
+
+RAM_BACKED_DIRECTORY = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, read from the environment in one place (see README)."""
+
+    database_url: Optional[str] = None  # None: an embedded SQLite file per sandbox
+    redis_url: Optional[str] = None  # None: an in-process fakeredis
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_timeout_seconds: float = 30.0
+    sqlite_busy_timeout_seconds: float = 30.0
+    sandbox_idle_seconds: float = 1800.0
+    max_sandboxes: int = 200
+    sandbox_directory: Optional[str] = None  # None: /dev/shm when writable, else the temp dir
+    redis_connect_timeout_seconds: float = 1.0
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
+        """Read settings from environment variables; unset or empty means the default."""
+
+        def number(name: str, default: float, *, minimum: float) -> float:
+            raw = environ.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigurationError(f"{name} must be a number, got {raw!r}.") from None
+            if not math.isfinite(value) or value < minimum:
+                raise ConfigurationError(f"{name} must be at least {minimum:g}, got {raw!r}.")
+            return value
+
+        return cls(
+            database_url=environ.get("DATABASE_URL", "").strip() or None,
+            redis_url=environ.get("REDIS_URL", "").strip() or None,
+            pool_size=int(number("QULAB_POOL_SIZE", cls.pool_size, minimum=1)),
+            max_overflow=int(number("QULAB_MAX_OVERFLOW", cls.max_overflow, minimum=0)),
+            pool_timeout_seconds=number("QULAB_POOL_TIMEOUT", cls.pool_timeout_seconds, minimum=0.1),
+            sqlite_busy_timeout_seconds=number(
+                "QULAB_SQLITE_BUSY_TIMEOUT", cls.sqlite_busy_timeout_seconds, minimum=0.1
+            ),
+            sandbox_idle_seconds=number("QULAB_SANDBOX_IDLE_SECONDS", cls.sandbox_idle_seconds, minimum=1),
+            max_sandboxes=int(number("QULAB_MAX_SANDBOXES", cls.max_sandboxes, minimum=1)),
+            sandbox_directory=environ.get("QULAB_SANDBOX_DIR", "").strip() or None,
+        )
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """Where sandboxes live: 'embedded' SQLite files, SQLite files beside a given path, or PostgreSQL."""
+
+    kind: str  # "embedded" | "sqlite-file" | "postgresql"
+    url: Optional[URL]  # the normalised URL (None for embedded)
+    note: str = ""  # why the configured URL was adjusted, if it was
+
+
+def resolve_database_target(database_url: Optional[str]) -> DatabaseTarget:
+    """Turn DATABASE_URL into a target, refusing URLs that would lose data under concurrency."""
+    if database_url is None:
+        return DatabaseTarget("embedded", None)
+    try:
+        url = make_url(database_url)
+    except ArgumentError:
+        raise ConfigurationError("DATABASE_URL is not a valid database URL.") from None
+    backend = url.get_backend_name()
+    if backend in {"postgresql", "postgres"}:
+        return DatabaseTarget("postgresql", url.set(drivername="postgresql+asyncpg"))
+    if backend == "sqlite":
+        database = url.database or ""
+        if database in {"", ":memory:"} or "mode=memory" in str(url):
+            # An in-memory URL gets SQLAlchemy's StaticPool: one connection shared by every
+            # session, so concurrent transactions interleave and silently lose rows.
+            return DatabaseTarget(
+                "embedded",
+                None,
+                note="in-memory SQLite URL replaced by the embedded RAM-backed files "
+                "(StaticPool shares one connection and loses concurrent writes)",
+            )
+        return DatabaseTarget("sqlite-file", url.set(drivername="sqlite+aiosqlite"))
+    raise ConfigurationError(
+        f"DATABASE_URL uses {backend!r}; QuLab supports PostgreSQL (postgresql+asyncpg://…) and SQLite."
+    )
+
+
+def mask_url(url: str | URL | None) -> str:
+    """Render a URL for display with any password replaced by ***."""
+    if url is None:
+        return "(none)"
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+        return parsed.render_as_string(hide_password=True)
+    except ArgumentError:
+        # Not an SQLAlchemy URL (a redis:// one, say): hide what sits between ':' and '@'.
+        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", str(url))
+
+
+def _sandbox_directory(settings: Settings) -> Path:
+    if settings.sandbox_directory:
+        directory = Path(settings.sandbox_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+    if RAM_BACKED_DIRECTORY.is_dir() and os.access(RAM_BACKED_DIRECTORY, os.W_OK):
+        return RAM_BACKED_DIRECTORY
+    return Path(tempfile.gettempdir())
+
+
+# =============================================================================================
+# 2. Errors
+# =============================================================================================
+
+
+class QuLabError(Exception):
+    """Base of every error a page may show; its message is written for the learner."""
+
+
+class ConfigurationError(QuLabError):
+    """The environment asks for something QuLab cannot do."""
+
+
+class ValidationError(QuLabError, ValueError):
+    """Input was refused before anything was written."""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidEmailError(ValidationError):
+    """The email address is empty, too long or not an address."""
+
+
+class MalformedIdError(ValidationError):
+    """An id is not a UUID."""
+
+
+class DuplicateEmailError(QuLabError):
+    """Another user already has this email (compared case-insensitively)."""
+
+
+class NotFoundError(QuLabError, LookupError):
+    """No row has this id."""
+
+
+class UserNotFoundError(NotFoundError):
+    """No user has this id."""
+
+
+class BackendUnavailableError(QuLabError):
+    """The database could not be reached or stayed busy too long."""
+
+
+class OperationTimeoutError(QuLabError):
+    """An operation took longer than the page is willing to wait."""
+
+
+class UnexpectedError(QuLabError):
+    """Something failed that QuLab did not foresee; the details are in the server log."""
+
+
+# =============================================================================================
+# 3. Validation
+# =============================================================================================
+
+MAX_EMAIL_LENGTH = 255
+MAX_NAME_LENGTH = 255
+MAX_ID_INPUT_LENGTH = 64
+EDUCATION_LEVELS = (
+    "High school",
+    "Associate degree",
+    "Bachelor's degree",
+    "Master's degree",
+    "Doctorate",
+    "Other",
+)
+_EMAIL_PATTERN = re.compile(
+    r"^(?=[^@]{1,64}@)[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+)
+# SOC (15-1252) or O*NET-SOC (15-1252.00) occupation codes.
+_OCCUPATION_CODE_PATTERN = re.compile(r"^\d{2}-\d{4}(?:\.\d{2})?$")
+_NAME_PUNCTUATION = set(" .,'-\u2019")
+
+
+def _required_text(value: Any, *, label: str, max_length: int, field_name: str) -> str:
+    if value is None or not isinstance(value, str):
+        raise ValidationError(f"{label} is required.", field=field_name)
+    cleaned = " ".join(value.split())
+    if not cleaned:
+        raise ValidationError(f"{label} is required; it cannot be blank.", field=field_name)
+    if len(cleaned) > max_length:
+        raise ValidationError(
+            f"{label} is too long: {len(cleaned)} characters, the limit is {max_length}.", field=field_name
+        )
+    if "<" in cleaned or ">" in cleaned:
+        raise ValidationError(f"{label} must not contain markup such as < or >.", field=field_name)
+    return cleaned
+
+
+def validate_email(value: Any) -> str:
+    """Return the trimmed email, or raise InvalidEmailError saying what is wrong with it."""
+    if value is None or not isinstance(value, str) or not value.strip():
+        raise InvalidEmailError("Email is required.", field="email")
+    email = value.strip()
+    if len(email) > MAX_EMAIL_LENGTH:
+        raise InvalidEmailError(
+            f"Email is too long: {len(email)} characters, the limit is {MAX_EMAIL_LENGTH}.", field="email"
+        )
+    if not _EMAIL_PATTERN.match(email):
+        raise InvalidEmailError(
+            "That is not a valid email address; expected something like alex.smith@example.com.",
+            field="email",
+        )
+    return email
+
+
+def validate_name(value: Any) -> str:
+    """Return the name with runs of whitespace collapsed; only letters, digits and . , ' - allowed."""
+    name = _required_text(value, label="Name", max_length=MAX_NAME_LENGTH, field_name="name")
+    for character in name:
+        category = unicodedata.category(character)
+        if character not in _NAME_PUNCTUATION and category[0] not in {"L", "M", "N"}:
+            raise ValidationError(
+                "Name may contain only letters, digits, spaces and . , ' - "
+                f"(found {unicodedata.name(character, 'a control character')}).",
+                field="name",
+            )
+    if not any(unicodedata.category(character)[0] == "L" for character in name):
+        raise ValidationError("Name must contain at least one letter.", field="name")
+    return name
+
+
+def validate_occupation_code(value: Any, *, required: bool = False) -> Optional[str]:
+    """Return an SOC / O*NET-SOC code such as 15-1252 or 15-1252.00, or None when optional and blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise ValidationError("Occupation code is required, e.g. 15-1252.00.", field="occupation_code")
+        return None
+    if not isinstance(value, str) or not _OCCUPATION_CODE_PATTERN.match(value.strip()):
+        raise ValidationError(
+            "Occupation code must look like 15-1252 or 15-1252.00 (an SOC / O*NET-SOC code).",
+            field="occupation_code",
+        )
+    return value.strip()
+
+
+def validate_education_level(value: Any) -> Optional[str]:
+    """Return one of EDUCATION_LEVELS, or None when blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if value not in EDUCATION_LEVELS:
+        raise ValidationError(
+            f"Education level must be one of: {', '.join(EDUCATION_LEVELS)}.", field="education_level"
+        )
+    return value
+
+
+def validate_years_experience(value: Any) -> Optional[float]:
+    """Return years of experience between 0 and 80, or None when not given."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        years = float(value)
+    except (TypeError, ValueError):
+        raise ValidationError("Years of experience must be a number.", field="years_experience") from None
+    if not math.isfinite(years) or not 0 <= years <= 80:
+        raise ValidationError("Years of experience must be between 0 and 80.", field="years_experience")
+    return years
+
+
+def parse_entity_id(value: Any, *, what: str = "user") -> str:
+    """Return the canonical lowercase UUID text, or raise MalformedIdError naming what was expected."""
+    if value is None or not isinstance(value, str) or not value.strip():
+        raise MalformedIdError(f"Enter a {what} id.", field=f"{what}_id")
+    text_value = value.strip()
+    if len(text_value) > MAX_ID_INPUT_LENGTH:
+        raise MalformedIdError(f"That is not a valid {what} id: it is far too long for a UUID.", field=f"{what}_id")
+    try:
+        return str(uuid.UUID(text_value))
+    except ValueError:
+        raise MalformedIdError(
+            f"That is not a valid {what} id: expected a UUID such as 3f2b9c1e-8d4a-4c7e-9b1f-2a6d5e8c0f11.",
+            field=f"{what}_id",
+        ) from None
+
+
+# =============================================================================================
+# 4. Models
+# =============================================================================================
+
+_last_timestamp = datetime.min.replace(tzinfo=timezone.utc)
+_timestamp_lock = threading.Lock()
+
+
+def utc_now() -> datetime:
+    """Current UTC time, strictly increasing within this process, so created_at orders rows."""
+    global _last_timestamp
+    with _timestamp_lock:
+        now = datetime.now(timezone.utc)
+        if now <= _last_timestamp:
+            now = _last_timestamp + timedelta(microseconds=1)
+        _last_timestamp = now
+        return now
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores none, so UTC is re-attached)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass a timezone-aware datetime")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(AsyncAttrs, DeclarativeBase):
+    """Declarative base; AsyncAttrs lets lazy relationships be awaited (user.awaitable_attrs.scores)."""
+
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class TimestampMixin:
+    """created_at / updated_at in UTC, set by the application so every backend agrees."""
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now)
+
+
+class User(Base, TimestampMixin):
+    """A learner on the assessment platform."""
+
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_new_id)
+    email: Mapped[str] = mapped_column(String(255), unique=True, index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    occupation_code: Mapped[Optional[str]] = mapped_column(String(20))
+    education_level: Mapped[Optional[str]] = mapped_column(String(50))
+    years_experience: Mapped[Optional[float]] = mapped_column(Float)
+    assessments: Mapped[list["Assessment"]] = relationship(back_populates="user", cascade="all, delete-orphan")
+    scores: Mapped[list["AIRScore"]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+
+# Emails are unique whatever their letter case: Alex@X.com and alex@x.com are one person.
+Index("ux_users_email_lower", func.lower(User.email), unique=True)
+
+
+class Assessment(Base, TimestampMixin):
+    """One assessment session of a user."""
+
+    __tablename__ = "assessments"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(20), default="in_progress")
+    component: Mapped[str] = mapped_column(String(50))
+    current_ability: Mapped[float] = mapped_column(Float, default=0.0)
+    items_administered: Mapped[int] = mapped_column(default=0)
+    user: Mapped["User"] = relationship(back_populates="assessments")
+
+
+class AIRScore(Base, TimestampMixin):
+    """An AI-Readiness score calculated for a user, with its parts and confidence interval."""
+
+    __tablename__ = "air_scores"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    occupation_code: Mapped[str] = mapped_column(String(20))
+    air_score: Mapped[float] = mapped_column(Float)
+    vr_score: Mapped[float] = mapped_column(Float)
+    hr_score: Mapped[float] = mapped_column(Float)
+    synergy_score: Mapped[float] = mapped_column(Float)
+    ci_lower: Mapped[float] = mapped_column(Float)
+    ci_upper: Mapped[float] = mapped_column(Float)
+    parameter_version: Mapped[str] = mapped_column(String(20))
+    calculation_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    user: Mapped["User"] = relationship(back_populates="scores")
+
+
+class DomainEvent(Base, TimestampMixin):
+    """A fact other services must hear about, written in the same transaction as the change (outbox)."""
+
+    __tablename__ = "domain_events"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_new_id)
+    event_type: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    aggregate_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    aggregate_id: Mapped[str] = mapped_column(String(36), nullable=False, index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    published_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    __table_args__ = (Index("ix_events_status_created", "status", "created_at"),)
+
+
+MODEL_CLASSES: tuple[type[Base], ...] = (User, Assessment, AIRScore, DomainEvent)
+
+
+def entity_relationship_dot() -> str:
+    """A Graphviz diagram of the tables, their columns and foreign keys, read from the live metadata."""
+    lines = [
+        "digraph models {",
+        '  rankdir=LR; node [shape=plaintext, fontname="Helvetica", fontsize=10];',
+        '  edge [fontname="Helvetica", fontsize=9];',
+    ]
+    for table in Base.metadata.sorted_tables:
+        rows = "".join(
+            f'<tr><td align="left">{"🔑 " if column.primary_key else ""}{column.name}</td>'
+            f'<td align="left"><font color="#555555">{column.type.compile()}</font></td></tr>'
+            for column in table.columns
+        )
+        lines.append(
+            f'  {table.name} [label=<<table border="0" cellborder="1" cellspacing="0">'
+            f'<tr><td colspan="2" bgcolor="#e8eefc"><b>{table.name}</b></td></tr>{rows}</table>>];'
+        )
+    for table in Base.metadata.sorted_tables:
+        for foreign_key in table.foreign_keys:
+            lines.append(
+                f'  {foreign_key.column.table.name} -> {table.name} '
+                f'[label="1 : many\\n{table.name}.{foreign_key.parent.name}"];'
+            )
+    lines.append("}")
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# 5. Engine and sessions
+# =============================================================================================
+
+
+def _sqlite_connection_setup(busy_timeout_seconds: float) -> Callable[[Any, Any], None]:
+    def configure(dbapi_connection: Any, connection_record: Any) -> None:
+        # WAL lets readers run beside one writer; the busy timeout makes writers queue instead
+        # of failing; SQLite ignores foreign keys unless each connection asks for them.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return configure
+
+
+def create_engine_for(url: URL, settings: Settings, **overrides: Any) -> AsyncEngine:
+    """An async engine with explicit pool settings; SQLite gets WAL, a busy timeout and foreign keys."""
+    options: dict[str, Any] = {
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.max_overflow,
+        "pool_timeout": settings.pool_timeout_seconds,
+        "pool_pre_ping": True,
+    }
+    options.update(overrides)
+    if options.get("poolclass") is NullPool:
+        for pool_only in ("pool_size", "max_overflow", "pool_timeout"):
+            options.pop(pool_only, None)
+    is_sqlite = url.get_backend_name() == "sqlite"
+    if is_sqlite:
+        options.setdefault("connect_args", {"timeout": settings.sqlite_busy_timeout_seconds})
+    engine = create_async_engine(url, **options)
+    if is_sqlite:
+        event.listen(engine.sync_engine, "connect", _sqlite_connection_setup(settings.sqlite_busy_timeout_seconds))
+    install_statement_log(engine)
+    return engine
+
+
+@dataclass
+class CommittedChanges:
+    """What one committed transaction inserted, updated and deleted (ORM objects, detached)."""
+
+    inserted: list[Any] = field(default_factory=list)
+    updated: list[Any] = field(default_factory=list)
+    deleted: list[Any] = field(default_factory=list)
+
+    def of_type(self, model: type[T]) -> list[T]:
+        """Every changed object of one model class."""
+        return [obj for obj in (*self.inserted, *self.updated, *self.deleted) if isinstance(obj, model)]
+
+
+_CHANGES_KEY = "qulab_changes"
+
+
+@event.listens_for(Session, "after_flush")
+def _collect_flushed_changes(session: Session, flush_context: Any) -> None:
+    # after_flush still sees the pre-flush new/dirty/deleted sets; keep them until commit so
+    # the unit of work can tell caches and the outbox publisher what changed.
+    changes: CommittedChanges = session.info.setdefault(_CHANGES_KEY, CommittedChanges())
+    changes.inserted.extend(session.new)
+    changes.updated.extend(obj for obj in session.dirty if session.is_modified(obj))
+    changes.deleted.extend(session.deleted)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back_changes(session: Session) -> None:
+    session.info.pop(_CHANGES_KEY, None)
+
+
+@asynccontextmanager
+async def get_session(sandbox: "Sandbox") -> AsyncIterator[AsyncSession]:
+    """A unit of work: commits if the block succeeds, rolls back if it raises, always releases.
+
+    After a successful commit, the sandbox's commit listeners (cache invalidation, publisher
+    wake-up) hear what changed; they never run for a rolled-back transaction.
+    """
+    async with sandbox.session_factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+        changes = session.info.pop(_CHANGES_KEY, None)
+    if changes is not None:
+        await sandbox.notify_committed(changes)
+
+
+def pool_status(engine: AsyncEngine) -> dict[str, Any]:
+    """A snapshot of the engine's pool: its class and, for a queue pool, its live counters."""
+    pool = engine.pool
+    status: dict[str, Any] = {"pool_class": type(pool).__name__}
+    for counter in ("size", "checkedin", "checkedout", "overflow"):
+        method = getattr(pool, counter, None)
+        if callable(method):
+            status[counter] = method()
+    timeout = getattr(pool, "timeout", None)
+    if callable(timeout):
+        status["timeout_seconds"] = timeout()
+    return status
+
+
+# =============================================================================================
+# 6. Statement log
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class ExecutedStatement:
+    """One SQL statement as the driver received it, and how long it took."""
+
+    sql: str
+    parameters: Any
+    duration_ms: float
+    executemany: bool = False
+
+
+@dataclass
+class StatementLog:
+    """The statements executed inside one capture_statements() block, in order."""
+
+    statements: list[ExecutedStatement] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """How many statements ran."""
+        return len(self.statements)
+
+    @property
+    def total_ms(self) -> float:
+        """Time spent in the database driver, summed over statements."""
+        return sum(statement.duration_ms for statement in self.statements)
+
+    def sql(self) -> list[str]:
+        """The SQL text of each statement."""
+        return [statement.sql for statement in self.statements]
+
+
+_active_statement_logs: contextvars.ContextVar[tuple[StatementLog, ...]] = contextvars.ContextVar(
+    "qulab_active_statement_logs", default=()
+)
+
+
+@contextmanager
+def capture_statements() -> Iterator[StatementLog]:
+    """Record every statement this task runs (on any engine) until the block ends.
+
+    A context variable scopes the log to the current asyncio task, so statements of other
+    sessions, the background publisher or other learners never leak into it.
+    """
+    log = StatementLog()
+    token = _active_statement_logs.set((*_active_statement_logs.get(), log))
+    try:
+        yield log
+    finally:
+        _active_statement_logs.reset(token)
+
+
+_STARTED_AT_KEY = "qulab_statement_started_at"
+
+
+def _before_cursor_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+    conn.info.setdefault(_STARTED_AT_KEY, []).append(time.perf_counter())
+
+
+def _after_cursor_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+    started = conn.info[_STARTED_AT_KEY].pop()
+    logs = _active_statement_logs.get()
+    if logs:
+        executed = ExecutedStatement(statement, parameters, (time.perf_counter() - started) * 1000, many)
+        for log in logs:
+            log.statements.append(executed)
+
+
+def _forget_failed_statement(context: Any) -> None:
+    started = context.connection.info.get(_STARTED_AT_KEY) if context.connection is not None else None
+    if started:
+        started.pop()
+
+
+def install_statement_log(engine: AsyncEngine) -> None:
+    """Attach the statement listeners to an engine (listeners live on the sync engine)."""
+    sync_engine = engine.sync_engine
+    if not event.contains(sync_engine, "before_cursor_execute", _before_cursor_execute):
+        event.listen(sync_engine, "before_cursor_execute", _before_cursor_execute)
+        event.listen(sync_engine, "after_cursor_execute", _after_cursor_execute)
+        event.listen(sync_engine, "handle_error", _forget_failed_statement)
+
+
+# =============================================================================================
+# 7. Repositories
+# =============================================================================================
+
+ModelT = TypeVar("ModelT", bound=Base)
+
+
+class Repository(Generic[ModelT]):
+    """Data access for one model through one session; it flushes, the unit of work commits."""
+
+    model: type[ModelT]
+    id_label = "record"
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def find(self, entity_id: str) -> Optional[ModelT]:
+        """The row with this id, or None; a malformed id raises MalformedIdError."""
+        return await self.session.get(self.model, parse_entity_id(entity_id, what=self.id_label))
+
+    async def get(self, entity_id: str) -> ModelT:
+        """The row with this id; raises NotFoundError when there is none."""
+        entity = await self.find(entity_id)
+        if entity is None:
+            raise self._not_found(entity_id)
+        return entity
+
+    async def list(self, *, limit: int = 100, offset: int = 0) -> list[ModelT]:
+        """Rows newest first, a page at a time."""
+        statement = (
+            select(self.model)
+            .order_by(self.model.created_at.desc(), self.model.id)  # type: ignore[attr-defined]
+            .limit(limit)
+            .offset(offset)
+        )
+        return list((await self.session.scalars(statement)).all())
+
+    async def count(self) -> int:
+        """How many rows the table holds."""
+        return int(await self.session.scalar(select(func.count()).select_from(self.model)) or 0)
+
+    async def add(self, entity: ModelT) -> ModelT:
+        """Stage a new row and flush it, so database constraints are checked now."""
+        self.session.add(entity)
+        await self.session.flush()
+        return entity
+
+    async def delete(self, entity: ModelT) -> None:
+        """Delete a row (and, through cascades, what it owns)."""
+        await self.session.delete(entity)
+        await self.session.flush()
+
+    def _not_found(self, entity_id: str) -> NotFoundError:
+        return NotFoundError(f"No {self.id_label} has the id {entity_id.strip()}.")
+
+
+class UserRepository(Repository[User]):
+    """Users: created only through validation, unique by email whatever its letter case."""
+
+    model = User
+    id_label = "user"
+
+    def _not_found(self, entity_id: str) -> NotFoundError:
+        return UserNotFoundError(f"No user has the id {entity_id.strip()} in your sandbox.")
+
+    async def create(
+        self,
+        *,
+        email: str,
+        name: str,
+        occupation_code: Optional[str] = None,
+        education_level: Optional[str] = None,
+        years_experience: Optional[float] = None,
+    ) -> User:
+        """Validate every field, then insert; a taken email raises DuplicateEmailError."""
+        user = User(
+            email=validate_email(email),
+            name=validate_name(name),
+            occupation_code=validate_occupation_code(occupation_code),
+            education_level=validate_education_level(education_level),
+            years_experience=validate_years_experience(years_experience),
+        )
+        try:
+            await self.add(user)
+        except IntegrityError as error:
+            if "email" in str(error.orig).lower():
+                raise DuplicateEmailError(
+                    f"A user with the email `{user.email}` already exists (emails are compared "
+                    "ignoring letter case)."
+                ) from None
+            raise
+        return user
+
+    async def get_by_email(self, email: str) -> Optional[User]:
+        """The user with this email in any letter case, or None."""
+        statement = select(User).where(func.lower(User.email) == validate_email(email).lower())
+        return await self.session.scalar(statement)
+
+    async def require(self, user_id: str) -> User:
+        """Like get(), named for call sites that check a user exists before writing for it."""
+        return await self.get(user_id)
+
+
+class AssessmentRepository(Repository[Assessment]):
+    """Assessments, always for an existing user."""
+
+    model = Assessment
+    id_label = "assessment"
+
+    async def create(self, *, user_id: str, component: str, current_ability: float = 0.0) -> Assessment:
+        """Start an assessment for an existing user."""
+        user = await UserRepository(self.session).require(user_id)
+        component_name = _required_text(component, label="Component", max_length=50, field_name="component")
+        return await self.add(Assessment(user_id=user.id, component=component_name, current_ability=current_ability))
+
+    async def list_for_user(self, user_id: str) -> list[Assessment]:
+        """A user's assessments, oldest first."""
+        statement = (
+            select(Assessment)
+            .where(Assessment.user_id == parse_entity_id(user_id))
+            .order_by(Assessment.created_at, Assessment.id)
+        )
+        return list((await self.session.scalars(statement)).all())
+
+
+class AIRScoreRepository(Repository[AIRScore]):
+    """AI-Readiness scores, always for an existing user."""
+
+    model = AIRScore
+    id_label = "score"
+
+    async def create(
+        self,
+        *,
+        user_id: str,
+        occupation_code: str,
+        air_score: float,
+        vr_score: float,
+        hr_score: float,
+        synergy_score: float,
+        ci_lower: float,
+        ci_upper: float,
+        parameter_version: str,
+        calculation_metadata: Optional[dict[str, Any]] = None,
+    ) -> AIRScore:
+        """Insert a score for an existing user; an unknown user raises UserNotFoundError."""
+        user = await UserRepository(self.session).require(user_id)
+        values = {"air_score": air_score, "vr_score": vr_score, "hr_score": hr_score, "synergy_score": synergy_score}
+        for label, value in {**values, "ci_lower": ci_lower, "ci_upper": ci_upper}.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 100:
+                raise ValidationError(f"{label} must be a number between 0 and 100.", field=label)
+        if not ci_lower <= air_score <= ci_upper:
+            raise ValidationError("The confidence interval must contain the AIR score.", field="ci_lower")
+        return await self.add(
+            AIRScore(
+                user_id=user.id,
+                occupation_code=validate_occupation_code(occupation_code, required=True),
+                ci_lower=ci_lower,
+                ci_upper=ci_upper,
+                parameter_version=_required_text(
+                    parameter_version, label="Parameter version", max_length=20, field_name="parameter_version"
+                ),
+                calculation_metadata=dict(calculation_metadata or {}),
+                **values,
+            )
+        )
+
+    async def list_for_user(self, user_id: str) -> list[AIRScore]:
+        """A user's scores, oldest first."""
+        statement = (
+            select(AIRScore)
+            .where(AIRScore.user_id == parse_entity_id(user_id))
+            .order_by(AIRScore.created_at, AIRScore.id)
+        )
+        return list((await self.session.scalars(statement)).all())
+
+    async def latest_for_user(self, user_id: str) -> Optional[AIRScore]:
+        """A user's most recent score, or None."""
+        statement = (
+            select(AIRScore)
+            .where(AIRScore.user_id == parse_entity_id(user_id))
+            .order_by(AIRScore.created_at.desc(), AIRScore.id.desc())
+            .limit(1)
+        )
+        return await self.session.scalar(statement)
+
+
+# =============================================================================================
+# 8. Redis
+# =============================================================================================
+
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+
+
+@dataclass
+class RedisHealth:
+    """What the last Redis calls of one sandbox did: the page shows 'degraded' from this."""
+
+    last_error: str = ""
+    last_error_at: Optional[float] = None
+    last_success_at: Optional[float] = None
+    error_count: int = 0
+
+    def record_success(self) -> None:
+        """Note a call that worked."""
+        self.last_success_at = time.time()
+
+    def record_failure(self, error: BaseException) -> None:
+        """Note a call that failed, keeping a one-line description."""
+        self.error_count += 1
+        self.last_error = f"{type(error).__name__}: {error}"[:300]
+        self.last_error_at = time.time()
+
+    @property
+    def degraded(self) -> bool:
+        """True while the most recent call failed."""
+        if self.last_error_at is None:
+            return False
+        return self.last_success_at is None or self.last_error_at > self.last_success_at
+
+
+class RedisService:
+    """The process's Redis: a real server at REDIS_URL, or an in-process fakeredis server.
+
+    Falling back to fakeredis is decided once, at start-up; the reason is kept for the sidebar.
+    Clients belong to the event loop that created them, so this lives in the runtime's loop.
+    """
+
+    def __init__(self, *, mode: str, reason: str, url: Optional[str], client: Any, fake_server: Any = None) -> None:
+        self.mode = mode  # "redis" or "fakeredis"
+        self.reason = reason
+        self.url = url
+        self.client = client
+        self.fake_server = fake_server
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> "RedisService":
+        """Connect to REDIS_URL when it answers a PING, else start fakeredis and say why."""
+        if settings.redis_url:
+            client = redis_asyncio.from_url(
+                settings.redis_url,
+                decode_responses=True,
+                socket_connect_timeout=settings.redis_connect_timeout_seconds,
+                socket_timeout=5,
+                health_check_interval=30,
+            )
+            try:
+                await asyncio.wait_for(client.ping(), settings.redis_connect_timeout_seconds + 1)
+            except (*REDIS_ERRORS, ValueError) as error:
+                await client.aclose()
+                reason = f"REDIS_URL ({mask_url(settings.redis_url)}) did not answer ({type(error).__name__}); using fakeredis"
+                logger.warning(reason)
+                return cls._fake(reason)
+            return cls(mode="redis", reason=f"connected to {mask_url(settings.redis_url)}", url=settings.redis_url, client=client)
+        return cls._fake("REDIS_URL is not set; using fakeredis, an in-process Redis")
+
+    @classmethod
+    def _fake(cls, reason: str) -> "RedisService":
+        server = fakeredis.FakeServer()
+        client = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+        return cls(mode="fakeredis", reason=reason, url=None, client=client, fake_server=server)
+
+    def unreachable_client(self) -> Any:
+        """A client whose connection attempts really fail: what a broker outage looks like."""
+        if self.mode == "fakeredis":
+            server = fakeredis.FakeServer()
+            server.connected = False
+            return fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+        # A Unix socket that does not exist: every connect fails at once with a real OSError.
+        return redis_asyncio.Redis(unix_socket_path="/nonexistent/qulab-redis-outage.sock", decode_responses=True)
+
+    async def close(self) -> None:
+        """Close the client's connections."""
+        await self.client.aclose()
+
+
+class RedisLink:
+    """One sandbox's view of Redis: its key prefix, its health and an outage switch."""
+
+    def __init__(self, service: RedisService, sandbox_id: str) -> None:
+        self.service = service
+        self.prefix = f"qulab:{sandbox_id}:"
+        self.health = RedisHealth()
+        self._unreachable: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The client this sandbox talks to: the real one, or an unreachable one during an outage."""
+        return self._unreachable if self._unreachable is not None else self.service.client
+
+    def key(self, *parts: str) -> str:
+        """A key inside this sandbox's namespace."""
+        return self.prefix + ":".join(parts)
+
+    @property
+    def cut_off(self) -> bool:
+        """True while the outage switch is on."""
+        return self._unreachable is not None
+
+    def cut(self) -> None:
+        """Start an outage for this sandbox only: its calls go to an endpoint that refuses them."""
+        if self._unreachable is None:
+            self._unreachable = self.service.unreachable_client()
+
+    async def restore(self) -> None:
+        """End the outage; the next call reaches the real Redis again."""
+        unreachable, self._unreachable = self._unreachable, None
+        if unreachable is not None:
+            await unreachable.aclose()
+
+    async def delete_namespace(self) -> int:
+        """Delete every key of this sandbox (SCAN, never KEYS); returns how many were deleted."""
+        deleted = 0
+        batch: list[str] = []
+        async for key in self.client.scan_iter(match=self.prefix + "*", count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += await self.client.delete(*batch)
+                batch.clear()
+        if batch:
+            deleted += await self.client.delete(*batch)
+        return deleted
+
+
+# =============================================================================================
+# 9. Sandboxes
+# =============================================================================================
+
+SANDBOX_ID_PATTERN = re.compile(r"^[a-z0-9]{8,32}$")
+CommitListener = Callable[[CommittedChanges], Awaitable[None]]
+SandboxListener = Callable[["Sandbox"], Awaitable[None]]
+
+
+def new_sandbox_id() -> str:
+    """A fresh random sandbox id (also a valid PostgreSQL schema suffix and Redis key part)."""
+    return secrets.token_hex(8)
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """One learner's private world: a database (file or schema), an engine view and a Redis namespace."""
+
+    id: str
+    backend: str  # "sqlite" or "postgresql"
+    engine: AsyncEngine
+    session_factory: async_sessionmaker[AsyncSession]
+    redis: RedisLink
+    settings: Settings
+    location: str  # the SQLite file, or the PostgreSQL schema
+    owns_engine: bool  # SQLite sandboxes own their engine; PostgreSQL ones share the runtime's
+    created_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    commit_listeners: list[CommitListener] = field(default_factory=list)
+    reset_listeners: list[SandboxListener] = field(default_factory=list)
+    release_listeners: list[SandboxListener] = field(default_factory=list)
+    services: dict[str, Any] = field(default_factory=dict)
+    notice: Optional[str] = None  # set when this id had a sandbox before that was released
+
+    def touch(self) -> None:
+        """Mark the sandbox as in use now (idle release counts from here)."""
+        self.last_used = time.monotonic()
+
+    def service(self, name: str, factory: Callable[["Sandbox"], T]) -> T:
+        """A per-sandbox helper (cache, publisher, …), created on first use."""
+        if name not in self.services:
+            self.services[name] = factory(self)
+        return self.services[name]
+
+    async def notify_committed(self, changes: CommittedChanges) -> None:
+        """Tell listeners what a committed transaction changed; a failing listener is logged, not raised."""
+        for listener in list(self.commit_listeners):
+            try:
+                await listener(changes)
+            except Exception:  # the commit stands whatever a listener does
+                logger.exception("commit listener failed in sandbox %s", self.id)
+
+
+class SandboxRegistry:
+    """Creates sandboxes on first use, finds them again, and releases idle ones.
+
+    Embedded SQLite: one WAL file per sandbox (RAM-backed under /dev/shm when available), its
+    own engine and pool, deleted on release. PostgreSQL: one engine and pool for the process,
+    one schema per sandbox selected with schema_translate_map, dropped on release.
+    """
+
+    def __init__(self, settings: Settings, redis_service: RedisService) -> None:
+        self.settings = settings
+        self.redis_service = redis_service
+        self.target = resolve_database_target(settings.database_url)
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._released: dict[str, str] = {}  # sandbox id -> why it was released (bounded)
+        self._lock = asyncio.Lock()
+        self._shared_engine: Optional[AsyncEngine] = None
+        self._directory = _sandbox_directory(settings) if self.target.kind == "embedded" else None
+
+    @property
+    def backend(self) -> str:
+        """'postgresql' or 'sqlite'."""
+        return "postgresql" if self.target.kind == "postgresql" else "sqlite"
+
+    def describe_database(self) -> str:
+        """A one-line, password-free description of where sandboxes live."""
+        if self.target.kind == "embedded":
+            return f"embedded SQLite, one WAL file per sandbox in {self._directory}"
+        return mask_url(self.target.url)
+
+    def __len__(self) -> int:
+        return len(self._sandboxes)
+
+    def get_existing(self, sandbox_id: str) -> Optional[Sandbox]:
+        """The live sandbox with this id, or None."""
+        return self._sandboxes.get(sandbox_id)
+
+    async def acquire(self, sandbox_id: str) -> Sandbox:
+        """The sandbox with this id, created (with its schema) on first use."""
+        if not SANDBOX_ID_PATTERN.match(sandbox_id):
+            raise ValidationError("Malformed sandbox id.", field="sandbox_id")
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            async with self._lock:
+                sandbox = self._sandboxes.get(sandbox_id)
+                if sandbox is None:
+                    await self._evict_beyond_limit()
+                    sandbox = await self._create(sandbox_id)
+                    reason = self._released.pop(sandbox_id, None)
+                    if reason:
+                        sandbox.notice = f"Your previous sandbox was released because {reason}; this one starts empty."
+                    self._sandboxes[sandbox_id] = sandbox
+        sandbox.touch()
+        return sandbox
+
+    async def _evict_beyond_limit(self) -> None:
+        while len(self._sandboxes) >= self.settings.max_sandboxes:
+            oldest = min(self._sandboxes.values(), key=lambda sandbox: sandbox.last_used)
+            await self._release_unlocked(oldest.id, "the server reached its sandbox limit")
+
+    async def _create(self, sandbox_id: str) -> Sandbox:
+        redis_link = RedisLink(self.redis_service, sandbox_id)
+        if self.target.kind == "postgresql":
+            if self._shared_engine is None:
+                assert self.target.url is not None
+                self._shared_engine = create_engine_for(self.target.url, self.settings)
+            schema = f"qulab_{sandbox_id}"
+            engine = self._shared_engine.execution_options(schema_translate_map={None: schema})
+            async with self._shared_engine.begin() as connection:
+                await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            location, owns_engine = schema, False
+        else:
+            if self.target.kind == "embedded":
+                assert self._directory is not None
+                path = self._directory / f"qulab-{os.getpid()}-{sandbox_id}.sqlite3"
+            else:
+                assert self.target.url is not None and self.target.url.database
+                given = Path(self.target.url.database)
+                path = given.with_name(f"{given.stem}-{sandbox_id}{given.suffix or '.sqlite3'}")
+            url = URL.create("sqlite+aiosqlite", database=str(path))
+            engine = create_engine_for(url, self.settings)
+            location, owns_engine = str(path), True
+        sandbox = Sandbox(
+            id=sandbox_id,
+            backend=self.backend,
+            engine=engine,
+            session_factory=async_sessionmaker(engine, expire_on_commit=False),
+            redis=redis_link,
+            settings=self.settings,
+            location=location,
+            owns_engine=owns_engine,
+        )
+        try:
+            await create_schema(sandbox)
+        except BaseException:
+            await self._dispose_storage(sandbox)
+            raise
+        return sandbox
+
+    async def release(self, sandbox_id: str, reason: str = "released") -> bool:
+        """Release a sandbox: stop its workers, dispose its engine, delete its data and keys."""
+        async with self._lock:
+            return await self._release_unlocked(sandbox_id, reason)
+
+    async def _release_unlocked(self, sandbox_id: str, reason: str) -> bool:
+        sandbox = self._sandboxes.pop(sandbox_id, None)
+        if sandbox is None:
+            return False
+        self._released[sandbox_id] = reason
+        while len(self._released) > 10_000:
+            self._released.pop(next(iter(self._released)))
+        for listener in list(sandbox.release_listeners):
+            try:
+                await listener(sandbox)
+            except Exception:
+                logger.exception("release listener failed in sandbox %s", sandbox_id)
+        try:
+            await sandbox.redis.restore()
+            await sandbox.redis.delete_namespace()
+        except REDIS_ERRORS:
+            logger.warning("could not delete Redis keys of released sandbox %s", sandbox_id)
+        await self._dispose_storage(sandbox)
+        return True
+
+    async def _dispose_storage(self, sandbox: Sandbox) -> None:
+        if sandbox.owns_engine:
+            await sandbox.engine.dispose()
+            if self.target.kind == "embedded":
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(sandbox.location + suffix).unlink(missing_ok=True)
+        elif self._shared_engine is not None:
+            async with self._shared_engine.begin() as connection:
+                await connection.execute(text(f'DROP SCHEMA IF EXISTS "{sandbox.location}" CASCADE'))
+
+    async def release_idle(self, *, idle_seconds: Optional[float] = None) -> list[str]:
+        """Release every sandbox unused for longer than the idle limit; returns their ids."""
+        limit = self.settings.sandbox_idle_seconds if idle_seconds is None else idle_seconds
+        now = time.monotonic()
+        released = []
+        async with self._lock:
+            for sandbox in list(self._sandboxes.values()):
+                if now - sandbox.last_used > limit:
+                    await self._release_unlocked(sandbox.id, f"it was idle for more than {limit / 60:g} minutes")
+                    released.append(sandbox.id)
+        return released
+
+    async def close(self) -> None:
+        """Release every sandbox and dispose the shared engine."""
+        async with self._lock:
+            for sandbox_id in list(self._sandboxes):
+                await self._release_unlocked(sandbox_id, "the server shut down")
+        if self._shared_engine is not None:
+            await self._shared_engine.dispose()
+            self._shared_engine = None
+
+
+async def create_schema(sandbox: Sandbox) -> None:
+    """Create the sandbox's tables if they do not exist yet."""
+    async with sandbox.engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+
+
+# =============================================================================================
+# 10. Data models and connectivity (codelab sections 1 and 2)
+# =============================================================================================
+
+SAMPLE_USERS: tuple[dict[str, Any], ...] = (
+    {
+        "email": "alex.smith@innovateai.example",
+        "name": "Alex Smith",
+        "occupation_code": "15-1252.00",
+        "education_level": "Master's degree",
+        "years_experience": 8.0,
+    },
+    {
+        "email": "jane.doe@innovateai.example",
+        "name": "Jane Doe",
+        "occupation_code": "15-2051.00",
+        "education_level": "Doctorate",
+        "years_experience": 5.0,
+    },
+)
+
+
+def user_as_row(user: User) -> dict[str, Any]:
+    """The user's columns as plain values, for tables on a page."""
+    return {
+        "id": user.id,
+        "email": user.email,
+        "name": user.name,
+        "occupation_code": user.occupation_code,
+        "education_level": user.education_level,
+        "years_experience": user.years_experience,
+        "created_at": user.created_at,
+    }
+
+
+async def create_user(
+    sandbox: Sandbox,
+    *,
+    email: str,
+    name: str,
+    occupation_code: Optional[str] = None,
+    education_level: Optional[str] = None,
+    years_experience: Optional[float] = None,
+) -> User:
+    """Create one user in the sandbox (section 1's Create User form)."""
+    async with get_session(sandbox) as session:
+        return await UserRepository(session).create(
+            email=email,
+            name=name,
+            occupation_code=occupation_code,
+            education_level=education_level,
+            years_experience=years_experience,
+        )
+
+
+async def list_users(sandbox: Sandbox, *, limit: int = 100) -> list[User]:
+    """The sandbox's users, newest first."""
+    async with get_session(sandbox) as session:
+        return await UserRepository(session).list(limit=limit)
+
+
+async def delete_user(sandbox: Sandbox, *, user_id: str) -> None:
+    """Delete a user; their assessments and scores go with them (cascade)."""
+    async with get_session(sandbox) as session:
+        repository = UserRepository(session)
+        await repository.delete(await repository.get(user_id))
+
+
+async def count_rows(sandbox: Sandbox) -> dict[str, int]:
+    """Rows per table in the sandbox."""
+    async with get_session(sandbox) as session:
+        return {
+            model.__tablename__: int(await session.scalar(select(func.count()).select_from(model)) or 0)
+            for model in MODEL_CLASSES
+        }
+
+
+async def init_db(sandbox: Sandbox, *, reset: bool = True) -> list[User]:
+    """Create the schema; with reset, empty this sandbox and create the sample users.
+
+    The wipe and the inserts share one transaction: another tab of the same learner sees the
+    old data or the new, never half of each. Other sandboxes are different files or schemas.
+    """
+    await create_schema(sandbox)
+    if not reset:
+        return []
+    async with get_session(sandbox) as session:
+        for table in reversed(Base.metadata.sorted_tables):
+            await session.execute(delete(table))
+        repository = UserRepository(session)
+        users = [await repository.create(**sample) for sample in SAMPLE_USERS]
+    for listener in list(sandbox.reset_listeners):
+        await listener(sandbox)
+    try:
+        await sandbox.redis.delete_namespace()
+        sandbox.redis.health.record_success()
+    except REDIS_ERRORS as error:
+        sandbox.redis.health.record_failure(error)
+    return users
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """What the Connectivity page shows about the sandbox's engine and pool."""
+
+    backend: str
+    url: str
+    location: str
+    pool: dict[str, Any]
+    configured_pool_size: int
+    configured_max_overflow: int
+    pool_timeout_seconds: float
+    pool_pre_ping: bool
+
+
+async def describe_engine(sandbox: Sandbox) -> EngineReport:
+    """The engine URL (password hidden), pool class and live pool counters of this sandbox."""
+    settings = sandbox.settings
+    return EngineReport(
+        backend=sandbox.backend,
+        url=mask_url(sandbox.engine.url),
+        location=sandbox.location,
+        pool=pool_status(sandbox.engine),
+        configured_pool_size=settings.pool_size,
+        configured_max_overflow=settings.max_overflow,
+        pool_timeout_seconds=settings.pool_timeout_seconds,
+        pool_pre_ping=True,
+    )
+
+
+@dataclass(frozen=True)
+class PoolTrial:
+    """One run of the pooling experiment: R queries, C at a time, through one kind of pool."""
+
+    label: str
+    pool_class: str
+    requests: int
+    concurrency: int
+    seconds: float
+    connections_opened: int
+    latencies_ms: tuple[float, ...]
+
+    @property
+    def throughput(self) -> float:
+        """Requests per second: Θ = requests ÷ total time."""
+        return self.requests / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def median_latency_ms(self) -> float:
+        """The median time one request took, waiting for a connection included."""
+        return statistics.median(self.latencies_ms)
+
+
+MAX_POOL_EXPERIMENT_REQUESTS = 2000
+MAX_POOL_EXPERIMENT_CONCURRENCY = 50
+
+
+async def run_pool_experiment(
+    sandbox: Sandbox, *, requests: int = 200, concurrency: int = 20, pool_size: int = 5
+) -> list[PoolTrial]:
+    """Time the same R queries, C in flight at once, through a pool of P connections and through NullPool.
+
+    Each trial uses a fresh engine on this sandbox's database (so it never starves the pages'
+    own pool); the pooled engine is warmed with P connections first, as a running app's is.
+    """
+    for label, value, upper in (
+        ("Requests", requests, MAX_POOL_EXPERIMENT_REQUESTS),
+        ("Concurrency", concurrency, MAX_POOL_EXPERIMENT_CONCURRENCY),
+        ("Pool size", pool_size, MAX_POOL_EXPERIMENT_CONCURRENCY),
+    ):
+        if not isinstance(value, int) or not 1 <= value <= upper:
+            raise ValidationError(f"{label} must be a whole number from 1 to {upper}.", field=label.lower())
+    translate = sandbox.engine.get_execution_options().get("schema_translate_map")
+    trials = []
+    for label, overrides in (
+        (f"QueuePool (pool_size={pool_size})", {"pool_size": pool_size, "max_overflow": 0}),
+        ("NullPool (no pooling)", {"poolclass": NullPool}),
+    ):
+        engine = create_engine_for(sandbox.engine.url, sandbox.settings, pool_pre_ping=False, pool_timeout=60, **overrides)
+        try:
+            trials.append(
+                await _time_queries(
+                    engine, label, translate=translate, requests=requests, concurrency=concurrency, warm=pool_size
+                )
+            )
+        finally:
+            await engine.dispose()
+    return trials
+
+
+async def _time_queries(
+    base_engine: AsyncEngine,
+    label: str,
+    *,
+    translate: Optional[dict[Any, Any]],
+    requests: int,
+    concurrency: int,
+    warm: int,
+) -> PoolTrial:
+    opened = 0
+
+    def count_connection(dbapi_connection: Any, connection_record: Any) -> None:
+        nonlocal opened
+        opened += 1
+
+    event.listen(base_engine.sync_engine, "connect", count_connection)
+    engine = base_engine.execution_options(schema_translate_map=translate) if translate else base_engine
+    query = select(func.count()).select_from(User)
+
+    async def one_query() -> float:
+        started = time.perf_counter()
+        async with engine.connect() as connection:
+            await connection.execute(query)
+        return (time.perf_counter() - started) * 1000
+
+    if not isinstance(engine.pool, NullPool):
+        await asyncio.gather(*(one_query() for _ in range(warm)))
+    opened = 0
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def limited() -> float:
+        async with semaphore:
+            return await one_query()
+
+    started = time.perf_counter()
+    latencies = await asyncio.gather(*(limited() for _ in range(requests)))
+    seconds = time.perf_counter() - started
+    return PoolTrial(label, type(engine.pool).__name__, requests, concurrency, seconds, opened, tuple(latencies))
+
+
+# =============================================================================================
+# 11. Runtime
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """What the sidebar shows: backends, pool settings, Redis mode and this session's sandbox."""
+
+    database: str
+    backend: str
+    database_note: str
+    pool_size: int
+    max_overflow: int
+    pool_timeout_seconds: float
+    redis_mode: str
+    redis_reason: str
+    redis_degraded: bool
+    redis_cut_off: bool
+    redis_last_error: str
+    sandbox_id: str
+    sandbox_location: str
+    sandbox_notice: Optional[str]
+    live_sandboxes: int
+    sandbox_idle_minutes: float
+
+
+class Runtime:
+    """One background thread running one event loop, owner of every engine, client and worker.
+
+    Streamlit runs each rerun on a script thread; async engines and Redis clients belong to the
+    loop that created them. So nothing async is created per rerun: pages hand coroutines to
+    this loop (run) and wait for the result.
+    """
+
+    def __init__(self, settings: Optional[Settings] = None) -> None:
+        self.settings = settings or Settings.from_environment()
+        resolve_database_target(self.settings.database_url)  # fail fast on a bad DATABASE_URL
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="qulab-runtime", daemon=True)
+        self._closed = False
+        self.redis: RedisService
+        self.sandboxes: SandboxRegistry
+        self._reaper: Optional[asyncio.Task[None]] = None
+        self._thread.start()
+        try:
+            self.run(self._start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        self.redis = await RedisService.connect(self.settings)
+        self.sandboxes = SandboxRegistry(self.settings, self.redis)
+        self._reaper = asyncio.get_running_loop().create_task(self._release_idle_sandboxes())
+
+    async def _release_idle_sandboxes(self) -> None:
+        interval = min(60.0, max(0.5, self.settings.sandbox_idle_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sandboxes.release_idle()
+            except Exception:
+                logger.exception("releasing idle sandboxes failed")
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The runtime's event loop (for tests and workers; pages use run())."""
+        return self._loop
+
+    def run(self, coroutine: Awaitable[T], *, timeout: Optional[float] = 120.0) -> T:
+        """Run a coroutine on the runtime's loop from any other thread and return its result."""
+        if threading.current_thread() is self._thread or self._closed:
+            close = getattr(coroutine, "close", None)
+            if close is not None:
+                close()  # never started: close it so Python does not warn it was never awaited
+            if self._closed:
+                raise RuntimeError("the runtime is closed")
+            raise RuntimeError("Runtime.run() was called from the runtime's own loop; await instead.")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise OperationTimeoutError(
+                f"The operation did not finish within {timeout:g} seconds and was cancelled."
+            ) from None
+
+    def lab(self, sandbox_id: str) -> "Lab":
+        """The synchronous facade for one sandbox."""
+        return Lab(self, sandbox_id)
+
+    async def sandbox(self, sandbox_id: str) -> Sandbox:
+        """The sandbox with this id, created on first use (call on the runtime's loop)."""
+        return await self.sandboxes.acquire(sandbox_id)
+
+    def close(self) -> None:
+        """Release every sandbox, close Redis and stop the loop thread."""
+        if self._closed:
+            return
+
+        async def shut_down() -> None:
+            if self._reaper is not None:
+                self._reaper.cancel()
+            await self.sandboxes.close()
+            await self.redis.close()
+
+        try:
+            self.run(shut_down(), timeout=30)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+class Lab:
+    """What a page holds: one sandbox plus the runtime that runs its coroutines.
+
+    `lab.run(create_user, email=…, name=…)` calls `create_user(sandbox, email=…, name=…)` on the
+    runtime's loop and returns its result. QuLabError subclasses pass through unchanged; any
+    other failure is logged with its traceback and re-raised as a QuLabError with a short
+    message, so a page never shows a traceback.
+    """
+
+    def __init__(self, runtime: Runtime, sandbox_id: str) -> None:
+        self.runtime = runtime
+        self.sandbox_id = sandbox_id
+
+    def run(self, operation: Callable[..., Awaitable[T]], /, *, timeout: Optional[float] = 120.0, **kwargs: Any) -> T:
+        """Run `operation(sandbox, **kwargs)` in this lab's sandbox and return what it returns."""
+
+        async def call() -> T:
+            sandbox = await self.runtime.sandbox(self.sandbox_id)
+            return await operation(sandbox, **kwargs)
+
+        try:
+            return self.runtime.run(call(), timeout=timeout)
+        except QuLabError:
+            raise
+        except (OperationalError, PoolTimeoutError, OSError) as error:
+            logger.exception("database unavailable in %s", getattr(operation, "__name__", operation))
+            raise BackendUnavailableError(
+                f"The database did not answer ({type(error).__name__}); nothing was changed. Try again in a moment."
+            ) from error
+        except Exception as error:
+            logger.exception("unexpected error in %s", getattr(operation, "__name__", operation))
+            raise UnexpectedError(
+                f"Something went wrong ({type(error).__name__}); nothing was changed. The details are in the server log."
+            ) from error
+
+    def status(self) -> RuntimeStatus:
+        """The sidebar's status panel for this sandbox."""
+
+        async def collect() -> RuntimeStatus:
+            sandbox = await self.runtime.sandbox(self.sandbox_id)
+            registry = self.runtime.sandboxes
+            settings = self.runtime.settings
+            notice, sandbox.notice = sandbox.notice, None  # shown once
+            return RuntimeStatus(
+                database=registry.describe_database(),
+                backend=registry.backend,
+                database_note=registry.target.note,
+                pool_size=settings.pool_size,
+                max_overflow=settings.max_overflow,
+                pool_timeout_seconds=settings.pool_timeout_seconds,
+                redis_mode=self.runtime.redis.mode,
+                redis_reason=self.runtime.redis.reason,
+                redis_degraded=sandbox.redis.health.degraded,
+                redis_cut_off=sandbox.redis.cut_off,
+                redis_last_error=sandbox.redis.health.last_error,
+                sandbox_id=sandbox.id,
+                sandbox_location=sandbox.location,
+                sandbox_notice=notice,
+                live_sandboxes=len(registry),
+                sandbox_idle_minutes=settings.sandbox_idle_seconds / 60,
+            )
+
+        return self.runtime.run(collect())
+
+
+_runtime: Optional[Runtime] = None
+_runtime_lock = threading.Lock()
+SANDBOX_STATE_KEY = "qulab_sandbox_id"
+
+
+def get_runtime() -> Runtime:
+    """The process-wide runtime, started on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime._closed:
+            _runtime = Runtime()
+        return _runtime
+
+
+def shutdown_runtime() -> None:
+    """Close the process-wide runtime (tests, and interpreter exit)."""
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is not None:
+        runtime.close()
+
+
+atexit.register(shutdown_runtime)
+
+
+def lab_for_browser_session(state: MutableMapping[str, Any]) -> Lab:
+    """The Lab of one browser session, keyed by a sandbox id kept in its session state."""
+    sandbox_id = state.get(SANDBOX_STATE_KEY)
+    if not isinstance(sandbox_id, str) or not SANDBOX_ID_PATTERN.match(sandbox_id):
+        sandbox_id = new_sandbox_id()
+        state[SANDBOX_STATE_KEY] = sandbox_id
+    return get_runtime().lab(sandbox_id)

@@ -1,0 +1,38 @@
+"""Section 2's use cases: the engine report and the pooling experiment measure real things."""
+
+import pytest
+
+import source
+
+
+async def test_describe_engine_reports_the_live_pool_and_hides_passwords(sandbox):
+    report = await source.describe_engine(sandbox)
+    assert report.pool["pool_class"] == "AsyncAdaptedQueuePool"
+    assert report.pool["checkedout"] == 0
+    assert report.backend == sandbox.backend
+    password = sandbox.engine.url.password
+    if password:
+        assert str(password) not in report.url
+
+
+async def test_pool_experiment_reuses_connections_and_nullpool_opens_one_per_query(sandbox_with_users):
+    pooled, unpooled = await source.run_pool_experiment(sandbox_with_users, requests=40, concurrency=8, pool_size=4)
+    assert (pooled.pool_class, unpooled.pool_class) == ("AsyncAdaptedQueuePool", "NullPool")
+    assert pooled.connections_opened == 0  # warmed: every query reused one of the 4 connections
+    assert unpooled.connections_opened == 40
+    assert len(pooled.latencies_ms) == len(unpooled.latencies_ms) == 40
+    assert pooled.throughput > 0 and unpooled.throughput > 0
+
+
+async def test_pool_experiment_does_not_touch_the_sandbox_pool(sandbox_with_users):
+    before = source.pool_status(sandbox_with_users.engine)
+    await source.run_pool_experiment(sandbox_with_users, requests=20, concurrency=5, pool_size=2)
+    assert source.pool_status(sandbox_with_users.engine)["checkedout"] == before["checkedout"] == 0
+
+
+@pytest.mark.parametrize(
+    "arguments", [{"requests": 0}, {"requests": 10_000}, {"concurrency": 0}, {"pool_size": 500}, {"requests": 2.5}]
+)
+async def test_pool_experiment_refuses_out_of_range_settings(sandbox, arguments):
+    with pytest.raises(source.ValidationError):
+        await source.run_pool_experiment(sandbox, **arguments)

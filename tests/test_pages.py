@@ -1,0 +1,142 @@
+"""Pages, driven through Streamlit's AppTest: each renders, and its buttons do what they say."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import source
+from conftest import PROJECT_ROOT
+
+PAGES = [
+    "pages/introduction.py",
+    "pages/data_models.py",
+    "pages/connectivity_pooling.py",
+    "pages/repository_n_plus_one.py",
+    "pages/caching.py",
+    "pages/eventing_outbox.py",
+]
+INITIALIZE = "Initialize In-Memory SQLite Database & Create Sample Users"
+
+
+@pytest.fixture
+def app(fresh_global_runtime) -> AppTest:
+    app = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=60)
+    app.run()
+    return app
+
+
+def open_page(app: AppTest, page: str) -> AppTest:
+    app.switch_page(page).run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def button(app: AppTest, label: str):
+    matches = [b for b in app.button if b.label == label]
+    assert len(matches) == 1, [b.label for b in app.button]
+    return matches[0]
+
+
+def sandbox_users(app: AppTest) -> list[source.User]:
+    lab = source.get_runtime().lab(app.session_state[source.SANDBOX_STATE_KEY])
+    return lab.run(source.list_users)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_an_exception(app, page):
+    open_page(app, page)
+    assert app.title, "each page has a title"
+    assert not app.error
+
+
+def test_sidebar_shows_backends_and_the_sandbox(app):
+    sidebar_text = " ".join(str(element.value) for element in app.sidebar.markdown)
+    assert "Database:" in sidebar_text and "Redis:" in sidebar_text
+    assert app.session_state[source.SANDBOX_STATE_KEY] in [code.value for code in app.sidebar.code]
+
+
+def test_data_models_page_shows_the_live_model_source(app):
+    open_page(app, "pages/data_models.py")
+    shown = "\n".join(code.value for code in app.code)
+    assert "class User(Base, TimestampMixin):" in shown
+    assert 'cascade="all, delete-orphan"' in shown
+
+
+def fill_create_user(app: AppTest, *, email: str, name: str) -> AppTest:
+    inputs = {element.label: element for element in app.text_input}
+    inputs["Email"].input(email)
+    inputs["Name"].input(name)
+    return button(app, "Create User").click().run()
+
+
+def test_create_user_through_the_form_shows_the_new_id(app):
+    open_page(app, "pages/data_models.py")
+    fill_create_user(app, email="alex.new@example.com", name="Alex New")
+    users = sandbox_users(app)
+    assert [u.email for u in users] == ["alex.new@example.com"]
+    assert any(users[0].id == code.value for code in app.code)
+    assert app.success and not app.error
+
+
+@pytest.mark.parametrize(
+    ("email", "name", "message"),
+    [
+        ("", "Alex", "Email is required"),
+        ("   ", "Alex", "Email is required"),
+        ("a" * 300 + "@example.com", "Alex", "too long"),
+        ("not-an-email", "Alex", "not a valid email"),
+        ("ok@example.com", "<script>alert(1)</script>", "markup"),
+        ("ok@example.com", "'; DROP TABLE users; --", "only letters"),
+        ("'; DROP TABLE users; --", "Alex", "not a valid email"),
+        ("ok@example.com", "x" * 300, "too long"),
+    ],
+)
+def test_create_user_with_bad_input_shows_a_clear_message_and_writes_nothing(app, email, name, message):
+    open_page(app, "pages/data_models.py")
+    fill_create_user(app, email=email, name=name)
+    assert not app.exception
+    assert [e.value for e in app.error if message in e.value], [e.value for e in app.error]
+    assert not app.success
+    assert sandbox_users(app) == []
+
+
+def test_duplicate_email_in_another_case_is_refused_in_the_ui(app):
+    open_page(app, "pages/data_models.py")
+    fill_create_user(app, email="jane@example.com", name="Jane")
+    fill_create_user(app, email="JANE@Example.com", name="Jane Again")
+    assert any("already exists" in e.value for e in app.error)
+    assert [u.name for u in sandbox_users(app)] == ["Jane"]
+
+
+def test_initialize_button_creates_the_sample_users_and_shows_their_ids(app):
+    open_page(app, "pages/data_models.py")
+    fill_create_user(app, email="temp@example.com", name="Temp")
+    open_page(app, "pages/connectivity_pooling.py")
+    button(app, INITIALIZE).click().run()
+    assert not app.exception and not app.error
+    users = sandbox_users(app)
+    assert sorted(u.name for u in users) == ["Alex Smith", "Jane Doe"]
+    shown = app.table[0].value.to_dict("records")
+    assert sorted(row["id"] for row in shown) == sorted(u.id for u in users)
+
+
+def test_pool_experiment_runs_from_the_page_and_shows_measured_throughput(app):
+    open_page(app, "pages/connectivity_pooling.py")
+    button(app, "Run Pooling Experiment").click().run()
+    assert not app.exception and not app.error
+    labels = [metric.label for metric in app.metric]
+    assert "Pooled throughput" in labels and "NullPool throughput" in labels
+    rows = app.table[0].value.to_dict("records")
+    assert [row["connections opened"] for row in rows] == [0, rows[1]["requests"]]
+
+
+def test_two_browser_sessions_get_separate_sandboxes(fresh_global_runtime):
+    first = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=60)
+    second = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=60)
+    first.run()
+    second.run()
+    open_page(first, "pages/data_models.py")
+    fill_create_user(first, email="only.first@example.com", name="First")
+    assert first.session_state[source.SANDBOX_STATE_KEY] != second.session_state[source.SANDBOX_STATE_KEY]
+    assert sandbox_users(second) == []

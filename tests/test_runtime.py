@@ -1,0 +1,122 @@
+"""Runtime: one loop thread serves every caller; errors reach pages as QuLabErrors only."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import source
+
+
+def test_the_runtime_serves_calls_from_many_threads(runtime):
+    lab = runtime.lab(source.new_sandbox_id())
+    loop_threads: set[str] = set()
+
+    async def remember_thread(sandbox):
+        loop_threads.add(threading.current_thread().name)
+
+    def create(number: int) -> str:
+        lab.run(remember_thread)
+        return lab.run(source.create_user, email=f"user{number}@example.com", name=f"User {number}").id
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        ids = list(pool.map(create, range(64)))
+
+    assert len(set(ids)) == 64
+    assert len(lab.run(source.list_users, limit=1000)) == 64
+    assert loop_threads == {"qulab-runtime"}
+
+
+def test_each_lab_has_its_own_sandbox(runtime):
+    first, second = runtime.lab(source.new_sandbox_id()), runtime.lab(source.new_sandbox_id())
+    first.run(source.create_user, email="a@example.com", name="A")
+    assert second.run(source.list_users) == []
+
+
+def test_qulab_errors_pass_through_unchanged(runtime):
+    lab = runtime.lab(source.new_sandbox_id())
+    with pytest.raises(source.InvalidEmailError, match="Email is required"):
+        lab.run(source.create_user, email="", name="A")
+
+
+def test_unexpected_errors_become_a_short_message_without_internals(runtime):
+    async def broken(sandbox):
+        raise KeyError("internal detail")
+
+    with pytest.raises(source.UnexpectedError) as raised:
+        runtime.lab(source.new_sandbox_id()).run(broken)
+    assert "internal detail" not in str(raised.value)
+    assert "KeyError" in str(raised.value)
+
+
+def test_a_slow_operation_times_out_and_is_cancelled(runtime):
+    cancelled = threading.Event()
+
+    async def slow(sandbox):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(source.OperationTimeoutError):
+        runtime.lab(source.new_sandbox_id()).run(slow, timeout=0.2)
+    assert cancelled.wait(5)
+
+
+def test_status_describes_backends_without_passwords(runtime):
+    status = runtime.lab(source.new_sandbox_id()).status()
+    assert status.backend in {"sqlite", "postgresql"}
+    assert status.redis_mode in {"redis", "fakeredis"}
+    assert status.redis_reason
+    if runtime.settings.database_url and "@" in runtime.settings.database_url:
+        password = runtime.settings.database_url.split("@")[0].rsplit(":", 1)[-1]
+        if password and "/" not in password:
+            assert password not in status.database
+
+
+def test_unreachable_redis_url_falls_back_to_fakeredis_and_says_why():
+    settings = source.Settings(redis_url="redis://127.0.0.1:1/0", redis_connect_timeout_seconds=0.5)
+    runtime = source.Runtime(settings)
+    try:
+        status = runtime.lab(source.new_sandbox_id()).status()
+        assert status.redis_mode == "fakeredis"
+        assert "did not answer" in status.redis_reason
+    finally:
+        runtime.close()
+
+
+def test_run_from_the_loop_thread_is_refused(runtime):
+    async def nested():
+        runtime.run(asyncio.sleep(0))
+
+    with pytest.raises(source.UnexpectedError):
+        runtime.lab(source.new_sandbox_id()).run(lambda sandbox: nested())
+
+
+def test_idle_sandboxes_are_released_by_the_runtime_in_the_background(settings):
+    quick = source.Settings(**{**settings.__dict__, "sandbox_idle_seconds": 1})
+    runtime = source.Runtime(quick)
+    try:
+        lab = runtime.lab(source.new_sandbox_id())
+        lab.run(source.create_user, email="a@example.com", name="A")
+        deadline = threading.Event()
+        for _ in range(100):
+            if runtime.sandboxes.get_existing(lab.sandbox_id) is None:
+                break
+            deadline.wait(0.1)
+        assert runtime.sandboxes.get_existing(lab.sandbox_id) is None
+        assert lab.run(source.list_users) == []
+        assert "idle" in lab.status().sandbox_notice
+    finally:
+        runtime.close()
+
+
+def test_lab_for_browser_session_keeps_one_sandbox_per_session(fresh_global_runtime):
+    state: dict = {}
+    first = source.lab_for_browser_session(state)
+    again = source.lab_for_browser_session(state)
+    other = source.lab_for_browser_session({})
+    assert first.sandbox_id == again.sandbox_id == state[source.SANDBOX_STATE_KEY]
+    assert other.sandbox_id != first.sandbox_id

@@ -1,0 +1,60 @@
+"""Statement log: counts exactly what ran, and only what this task ran."""
+
+import asyncio
+
+from sqlalchemy import select
+
+import source
+from source import User, capture_statements, get_session
+
+
+async def test_every_statement_is_recorded_in_order_with_its_duration(sandbox):
+    with capture_statements() as log:
+        async with get_session(sandbox) as session:
+            session.add(User(email="a@example.com", name="A"))
+            await session.flush()
+            await session.execute(select(User))
+    assert log.count == 2
+    assert log.sql()[0].startswith("INSERT INTO") and log.sql()[1].startswith("SELECT")
+    assert all(statement.duration_ms >= 0 for statement in log.statements)
+
+
+async def test_statements_outside_the_block_are_not_recorded(sandbox):
+    with capture_statements() as log:
+        pass
+    async with get_session(sandbox) as session:
+        await session.execute(select(User))
+    assert log.count == 0
+
+
+async def test_concurrent_tasks_do_not_see_each_others_statements(sandbox):
+    async def run_queries(count: int) -> int:
+        with capture_statements() as log:
+            for _ in range(count):
+                async with get_session(sandbox) as session:
+                    await session.execute(select(User))
+                await asyncio.sleep(0)
+        return log.count
+
+    assert await asyncio.gather(run_queries(3), run_queries(7)) == [3, 7]
+
+
+async def test_nested_logs_both_record(sandbox):
+    with capture_statements() as outer:
+        async with get_session(sandbox) as session:
+            await session.execute(select(User))
+            with capture_statements() as inner:
+                await session.execute(select(User))
+    assert (outer.count, inner.count) == (2, 1)
+
+
+async def test_a_failed_statement_does_not_corrupt_timing(sandbox):
+    with capture_statements() as log:
+        async with get_session(sandbox) as session:
+            try:
+                await session.execute(source.text("SELECT * FROM no_such_table"))
+            except Exception:
+                pass
+        async with get_session(sandbox) as session:
+            await session.execute(select(User))
+    assert log.sql()[-1].startswith("SELECT")
