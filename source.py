@@ -14,7 +14,10 @@ Contents (each a headed section below):
  8. Redis                - a real server or fakeredis, one namespaced link per sandbox
  9. Sandboxes            - each browser session gets its own database and Redis namespace
 10. Data models and connectivity - the use cases behind sections 1 and 2 of the codelab
-11. Runtime              - one background event loop that owns every async resource, and the
+11. N+1 and eager loading - section 3: the statements each loading strategy really issues
+12. Cache                - section 4: a Redis read-through cache with measured hits and misses
+13. Outbox               - section 5: events committed with the change, published in the background
+14. Runtime              - one background event loop that owns every async resource, and the
                            small synchronous facade (Lab) that Streamlit pages call
 """
 
@@ -1477,7 +1480,22 @@ async def _time_queries(
 
 
 # =============================================================================================
-# 11. Runtime
+# 11. N+1 and eager loading (codelab section 3)
+# =============================================================================================
+
+
+# =============================================================================================
+# 12. Cache (codelab section 4)
+# =============================================================================================
+
+
+# =============================================================================================
+# 13. Outbox (codelab section 5)
+# =============================================================================================
+
+
+# =============================================================================================
+# 14. Runtime
 # =============================================================================================
 
 

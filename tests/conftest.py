@@ -16,6 +16,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 import source  # noqa: E402
+import servers  # noqa: E402
 
 
 @pytest.fixture
@@ -67,3 +68,38 @@ def fresh_global_runtime() -> Iterator[None]:
         yield
     finally:
         source.shutdown_runtime()
+
+
+@pytest.fixture(scope="session")
+def real_redis_url() -> Iterator[str]:
+    """A real Redis server: REDIS_URL's, else one started here, else the test skips."""
+    configured = servers.configured_redis_url()
+    if configured:
+        yield configured
+        return
+    with servers.redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL: DATABASE_URL's, else a throwaway cluster started here, else the test skips."""
+    configured = servers.configured_postgres_url()
+    if configured:
+        yield configured
+        return
+    with servers.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+async def postgres_registry(settings: source.Settings, postgres_url: str) -> AsyncIterator[source.SandboxRegistry]:
+    """A sandbox registry on a real PostgreSQL, whatever DATABASE_URL says."""
+    on_postgres = source.Settings(**{**settings.__dict__, "database_url": postgres_url})
+    redis_service = await source.RedisService.connect(on_postgres)
+    sandboxes = source.SandboxRegistry(on_postgres, redis_service)
+    try:
+        yield sandboxes
+    finally:
+        await sandboxes.close()
+        await redis_service.close()

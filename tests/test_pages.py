@@ -1,4 +1,7 @@
-"""Pages, driven through Streamlit's AppTest: each renders, and its buttons do what they say."""
+"""Pages, driven through Streamlit's AppTest: each renders, and sections 1-2 do what they say.
+
+Each later section has its own tests/test_page_<section>.py, using the helpers in pagetools.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import source
-from conftest import PROJECT_ROOT
+from pagetools import button, lab_of, open_page, start_app, text_input
 
 PAGES = [
     "pages/introduction.py",
@@ -21,26 +24,11 @@ INITIALIZE = "Initialize In-Memory SQLite Database & Create Sample Users"
 
 @pytest.fixture
 def app(fresh_global_runtime) -> AppTest:
-    app = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=60)
-    app.run()
-    return app
-
-
-def open_page(app: AppTest, page: str) -> AppTest:
-    app.switch_page(page).run()
-    assert not app.exception, [e.value for e in app.exception]
-    return app
-
-
-def button(app: AppTest, label: str):
-    matches = [b for b in app.button if b.label == label]
-    assert len(matches) == 1, [b.label for b in app.button]
-    return matches[0]
+    return start_app()
 
 
 def sandbox_users(app: AppTest) -> list[source.User]:
-    lab = source.get_runtime().lab(app.session_state[source.SANDBOX_STATE_KEY])
-    return lab.run(source.list_users)
+    return lab_of(app).run(source.list_users)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -64,9 +52,8 @@ def test_data_models_page_shows_the_live_model_source(app):
 
 
 def fill_create_user(app: AppTest, *, email: str, name: str) -> AppTest:
-    inputs = {element.label: element for element in app.text_input}
-    inputs["Email"].input(email)
-    inputs["Name"].input(name)
+    text_input(app, "Email").input(email)
+    text_input(app, "Name").input(name)
     return button(app, "Create User").click().run()
 
 
@@ -132,10 +119,7 @@ def test_pool_experiment_runs_from_the_page_and_shows_measured_throughput(app):
 
 
 def test_two_browser_sessions_get_separate_sandboxes(fresh_global_runtime):
-    first = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=60)
-    second = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=60)
-    first.run()
-    second.run()
+    first, second = start_app(), start_app()
     open_page(first, "pages/data_models.py")
     fill_create_user(first, email="only.first@example.com", name="First")
     assert first.session_state[source.SANDBOX_STATE_KEY] != second.session_state[source.SANDBOX_STATE_KEY]

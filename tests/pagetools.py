@@ -1,0 +1,58 @@
+"""Helpers for driving pages with Streamlit's AppTest (shared by the tests/test_page_*.py files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+import source
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+def start_app() -> AppTest:
+    """A new browser session on the app (its own sandbox), rendered once."""
+    app = AppTest.from_file(str(APP), default_timeout=60)
+    app.run()
+    return app
+
+
+def open_page(app: AppTest, page: str) -> AppTest:
+    """Switch to a page (e.g. 'pages/data_models.py') and check it rendered without an exception."""
+    app.switch_page(page).run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def button(app: AppTest, label: str):
+    """The one button with exactly this label."""
+    matches = [b for b in app.button if b.label == label]
+    assert len(matches) == 1, f"{label!r} not unique among {[b.label for b in app.button]}"
+    return matches[0]
+
+
+def click(app: AppTest, label: str) -> AppTest:
+    """Click the button with this label, rerun, and check no exception reached the page."""
+    button(app, label).click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def text_input(app: AppTest, label: str):
+    """The one text input with exactly this label."""
+    matches = [element for element in app.text_input if element.label == label]
+    assert len(matches) == 1, f"{label!r} not unique among {[t.label for t in app.text_input]}"
+    return matches[0]
+
+
+def lab_of(app: AppTest) -> source.Lab:
+    """The Lab (sandbox) of this AppTest's browser session, to check what really got written."""
+    return source.get_runtime().lab(app.session_state[source.SANDBOX_STATE_KEY])
+
+
+def texts(app: AppTest) -> str:
+    """Everything the page shows as text (markdown, captions, alerts, metrics), joined."""
+    parts = [str(e.value) for e in (*app.markdown, *app.caption, *app.success, *app.info, *app.warning, *app.error)]
+    parts += [f"{m.label} {m.value}" for m in app.metric]
+    return "\n".join(parts)

@@ -1,0 +1,126 @@
+"""Throwaway Redis and PostgreSQL servers for tests that need a real one.
+
+A test that needs a server asks for the `real_redis_url` or `postgres_url` fixture. The fixture
+uses the server the environment names (REDIS_URL, DATABASE_URL), else starts one on a free
+loopback port when its program is installed, else skips with the reason. Under
+QULAB_REQUIRE_SERVERS=1 (set by CI) it fails instead of skipping, so CI cannot go green by
+skipping what it was meant to test.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+def servers_required() -> bool:
+    """True when a missing server must fail the run rather than skip."""
+    return os.environ.get("QULAB_REQUIRE_SERVERS", "") == "1"
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test, or fail it when servers are required."""
+    if servers_required():
+        pytest.fail(f"QULAB_REQUIRE_SERVERS=1 but {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_port(port: int, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listened on 127.0.0.1:{port} after {seconds:g} s")
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """Start redis-server on a free loopback port; yields its URL, shuts it down afterwards."""
+    program = shutil.which("redis-server")
+    if program is None:
+        unavailable("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="qulab-redis-") as directory:
+        process = subprocess.Popen(
+            [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for_port(port)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Start a throwaway PostgreSQL cluster on a free loopback port; yields an asyncpg URL."""
+    bin_directory = _postgres_bin()
+    if bin_directory is None:
+        unavailable("PostgreSQL is not installed (apt-get install postgresql)")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        if shutil.which("runuser") is None:
+            unavailable("running as root without runuser to start PostgreSQL as the postgres user")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    directory = tempfile.mkdtemp(prefix="qulab-pg-")
+    os.chmod(directory, 0o755)
+    if as_user:
+        shutil.chown(directory, user="postgres")
+    data = os.path.join(directory, "data")
+    pg_ctl = [*as_user, str(bin_directory / "pg_ctl"), "-D", data]
+    try:
+        subprocess.run(
+            [*as_user, str(bin_directory / "initdb"), "-D", data, "-A", "trust", "-U", "postgres"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        subprocess.run([*pg_ctl, "-l", os.path.join(directory, "log"), "-o", options, "-w", "start"], check=True, stdout=subprocess.DEVNULL)
+        try:
+            yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run([*pg_ctl, "-m", "immediate", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def configured_postgres_url() -> str | None:
+    """DATABASE_URL when it names PostgreSQL."""
+    url = os.environ.get("DATABASE_URL", "")
+    return url if url.startswith(("postgresql", "postgres:")) else None
+
+
+def configured_redis_url() -> str | None:
+    """REDIS_URL when set."""
+    return os.environ.get("REDIS_URL") or None
