@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import inspect
 import logging
 import math
 import os
@@ -1705,6 +1706,23 @@ def shutdown_runtime() -> None:
 
 
 atexit.register(shutdown_runtime)
+
+
+_source_code_lock = threading.Lock()
+_source_code_cache: dict[Any, str] = {}
+
+
+def source_code(code_object: Any) -> str:
+    """The source of a class or function, for a page to show; read once, one thread at a time.
+
+    For a class, inspect.getsource parses the whole module with ast.parse, and on Python 3.11 two
+    threads parsing at once (two learners' reruns) can fail with "SystemError: AST constructor
+    recursion depth mismatch" (CPython gh-106905); the browser suite hit it.
+    """
+    with _source_code_lock:
+        if code_object not in _source_code_cache:
+            _source_code_cache[code_object] = inspect.getsource(code_object)
+        return _source_code_cache[code_object]
 
 
 def lab_for_browser_session(state: MutableMapping[str, Any]) -> Lab:

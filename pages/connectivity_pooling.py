@@ -1,7 +1,5 @@
 """Section 2: initialize the sandbox database, inspect the engine's pool, and measure pooling."""
 
-import inspect
-
 import pandas as pd
 import streamlit as st
 
@@ -66,8 +64,8 @@ st.caption(
     )
 )
 with st.expander("The engine and session code"):
-    st.code(inspect.getsource(source.create_engine_for), language="python")
-    st.code(inspect.getsource(source.get_session), language="python")
+    st.code(source.source_code(source.create_engine_for), language="python")
+    st.code(source.source_code(source.get_session), language="python")
 
 st.subheader("Experiment: pooled connections against a new connection per query")
 st.markdown(

@@ -1,7 +1,5 @@
 """Section 1: the four models, read from the live source, and the Create User form."""
 
-import inspect
-
 import pandas as pd
 import streamlit as st
 
@@ -27,7 +25,7 @@ st.subheader("The models, exactly as they run")
 st.caption("Read from source.py with inspect.getsource, so this is the code the app executes.")
 shown = [source.Base, source.TimestampMixin, *source.MODEL_CLASSES]
 for tab, model in zip(st.tabs([model.__name__ for model in shown]), shown):
-    tab.code(inspect.getsource(model), language="python")
+    tab.code(source.source_code(model), language="python")
 st.markdown(
     """
 `cascade="all, delete-orphan"` on `User.scores` and `User.assessments` means deleting a user

@@ -1,6 +1,7 @@
 """Runtime: one loop thread serves every caller; errors reach pages as QuLabErrors only."""
 
 import asyncio
+import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -120,3 +121,11 @@ def test_lab_for_browser_session_keeps_one_sandbox_per_session(fresh_global_runt
     other = source.lab_for_browser_session({})
     assert first.sandbox_id == again.sandbox_id == state[source.SANDBOX_STATE_KEY]
     assert other.sandbox_id != first.sandbox_id
+
+
+def test_source_code_is_the_live_source_and_safe_to_read_from_many_threads():
+    shown = [source.Base, source.TimestampMixin, *source.MODEL_CLASSES, source.get_session]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        read = list(pool.map(source.source_code, shown * 4))
+    assert read == [inspect.getsource(code_object) for code_object in shown * 4]
+    assert read[2].startswith("class User(Base, TimestampMixin):")
