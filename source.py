@@ -1041,6 +1041,14 @@ class RedisLink:
 # =============================================================================================
 
 SANDBOX_ID_PATTERN = re.compile(r"^[a-z0-9]{8,32}$")
+# PostgreSQL sandboxes are schemas named qulab_<sandbox id>. Each has a row in this table saying
+# when it was last used (the database's clock, so replicas agree); a live sandbox renews it at
+# most once a minute. A process that dies cannot drop its schemas, so every replica's idle reaper
+# also drops schemas whose lease expired, whoever created them (reap_abandoned_schemas).
+SANDBOX_SCHEMA_PATTERN = re.compile(r"^qulab_[a-z0-9]{8,32}$")
+SANDBOX_LEASE_TABLE = "qulab_sandbox_leases"
+_LEASE_TABLE_LOCK_KEY = 0x7175_6C61_62  # pg_advisory_xact_lock key: "qulab"
+MAX_SCHEMAS_REAPED_PER_PASS = 50
 CommitListener = Callable[[CommittedChanges], Awaitable[None]]
 SandboxListener = Callable[["Sandbox"], Awaitable[None]]
 
@@ -1069,6 +1077,7 @@ class Sandbox:
     release_listeners: list[SandboxListener] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
     notice: Optional[str] = None  # set when this id had a sandbox before that was released
+    lease_renewed_at: float = field(default_factory=time.monotonic)  # PostgreSQL: last lease write
 
     def touch(self) -> None:
         """Mark the sandbox as in use now (idle release counts from here)."""
@@ -1094,7 +1103,8 @@ class SandboxRegistry:
 
     Embedded SQLite: one WAL file per sandbox (RAM-backed under /dev/shm when available), its
     own engine and pool, deleted on release. PostgreSQL: one engine and pool for the process,
-    one schema per sandbox selected with schema_translate_map, dropped on release.
+    one schema per sandbox selected with schema_translate_map, dropped on release, and a lease
+    row so that another replica can drop it if this process dies first.
     """
 
     def __init__(self, settings: Settings, redis_service: RedisService) -> None:
@@ -1106,6 +1116,9 @@ class SandboxRegistry:
         self._lock = asyncio.Lock()
         self._shared_engine: Optional[AsyncEngine] = None
         self._directory = _sandbox_directory(settings) if self.target.kind == "embedded" else None
+        self._lease_holder = f"{os.uname().nodename}:{os.getpid()}"
+        # Renew often enough that a lease never looks expired while its sandbox is in use.
+        self.lease_renewal_seconds = min(60.0, settings.sandbox_idle_seconds / 4)
 
     @property
     def backend(self) -> str:
@@ -1141,6 +1154,12 @@ class SandboxRegistry:
                         sandbox.notice = f"Your previous sandbox was released because {reason}; this one starts empty."
                     self._sandboxes[sandbox_id] = sandbox
         sandbox.touch()
+        if sandbox.backend == "postgresql" and time.monotonic() - sandbox.lease_renewed_at >= self.lease_renewal_seconds:
+            sandbox.lease_renewed_at = time.monotonic()
+            if not await self._renew_lease(sandbox):
+                # Another replica found the lease expired and dropped the schema: start afresh.
+                await self.release(sandbox_id, "its storage was reclaimed after it sat idle")
+                return await self.acquire(sandbox_id)
         return sandbox
 
     async def _evict_beyond_limit(self) -> None:
@@ -1151,13 +1170,19 @@ class SandboxRegistry:
     async def _create(self, sandbox_id: str) -> Sandbox:
         redis_link = RedisLink(self.redis_service, sandbox_id)
         if self.target.kind == "postgresql":
-            if self._shared_engine is None:
-                assert self.target.url is not None
-                self._shared_engine = create_engine_for(self.target.url, self.settings)
+            shared_engine = await self._postgres_engine()
             schema = f"qulab_{sandbox_id}"
-            engine = self._shared_engine.execution_options(schema_translate_map={None: schema})
-            async with self._shared_engine.begin() as connection:
+            engine = shared_engine.execution_options(schema_translate_map={None: schema})
+            async with shared_engine.begin() as connection:  # schema and lease appear together
                 await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+                await connection.execute(
+                    text(
+                        f"INSERT INTO {SANDBOX_LEASE_TABLE} (schema_name, last_used, holder) "
+                        "VALUES (:schema, now(), :holder) "
+                        "ON CONFLICT (schema_name) DO UPDATE SET last_used = now(), holder = excluded.holder"
+                    ),
+                    {"schema": schema, "holder": self._lease_holder},
+                )
             location, owns_engine = schema, False
         else:
             if self.target.kind == "embedded":
@@ -1221,6 +1246,83 @@ class SandboxRegistry:
         elif self._shared_engine is not None:
             async with self._shared_engine.begin() as connection:
                 await connection.execute(text(f'DROP SCHEMA IF EXISTS "{sandbox.location}" CASCADE'))
+                await connection.execute(
+                    text(f"DELETE FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = :schema"), {"schema": sandbox.location}
+                )
+
+    async def _postgres_engine(self) -> AsyncEngine:
+        if self._shared_engine is None:
+            assert self.target.url is not None
+            engine = create_engine_for(self.target.url, self.settings)
+            async with engine.begin() as connection:
+                # Replicas may start together; CREATE TABLE IF NOT EXISTS alone can still collide.
+                await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LEASE_TABLE_LOCK_KEY})
+                await connection.execute(
+                    text(
+                        f"CREATE TABLE IF NOT EXISTS {SANDBOX_LEASE_TABLE} ("
+                        "schema_name text PRIMARY KEY, last_used timestamptz NOT NULL, holder text NOT NULL)"
+                    )
+                )
+            self._shared_engine = engine
+        return self._shared_engine
+
+    async def _renew_lease(self, sandbox: Sandbox) -> bool:
+        engine = await self._postgres_engine()
+        async with engine.begin() as connection:
+            renewed = await connection.execute(
+                text(f"UPDATE {SANDBOX_LEASE_TABLE} SET last_used = now(), holder = :holder WHERE schema_name = :schema"),
+                {"schema": sandbox.location, "holder": self._lease_holder},
+            )
+        return renewed.rowcount == 1
+
+    async def reap_abandoned_schemas(self, *, expired_after_seconds: Optional[float] = None) -> list[str]:
+        """Drop sandbox schemas nobody used for longer than the idle limit (PostgreSQL); returns them.
+
+        Covers schemas left by a process that died, on this replica or any other. A schema with
+        no lease (made before leases existed) is given one now, so it goes one idle period later.
+        Replicas reaping at once share the work: FOR UPDATE SKIP LOCKED gives each row to one.
+        """
+        if self.target.kind != "postgresql":
+            return []
+        if expired_after_seconds is None:
+            expired_after_seconds = self.settings.sandbox_idle_seconds + self.lease_renewal_seconds
+        async with self._lock:
+            engine = await self._postgres_engine()
+            async with engine.begin() as connection:
+                await connection.execute(
+                    text(
+                        f"INSERT INTO {SANDBOX_LEASE_TABLE} (schema_name, last_used, holder) "
+                        "SELECT nspname, now(), :holder FROM pg_catalog.pg_namespace WHERE nspname ~ :pattern "
+                        "ORDER BY nspname ON CONFLICT (schema_name) DO NOTHING"
+                    ),
+                    {"holder": f"{self._lease_holder} (found without a lease)", "pattern": SANDBOX_SCHEMA_PATTERN.pattern},
+                )
+            async with engine.begin() as connection:
+                expired = (
+                    await connection.execute(
+                        text(
+                            f"SELECT schema_name FROM {SANDBOX_LEASE_TABLE} "
+                            "WHERE last_used < now() - make_interval(secs => :seconds) "
+                            "AND NOT (schema_name = ANY(:live)) "
+                            "ORDER BY last_used LIMIT :limit FOR UPDATE SKIP LOCKED"
+                        ),
+                        {
+                            "seconds": float(expired_after_seconds),
+                            "live": [sandbox.location for sandbox in self._sandboxes.values()],
+                            "limit": MAX_SCHEMAS_REAPED_PER_PASS,
+                        },
+                    )
+                ).scalars().all()
+                reaped = [schema for schema in expired if SANDBOX_SCHEMA_PATTERN.match(schema)]
+                for schema in reaped:
+                    await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+                if expired:
+                    await connection.execute(
+                        text(f"DELETE FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = ANY(:expired)"), {"expired": list(expired)}
+                    )
+        if reaped:
+            logger.info("dropped %d abandoned sandbox schemas: %s", len(reaped), ", ".join(reaped))
+        return reaped
 
     async def release_idle(self, *, idle_seconds: Optional[float] = None) -> list[str]:
         """Release every sandbox unused for longer than the idle limit; returns their ids."""
@@ -1561,6 +1663,7 @@ class Runtime:
             await asyncio.sleep(interval)
             try:
                 await self.sandboxes.release_idle()
+                await self.sandboxes.reap_abandoned_schemas()
             except Exception:
                 logger.exception("releasing idle sandboxes failed")
 
