@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +33,35 @@ def unavailable(reason: str) -> None:
     if servers_required():
         pytest.fail(f"QULAB_REQUIRE_SERVERS=1 but {reason}")
     pytest.skip(reason)
+
+
+# Tests that use one of these fixtures, or carry the e2e marker, need a server or the browser.
+SERVER_FIXTURES = frozenset({"real_redis_url", "postgres_url", "postgres_registry", "browser", "app_server"})
+
+
+def needs_a_server(item: pytest.Item) -> bool:
+    """True when the test needs a real PostgreSQL, Redis or Chromium to mean anything."""
+    uses = set(getattr(item, "fixturenames", ()))
+    return bool(uses & SERVER_FIXTURES) or item.get_closest_marker("e2e") is not None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Under QULAB_REQUIRE_SERVERS=1, a skipped test that needs a server or the browser fails.
+
+    unavailable() already fails instead of skipping; this catches every other way such a test
+    can skip (an importorskip, a skip written in a test, a fixture from a later section).
+    tests/conftest.py imports it, which is how pytest finds it.
+    """
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and servers_required() and needs_a_server(item):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"QULAB_REQUIRE_SERVERS=1, but this test needs a server or the browser and skipped: {reason}"
+    return report
 
 
 def free_port() -> int:
