@@ -1,0 +1,1 @@
+"""The browser suite: the real app in Chromium (see browsertools.py)."""

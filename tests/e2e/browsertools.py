@@ -1,0 +1,458 @@
+"""Helpers for driving the real app in Chromium (shared by the tests/e2e/test_browser_*.py files).
+
+The browser suite starts `streamlit run app.py` as a learner's server would run it, opens pages by
+their url_path, clicks buttons by the exact labels the user guide names, and reads what a
+learner sees: alerts, code blocks, tables, metrics and the sidebar status. It also reads the
+sandbox's own database, so a test can check that an id the page shows is a row that exists.
+
+Playwright for Python drives Debian's Chromium (/usr/bin/chromium); `playwright install` is never
+needed. Without Chromium or Playwright the suite skips (fails under QULAB_REQUIRE_SERVERS=1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+import servers
+import source
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # the suite skips with a reason instead of failing to import
+    sync_playwright = None
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+APP = PROJECT_ROOT / "app.py"
+SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# stApp's data-test-script-state ends a run as notRunning; CONNECTED means the websocket is up.
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning'][data-test-connection-state='CONNECTED']"
+SKELETON = "[data-testid='stSkeleton']"
+UUID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_FULL_RUN_FINISHED = (ForwardMsg.FINISHED_SUCCESSFULLY, ForwardMsg.FINISHED_WITH_COMPILE_ERROR)
+SERVER_START_SECONDS = 60.0
+RUN_TIMEOUT_SECONDS = 60.0
+# Installed in every page before Streamlit's own code: counts the messages the page's script has
+# received on its current websocket, so a test can tell when the page has caught up with a run.
+_COUNT_RECEIVED_MESSAGES = """(() => {
+  const NativeWebSocket = window.WebSocket;
+  window.WebSocket = class extends NativeWebSocket {
+    constructor(...args) {
+      super(...args);
+      window.__qulabMessagesReceived = 0;
+      this.addEventListener("message", () => { window.__qulabMessagesReceived += 1; });
+    }
+  };
+})();"""
+
+
+def browser_missing_reason() -> Optional[str]:
+    """Why the browser suite cannot run here, or None when it can."""
+    if sync_playwright is None:
+        return "Playwright for Python is not installed (pip install -r requirements.txt)"
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
+    return None
+
+
+# --- the app's pages, as app.py declares them ---------------------------------------------------
+
+_PAGE_DECLARATION = re.compile(r"^\s*st\.Page\((?P<arguments>.*)\),?\s*$", re.MULTILINE)
+
+
+def app_pages() -> list[tuple[str, str]]:
+    """(title, url path) of every page in app.py's navigation, in order; the default page's is ''."""
+    pages = []
+    for declaration in _PAGE_DECLARATION.finditer(APP.read_text()):
+        arguments = declaration["arguments"]
+        title = re.search(r'title="([^"]+)"', arguments)
+        url_path = re.search(r'url_path="([^"]+)"', arguments)
+        assert title and url_path, f"app.py declares a page without a title or url_path: {arguments}"
+        # Streamlit serves the default page at the root URL, whatever its url_path says.
+        pages.append((title[1], "" if "default=True" in arguments else url_path[1]))
+    return pages
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+@dataclass
+class AppServer:
+    """A running `streamlit run app.py` and where its sandboxes keep their data."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    database_url: Optional[str]
+    sandbox_directory: Optional[Path]
+
+    def log_tail(self, characters: int = 3000) -> str:
+        """The end of the server's output, for failure messages."""
+        return self.log_path.read_text(errors="replace")[-characters:]
+
+    def stored_users(self, sandbox_id: str) -> list[tuple[str, str]]:
+        """(id, email) of every user row in one sandbox's database, ordered by email."""
+        if not source.SANDBOX_ID_PATTERN.match(sandbox_id):
+            raise ValueError(f"not a sandbox id: {sandbox_id!r}")
+        target = source.resolve_database_target(self.database_url)
+        if target.kind == "postgresql":
+            rows = _query_postgres(target, f'SELECT id, email FROM "qulab_{sandbox_id}".users ORDER BY email')
+        else:
+            with sqlite3.connect(f"file:{self._sqlite_file(target, sandbox_id)}?mode=ro", uri=True) as connection:
+                rows = connection.execute("SELECT id, email FROM users ORDER BY email").fetchall()
+        return [(str(user_id), email) for user_id, email in rows]
+
+    def _sqlite_file(self, target: source.DatabaseTarget, sandbox_id: str) -> Path:
+        if target.kind == "embedded":
+            assert self.sandbox_directory is not None
+            directory = self.sandbox_directory
+        else:
+            assert target.url is not None and target.url.database
+            directory = Path(target.url.database).parent
+        found = [path for path in directory.glob(f"*-{sandbox_id}.*") if path.suffix in {".sqlite3", ".db", ".sqlite"}]
+        assert len(found) == 1, f"expected one database file for sandbox {sandbox_id} in {directory}, found {found}"
+        return found[0]
+
+
+def _query_postgres(target: source.DatabaseTarget, sql: str) -> list[tuple[Any, ...]]:
+    import asyncpg
+
+    assert target.url is not None
+    dsn = target.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        connection = await asyncpg.connect(dsn)
+        try:
+            return [tuple(row) for row in await connection.fetch(sql)]
+        finally:
+            await connection.close()
+
+    # Playwright's sync API keeps an event loop running on this thread: query from another one.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as worker:
+        return worker.submit(asyncio.run, fetch()).result()
+
+
+@contextmanager
+def start_app_server() -> Iterator[AppServer]:
+    """Start `python3 -m streamlit run app.py` headless on a free loopback port; stop it afterwards.
+
+    The server inherits DATABASE_URL and REDIS_URL. On the embedded default its sandbox files go
+    to a directory of its own, so the tests can read them and nothing is left behind.
+    """
+    workspace = Path(tempfile.mkdtemp(prefix="qulab-e2e-"))
+    environment = dict(os.environ)
+    database_url = environment.get("DATABASE_URL", "").strip() or None
+    sandbox_directory = None
+    if database_url is None:
+        sandbox_directory = Path(environment.get("QULAB_SANDBOX_DIR") or workspace / "sandboxes")
+        environment["QULAB_SANDBOX_DIR"] = str(sandbox_directory)
+    port = servers.free_port()
+    log_path = workspace / "streamlit.log"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    server = AppServer(f"http://127.0.0.1:{port}", process, log_path, database_url, sandbox_directory)
+    try:
+        _wait_until_healthy(server)
+        yield server
+    finally:
+        process.terminate()  # SIGTERM: Streamlit shuts down and the runtime releases every sandbox
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def _wait_until_healthy(server: AppServer) -> None:
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"streamlit did not answer within {SERVER_START_SECONDS:g} s:\n{server.log_tail()}")
+
+
+@contextmanager
+def chromium() -> Iterator["Browser"]:
+    """Debian's Chromium, headless, driven by Playwright."""
+    assert sync_playwright is not None
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def fresh_visitor(browser: "Browser") -> Iterator["Page"]:
+    """A page in a browser context of its own: no cookies or storage, like a new learner's browser."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30_000)
+    context.add_init_script(_COUNT_RECEIVED_MESSAGES)
+    try:
+        page = context.new_page()
+        page.on("websocket", _ScriptRuns.attach(page))
+        yield page
+    finally:
+        context.close()
+
+
+class _ScriptRuns:
+    """What the server said on a page's current websocket: how many script runs have finished.
+
+    A click is done when the server has finished the run it started and the page has received
+    every message up to that point; the page's own script-state attribute alone can skip its
+    'running' phase when the browser is busy, which makes it unreliable to wait on.
+    """
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.full_runs = 0
+        self.fragment_runs = 0
+        self.messages_at_last_finish = 0
+
+    @staticmethod
+    def attach(page: "Page") -> Callable[[Any], None]:
+        page.qulab_runs = _ScriptRuns()  # type: ignore[attr-defined]
+
+        def on_websocket(websocket: Any) -> None:
+            runs = page.qulab_runs = _ScriptRuns()  # type: ignore[attr-defined]
+            websocket.on("framereceived", runs.record)
+
+        return on_websocket
+
+    def record(self, payload: Any) -> None:
+        if not isinstance(payload, bytes):
+            return
+        self.messages += 1
+        message = ForwardMsg()
+        message.ParseFromString(payload)
+        if message.WhichOneof("type") != "script_finished":
+            return
+        if message.script_finished in _FULL_RUN_FINISHED:
+            self.full_runs += 1
+        elif message.script_finished == ForwardMsg.FINISHED_FRAGMENT_RUN_SUCCESSFULLY:
+            self.fragment_runs += 1
+        else:
+            return  # FINISHED_EARLY_FOR_RERUN: the run that replaces it is the one to wait for
+        self.messages_at_last_finish = self.messages
+
+    def count(self, *, fragment: bool) -> int:
+        return self.fragment_runs if fragment else self.full_runs
+
+
+def _runs(page: "Page") -> _ScriptRuns:
+    return page.qulab_runs  # type: ignore[attr-defined]
+
+
+# --- driving a page ------------------------------------------------------------------------------
+
+
+def open_page(page: "Page", server: AppServer, url_path: str = "") -> "Page":
+    """Load a page by its url_path ('' for the introduction) and wait until its script finished."""
+    page.qulab_runs = _ScriptRuns()  # type: ignore[attr-defined]  # until the new page's websocket opens
+    page.goto(f"{server.url}/{url_path}")
+    _wait_for_runs(page, full_runs=1, fragment=False)
+    return page
+
+
+def go_to_section(page: "Page", title: str) -> None:
+    """Follow the sidebar link with this exact title, as the guide tells the learner to."""
+    link = page.locator("[data-testid='stSidebarNav'] a").filter(has_text=re.compile(rf"^\W*{re.escape(title)}$"))
+    expected = _runs(page).count(fragment=False) + 1
+    link.click()
+    _wait_for_runs(page, full_runs=expected, fragment=False)
+    assert current_section(page) == title
+
+
+def fill(page: "Page", label: str, value: str) -> None:
+    """Type into the text input with this exact label (replacing what it held)."""
+    page.get_by_label(label, exact=True).fill(value)
+
+
+@dataclass(frozen=True)
+class PendingRun:
+    """A click whose rerun may still be running (see press and wait_for_rerun)."""
+
+    page: "Page"
+    expected_runs: int
+    fragment: bool
+
+
+def press(page: "Page", label: str, *, fragment: bool = False) -> PendingRun:
+    """Click the one button with this exact label and return at once; wait_for_rerun waits.
+
+    fragment=True for a button inside an st.fragment, whose click reruns only the fragment.
+    """
+    expected = _runs(page).count(fragment=fragment) + 1
+    page.get_by_role("button", name=label, exact=True).click()
+    return PendingRun(page, expected, fragment)
+
+
+def wait_for_rerun(pending: PendingRun) -> None:
+    """Wait until a pressed button's rerun has finished and the page shows it; check it is healthy."""
+    _wait_for_runs(pending.page, full_runs=pending.expected_runs, fragment=pending.fragment)
+
+
+def click(page: "Page", label: str, *, fragment: bool = False) -> None:
+    """Click the button with this exact label, wait for its rerun, check no exception showed."""
+    wait_for_rerun(press(page, label, fragment=fragment))
+
+
+def _wait_for_runs(page: "Page", *, full_runs: int, fragment: bool) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while _runs(page).count(fragment=fragment) < full_runs:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the script run did not finish within {RUN_TIMEOUT_SECONDS:g} s: {_run_state(page)}")
+        page.wait_for_timeout(20)  # lets Playwright deliver the websocket frames meanwhile
+    received = _runs(page).messages_at_last_finish
+    page.wait_for_function(f"() => (window.__qulabMessagesReceived || 0) >= {received}")
+    page.wait_for_selector(IDLE)
+    # Some elements (code blocks among them) load their renderer lazily, showing a skeleton first.
+    page.wait_for_function(f"() => document.querySelectorAll(\"{SKELETON}\").length === 0")
+    page.locator("[data-testid='stSidebarNav']").wait_for()
+    assert_page_healthy(page)
+
+
+def _run_state(page: "Page") -> dict[str, Any]:
+    app = page.locator("[data-testid='stApp']")
+    return {
+        "runs finished": vars(_runs(page)),
+        "messages received by the page": page.evaluate("window.__qulabMessagesReceived"),
+        "script state": app.get_attribute("data-test-script-state"),
+        "connection state": app.get_attribute("data-test-connection-state"),
+        "url": page.url,
+        "screenshot": str(screenshot(page, "failure")),
+    }
+
+
+def assert_page_healthy(page: "Page") -> None:
+    """No exception box and no modal dialog (such as 'Page not found') on the page."""
+    exceptions = page.locator("[data-testid='stException']").all_inner_texts()
+    assert not exceptions, f"the page shows an exception: {exceptions}"
+    dialogs = page.locator("[role='dialog']").all_inner_texts()
+    assert not dialogs, f"the page shows a dialog: {dialogs}"
+
+
+# --- reading what the learner sees ---------------------------------------------------------------
+
+
+def alerts(page: "Page", kind: Optional[str] = None) -> list[str]:
+    """Texts of the alerts in the main area; kind 'success', 'info', 'warning' or 'error' filters."""
+    found = []
+    for alert in page.locator("[data-testid='stMain'] [data-testid='stAlert']").all():
+        if kind is None or alert.locator(f"[data-testid='stAlertContent{kind.capitalize()}']").count():
+            found.append(alert.inner_text().strip())
+    return found
+
+
+def code_blocks(page: "Page") -> list[str]:
+    """Texts of the code blocks in the main area (those in hidden tabs and expanders too)."""
+    return [text.strip() for text in page.locator("[data-testid='stMain'] [data-testid='stCode']").all_text_contents()]
+
+
+def shown_ids(page: "Page") -> list[str]:
+    """Every UUID shown alone in a code block of the main area (new ids are shown that way)."""
+    return [text for text in code_blocks(page) if UUID_PATTERN.match(text)]
+
+
+def table_rows(page: "Page", index: int = 0) -> list[dict[str, str]]:
+    """The rows of the index-th st.table in the main area, as {column: cell text}."""
+    table = page.locator("[data-testid='stMain'] [data-testid='stTable']").nth(index)
+    headers = [text.strip() for text in table.locator("thead th").all_inner_texts()]
+    rows = []
+    for row in table.locator("tbody tr").all():
+        cells = [text.strip() for text in row.locator("th, td").all_inner_texts()]
+        rows.append(dict(zip(headers[-len(cells) :], cells)))
+    return rows
+
+
+def metrics(page: "Page") -> dict[str, str]:
+    """{label: value} of every st.metric in the main area."""
+    shown = {}
+    for metric in page.locator("[data-testid='stMain'] [data-testid='stMetric']").all():
+        label = metric.locator("[data-testid='stMetricLabel']").inner_text().strip()
+        shown[label] = metric.locator("[data-testid='stMetricValue']").inner_text().strip()
+    return shown
+
+
+def headings(page: "Page") -> list[str]:
+    """Texts of the main area's titles and headers (h1-h3)."""
+    return [text.strip() for text in page.locator("[data-testid='stMain'] :is(h1, h2, h3)").all_inner_texts()]
+
+
+def current_section(page: "Page") -> str:
+    """The title of the sidebar link marked as the current page."""
+    link = page.locator("[data-testid='stSidebarNav'] a[aria-current='page']")
+    return re.sub(r"^\W+", "", link.inner_text().strip().splitlines()[-1]).strip()
+
+
+def section_titles(page: "Page") -> list[str]:
+    """The titles of the sidebar's navigation links, in order."""
+    links = page.locator("[data-testid='stSidebarNav'] a").all_inner_texts()
+    return [re.sub(r"^\W+", "", text.strip().splitlines()[-1]).strip() for text in links]
+
+
+def sidebar_text(page: "Page") -> str:
+    """Everything the sidebar shows, as text."""
+    return page.locator("[data-testid='stSidebar']").inner_text()
+
+
+def sandbox_id(page: "Page") -> str:
+    """This browser session's sandbox id, as the sidebar status panel shows it."""
+    codes = page.locator("[data-testid='stSidebar'] [data-testid='stCode']")
+    codes.first.wait_for()
+    shown = codes.all_inner_texts()
+    ids = [text.strip() for text in shown if source.SANDBOX_ID_PATTERN.match(text.strip())]
+    assert len(ids) == 1, f"expected one sandbox id in the sidebar, found {shown}"
+    return ids[0]
+
+
+def screenshot(page: "Page", name: str) -> Path:
+    """Save a full-page screenshot as tests/e2e/screenshots/<name>.png (git-ignored)."""
+    SCREENSHOTS.mkdir(exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
