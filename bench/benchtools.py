@@ -1,0 +1,72 @@
+"""What every benchmark module shares: the result shape and a sandbox on the configured backend.
+
+A benchmark module (bench/<topic>.py) exposes `main() -> list[dict]` and is listed in
+bench/run_all.py's BENCHMARKS. main() measures on whatever DATABASE_URL and REDIS_URL name
+(read when it is called: run_all.py sets them per backend), prints its own table, and returns
+one dict per measure, made with `result()`:
+
+    {"benchmark": "pool", "measure": "pooled ÷ NullPool throughput", "value": 3.1,
+     "unit": "×", "target": "≥ 1.5×", "met": True}
+
+Values are ratios or counts measured in the same run (this machine's timings move by 2× from
+minute to minute; ratios much less). "target" says what the design promises ("" if nothing),
+"met" whether this run kept the promise (None when there is no target).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+import source  # noqa: E402
+
+RESULT_KEYS = ("benchmark", "measure", "value", "unit", "target", "met")
+
+
+def result(
+    benchmark: str, measure: str, value: float, *, unit: str = "×", target: str = "", met: Optional[bool] = None
+) -> dict[str, Any]:
+    """One measured row, in the shape run_all.py collects."""
+    return {"benchmark": benchmark, "measure": measure, "value": value, "unit": unit, "target": target, "met": met}
+
+
+@asynccontextmanager
+async def sandbox_on_configured_backend(*, with_sample_users: bool = True) -> AsyncIterator[source.Sandbox]:
+    """A fresh sandbox on the backend the environment names, released (and its data deleted) afterwards."""
+    settings = source.Settings.from_environment()
+    redis_service = await source.RedisService.connect(settings)
+    registry = source.SandboxRegistry(settings, redis_service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        if with_sample_users:
+            await source.init_db(sandbox, reset=True)
+        yield sandbox
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
+def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = RESULT_KEYS) -> None:
+    """Print rows as a Markdown table (readable in a terminal, pasteable into the README)."""
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    print("| " + " | ".join(column.ljust(width) for column, width in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    for line in cells:
+        print("| " + " | ".join(text.ljust(width) for text, width in zip(line, widths)) + " |")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)

@@ -1,0 +1,214 @@
+"""Run every benchmark in bench/ on each backend and print one table, with the machine and versions.
+
+From the project root:
+
+    python3 bench/run_all.py                     # embedded defaults, then PostgreSQL + Redis
+    python3 bench/run_all.py --backend embedded  # SQLite files + fakeredis only
+    python3 bench/run_all.py --backend servers   # PostgreSQL + Redis only
+    python3 bench/run_all.py -v                  # also print each module's own table
+
+The servers are DATABASE_URL's and REDIS_URL's when set, else throwaway ones started with
+tests/servers.py when PostgreSQL and redis-server are installed (else that backend is left out,
+and the output says why). The table and its context also go to bench/results/latest.md and
+latest.json (git-ignored); the README's table is copied from there.
+
+Adding a benchmark: write bench/<topic>.py whose main() returns rows made with
+benchtools.result() (the shape is described there), and list "<topic>" in BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import sys
+import traceback
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from benchtools import PROJECT_ROOT, RESULT_KEYS, print_table, sandbox_on_configured_backend
+
+sys.path.insert(0, str(PROJECT_ROOT / "tests"))
+import pytest  # noqa: E402  (tests/servers.py skips through pytest when a server is missing)
+import servers  # noqa: E402
+import source  # noqa: E402
+
+BENCHMARKS = ("n_plus_one", "cache", "outbox", "pool")
+BACKENDS = ("embedded", "servers")
+RESULTS = Path(__file__).resolve().parent / "results"
+# distribution name -> how the header names it
+PACKAGES = {
+    "SQLAlchemy": "SQLAlchemy",
+    "asyncpg": "asyncpg",
+    "aiosqlite": "aiosqlite",
+    "redis": "redis-py",
+    "fakeredis": "fakeredis",
+    "streamlit": "Streamlit",
+}
+TABLE_COLUMNS = ("benchmark", "measure", "backend", "value", "unit", "target", "met")
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """Run the listed benchmarks on the chosen backends; print and save one table; return its rows."""
+    arguments = _parse(argv)
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    backend_versions: dict[str, str] = {}
+    with _backends(arguments.backend, notes) as environments:
+        for label, environment in environments:
+            with _environment(environment):
+                label = _backend_label()
+                backend_versions[label] = _server_versions()
+                for name in BENCHMARKS:
+                    rows += _run(name, label, notes, verbose=arguments.verbose)
+    report = _report(rows, backend_versions, notes)
+    print(report)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.md").write_text(report)
+    (RESULTS / "latest.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2, default=str))
+    return rows
+
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each module's own output too")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _backends(choice: str, notes: list[str]) -> Iterator[list[tuple[str, dict[str, Optional[str]]]]]:
+    """(name, environment) per backend; servers started here are stopped on leaving."""
+    chosen: list[tuple[str, dict[str, Optional[str]]]] = []
+    with contextlib.ExitStack() as stack:
+        if choice in ("embedded", "all"):
+            chosen.append(("embedded", {"DATABASE_URL": None, "REDIS_URL": None}))
+        if choice in ("servers", "all"):
+            try:
+                database_url = servers.configured_postgres_url() or stack.enter_context(servers.postgres_server())
+                redis_url = servers.configured_redis_url() or stack.enter_context(servers.redis_server())
+            except pytest.skip.Exception as skipped:
+                notes.append(f"PostgreSQL + Redis left out: {skipped.msg}")
+            else:
+                chosen.append(("servers", {"DATABASE_URL": database_url, "REDIS_URL": redis_url}))
+        yield chosen
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, Optional[str]]) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            _set_variable(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            _set_variable(name, value)
+
+
+def _set_variable(name: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _backend_label() -> str:
+    settings = source.Settings.from_environment()
+    database = "postgresql" if settings.database_url and settings.database_url.startswith("postgres") else "sqlite"
+    return f"{database}+{'redis' if settings.redis_url else 'fakeredis'}"
+
+
+def _server_versions() -> str:
+    """What answered on this backend: the database server and the Redis server, with versions."""
+
+    async def ask() -> str:
+        async with sandbox_on_configured_backend(with_sample_users=False) as sandbox:
+            async with sandbox.engine.connect() as connection:
+                if sandbox.backend == "postgresql":
+                    database = "PostgreSQL " + (await connection.exec_driver_sql("SHOW server_version")).scalar_one()
+                else:
+                    database = "SQLite " + (await connection.exec_driver_sql("SELECT sqlite_version()")).scalar_one()
+            if sandbox.redis.service.mode == "redis":
+                redis_server = "Redis " + (await sandbox.redis.client.info("server"))["redis_version"]
+            else:
+                redis_server = f"fakeredis {importlib.metadata.version('fakeredis')} ({sandbox.redis.service.reason})"
+            return f"{database}, {redis_server}"
+
+    return asyncio.run(ask())
+
+
+def _run(name: str, backend: str, notes: list[str], *, verbose: bool) -> list[dict[str, Any]]:
+    """Import bench/<name>.py and call its main(); rows tagged with the backend."""
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as missing:
+        if missing.name != name:
+            raise
+        if f"bench/{name}.py is not there yet" not in notes:
+            notes.append(f"bench/{name}.py is not there yet")
+        return []
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sys.stdout if verbose else output):
+            returned = module.main()
+        return [{**_checked_row(name, row), "backend": backend} for row in returned]
+    except Exception as error:
+        traceback.print_exc()
+        notes.append(f"bench/{name}.py failed on {backend}: {type(error).__name__}: {error}")
+        return [{"benchmark": name, "measure": "FAILED (see the traceback above)", "backend": backend, "met": False}]
+
+
+def _checked_row(name: str, row: Any) -> dict[str, Any]:
+    if not isinstance(row, dict) or not {"benchmark", "measure", "value"} <= row.keys():
+        raise TypeError(f"bench/{name}.py main() must return dicts with the keys {RESULT_KEYS}; got {row!r}")
+    return {key: row.get(key) for key in RESULT_KEYS}
+
+
+def _report(rows: list[dict[str, Any]], backend_versions: dict[str, str], notes: list[str]) -> str:
+    lines = [
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `python3 bench/run_all.py`.",
+        "",
+        f"- Machine: {_cpu_description()}, {platform.system()} {platform.release()}",
+        "- Python " + platform.python_version() + ", " + ", ".join(_package_versions()),
+        *(f"- `{label}`: {versions}" for label, versions in backend_versions.items()),
+        *(f"- Note: {note}" for note in notes),
+        "",
+    ]
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        print_table(rows, TABLE_COLUMNS)
+    return "\n".join(lines) + "\n" + table.getvalue()
+
+
+def _cpu_description() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{usable} cores ({model})"
+
+
+def _package_versions() -> list[str]:
+    found = []
+    for package, shown_as in PACKAGES.items():
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found.append(f"{shown_as} {importlib.metadata.version(package)}")
+    return found
+
+
+if __name__ == "__main__":
+    finished = main()
+    sys.exit(1 if any(row.get("measure", "").startswith("FAILED") for row in finished) else 0)
