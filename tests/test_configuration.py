@@ -1,5 +1,9 @@
 """Configuration: environment parsing, database targets and password masking."""
 
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 
 import source
@@ -57,3 +61,14 @@ def test_passwords_never_appear_in_displayed_urls(url):
     shown = source.mask_url(url)
     assert "s3cr3t" not in shown
     assert "***" in shown
+
+
+def test_the_readme_documents_every_environment_variable_with_its_default():
+    reader = inspect.getsource(source.Settings.from_environment)
+    read = set(re.findall(r'"((?:QULAB|DATABASE|REDIS)_[A-Z_]+)"', reader))
+    readme = (Path(source.__file__).parent / "README.md").read_text()
+    configuration = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \|", configuration, re.MULTILINE))
+    assert read and read <= rows.keys(), read - rows.keys()
+    for variable, field in re.findall(r'number\(\s*"(\w+)",\s*cls\.(\w+)', reader):
+        assert rows[variable].strip() == f"`{getattr(source.Settings, field):g}`", variable

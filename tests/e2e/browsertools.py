@@ -451,8 +451,12 @@ def sandbox_id(page: "Page") -> str:
 
 
 def screenshot(page: "Page", name: str) -> Path:
-    """Save a full-page screenshot as tests/e2e/screenshots/<name>.png (git-ignored)."""
+    """Save what the learner sees now as tests/e2e/screenshots/<name>.png (git-ignored).
+
+    Streamlit scrolls its main area inside the window, so this is the window as it stands:
+    after a click, the part of the page around the button and its result.
+    """
     SCREENSHOTS.mkdir(exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path))
     return path
