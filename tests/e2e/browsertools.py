@@ -120,16 +120,26 @@ class AppServer:
         """The end of the server's output, for failure messages."""
         return self.log_path.read_text(errors="replace")[-characters:]
 
-    def stored_users(self, sandbox_id: str) -> list[tuple[str, str]]:
-        """(id, email) of every user row in one sandbox's database, ordered by email."""
+    def stored_rows(self, sandbox_id: str, table: str, columns: tuple[str, ...], *, order_by: str) -> list[tuple]:
+        """Rows of one table in one sandbox's database, read straight from the database.
+
+        e.g. stored_rows(sandbox, "domain_events", ("event_type", "status"), order_by="created_at")
+        """
         if not source.SANDBOX_ID_PATTERN.match(sandbox_id):
             raise ValueError(f"not a sandbox id: {sandbox_id!r}")
+        for identifier in (table, *columns, order_by):
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", identifier):
+                raise ValueError(f"not a plain SQL identifier: {identifier!r}")
+        select = f"SELECT {', '.join(columns)} FROM {{table}} ORDER BY {order_by}"
         target = source.resolve_database_target(self.database_url)
         if target.kind == "postgresql":
-            rows = _query_postgres(target, f'SELECT id, email FROM "qulab_{sandbox_id}".users ORDER BY email')
-        else:
-            with sqlite3.connect(f"file:{self._sqlite_file(target, sandbox_id)}?mode=ro", uri=True) as connection:
-                rows = connection.execute("SELECT id, email FROM users ORDER BY email").fetchall()
+            return _query_postgres(target, select.format(table=f'"qulab_{sandbox_id}".{table}'))
+        with sqlite3.connect(f"file:{self._sqlite_file(target, sandbox_id)}?mode=ro", uri=True) as connection:
+            return connection.execute(select.format(table=table)).fetchall()
+
+    def stored_users(self, sandbox_id: str) -> list[tuple[str, str]]:
+        """(id, email) of every user row in one sandbox's database, ordered by email."""
+        rows = self.stored_rows(sandbox_id, "users", ("id", "email"), order_by="email")
         return [(str(user_id), email) for user_id, email in rows]
 
     def _sqlite_file(self, target: source.DatabaseTarget, sandbox_id: str) -> Path:
