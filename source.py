@@ -27,9 +27,11 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import statistics
@@ -38,9 +40,10 @@ import threading
 import time
 import unicodedata
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Generic, Optional, TypeVar
@@ -48,6 +51,8 @@ from typing import Any, Generic, Optional, TypeVar
 import fakeredis
 import redis.asyncio as redis_asyncio
 import redis.exceptions
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -979,8 +984,14 @@ class RedisService:
             server = fakeredis.FakeServer()
             server.connected = False
             return fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
-        # A Unix socket that does not exist: every connect fails at once with a real OSError.
-        return redis_asyncio.Redis(unix_socket_path="/nonexistent/qulab-redis-outage.sock", decode_responses=True)
+        # A Unix socket that does not exist: every connect fails at once with a real OSError. No
+        # retries: redis-py's default retry backs off for seconds on this error, a refused TCP
+        # connection (a stopped server) fails in about a millisecond.
+        return redis_asyncio.Redis(
+            unix_socket_path="/nonexistent/qulab-redis-outage.sock",
+            decode_responses=True,
+            retry=RedisRetry(NoBackoff(), 0),
+        )
 
     async def close(self) -> None:
         """Close the client's connections."""
@@ -1487,6 +1498,630 @@ async def _time_queries(
 # =============================================================================================
 # 12. Cache (codelab section 4)
 # =============================================================================================
+
+CACHE_TTL_SECONDS = 300
+CACHE_TTL_JITTER = 0.10  # each key lives TTL ± 10 %, so keys written together do not expire together
+CACHE_COMMAND_TIMEOUT_SECONDS = 1.0  # a hung Redis costs a read at most this, then the database answers
+CACHE_HIT, CACHE_MISS, CACHE_FALLBACK = "HIT", "MISS", "FALLBACK"  # FALLBACK: Redis failed, database answered
+CACHE_DEMO_EMAIL = "cache.demo@innovateai.example"
+MAX_CACHE_EXPERIMENT_READS = 1000
+MAX_CACHE_EXPERIMENT_RATIOS = 11
+
+
+def cache_ttl_bounds() -> tuple[int, int]:
+    """The shortest and longest TTL (seconds) a cached value can get."""
+    spread = round(CACHE_TTL_SECONDS * CACHE_TTL_JITTER)
+    return CACHE_TTL_SECONDS - spread, CACHE_TTL_SECONDS + spread
+
+
+@dataclass(slots=True)  # made on every read: slots, not frozen, keeps that cheap (frozen costs 4x)
+class RedisCommand:
+    """One command the cache sent to Redis, written as sent, with its reply and round-trip time."""
+
+    command: str
+    reply: str
+    duration_ms: float
+
+
+@dataclass
+class CacheMetrics:
+    """Counters and measured times of cache reads; H and T_avg are derived from them."""
+
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # reads Redis could not answer; the database answered them
+    lookups: int = 0  # GETs that Redis answered (hits and misses)
+    lookup_ms_total: float = 0.0
+    database_reads: int = 0  # reads that really went to the database (single-flight waiters excluded)
+    database_ms_total: float = 0.0
+    request_ms_total: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        """Every read answered: hits + misses + errors."""
+        return self.hits + self.misses + self.errors
+
+    @property
+    def hit_ratio(self) -> Optional[float]:
+        """H = hits ÷ requests."""
+        return self.hits / self.requests if self.requests else None
+
+    @property
+    def mean_cache_ms(self) -> Optional[float]:
+        """T_cache: the mean time of a Redis lookup (GET and JSON decoding)."""
+        return self.lookup_ms_total / self.lookups if self.lookups else None
+
+    @property
+    def mean_database_ms(self) -> Optional[float]:
+        """T_db: the mean time of a database read (new session, query, conversion)."""
+        return self.database_ms_total / self.database_reads if self.database_reads else None
+
+    @property
+    def predicted_average_ms(self) -> Optional[float]:
+        """T_avg by the formula H·T_cache + (1−H)·(T_cache + T_db), from the measured means."""
+        hit_ratio, cache_ms, database_ms = self.hit_ratio, self.mean_cache_ms, self.mean_database_ms
+        if hit_ratio is None or cache_ms is None or (database_ms is None and hit_ratio < 1):
+            return None
+        return hit_ratio * cache_ms + (1 - hit_ratio) * (cache_ms + (database_ms or 0.0))
+
+    @property
+    def measured_average_ms(self) -> Optional[float]:
+        """T_avg as measured: total time of every read ÷ requests (includes the SETs the formula leaves out)."""
+        return self.request_ms_total / self.requests if self.requests else None
+
+    def record(
+        self, outcome: str, *, total_ms: float, lookup_ms: Optional[float], database_ms: Optional[float]
+    ) -> None:
+        """Count one answered read and add its measured times."""
+        if outcome == CACHE_HIT:
+            self.hits += 1
+        elif outcome == CACHE_MISS:
+            self.misses += 1
+        else:
+            self.errors += 1
+        if lookup_ms is not None:
+            self.lookups += 1
+            self.lookup_ms_total += lookup_ms
+        if database_ms is not None:
+            self.database_reads += 1
+            self.database_ms_total += database_ms
+        self.request_ms_total += total_ms
+
+
+@dataclass(slots=True)  # made on every read: see RedisCommand
+class CacheRead:
+    """One read through the cache: what it returned, whether Redis had it, and what it cost."""
+
+    kind: str  # "user" or "latest_airscore"
+    user_id: str
+    key: str
+    outcome: str  # CACHE_HIT, CACHE_MISS or CACHE_FALLBACK
+    value: Optional[dict[str, Any]]  # the same JSON-shaped dict whether it came from Redis or the database
+    total_ms: float
+    lookup_ms: Optional[float]  # GET + decoding; None when Redis failed
+    database_ms: Optional[float]  # None on a hit
+    database_statements: int
+    shared_database_read: bool  # waited for the same key's database read already in flight (single flight)
+    redis_commands: tuple[RedisCommand, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CacheInvalidation:
+    """Keys deleted after a write (or on request), the commands sent, and whether Redis took them."""
+
+    reason: str
+    keys: tuple[str, ...]
+    redis_commands: tuple[RedisCommand, ...]
+    applied: bool  # False: Redis failed; the keys are deleted before the cache is read again
+
+
+def _render_command_part(part: Any) -> str:
+    text_part = str(part)
+    if len(text_part) <= 120:
+        return text_part
+    return f"'{text_part[:40]}…' ({len(text_part.encode())} bytes)"
+
+
+def _render_reply(reply: Any) -> str:
+    if reply is None:
+        return "(nil)"
+    if reply is True:
+        return "OK"
+    if isinstance(reply, str):
+        return f"{len(reply.encode())} bytes of JSON"
+    return str(reply)
+
+
+def _user_as_json(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "email": user.email,
+        "name": user.name,
+        "occupation_code": user.occupation_code,
+        "education_level": user.education_level,
+        "years_experience": user.years_experience,
+        "created_at": user.created_at.isoformat(),
+        "updated_at": user.updated_at.isoformat(),
+    }
+
+
+def _airscore_as_json(score: AIRScore) -> dict[str, Any]:
+    return {
+        "id": score.id,
+        "user_id": score.user_id,
+        "occupation_code": score.occupation_code,
+        "air_score": score.air_score,
+        "vr_score": score.vr_score,
+        "hr_score": score.hr_score,
+        "synergy_score": score.synergy_score,
+        "ci_lower": score.ci_lower,
+        "ci_upper": score.ci_upper,
+        "parameter_version": score.parameter_version,
+        "calculation_metadata": score.calculation_metadata,
+        "created_at": score.created_at.isoformat(),
+    }
+
+
+_NOT_CACHED = object()
+
+
+@dataclass(eq=False)
+class _Flight:
+    generation: int
+    answer: asyncio.Future[Any]
+    finished_after: float = math.inf  # lookups started before the value was stored; inf while running
+
+
+def _decode_cached(raw: Optional[str]) -> Any:
+    """The cached JSON value, or _NOT_CACHED when the key is absent or holds something that is not ours."""
+    if raw is None:
+        return _NOT_CACHED
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return _NOT_CACHED
+    return value if value is None or isinstance(value, dict) else _NOT_CACHED
+
+
+class CachedUserRepository:
+    """Read-through cache of user profiles and latest AIRScores for one sandbox, in Redis as JSON.
+
+    A read asks Redis first (GET); on a miss it reads the database and stores the value with
+    SET … EX (TTL with jitter). Writes committed through get_session invalidate what they
+    change. Rules that keep reads correct, each one tested:
+    - a per-key generation is bumped before an invalidation is sent; a miss stores its value
+      only if the generation it started with is still current (and deletes it again if an
+      invalidation arrived while its SET was in flight), so a slow miss cannot re-cache data a
+      write has just replaced;
+    - an invalidation Redis could not take is remembered and sent before the cache is read again;
+    - concurrent misses on one key share one database read (single flight);
+    - re-initializing the sandbox moves every key to a new epoch, so nothing cached before
+      can be served after, even if Redis was down at the time;
+    - when Redis fails, the read is answered from the database and counted as an error.
+    Generations, flights and pending invalidations live in this process (the runtime's loop),
+    which is where every write of the sandbox commits.
+    """
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.metrics = CacheMetrics()
+        self.recent_invalidations: deque[CacheInvalidation] = deque(maxlen=10)
+        self._epoch = 0
+        self._generations: dict[str, int] = {}
+        self._pending_invalidations: set[str] = set()
+        self._flights: dict[str, _Flight] = {}  # the latest database read of each key
+        self._lookups_started = 0
+        sandbox.commit_listeners.append(self._invalidate_committed_changes)
+        sandbox.reset_listeners.append(self._start_new_epoch)
+
+    # -- keys --------------------------------------------------------------------------------
+    def user_key(self, user_id: str) -> str:
+        """The key of a user's cached profile."""
+        return self.sandbox.redis.key("cache", f"epoch{self._epoch}", "user", user_id)
+
+    def latest_airscore_key(self, user_id: str) -> str:
+        """The key of a user's cached latest AIRScore (JSON null when they have none)."""
+        return self.sandbox.redis.key("cache", f"epoch{self._epoch}", "user", user_id, "latest-airscore")
+
+    @property
+    def pending_invalidations(self) -> int:
+        """Keys whose invalidation Redis has not taken yet."""
+        return len(self._pending_invalidations)
+
+    # -- reads -------------------------------------------------------------------------------
+    async def get_user(self, *, user_id: str, metrics: Optional[CacheMetrics] = None) -> CacheRead:
+        """The user's profile, from Redis when cached; an unknown id raises UserNotFoundError."""
+        user_id = parse_entity_id(user_id)
+        return await self._read("user", user_id, self.user_key(user_id), self._load_user, metrics or self.metrics)
+
+    async def get_latest_airscore(self, *, user_id: str, metrics: Optional[CacheMetrics] = None) -> CacheRead:
+        """The user's most recent AIRScore (value None when they have none), from Redis when cached."""
+        user_id = parse_entity_id(user_id)
+        key = self.latest_airscore_key(user_id)
+        return await self._read("latest_airscore", user_id, key, self._load_latest_airscore, metrics or self.metrics)
+
+    async def _load_user(self, user_id: str) -> dict[str, Any]:
+        async with self.sandbox.session_factory() as session:
+            return _user_as_json(await UserRepository(session).get(user_id))
+
+    async def _load_latest_airscore(self, user_id: str) -> Optional[dict[str, Any]]:
+        async with self.sandbox.session_factory() as session:
+            score = await AIRScoreRepository(session).latest_for_user(user_id)
+            if score is None:
+                await UserRepository(session).require(user_id)  # no score, or no such user?
+                return None
+            return _airscore_as_json(score)
+
+    async def _read(
+        self,
+        kind: str,
+        user_id: str,
+        key: str,
+        loader: Callable[[str], Awaitable[Any]],
+        metrics: CacheMetrics,
+    ) -> CacheRead:
+        health = self.sandbox.redis.health
+        commands: list[RedisCommand] = []
+        started = time.perf_counter()
+        self._lookups_started += 1
+        ticket = self._lookups_started  # reads are numbered in the order they asked Redis
+        try:
+            if self._pending_invalidations:
+                await self._apply_pending_invalidations(commands)
+            lookup_started = time.perf_counter()
+            cached = _decode_cached(await self._send(commands, "GET", key))
+            lookup_ms: Optional[float] = (time.perf_counter() - lookup_started) * 1000
+            health.record_success()
+        except REDIS_ERRORS as error:
+            health.record_failure(error)
+            cached, lookup_ms, outcome = _NOT_CACHED, None, CACHE_FALLBACK
+            failure = f"Redis failed ({type(error).__name__}); the database answered and nothing was stored."
+        else:
+            outcome = CACHE_HIT if cached is not _NOT_CACHED else CACHE_MISS
+        generation = self._generation(key)  # taken before the database is read: see _store
+        if outcome == CACHE_HIT:
+            value, database_ms, statements, note = cached, None, 0, ""
+        else:
+            value, database_ms, statements, note = await self._load_once(
+                key, generation, ticket, loader, user_id, commands, store=outcome == CACHE_MISS
+            )
+            if outcome == CACHE_FALLBACK:
+                note = f"{failure} {note}".strip()
+        total_ms = (time.perf_counter() - started) * 1000
+        metrics.record(outcome, total_ms=total_ms, lookup_ms=lookup_ms, database_ms=database_ms)
+        return CacheRead(
+            kind=kind,
+            user_id=user_id,
+            key=key,
+            outcome=outcome,
+            value=value,
+            total_ms=total_ms,
+            lookup_ms=lookup_ms,
+            database_ms=database_ms,
+            database_statements=statements,
+            shared_database_read=outcome != CACHE_HIT and database_ms is None,
+            redis_commands=tuple(commands),
+            note=note,
+        )
+
+    async def _load_once(
+        self,
+        key: str,
+        generation: int,
+        ticket: int,
+        loader: Callable[[str], Awaitable[Any]],
+        user_id: str,
+        commands: list[RedisCommand],
+        *,
+        store: bool,
+    ) -> tuple[Any, Optional[float], int, str]:
+        """Single flight: (value, database_ms, statements, note); database_ms is None for a shared answer.
+
+        A miss joins the key's flight while it runs, and also after it ended if this miss's GET
+        was issued before the flight's SET had landed (that GET could not have seen the value).
+        """
+        flight = self._flights.get(key)
+        if flight is not None and flight.generation == generation and ticket <= flight.finished_after:
+            try:
+                value = await asyncio.shield(flight.answer)
+            except asyncio.CancelledError:
+                if not flight.answer.cancelled():
+                    raise  # this read itself was cancelled
+            else:
+                return value, None, 0, "Another read of this key went to the database; this one shared its answer."
+        flight = _Flight(generation, asyncio.get_running_loop().create_future())
+        self._flights[key] = flight  # after an invalidation the generation differs: a new flight
+        try:
+            with capture_statements() as log:
+                started = time.perf_counter()
+                value = await loader(user_id)
+                database_ms = (time.perf_counter() - started) * 1000
+            note = await self._store(commands, key, value, generation) if store else ""
+        except Exception as error:  # e.g. UserNotFoundError: concurrent misses share it too
+            flight.answer.set_exception(error)
+            flight.answer.exception()  # retrieved, so asyncio does not warn when no one else waited
+            flight.finished_after = self._lookups_started
+            raise
+        except BaseException:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.answer.cancel()
+            raise
+        flight.answer.set_result(value)
+        flight.finished_after = self._lookups_started
+        return value, database_ms, log.count, note
+
+    async def _store(self, commands: list[RedisCommand], key: str, value: Any, generation: int) -> str:
+        if self._generation(key) != generation:
+            return "Not stored: a write committed while the database was read, so this value may be old."
+        ttl = random.randint(*cache_ttl_bounds())
+        try:
+            await self._send(commands, "SET", key, json.dumps(value, separators=(",", ":")), "EX", ttl)
+            if self._generation(key) != generation:
+                await self._send(commands, "DEL", key)
+                return "Stored, then deleted again: a write committed while the SET was on its way."
+        except REDIS_ERRORS as error:
+            self.sandbox.redis.health.record_failure(error)
+            if self._generation(key) != generation:
+                self._pending_invalidations.add(key)
+            return f"Not stored: Redis failed ({type(error).__name__})."
+        return f"Stored for {ttl} s (TTL {CACHE_TTL_SECONDS} s ± {CACHE_TTL_JITTER:.0%})."
+
+    # -- invalidation --------------------------------------------------------------------------
+    async def invalidate_user(self, *, user_id: str, reason: str = "requested") -> CacheInvalidation:
+        """Delete the user's cached profile and latest AIRScore."""
+        user_id = parse_entity_id(user_id)
+        return await self.invalidate_keys([self.user_key(user_id), self.latest_airscore_key(user_id)], reason=reason)
+
+    async def invalidate_keys(self, keys: list[str], *, reason: str, remember: bool = True) -> CacheInvalidation:
+        """Delete these keys now, or (Redis failing) before the cache is read again; in-flight misses won't store them."""
+        for key in keys:  # before any await: a miss in flight must see it
+            self._generations[key] = self._generation(key) + 1
+        to_delete = sorted(set(keys) | self._pending_invalidations)
+        commands: list[RedisCommand] = []
+        try:
+            await self._send(commands, "DEL", *to_delete)
+        except REDIS_ERRORS as error:
+            self.sandbox.redis.health.record_failure(error)
+            self._pending_invalidations.update(keys)
+            applied = False
+        else:
+            self.sandbox.redis.health.record_success()
+            self._pending_invalidations.difference_update(to_delete)
+            applied = True
+        invalidation = CacheInvalidation(reason, tuple(keys), tuple(commands), applied)
+        if remember:
+            self.recent_invalidations.appendleft(invalidation)
+        return invalidation
+
+    async def _apply_pending_invalidations(self, commands: list[RedisCommand]) -> None:
+        if self._pending_invalidations:
+            keys = sorted(self._pending_invalidations)
+            await self._send(commands, "DEL", *keys)
+            self._pending_invalidations.difference_update(keys)
+
+    async def _invalidate_committed_changes(self, changes: CommittedChanges) -> None:
+        keys: dict[str, None] = {}  # ordered and without repeats
+        changed_or_deleted = [*changes.updated, *changes.deleted]
+        for user in changed_or_deleted:
+            if isinstance(user, User):
+                keys[self.user_key(user.id)] = None
+        for user in changes.deleted:
+            if isinstance(user, User):
+                keys[self.latest_airscore_key(user.id)] = None
+        for score in changes.of_type(AIRScore):
+            keys[self.latest_airscore_key(score.user_id)] = None
+        if keys:
+            what = sorted({type(obj).__name__ for obj in (*changed_or_deleted, *changes.inserted)})
+            await self.invalidate_keys(list(keys), reason=f"a write committed ({', '.join(what)})")
+
+    async def check_redis(self) -> bool:
+        """PING Redis and send pending invalidations; True when Redis answered (the status recovers)."""
+        commands: list[RedisCommand] = []
+        try:
+            await self._send(commands, "PING")
+            await self._apply_pending_invalidations(commands)
+        except REDIS_ERRORS as error:
+            self.sandbox.redis.health.record_failure(error)
+            return False
+        self.sandbox.redis.health.record_success()
+        return True
+
+    async def _start_new_epoch(self, sandbox: Sandbox) -> None:
+        # The sandbox was wiped with bulk deletes that no listener sees: abandon every key at once.
+        self._epoch += 1
+        self._generations.clear()
+        self._pending_invalidations.clear()
+        self._flights.clear()
+        self.metrics = CacheMetrics()
+        self.recent_invalidations.clear()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _generation(self, key: str) -> int:
+        return self._generations.get(key, 0)
+
+    async def _send(self, commands: list[RedisCommand], *command: Any) -> Any:
+        """Send one command exactly as given, note it with its reply and time, and return the reply."""
+        shown = " ".join(_render_command_part(part) for part in command)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(CACHE_COMMAND_TIMEOUT_SECONDS):
+                reply = await self.sandbox.redis.client.execute_command(*command)
+        except REDIS_ERRORS as error:
+            commands.append(RedisCommand(shown, f"failed: {type(error).__name__}", (time.perf_counter() - started) * 1000))
+            raise
+        commands.append(RedisCommand(shown, _render_reply(reply), (time.perf_counter() - started) * 1000))
+        return reply
+
+
+def cache_for(sandbox: Sandbox) -> CachedUserRepository:
+    """The sandbox's cache, created (and subscribed to its commits) on first use."""
+    return sandbox.service("cache", CachedUserRepository)
+
+
+async def fetch_user_cached(sandbox: Sandbox, *, user_id: str) -> CacheRead:
+    """Read a user's profile through the cache (the Fetch User (Cached) button)."""
+    return await cache_for(sandbox).get_user(user_id=user_id)
+
+
+async def fetch_latest_airscore_cached(sandbox: Sandbox, *, user_id: str) -> CacheRead:
+    """Read a user's latest AIRScore through the cache (the Fetch Latest AIRScore (Cached) button)."""
+    return await cache_for(sandbox).get_latest_airscore(user_id=user_id)
+
+
+async def invalidate_user_cache(sandbox: Sandbox, *, user_id: str) -> CacheInvalidation:
+    """Delete a user's cached entries (the Invalidate Cache for this User button)."""
+    return await cache_for(sandbox).invalidate_user(user_id=user_id, reason="requested on the page")
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """What the cache page shows besides reads: metrics, Redis mode and health, recent invalidations."""
+
+    metrics: CacheMetrics
+    redis_mode: str
+    redis_reason: str
+    cut_off: bool
+    degraded: bool
+    last_error: str
+    pending_invalidations: int
+    recent_invalidations: tuple[CacheInvalidation, ...]
+
+
+async def cache_status(sandbox: Sandbox) -> CacheStatus:
+    """A snapshot of the sandbox's cache metrics and Redis health."""
+    cache = cache_for(sandbox)
+    link = sandbox.redis
+    return CacheStatus(
+        metrics=replace(cache.metrics),
+        redis_mode=link.service.mode,
+        redis_reason=link.service.reason,
+        cut_off=link.cut_off,
+        degraded=link.health.degraded,
+        last_error=link.health.last_error,
+        pending_invalidations=cache.pending_invalidations,
+        recent_invalidations=tuple(cache.recent_invalidations),
+    )
+
+
+async def set_redis_outage(sandbox: Sandbox, *, cut: bool) -> bool:
+    """Cut this sandbox off from Redis, or reconnect it; returns whether Redis answers now."""
+    cache = cache_for(sandbox)
+    if cut:
+        sandbox.redis.cut()
+    else:
+        await sandbox.redis.restore()
+    return await cache.check_redis()
+
+
+@dataclass(frozen=True)
+class CacheDemo:
+    """The user the cache page reads, their latest AIRScore id, and what was created to have them."""
+
+    user_id: str
+    user_name: str
+    latest_airscore_id: str
+    created: tuple[str, ...]
+
+
+async def prepare_cache_demo(sandbox: Sandbox) -> CacheDemo:
+    """Pick Alex Smith, else Jane Doe, else a Cache Demo User (created), and make sure they have a score."""
+    try:
+        async with get_session(sandbox) as session:
+            users = UserRepository(session)
+            user, created = None, []
+            for email in (*(sample["email"] for sample in SAMPLE_USERS), CACHE_DEMO_EMAIL):
+                user = await users.get_by_email(email)
+                if user is not None:
+                    break
+            if user is None:
+                user = await users.create(email=CACHE_DEMO_EMAIL, name="Cache Demo User", occupation_code="15-1252.00")
+                created.append("user")
+            score = await AIRScoreRepository(session).latest_for_user(user.id)
+            if score is None:
+                score = await _add_sample_airscore(session, user)
+                created.append("AIRScore")
+    except DuplicateEmailError:  # another tab of this sandbox created the demo user first
+        return await prepare_cache_demo(sandbox)
+    return CacheDemo(user.id, user.name, score.id, tuple(created))
+
+
+async def _add_sample_airscore(session: AsyncSession, user: User) -> AIRScore:
+    air_score = round(random.uniform(45, 90), 1)
+    margin = round(random.uniform(2, 6), 1)
+    return await AIRScoreRepository(session).create(
+        user_id=user.id,
+        occupation_code=user.occupation_code or "15-1252.00",
+        air_score=air_score,
+        vr_score=round(random.uniform(40, 95), 1),
+        hr_score=round(random.uniform(40, 95), 1),
+        synergy_score=round(random.uniform(40, 95), 1),
+        ci_lower=max(0.0, round(air_score - margin, 1)),
+        ci_upper=min(100.0, round(air_score + margin, 1)),
+        parameter_version="v2.1",
+        calculation_metadata={"source": "cache demo"},
+    )
+
+
+async def add_demo_airscore(sandbox: Sandbox, *, user_id: str) -> AIRScore:
+    """Add a new AIRScore for the user (it becomes their latest; the commit invalidates the cached one)."""
+    async with get_session(sandbox) as session:
+        return await _add_sample_airscore(session, await UserRepository(session).get(user_id))
+
+
+async def rename_user(sandbox: Sandbox, *, user_id: str, name: str) -> User:
+    """Change a user's name (the commit invalidates their cached profile)."""
+    new_name = validate_name(name)
+    async with get_session(sandbox) as session:
+        user = await UserRepository(session).get(user_id)
+        user.name = new_name
+    return user
+
+
+@dataclass(frozen=True)
+class CacheTrial:
+    """R reads of one user's profile with a planned share of misses, and what they measured."""
+
+    target_hit_ratio: float
+    outcomes: tuple[str, ...]
+    latencies_ms: tuple[float, ...]
+    metrics: CacheMetrics
+
+
+async def run_cache_experiment(
+    sandbox: Sandbox, *, user_id: str, reads: int = 100, hit_ratios: tuple[float, ...] = (0.0, 0.5, 0.9, 1.0)
+) -> list[CacheTrial]:
+    """For each target H, read the user's profile R times, evicting the key before the reads meant to miss.
+
+    The key is warmed first and evictions are not timed, so each trial's measured H is its
+    target (unless Redis fails). Each trial has its own metrics; the page's counters stay as they are.
+    """
+    if not isinstance(reads, int) or not 1 <= reads <= MAX_CACHE_EXPERIMENT_READS:
+        raise ValidationError(f"Reads must be a whole number from 1 to {MAX_CACHE_EXPERIMENT_READS}.", field="reads")
+    if not hit_ratios or len(hit_ratios) > MAX_CACHE_EXPERIMENT_RATIOS or not all(
+        isinstance(ratio, (int, float)) and 0 <= ratio <= 1 for ratio in hit_ratios
+    ):
+        raise ValidationError(
+            f"Choose from 1 to {MAX_CACHE_EXPERIMENT_RATIOS} hit ratios, each between 0 and 1.", field="hit_ratios"
+        )
+    cache = cache_for(sandbox)
+    user_id = parse_entity_id(user_id)
+    key = cache.user_key(user_id)
+    trials = []
+    for ratio in hit_ratios:
+        await cache.get_user(user_id=user_id, metrics=CacheMetrics())  # warm the key; not counted
+        planned_misses = round(reads * (1 - ratio))
+        metrics = CacheMetrics()
+        outcomes, latencies = [], []
+        for index in range(reads):
+            if (index + 1) * planned_misses // reads > index * planned_misses // reads:
+                await cache.invalidate_keys([key], reason="experiment", remember=False)
+            result = await cache.get_user(user_id=user_id, metrics=metrics)
+            outcomes.append(result.outcome)
+            latencies.append(result.total_ms)
+        trials.append(CacheTrial(float(ratio), tuple(outcomes), tuple(latencies), metrics))
+    return trials
 
 
 # =============================================================================================
