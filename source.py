@@ -1634,16 +1634,7 @@ def _render_reply(reply: Any) -> str:
 
 
 def _user_as_json(user: User) -> dict[str, Any]:
-    return {
-        "id": user.id,
-        "email": user.email,
-        "name": user.name,
-        "occupation_code": user.occupation_code,
-        "education_level": user.education_level,
-        "years_experience": user.years_experience,
-        "created_at": user.created_at.isoformat(),
-        "updated_at": user.updated_at.isoformat(),
-    }
+    return {**user_as_row(user), "created_at": user.created_at.isoformat(), "updated_at": user.updated_at.isoformat()}
 
 
 def _airscore_as_json(score: AIRScore) -> dict[str, Any]:
@@ -1875,7 +1866,7 @@ class CachedUserRepository:
         return await self.invalidate_keys([self.user_key(user_id), self.latest_airscore_key(user_id)], reason=reason)
 
     async def invalidate_keys(self, keys: list[str], *, reason: str, remember: bool = True) -> CacheInvalidation:
-        """Delete these keys now, or (Redis failing) before the cache is read again; in-flight misses won't store them."""
+        """Delete these keys now (or, Redis failing, before the next read); misses in flight won't store them."""
         for key in keys:  # before any await: a miss in flight must see it
             self._generations[key] = self._generation(key) + 1
         to_delete = sorted(set(keys) | self._pending_invalidations)
@@ -1900,6 +1891,8 @@ class CachedUserRepository:
             keys = sorted(self._pending_invalidations)
             await self._send(commands, "DEL", *keys)
             self._pending_invalidations.difference_update(keys)
+            reason = "pending invalidations, sent once Redis answered again"
+            self.recent_invalidations.appendleft(CacheInvalidation(reason, tuple(keys), (commands[-1],), True))
 
     async def _invalidate_committed_changes(self, changes: CommittedChanges) -> None:
         keys: dict[str, None] = {}  # ordered and without repeats
@@ -1949,7 +1942,8 @@ class CachedUserRepository:
             async with asyncio.timeout(CACHE_COMMAND_TIMEOUT_SECONDS):
                 reply = await self.sandbox.redis.client.execute_command(*command)
         except REDIS_ERRORS as error:
-            commands.append(RedisCommand(shown, f"failed: {type(error).__name__}", (time.perf_counter() - started) * 1000))
+            failed_ms = (time.perf_counter() - started) * 1000
+            commands.append(RedisCommand(shown, f"failed: {type(error).__name__}", failed_ms))
             raise
         commands.append(RedisCommand(shown, _render_reply(reply), (time.perf_counter() - started) * 1000))
         return reply

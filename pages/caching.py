@@ -2,13 +2,15 @@
 
 import inspect
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
 import source
 
 lab = source.lab_for_browser_session(st.session_state)
-LAST_READ, LAST_ACTION, LAST_ERROR, EXPERIMENT = "cache_last_read", "cache_last_action", "cache_last_error", "cache_trials"
+LAST_READ, LAST_ACTION, LAST_ERROR = "cache_last_read", "cache_last_action", "cache_last_error"
+EXPERIMENT = "cache_trials"
 
 
 def act(what: str, operation, **kwargs) -> None:
@@ -49,10 +51,11 @@ if status.redis_mode == "redis":
     st.info(f"Reads go to a real Redis server ({status.redis_reason}).")
 else:
     st.info(
-        "No Redis server is configured, so QuLab runs **fakeredis**: a working Redis implemented in Python "
-        "inside this process. It stores keys, expires them and answers the same commands a server would; "
-        "what it lacks is the network hop, so its hits are fast but not as fast as in-memory Python. Every "
-        "hit and miss below really happened."
+        "No Redis server is configured, so QuLab runs **fakeredis**. The guide calls this fallback a mock; it "
+        "is not one: fakeredis is Redis written in Python, running inside this process. It stores keys, "
+        "expires them and answers the same commands with the same replies. There is no network hop, but "
+        "every command is Python work, so a hit costs about what it costs on a local server. Every hit and "
+        "miss below really happened."
     )
 
 st.subheader("Interactive caching demonstration")
@@ -79,7 +82,8 @@ if LAST_ERROR in st.session_state:
 invalidation = st.session_state.get(LAST_ACTION)
 if isinstance(invalidation, source.CacheInvalidation):
     if invalidation.applied:
-        st.success(f"Sent DEL for the user's two keys; Redis deleted {invalidation.redis_commands[-1].reply}. The next fetch misses.")
+        deleted = invalidation.redis_commands[-1].reply
+        st.success(f"Sent DEL for the user's two keys; Redis deleted {deleted}. The next fetch misses.")
     else:
         st.warning("Redis did not answer; the keys will be deleted before the cache is read again.")
 read = st.session_state.get(LAST_READ)
@@ -92,7 +96,8 @@ if read is not None:
     if read.outcome == source.CACHE_FALLBACK:
         st.warning("Redis did not answer, so the database did. The read still succeeded; it counts as a cache error.")
     st.markdown("Redis commands this read sent:")
-    st.code("\n".join(f"{c.command}\n  -> {c.reply} ({c.duration_ms:.3f} ms)" for c in read.redis_commands), language=None)
+    lines = [f"{sent.command}\n  -> {sent.reply} ({sent.duration_ms:.3f} ms)" for sent in read.redis_commands]
+    st.code("\n".join(lines), language=None)
     if read.note:
         st.caption(read.note)
     if read.value is None:
@@ -152,7 +157,7 @@ if status.recent_invalidations:
                 {
                     "why": invalidation.reason,
                     "commands": "; ".join(f"{c.command} -> {c.reply}" for c in invalidation.redis_commands),
-                    "applied": "yes" if invalidation.applied else "no: will be sent before the next read",
+                    "applied": "yes" if invalidation.applied else "no: Redis failed; kept as pending",
                 }
                 for invalidation in status.recent_invalidations
             ]
@@ -221,16 +226,35 @@ if trials:
     st.table(table)
     latencies = pd.DataFrame(
         [
-            {"read": index, "milliseconds": latency, "outcome": outcome}
-            for index, (latency, outcome) in enumerate(
-                (pair for trial in trials for pair in zip(trial.latencies_ms, trial.outcomes)), start=1
+            {"read": index, "milliseconds": latency, "outcome": outcome, "target H": f"{trial.target_hit_ratio:.0%}"}
+            for index, (trial, latency, outcome) in enumerate(
+                ((trial, *pair) for trial in trials for pair in zip(trial.latencies_ms, trial.outcomes)), start=1
             )
         ]
     )
-    st.markdown("Every read, in order (trials one after another): misses pay for the database.")
-    st.scatter_chart(latencies, x="read", y="milliseconds", color="outcome")
-    st.markdown("Average time per read against the hit ratio: the formula and the clock.")
-    st.line_chart(table, x="measured H", y=["T_avg predicted (ms)", "T_avg measured (ms)"])
+    outcome_colors = alt.Scale(domain=["HIT", "MISS", "FALLBACK"], range=["#2e7d32", "#ef6c00", "#c62828"])
+    st.markdown("Every read, in order (trials one after another, time on a log scale): misses pay for the database.")
+    st.altair_chart(
+        alt.Chart(latencies)
+        .mark_circle(size=18)
+        .encode(
+            x=alt.X("read:Q", title="read number"),
+            y=alt.Y("milliseconds:Q", scale=alt.Scale(type="log"), title="time of the read (ms)"),
+            color=alt.Color("outcome:N", scale=outcome_colors),
+            tooltip=["target H", "outcome", alt.Tooltip("milliseconds:Q", format=".3f")],
+        ),
+        width="stretch",
+    )
+    st.markdown("Average time per read against the hit ratio: the line is the formula, the dots the clock.")
+    by_ratio = table.rename(columns={"T_avg predicted (ms)": "predicted", "T_avg measured (ms)": "measured"})
+    base = alt.Chart(by_ratio).encode(x=alt.X("measured H:Q", title="hit ratio H", scale=alt.Scale(domain=[0, 1])))
+    st.altair_chart(
+        base.mark_line(point=False).encode(y=alt.Y("predicted:Q", title="T_avg (ms)"))
+        + base.mark_circle(size=90, color="#ef6c00").encode(
+            y="measured:Q", tooltip=["target H", "measured", "predicted"]
+        ),
+        width="stretch",
+    )
     st.caption("Measured just now on this server; compare trials with each other, not with another run.")
 
 with st.expander("The cache code, as it runs"):

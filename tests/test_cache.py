@@ -255,6 +255,7 @@ async def test_outage_by_cut_every_read_answered_and_no_stale_value_after_recove
     await sandbox.redis.restore()
     back = await cache.get_user(user_id=user_id)
     assert back.redis_commands[0].command.startswith("DEL ")  # the pending invalidations go first
+    assert cache.recent_invalidations[0].reason.startswith("pending invalidations")
     assert (back.outcome, back.value["name"]) == (CACHE_MISS, "Alex Offline")
     assert not sandbox.redis.health.degraded and cache.pending_invalidations == 0
     assert (await cache.get_latest_airscore(user_id=user_id)).value["id"] == new_score.id
