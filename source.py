@@ -2089,7 +2089,8 @@ async def run_cache_experiment(
     """For each target H, read the user's profile R times, evicting the key before the reads meant to miss.
 
     The key is warmed first and evictions are not timed, so each trial's measured H is its
-    target (unless Redis fails). Each trial has its own metrics; the page's counters stay as they are.
+    target (unless Redis fails, or another tab reads or writes this user meanwhile). Each trial
+    has its own metrics; the page's counters stay as they are.
     """
     if not isinstance(reads, int) or not 1 <= reads <= MAX_CACHE_EXPERIMENT_READS:
         raise ValidationError(f"Reads must be a whole number from 1 to {MAX_CACHE_EXPERIMENT_READS}.", field="reads")

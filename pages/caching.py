@@ -27,6 +27,14 @@ def act(what: str, operation, **kwargs) -> None:
     st.rerun()
 
 
+def milliseconds(value):
+    return "n/a" if value is None else f"{value:.3f} ms"
+
+
+def rounded(value):
+    return None if value is None else round(value, 3)
+
+
 st.title("4. Caching with Redis")
 st.markdown(
     """
@@ -59,7 +67,10 @@ else:
     )
 
 st.subheader("Interactive caching demonstration")
-st.caption("The user and score this page reads. Created for you when your sandbox had no sample user.")
+st.caption(
+    "Alex Smith when your sandbox has him, else Jane Doe, else a Cache Demo User created for this page; "
+    "a first AIRScore is added when the user has none."
+)
 left, right = st.columns(2)
 left.markdown("**User ID**")
 left.code(demo.user_id, language=None)
@@ -107,14 +118,6 @@ if read is not None:
 
 st.subheader("Cache metrics (measured)")
 metrics = status.metrics
-
-
-def milliseconds(value):
-    return "n/a" if value is None else f"{value:.3f} ms"
-
-
-def rounded(value):
-    return None if value is None else round(value, 3)
 
 
 row = st.columns(4)

@@ -8,6 +8,9 @@ import pickle
 import uuid
 
 import fakeredis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 import pytest
 
 import source
@@ -401,3 +404,34 @@ async def test_the_experiment_hits_its_target_ratios_and_leaves_the_page_metrics
     for bad in ({"reads": 0}, {"reads": 5000}, {"hit_ratios": ()}, {"hit_ratios": (1.5,)}):
         with pytest.raises(source.ValidationError):
             await source.run_cache_experiment(sandbox, user_id=user_id, **bad)
+
+
+async def test_a_redis_that_accepts_but_never_answers_costs_a_read_one_cache_timeout(settings, monkeypatch):
+    connections: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # read whatever comes and never reply, like a hung server
+        await reader.read()
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    # A socket timeout far beyond the test's patience: only the cache's own timeout can end a command in time.
+    client = redis.asyncio.Redis(
+        host="127.0.0.1", port=port, decode_responses=True, socket_timeout=300, retry=Retry(NoBackoff(), 0)
+    )
+    service = source.RedisService(mode="redis", reason="test: a silent server", url=None, client=client)
+    registry = source.SandboxRegistry(settings, service)
+    monkeypatch.setattr(source, "CACHE_COMMAND_TIMEOUT_SECONDS", 0.2)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        user = await source.create_user(sandbox, email="hung@example.com", name="Hung Redis")
+        read = await asyncio.wait_for(source.fetch_user_cached(sandbox, user_id=user.id), 30)
+        assert (read.outcome, read.value["name"]) == (CACHE_FALLBACK, "Hung Redis")
+        assert read.redis_commands[0].reply == "failed: TimeoutError"
+        assert sandbox.redis.health.degraded
+    finally:
+        for writer in connections:  # hang up, so releasing the sandbox fails fast instead of waiting
+            writer.close()
+        silent.close()
+        await registry.close()
+        await client.aclose()
