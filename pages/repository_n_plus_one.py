@@ -57,10 +57,12 @@ def add_sample_scores() -> None:
         st.session_state[ADDED_KEY] = error
 
 
-def scores_table(scores: list[source.AIRScore]):
+def scores_table(scores: list[source.AIRScore], *, short_ids: bool = False):
     """Scores as a small table: id, the four scores and the confidence interval, one decimal."""
     rows = pd.DataFrame([source.score_as_row(score) for score in scores])
     shown = ["id", "air_score", "vr_score", "hr_score", "synergy_score", "ci_lower", "ci_upper"]
+    if short_ids:  # half-width columns: the first 8 characters still match the SQL parameters below
+        rows["id"] = rows["id"].str[:8] + "…"
     return rows[shown].style.format(precision=1)
 
 
@@ -81,7 +83,7 @@ def show_fetch(fetch: source.UserScoresFetch, column) -> None:
         pd.DataFrame([{"name": fetch.user.name, "email": fetch.user.email, "id": fetch.user.id}]), hide_index=True
     )
     if fetch.scores:
-        column.table(scores_table(fetch.scores))
+        column.table(scores_table(fetch.scores, short_ids=True))
     else:
         column.info("This user has no scores yet: click Add 3 Sample Scores for User first.")
     column.code(
