@@ -223,6 +223,10 @@ def show_comparison(comparison: source.StrategyComparison) -> None:
             )
 
 
+with st.expander("The loading code this experiment runs (read from source.py)"):
+    st.code(inspect.getsource(source.load_scale_up_users), language="python")
+    st.code(inspect.getsource(source.grow_scale_up_users), language="python")
+
 sizes = st.multiselect("Numbers of users (N) to compare", source.SCALE_UP_SIZES, default=[10, 100, 1000])
 compare_column, remove_column = st.columns(2)
 if compare_column.button("Compare Loading Strategies", type="primary"):
