@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import hashlib
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ import time
 import unicodedata
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -63,6 +64,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
     text,
 )
@@ -76,7 +78,16 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+    subqueryload,
+)
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
@@ -818,6 +829,14 @@ class UserRepository(Repository[User]):
         """Like get(), named for call sites that check a user exists before writing for it."""
         return await self.get(user_id)
 
+    async def get_user_with_scores_eager(self, user_id: str) -> User:
+        """The user with every score loaded up front: selectinload issues 2 statements, whatever N is."""
+        statement = select(User).where(User.id == parse_entity_id(user_id)).options(selectinload(User.scores))
+        user = await self.session.scalar(statement)
+        if user is None:
+            raise self._not_found(user_id)
+        return user
+
 
 class AssessmentRepository(Repository[Assessment]):
     """Assessments, always for an existing user."""
@@ -887,6 +906,15 @@ class AIRScoreRepository(Repository[AIRScore]):
         """A user's scores, oldest first."""
         statement = (
             select(AIRScore)
+            .where(AIRScore.user_id == parse_entity_id(user_id))
+            .order_by(AIRScore.created_at, AIRScore.id)
+        )
+        return list((await self.session.scalars(statement)).all())
+
+    async def list_ids_for_user(self, user_id: str) -> list[str]:
+        """The ids of a user's scores, oldest first (ids only, so no score enters the session)."""
+        statement = (
+            select(AIRScore.id)
             .where(AIRScore.user_id == parse_entity_id(user_id))
             .order_by(AIRScore.created_at, AIRScore.id)
         )
@@ -1493,6 +1521,328 @@ async def _time_queries(
 # =============================================================================================
 # 11. N+1 and eager loading (codelab section 3)
 # =============================================================================================
+
+SAMPLE_SCORES_PER_CLICK = 3
+MAX_SAMPLE_SCORES_PER_CALL = 50
+SAMPLE_OCCUPATION_CODE = "15-1252.00"  # used when the user has no occupation code of their own
+SAMPLE_PARAMETER_VERSION = "irt-2024.1"
+NAIVE_STATEMENT_FORMULA = "1 + 1 + N"  # the user, the ids of their scores, then one per score
+EAGER_STATEMENT_FORMULA = "1 + 1"  # the user, then all their scores in one IN query
+
+
+def _whole_number(value: Any, *, label: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(f"{label} must be a whole number from {low:,} to {high:,}.", field=label.lower())
+    return value
+
+
+def _sample_score_values(rng: random.Random) -> dict[str, Any]:
+    # Every score within 0-100 and ci_lower <= air_score <= ci_upper, as AIRScoreRepository requires.
+    air_score = round(rng.uniform(40.0, 95.0), 1)
+    half_width = round(rng.uniform(2.0, 6.0), 1)
+
+    def near_air_score(spread: float) -> float:
+        return round(min(100.0, max(0.0, air_score + rng.uniform(-spread, spread))), 1)
+
+    return {
+        "air_score": air_score,
+        "vr_score": near_air_score(12.0),
+        "hr_score": near_air_score(12.0),
+        "synergy_score": near_air_score(8.0),
+        "ci_lower": round(max(0.0, air_score - half_width), 1),
+        "ci_upper": round(min(100.0, air_score + half_width), 1),
+        "parameter_version": SAMPLE_PARAMETER_VERSION,
+    }
+
+
+def score_as_row(score: AIRScore) -> dict[str, Any]:
+    """The score's columns as plain values, for tables on a page."""
+    return {
+        "id": score.id,
+        "air_score": score.air_score,
+        "vr_score": score.vr_score,
+        "hr_score": score.hr_score,
+        "synergy_score": score.synergy_score,
+        "ci_lower": score.ci_lower,
+        "ci_upper": score.ci_upper,
+        "occupation_code": score.occupation_code,
+        "parameter_version": score.parameter_version,
+        "created_at": score.created_at,
+    }
+
+
+async def add_sample_scores(sandbox: Sandbox, *, user_id: str, count: int = SAMPLE_SCORES_PER_CLICK) -> list[AIRScore]:
+    """Add `count` valid sample scores for an existing user in one transaction; an unknown user writes nothing."""
+    _whole_number(count, label="Scores to add", low=1, high=MAX_SAMPLE_SCORES_PER_CALL)
+    rng = random.Random()
+    async with get_session(sandbox) as session:
+        user = await UserRepository(session).get(user_id)
+        scores = AIRScoreRepository(session)
+        return [
+            await scores.create(
+                user_id=user.id,
+                occupation_code=user.occupation_code or SAMPLE_OCCUPATION_CODE,
+                calculation_metadata={"source": "codelab section 3 sample"},
+                **_sample_score_values(rng),
+            )
+            for _ in range(count)
+        ]
+
+
+@dataclass
+class Measurement:
+    """The statements one block of code ran and the wall-clock time it took."""
+
+    statements: StatementLog
+    elapsed_ms: float = 0.0
+
+
+@contextmanager
+def measure() -> Iterator[Measurement]:
+    """Record every statement the block runs (this task only) and time the whole block."""
+    with capture_statements() as log:
+        measurement = Measurement(log)
+        started = time.perf_counter()
+        try:
+            yield measurement
+        finally:
+            measurement.elapsed_ms = (time.perf_counter() - started) * 1000
+
+
+@dataclass(frozen=True)
+class UserScoresFetch:
+    """One user read with their scores: the rows, every statement that ran, and how long it took."""
+
+    path: str  # "naive" or "eager"
+    user: User
+    scores: list[AIRScore]
+    statements: StatementLog
+    elapsed_ms: float
+
+
+async def fetch_user_and_scores_naive(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
+    """The N+1 path: the user (1), the ids of their scores (1), then each score by its id (N).
+
+    It runs in a fresh session on purpose: session.get() answers from the identity map without
+    any SQL when the object is already loaded, which would hide the very round trips shown here.
+    """
+    with measure() as measurement:
+        async with get_session(sandbox) as session:
+            user = await UserRepository(session).get(user_id)
+            score_repository = AIRScoreRepository(session)
+            score_ids = await score_repository.list_ids_for_user(user.id)
+            scores = [await score_repository.get(score_id) for score_id in score_ids]
+    return UserScoresFetch("naive", user, scores, measurement.statements, measurement.elapsed_ms)
+
+
+async def fetch_user_and_scores_eager(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
+    """The eager path: UserRepository.get_user_with_scores_eager, 2 statements however many scores there are."""
+    with measure() as measurement:
+        async with get_session(sandbox) as session:
+            user = await UserRepository(session).get_user_with_scores_eager(user_id)
+            scores = sorted(user.scores, key=lambda score: (score.created_at, score.id))
+    return UserScoresFetch("eager", user, scores, measurement.statements, measurement.elapsed_ms)
+
+
+async def list_users_with_score_counts(sandbox: Sandbox, *, limit: int = 50) -> list[dict[str, Any]]:
+    """The sandbox's own users (scale-up users left out) with how many scores each has, oldest first."""
+    score_count = (
+        select(func.count(AIRScore.id)).where(AIRScore.user_id == User.id).correlate(User).scalar_subquery()
+    )
+    statement = (
+        select(User.id, User.name, User.email, score_count.label("scores"))
+        .where(~_is_scale_up_user())
+        .order_by(User.created_at, User.id)
+        .limit(limit)
+    )
+    async with get_session(sandbox) as session:
+        return [dict(row._mapping) for row in await session.execute(statement)]
+
+
+# The scale-up experiment: N users with a few scores each, loaded with each strategy.
+# Its users are named "Scale-up user #0001", ...: validate_name refuses '#', so no user created
+# through a form can look like one, and the experiment never counts the learner's own users.
+SCALE_UP_NAME_PREFIX = "Scale-up user #"
+SCALE_UP_EMAIL_DOMAIN = "n-plus-one.qulab.example"
+SCALE_UP_SCORES_PER_USER = 5
+MAX_SCALE_UP_USERS = 1000
+SCALE_UP_USERS_PER_CHUNK = 200
+SCALE_UP_SIZES = (10, 50, 100, 250, 500, 1000)
+COMPARISON_REPEATS = 3
+LOADING_STRATEGIES: dict[str, Optional[Callable[..., Any]]] = {
+    "lazy": None,  # no loader option: each `await user.awaitable_attrs.scores` runs its own SELECT
+    "selectinload": selectinload,
+    "joinedload": joinedload,
+    "subqueryload": subqueryload,
+}
+
+
+def _is_scale_up_user() -> Any:
+    return User.name.startswith(SCALE_UP_NAME_PREFIX)
+
+
+async def count_scale_up_users(sandbox: Sandbox) -> int:
+    """How many scale-up users the sandbox holds."""
+    async with get_session(sandbox) as session:
+        return await _count_scale_up_users(session)
+
+
+async def _count_scale_up_users(session: AsyncSession) -> int:
+    return int(await session.scalar(select(func.count()).select_from(User).where(_is_scale_up_user())) or 0)
+
+
+async def grow_scale_up_users(
+    sandbox: Sandbox,
+    *,
+    target_users: int,
+    scores_per_user: int = SCALE_UP_SCORES_PER_USER,
+    max_new_users: int = SCALE_UP_USERS_PER_CHUNK,
+) -> int:
+    """Add scale-up users, each with `scores_per_user` valid scores, until `target_users` exist; returns how many exist.
+
+    Adds at most `max_new_users` per call, so a page can move a progress bar between calls.
+    Two bulk INSERTs per call (users, then scores) keep a thousand users to well under a second.
+    """
+    _whole_number(target_users, label="Users", low=1, high=MAX_SCALE_UP_USERS)
+    _whole_number(scores_per_user, label="Scores per user", low=0, high=20)
+    _whole_number(max_new_users, label="Users per call", low=1, high=MAX_SCALE_UP_USERS)
+    rng = random.Random()
+    # One grower at a time per sandbox, so numbering stays consecutive when a page reruns mid-way.
+    async with sandbox.service("scale_up_lock", lambda _: asyncio.Lock()):
+        async with get_session(sandbox) as session:
+            existing = await _count_scale_up_users(session)
+            numbers = range(existing + 1, min(target_users, existing + max_new_users) + 1)
+            if not numbers:
+                return existing
+            users = [
+                {
+                    "id": _new_id(),
+                    "email": f"scale-up-{number:04d}-{uuid.uuid4().hex[:8]}@{SCALE_UP_EMAIL_DOMAIN}",
+                    "name": f"{SCALE_UP_NAME_PREFIX}{number:04d}",
+                    "occupation_code": SAMPLE_OCCUPATION_CODE,
+                }
+                for number in numbers
+            ]
+            scores = [
+                {
+                    "user_id": user["id"],
+                    "occupation_code": SAMPLE_OCCUPATION_CODE,
+                    "calculation_metadata": {"source": "codelab section 3 scale-up"},
+                    **_sample_score_values(rng),
+                }
+                for user in users
+                for _ in range(scores_per_user)
+            ]
+            await session.execute(insert(User), users)
+            if scores:
+                await session.execute(insert(AIRScore), scores)
+        return existing + len(users)
+
+
+async def remove_scale_up_users(sandbox: Sandbox) -> int:
+    """Delete every scale-up user (their scores go with them, ON DELETE CASCADE); returns how many."""
+    async with get_session(sandbox) as session:
+        result = await session.execute(delete(User).where(_is_scale_up_user()))
+        return int(result.rowcount or 0)
+
+
+@dataclass(frozen=True)
+class StrategyRun:
+    """One loading strategy at one N: the statements it ran, its times, and a digest of what it loaded."""
+
+    strategy: str
+    users: int
+    scores: int
+    statements: int
+    statement_sql: tuple[tuple[str, int], ...]  # each distinct SQL text, with how many times it ran
+    times_ms: tuple[float, ...]
+    results_digest: str  # equal digests: the same users with the same scores
+
+    @property
+    def median_ms(self) -> float:
+        """The median of the timed runs."""
+        return statistics.median(self.times_ms)
+
+
+async def load_scale_up_users(sandbox: Sandbox, *, strategy: str, users: int) -> StrategyRun:
+    """Load the first `users` scale-up users and all their scores with one strategy, in a fresh session."""
+    if strategy not in LOADING_STRATEGIES:
+        raise ValidationError(f"Unknown loading strategy; choose one of: {', '.join(LOADING_STRATEGIES)}.")
+    _whole_number(users, label="Users", low=1, high=MAX_SCALE_UP_USERS)
+    statement = select(User).where(_is_scale_up_user()).order_by(User.name, User.id).limit(users)
+    loader = LOADING_STRATEGIES[strategy]
+    with measure() as measurement:
+        async with get_session(sandbox) as session:
+            if loader is None:
+                parents = (await session.scalars(statement)).all()
+                loaded = [(user, await user.awaitable_attrs.scores) for user in parents]  # one SELECT each
+            else:
+                # unique(): a joined collection returns each user once per score; it folds them back.
+                parents = (await session.scalars(statement.options(loader(User.scores)))).unique().all()
+                loaded = [(user, user.scores) for user in parents]
+    if len(loaded) < users:
+        raise ValidationError(
+            f"Only {len(loaded):,} scale-up users exist; create {users:,} before loading them.", field="users"
+        )
+    canonical = [[user.id, sorted(score.id for score in scores)] for user, scores in loaded]
+    statement_counts: dict[str, int] = {}
+    for sql in measurement.statements.sql():
+        statement_counts[sql] = statement_counts.get(sql, 0) + 1
+    return StrategyRun(
+        strategy=strategy,
+        users=len(loaded),
+        scores=sum(len(scores) for _, scores in loaded),
+        statements=measurement.statements.count,
+        statement_sql=tuple(statement_counts.items()),
+        times_ms=(measurement.elapsed_ms,),
+        results_digest=hashlib.sha256(json.dumps(canonical).encode()).hexdigest(),
+    )
+
+
+@dataclass(frozen=True)
+class StrategyComparison:
+    """Every strategy at every N, measured in one run."""
+
+    runs: tuple[StrategyRun, ...]
+    repeats: int
+
+    def at(self, users: int) -> dict[str, StrategyRun]:
+        """The runs at one N, by strategy."""
+        return {run.strategy: run for run in self.runs if run.users == users}
+
+    @property
+    def identical_results(self) -> bool:
+        """True when, at each N, every strategy loaded exactly the same users and scores."""
+        return all(len({run.results_digest for run in self.at(size).values()}) == 1 for size in self.sizes)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The N values compared, smallest first."""
+        return sorted({run.users for run in self.runs})
+
+
+async def compare_loading_strategies(
+    sandbox: Sandbox, *, sizes: Sequence[int], repeats: int = COMPARISON_REPEATS
+) -> StrategyComparison:
+    """Time every strategy at every N: one untimed warm-up each, then `repeats` rounds, the median kept.
+
+    Rounds go strategy by strategy in turn, so a moment of machine noise hits all of them alike.
+    """
+    chosen = sorted({_whole_number(size, label="Users", low=1, high=MAX_SCALE_UP_USERS) for size in sizes})
+    if not chosen:
+        raise ValidationError("Choose at least one number of users to compare.", field="users")
+    _whole_number(repeats, label="Repeats", low=1, high=20)
+    for strategy in LOADING_STRATEGIES:  # compile and cache each statement before any timing
+        await load_scale_up_users(sandbox, strategy=strategy, users=chosen[0])
+    runs = []
+    for size in chosen:
+        rounds = [
+            [await load_scale_up_users(sandbox, strategy=strategy, users=size) for strategy in LOADING_STRATEGIES]
+            for _ in range(repeats)
+        ]
+        for attempts in zip(*rounds):
+            runs.append(replace(attempts[-1], times_ms=tuple(attempt.times_ms[0] for attempt in attempts)))
+    return StrategyComparison(tuple(runs), repeats)
 
 
 # =============================================================================================
