@@ -1989,16 +1989,8 @@ def _user_as_json(user: User) -> dict[str, Any]:
 
 def _airscore_as_json(score: AIRScore) -> dict[str, Any]:
     return {
-        "id": score.id,
+        **score_as_row(score),
         "user_id": score.user_id,
-        "occupation_code": score.occupation_code,
-        "air_score": score.air_score,
-        "vr_score": score.vr_score,
-        "hr_score": score.hr_score,
-        "synergy_score": score.synergy_score,
-        "ci_lower": score.ci_lower,
-        "ci_upper": score.ci_upper,
-        "parameter_version": score.parameter_version,
         "calculation_metadata": score.calculation_metadata,
         "created_at": score.created_at.isoformat(),
     }
@@ -2380,7 +2372,9 @@ async def prepare_cache_demo(sandbox: Sandbox) -> CacheDemo:
                 if user is not None:
                     break
             if user is None:
-                user = await users.create(email=CACHE_DEMO_EMAIL, name="Cache Demo User", occupation_code="15-1252.00")
+                user = await users.create(
+                    email=CACHE_DEMO_EMAIL, name="Cache Demo User", occupation_code=SAMPLE_OCCUPATION_CODE
+                )
                 created.append("user")
             score = await AIRScoreRepository(session).latest_for_user(user.id)
             if score is None:
@@ -2392,19 +2386,11 @@ async def prepare_cache_demo(sandbox: Sandbox) -> CacheDemo:
 
 
 async def _add_sample_airscore(session: AsyncSession, user: User) -> AIRScore:
-    air_score = round(random.uniform(45, 90), 1)
-    margin = round(random.uniform(2, 6), 1)
     return await AIRScoreRepository(session).create(
         user_id=user.id,
-        occupation_code=user.occupation_code or "15-1252.00",
-        air_score=air_score,
-        vr_score=round(random.uniform(40, 95), 1),
-        hr_score=round(random.uniform(40, 95), 1),
-        synergy_score=round(random.uniform(40, 95), 1),
-        ci_lower=max(0.0, round(air_score - margin, 1)),
-        ci_upper=min(100.0, round(air_score + margin, 1)),
-        parameter_version="v2.1",
-        calculation_metadata={"source": "cache demo"},
+        occupation_code=user.occupation_code or SAMPLE_OCCUPATION_CODE,
+        calculation_metadata={"source": "codelab section 4 cache demo"},
+        **_sample_score_values(random.Random()),
     )
 
 
