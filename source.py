@@ -1792,6 +1792,11 @@ class BatchReport:
     seconds: float = 0.0
 
 
+# The relay's statements are set-based Core statements on the table: per batch, the ORM session
+# machinery would only cost CPU, and it is the relay's bottleneck.
+_EVENTS = DomainEvent.__table__
+
+
 class OutboxPublisher:
     """The outbox relay: leases due events oldest first, XADDs them in one pipeline, marks them published.
 
@@ -1824,15 +1829,16 @@ class OutboxPublisher:
     async def claim_due_events(self) -> list[ClaimedEvent]:
         """Lease up to batch_size due pending events, oldest first, in ONE UPDATE … RETURNING."""
         now = utc_now()
+        events = _EVENTS.c
         claimable = (
-            DomainEvent.status == "pending",
-            DomainEvent.next_attempt_at <= now,
-            or_(DomainEvent.claimed_until.is_(None), DomainEvent.claimed_until < now),
+            events.status == "pending",
+            events.next_attempt_at <= now,
+            or_(events.claimed_until.is_(None), events.claimed_until < now),
         )
         oldest_due = (
-            select(DomainEvent.id)
+            select(events.id)
             .where(*claimable)
-            .order_by(DomainEvent.created_at, DomainEvent.id)
+            .order_by(events.created_at, events.id)
             .limit(self.settings.batch_size)
             .with_for_update(skip_locked=True)  # PostgreSQL; compiled to nothing on SQLite
             # MATERIALIZED: evaluated once. As a plain IN subquery PostgreSQL may re-run it for
@@ -1841,23 +1847,23 @@ class OutboxPublisher:
             .prefix_with("MATERIALIZED", dialect="postgresql")
         )
         claim = (
-            update(DomainEvent)
+            update(_EVENTS)
             # The conditions are repeated outside the subquery: PostgreSQL re-checks them on a row
             # another transaction changed meanwhile, so a row is never leased twice.
-            .where(DomainEvent.id.in_(select(oldest_due.c.id)), *claimable)
+            .where(events.id.in_(select(oldest_due.c.id)), *claimable)
             .values(claimed_by=self.name, claimed_until=now + timedelta(seconds=self.settings.lease_seconds))
             .returning(
-                DomainEvent.id,
-                DomainEvent.event_type,
-                DomainEvent.aggregate_type,
-                DomainEvent.aggregate_id,
-                DomainEvent.payload,
-                DomainEvent.created_at,
-                DomainEvent.attempts,
+                events.id,
+                events.event_type,
+                events.aggregate_type,
+                events.aggregate_id,
+                events.payload,
+                events.created_at,
+                events.attempts,
             )
         )
-        async with get_session(self.sandbox) as session:
-            rows = (await session.execute(claim, execution_options={"synchronize_session": False})).all()
+        async with self.sandbox.engine.begin() as connection:
+            rows = (await connection.execute(claim)).all()
         return sorted((ClaimedEvent(*row) for row in rows), key=lambda claimed: (claimed.created_at, claimed.id))
 
     async def publish_due_batch(self) -> BatchReport:
@@ -1911,17 +1917,17 @@ class OutboxPublisher:
 
     async def _mark_published(self, event_ids: list[str], *, published_at: datetime) -> int:
         mark = (
-            update(DomainEvent)
-            .where(DomainEvent.id.in_(event_ids), DomainEvent.claimed_by == self.name)
+            update(_EVENTS)
+            .where(_EVENTS.c.id.in_(event_ids), _EVENTS.c.claimed_by == self.name)
             .values(status="published", published_at=published_at, claimed_by=None, claimed_until=None)
         )
-        async with get_session(self.sandbox) as session:
-            result = await session.execute(mark, execution_options={"synchronize_session": False})
+        async with self.sandbox.engine.begin() as connection:
+            result = await connection.execute(mark)
         return int(result.rowcount)
 
     async def _record_failures(self, events: list[ClaimedEvent], errors: dict[str, str]) -> tuple[int, int]:
         now = utc_now()
-        table = DomainEvent.__table__
+        table = _EVENTS
         rows = []
         for claimed in events:
             attempts = claimed.attempts + 1
@@ -1950,8 +1956,8 @@ class OutboxPublisher:
                 claimed_until=None,
             )
         )
-        async with get_session(self.sandbox) as session:
-            await session.execute(record, rows)
+        async with self.sandbox.engine.begin() as connection:
+            await connection.execute(record, rows)
         gave_up_count = sum(row["new_status"] == "failed" for row in rows)
         return len(rows) - gave_up_count, gave_up_count
 
@@ -2168,7 +2174,7 @@ class OutboxService:
                 self._note_error("publisher", error)
                 await self._sleep_unless_woken(self._publisher_wake, self.publisher.backoff_seconds(failures_in_a_row))
                 continue
-            failures_in_a_row = 0
+            failures_in_a_row, self._last_error_noted = 0, ""
             self._note_batch(report)
             if report.published:
                 self._consumer_wake.set()
@@ -2266,13 +2272,17 @@ class PublisherState:
     running: bool
     publisher_name: str
     broker_cut_off: bool
+    settings: OutboxSettings
 
 
 async def event_publisher_state(sandbox: Sandbox) -> PublisherState:
     """The publisher's switches, for the page's controls."""
     service = outbox_service(sandbox)
     return PublisherState(
-        running=service.running, publisher_name=service.publisher.name, broker_cut_off=sandbox.redis.cut_off
+        running=service.running,
+        publisher_name=service.publisher.name,
+        broker_cut_off=sandbox.redis.cut_off,
+        settings=service.settings,
     )
 
 

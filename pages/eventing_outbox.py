@@ -32,11 +32,34 @@ def show_table(title: str, rows: list[dict], columns: list[str], total: int) -> 
     """A heading and the latest rows of one kind of event (or a note that there are none)."""
     st.markdown(f"**{title}** ({total})")
     if rows:
-        st.table(pd.DataFrame(rows)[columns])
+        table = pd.DataFrame(rows)[columns]
+        for column in columns:
+            if column.endswith("_at"):  # UTC to the millisecond: batches are milliseconds apart
+                moments = pd.to_datetime(table[column], utc=True).dt.strftime("%Y-%m-%d %H:%M:%S.%f")
+                table[column] = moments.str[:-3].fillna("")  # empty: not delivered yet
+        st.table(table)
         if total > len(rows):
             st.caption(f"Showing the latest {len(rows)} of {total}.")
     else:
         st.caption("None.")
+
+
+def switch_publisher(operation, *, done: str, nothing_to_do: str, failure: str) -> None:
+    """Start or stop the publisher and say what happened."""
+    try:
+        changed = lab.run(operation)
+    except source.QuLabError as error:
+        st.error(f"{failure} {error}")
+    else:
+        st.success(done if changed else nothing_to_do)
+
+
+def apply_outage_switch() -> None:
+    """Toggle callback: cut or restore this sandbox's broker connection."""
+    try:
+        lab.run(source.set_broker_outage, cut=bool(st.session_state[OUTAGE_KEY]))
+    except source.QuLabError as error:
+        st.session_state["outbox_outage_error"] = str(error)
 
 
 st.subheader("Generate an AIRScore and its pending event")
@@ -70,51 +93,45 @@ else:
             f"One transaction stored AIRScore {score.air_score:.2f} (95% interval {score.ci_lower:.2f} to "
             f"{score.ci_upper:.2f}) and its {stored.event.event_type} event, status **{stored.event.status}**."
         )
-        st.json(stored.event.payload, expanded=False)
+        st.json(stored.event.payload)
     with st.expander("How the score is calculated"):
         st.code(inspect.getdoc(source.calculate_airscore), language=None)
 
 st.subheader("Event publisher")
-st.markdown(
-    """
-This publisher is real, not a stand-in that runs a few rounds. It is a background task on QuLab's
-server loop and keeps running across reruns and page changes until you stop it (your sandbox's
-release stops it too). A commit that adds an event wakes it at once; otherwise it looks once a
-second. Each round it leases up to 100 due events, oldest first, adds them to the stream in one
-pipeline and marks them published in one statement. A consumer group on the stream plays the
-downstream service. **Stop** lets both finish the batch in hand.
-"""
-)
+explanation = st.container()  # filled below, once the publisher's settings are read
 left, middle, right = st.columns(3)
 if left.button("Start Event Publisher (Background)"):
-    try:
-        started = lab.run(source.start_event_publisher)
-    except source.QuLabError as error:
-        st.error(f"The publisher did not start. {error}")
-    else:
-        st.success("Publisher and consumer started." if started else "The publisher was already running.")
+    switch_publisher(
+        source.start_event_publisher,
+        done="Publisher and consumer started.",
+        nothing_to_do="The publisher was already running.",
+        failure="The publisher did not start.",
+    )
 if middle.button("Stop Event Publisher"):
-    try:
-        stopped = lab.run(source.stop_event_publisher)
-    except source.QuLabError as error:
-        st.error(f"The publisher did not stop. {error}")
-    else:
-        st.success("Stopped after finishing the current batch." if stopped else "The publisher was not running.")
-
-
-def apply_outage_switch() -> None:
-    """Toggle callback: cut or restore this sandbox's broker connection."""
-    try:
-        lab.run(source.set_broker_outage, cut=bool(st.session_state[OUTAGE_KEY]))
-    except source.QuLabError as error:
-        st.session_state["outbox_outage_error"] = str(error)
-
+    switch_publisher(
+        source.stop_event_publisher,
+        done="Stopped after finishing the current batch.",
+        nothing_to_do="The publisher was not running.",
+        failure="The publisher did not stop.",
+    )
 
 try:
     publisher = lab.run(source.event_publisher_state)
 except source.QuLabError as error:
     st.error(f"Could not read the publisher's state. {error}")
     st.stop()
+settings = publisher.settings
+explanation.markdown(
+    f"""
+This publisher is real, not a stand-in that runs a few rounds. It is a background task on QuLab's
+server loop and keeps running across reruns and page changes until you stop it (your sandbox's
+release stops it too). A commit that adds an event wakes it at once; otherwise it looks every
+{settings.poll_interval_seconds:g} s. Each round it leases up to {settings.batch_size} due events,
+oldest first, adds them to the stream in one pipeline and marks them published in one statement.
+A consumer group on the stream plays the downstream service. **Stop** lets both finish the batch
+in hand.
+"""
+)
 st.session_state[OUTAGE_KEY] = publisher.broker_cut_off  # the switch shows the real state
 right.toggle("Broker outage", key=OUTAGE_KEY, on_change=apply_outage_switch)
 if message := st.session_state.pop("outbox_outage_error", None):
@@ -122,7 +139,9 @@ if message := st.session_state.pop("outbox_outage_error", None):
 if publisher.broker_cut_off:
     st.warning(
         "Broker outage: your sandbox's connections to Redis really fail now. New events stay pending, "
-        "their attempts and last error grow, and retries back off. Turn the switch off: they all go out."
+        "their attempts and last error grow, and retries back off. Turn the switch off: they all go out. "
+        f"An event still failing after {settings.max_attempts} attempts (a few minutes) is marked failed "
+        "until you retry it."
     )
 
 st.subheader("Burst: many scores at once")
@@ -164,7 +183,7 @@ def event_status_panel() -> None:
         else:
             st.success(f"{retried} failed events are pending again, with a fresh set of attempts.")
     try:
-        status = lab.run(source.outbox_status)
+        status = lab.run(source.outbox_status, limit=10)
     except source.QuLabError as error:
         st.error(f"Could not read the event status. {error}")
         return
@@ -185,7 +204,8 @@ def event_status_panel() -> None:
     rates[3].metric("Duplicates ignored", status.duplicates_ignored)
     st.caption(
         f"Stream length: {'unreachable' if status.stream_length is None else status.stream_length}. "
-        "Latency runs from the event's created_at, stamped in its transaction just before the commit; "
+        "Latency runs from the event's created_at, stamped in its transaction just before the commit, so "
+        "events written while the publisher was stopped or the broker cut off count that wait too; "
         f"p95: {'n/a' if status.p95_latency_ms is None else f'{status.p95_latency_ms:,.1f} ms'}."
     )
     show_table(
