@@ -1848,9 +1848,11 @@ class OutboxPublisher:
         )
         claim = (
             update(_EVENTS)
-            # The conditions are repeated outside the subquery: PostgreSQL re-checks them on a row
-            # another transaction changed meanwhile, so a row is never leased twice.
-            .where(events.id.in_(select(oldest_due.c.id)), *claimable)
+            # UPDATE … FROM: the 100 leased ids are looked up by primary key (joined as IN, PostgreSQL
+            # chose to scan the whole table on every claim). The conditions are repeated because
+            # PostgreSQL re-checks them on a row another transaction changed meanwhile, so a row is
+            # never leased twice.
+            .where(events.id == oldest_due.c.id, *claimable)
             .values(claimed_by=self.name, claimed_until=now + timedelta(seconds=self.settings.lease_seconds))
             .returning(
                 events.id,

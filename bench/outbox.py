@@ -34,6 +34,7 @@ WRITES_PER_VARIANT = 600
 WARM_UP_WRITES = 20
 RELAY_EVENTS = 5000
 TWO_RELAY_EVENTS = 6000
+TWO_RELAY_ROUNDS = 3  # 1 relay, 2 relays, alternating: the median ratio resists a busy moment
 LATENCY_WRITES = 200
 
 
@@ -243,13 +244,19 @@ async def bench_backend(label: str, settings: source.Settings, *, two_relays: bo
         one_rate, _ = await measure_relay(sandbox, relays=1, events=RELAY_EVENTS)
         results.append(Result(backend, "relay throughput, 1 relay", one_rate, "events/s", "≥ 5,000", one_rate >= 5000))
         if two_relays:
-            single, _ = await measure_relay_processes(registry, sandbox, relays=1, events=TWO_RELAY_EVENTS)
-            double, duplicates = await measure_relay_processes(registry, sandbox, relays=2, events=TWO_RELAY_EVENTS)
+            rounds = []
+            for _ in range(TWO_RELAY_ROUNDS):
+                single, _ = await measure_relay_processes(registry, sandbox, relays=1, events=TWO_RELAY_EVENTS)
+                double, duplicates = await measure_relay_processes(registry, sandbox, relays=2, events=TWO_RELAY_EVENTS)
+                rounds.append((double / single, single, double, duplicates))
+            ratio, single, double, _ = sorted(rounds)[len(rounds) // 2]
+            duplicates = sum(round_[3] for round_ in rounds)
+            spread = ", ".join(f"{round_[0]:.2f}" for round_ in rounds)
             results += [
-                Result(backend, f"1 relay process, {TWO_RELAY_EVENTS} events", single, "events/s"),
-                Result(backend, f"2 relay processes, {TWO_RELAY_EVENTS} events", double, "events/s"),
-                Result(backend, "2 relays ÷ 1 relay", double / single, "×", "≥ 1.2", double / single >= 1.2),
-                Result(backend, "events in the stream twice (2 relays)", duplicates, "", "= 0", duplicates == 0),
+                Result(backend, f"1 relay process, {TWO_RELAY_EVENTS} events (median round)", single, "events/s"),
+                Result(backend, f"2 relay processes, {TWO_RELAY_EVENTS} events (median round)", double, "events/s"),
+                Result(backend, f"2 relays ÷ 1 relay, median of rounds {spread}", ratio, "×", "≥ 1.2", ratio >= 1.2),
+                Result(backend, "events in the stream twice (2 relays, all rounds)", duplicates, "", "= 0", duplicates == 0),
             ]
         median, p95 = await measure_latency(sandbox)
         results += [
