@@ -61,13 +61,18 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     String,
+    bindparam,
     delete,
     event,
     func,
     insert,
+    or_,
     select,
     text,
+    update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -500,8 +505,15 @@ class DomainEvent(Base, TimestampMixin):
     aggregate_type: Mapped[str] = mapped_column(String(100), nullable=False)
     aggregate_id: Mapped[str] = mapped_column(String(36), nullable=False, index=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | published | failed
     published_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    # What delivery needs (section 5): failed attempts so far, the last broker error, when to try
+    # again (exponential backoff), and the lease a publisher holds while it publishes the event.
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[Optional[str]] = mapped_column(String(500))
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    claimed_by: Mapped[Optional[str]] = mapped_column(String(64))
+    claimed_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     __table_args__ = (Index("ix_events_status_created", "status", "created_at"),)
 
 
@@ -2458,6 +2470,917 @@ async def run_cache_experiment(
 # =============================================================================================
 # 13. Outbox (codelab section 5)
 # =============================================================================================
+#
+# The score and its AIRScoreCalculated event commit in one transaction. A publisher (an outbox
+# relay) runs as a task on the runtime's loop: it leases due events in one UPDATE, XADDs them to
+# the sandbox's Redis stream in one pipeline and marks them published in one UPDATE. A downstream
+# consumer reads the stream through a consumer group and records each event id in its inbox
+# table, so a message delivered twice is recognised and counted, never applied twice.
+
+AIRSCORE_CALCULATED = "AIRScoreCalculated"
+AIR_PARAMETER_VERSION = "qulab-air-1.0"
+AIR_ALPHA = 0.6  # weight of individual readiness (VR) against occupational readiness (HR)
+AIR_BETA = 0.15  # weight of the synergy term
+AIR_EXPERIENCE_SCALE_YEARS = 8.0  # experience readiness reaches 63% of 100 after this many years
+AIR_EVIDENCE_SPREAD = 10.0  # σ of a score backed by no evidence; each piece of evidence narrows it
+# Readiness points per education level and per SOC major group (the occupation code's first two
+# digits). Teaching values, versioned by AIR_PARAMETER_VERSION so a stored score says which it used.
+EDUCATION_READINESS: dict[str, float] = {
+    "High school": 40.0,
+    "Associate degree": 55.0,
+    "Bachelor's degree": 70.0,
+    "Master's degree": 82.0,
+    "Doctorate": 90.0,
+    "Other": 50.0,
+}
+OCCUPATION_GROUP_READINESS: dict[str, float] = {
+    "11": 70.0,  # management
+    "13": 72.0,  # business and financial operations
+    "15": 88.0,  # computer and mathematical
+    "17": 78.0,  # architecture and engineering
+    "19": 75.0,  # life, physical and social science
+    "23": 60.0,  # legal
+    "25": 58.0,  # educational instruction
+    "27": 62.0,  # arts, design, entertainment and media
+    "29": 60.0,  # healthcare practitioners
+    "41": 52.0,  # sales
+    "43": 50.0,  # office and administrative support
+}
+DEFAULT_OCCUPATION_READINESS = 45.0
+
+
+@dataclass(frozen=True)
+class AIRScoreCalculation:
+    """The parts of one AI-Readiness score and the evidence it was calculated from."""
+
+    air_score: float
+    vr_score: float
+    hr_score: float
+    synergy_score: float
+    ci_lower: float
+    ci_upper: float
+    parameter_version: str
+    evidence: dict[str, Any]
+
+
+def calculate_airscore(
+    *,
+    occupation_code: str,
+    education_level: Optional[str] = None,
+    years_experience: Optional[float] = None,
+    abilities: tuple[float, ...] = (),
+) -> AIRScoreCalculation:
+    """QuLab's AI-Readiness formula: deterministic, from a user's profile and assessments.
+
+    VR (individual readiness) is the mean of the evidence there is: the education level's points,
+    experience as 100·(1 − e^(−years/8)), and each assessment's ability θ as 100/(1 + e^(−θ)).
+    HR (occupational readiness) is the points of the occupation's SOC major group.
+    Synergy = VR·HR/100 and AIR = (α·VR + (1 − α)·HR + β·Synergy) / (1 + β), all from 0 to 100.
+    The 95% interval is AIR ± 1.96·σ with σ = 10/√(1 + pieces of evidence), clipped to 0–100.
+    """
+    code = validate_occupation_code(occupation_code, required=True) or ""
+    evidence: list[float] = []
+    if education_level:
+        evidence.append(EDUCATION_READINESS[validate_education_level(education_level) or "Other"])
+    if years_experience is not None:
+        years = validate_years_experience(years_experience) or 0.0
+        evidence.append(100 * (1 - math.exp(-years / AIR_EXPERIENCE_SCALE_YEARS)))
+    usable_abilities = [min(6.0, max(-6.0, theta)) for theta in abilities if math.isfinite(theta)]
+    evidence.extend(100 / (1 + math.exp(-theta)) for theta in usable_abilities)
+    vr = statistics.fmean(evidence) if evidence else 50.0
+    hr = OCCUPATION_GROUP_READINESS.get(code[:2], DEFAULT_OCCUPATION_READINESS)
+    synergy = vr * hr / 100
+    air = (AIR_ALPHA * vr + (1 - AIR_ALPHA) * hr + AIR_BETA * synergy) / (1 + AIR_BETA)
+    half_width = 1.96 * AIR_EVIDENCE_SPREAD / math.sqrt(1 + len(evidence))
+    return AIRScoreCalculation(
+        air_score=round(air, 2),
+        vr_score=round(vr, 2),
+        hr_score=round(hr, 2),
+        synergy_score=round(synergy, 2),
+        ci_lower=round(max(0.0, air - half_width), 2),
+        ci_upper=round(min(100.0, air + half_width), 2),
+        parameter_version=AIR_PARAMETER_VERSION,
+        evidence={
+            "education_level": education_level,
+            "years_experience": years_experience,
+            "assessment_abilities": usable_abilities,
+            "pieces_of_evidence": len(evidence),
+            "alpha": AIR_ALPHA,
+            "beta": AIR_BETA,
+        },
+    )
+
+
+async def add_calculated_airscore(session: AsyncSession, *, user_id: str, occupation_code: str) -> AIRScore:
+    """Calculate a user's score from their profile and assessments and add it to the caller's transaction."""
+    user = await UserRepository(session).require(user_id)
+    assessments = await AssessmentRepository(session).list_for_user(user.id)
+    calculation = calculate_airscore(
+        occupation_code=occupation_code,
+        education_level=user.education_level,
+        years_experience=user.years_experience,
+        abilities=tuple(assessment.current_ability for assessment in assessments),
+    )
+    return await AIRScoreRepository(session).create(
+        user_id=user.id,
+        occupation_code=occupation_code,
+        air_score=calculation.air_score,
+        vr_score=calculation.vr_score,
+        hr_score=calculation.hr_score,
+        synergy_score=calculation.synergy_score,
+        ci_lower=calculation.ci_lower,
+        ci_upper=calculation.ci_upper,
+        parameter_version=calculation.parameter_version,
+        calculation_metadata=calculation.evidence,
+    )
+
+
+def airscore_calculated_event(score: AIRScore) -> DomainEvent:
+    """The AIRScoreCalculated event for a score: everything a downstream service needs, no lookups."""
+    event_id = _new_id()
+    return DomainEvent(
+        id=event_id,
+        event_type=AIRSCORE_CALCULATED,
+        aggregate_type="AIRScore",
+        aggregate_id=score.id,
+        payload={
+            "event_id": event_id,
+            "score_id": score.id,
+            "user_id": score.user_id,
+            "occupation_code": score.occupation_code,
+            "air_score": score.air_score,
+            "vr_score": score.vr_score,
+            "hr_score": score.hr_score,
+            "synergy_score": score.synergy_score,
+            "ci_lower": score.ci_lower,
+            "ci_upper": score.ci_upper,
+            "parameter_version": score.parameter_version,
+        },
+        status="pending",
+    )
+
+
+@dataclass(frozen=True)
+class StoredAIRScore:
+    """What calculate_and_store_airscore committed: the score and its pending event."""
+
+    score: AIRScore
+    event: DomainEvent
+
+
+async def calculate_and_store_airscore(sandbox: Sandbox, *, user_id: str, occupation_code: str) -> StoredAIRScore:
+    """Calculate and store a user's AIRScore and its AIRScoreCalculated event in ONE transaction.
+
+    Both rows commit together or neither does: no score is ever saved without its event, and no
+    event announces a score that was rolled back. Publishing happens later, in the background.
+    """
+    async with get_session(sandbox) as session:
+        score = await add_calculated_airscore(session, user_id=user_id, occupation_code=occupation_code)
+        event = airscore_calculated_event(score)
+        session.add(event)  # flushed by the commit, inside the same transaction as the score
+    return StoredAIRScore(score=score, event=event)
+
+
+MAX_BURST_WRITES = 2000
+BURST_CONCURRENCY = 8
+BURST_FALLBACK_OCCUPATION = "15-1252.00"  # for users without an occupation code of their own
+
+
+@dataclass(frozen=True)
+class BurstResult:
+    """How long a burst of score writes took, each its own transaction."""
+
+    writes: int
+    concurrency: int
+    seconds: float
+
+    @property
+    def writes_per_second(self) -> float:
+        """Committed score+event transactions per second."""
+        return self.writes / self.seconds if self.seconds > 0 else float("inf")
+
+
+async def store_airscore_burst(
+    sandbox: Sandbox, *, count: int, concurrency: int = BURST_CONCURRENCY
+) -> BurstResult:
+    """Store `count` scores with their events, round-robin over the sandbox's users, `concurrency` at a time."""
+    if not isinstance(count, int) or not 1 <= count <= MAX_BURST_WRITES:
+        raise ValidationError(f"A burst is a whole number of writes from 1 to {MAX_BURST_WRITES}.", field="count")
+    if not isinstance(concurrency, int) or not 1 <= concurrency <= 50:
+        raise ValidationError("Concurrency must be a whole number from 1 to 50.", field="concurrency")
+    users = await list_users(sandbox, limit=100)
+    if not users:
+        raise ValidationError("Your sandbox has no users yet: initialize it on page 2 first.", field="user_id")
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def write(number: int) -> None:
+        user = users[number % len(users)]
+        async with semaphore:
+            await calculate_and_store_airscore(
+                sandbox, user_id=user.id, occupation_code=user.occupation_code or BURST_FALLBACK_OCCUPATION
+            )
+
+    started = time.perf_counter()
+    outcomes = await asyncio.gather(*(write(number) for number in range(count)), return_exceptions=True)
+    seconds = time.perf_counter() - started
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome  # each write is its own transaction: the others committed whole
+    return BurstResult(writes=count, concurrency=concurrency, seconds=seconds)
+
+
+class ConsumedEvent(Base):
+    """The downstream consumer's inbox: one row per event id it has handled, its deduplication key."""
+
+    __tablename__ = "consumed_events"
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(100))
+    stream_message_id: Mapped[str] = mapped_column(String(40))
+    consumer_name: Mapped[str] = mapped_column(String(64))
+    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """Limits and timings of the publisher and the consumer (tests shrink the timings)."""
+
+    batch_size: int = 100
+    poll_interval_seconds: float = 1.0  # the fallback: a commit wakes the publisher at once
+    lease_seconds: float = 30.0  # a claim keeps other publishers off an event this long
+    max_attempts: int = 10
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 60.0
+    stream_max_length: int = 10_000  # XADD MAXLEN ~ keeps the stream bounded
+    max_message_bytes: int = 64 * 1024
+    consumer_batch_size: int = 100
+    consumer_reclaim_idle_seconds: float = 30.0  # XAUTOCLAIM messages left unacknowledged this long
+    broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as failed
+    stop_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    """An event a publisher holds the lease on, with what goes into its stream message."""
+
+    id: str
+    event_type: str
+    aggregate_type: str
+    aggregate_id: str
+    payload: dict[str, Any]
+    created_at: datetime
+    attempts: int
+
+    def stream_message(self) -> dict[str, str]:
+        """The stream entry's fields: the event id first, so any consumer can deduplicate."""
+        return {
+            "event_id": self.id,
+            "event_type": self.event_type,
+            "aggregate_type": self.aggregate_type,
+            "aggregate_id": self.aggregate_id,
+            "occurred_at": self.created_at.isoformat(),
+            "payload": json.dumps(self.payload, separators=(",", ":"), sort_keys=True),
+        }
+
+
+@dataclass
+class BatchReport:
+    """What one publisher batch did."""
+
+    claimed: int = 0
+    published: int = 0
+    rescheduled: int = 0  # failed this attempt, due again after a backoff
+    gave_up: int = 0  # reached the maximum attempts: now 'failed'
+    lease_lost: int = 0  # published, but another publisher had taken the lease over meanwhile
+    broker_error: str = ""
+    seconds: float = 0.0
+
+
+# The relay's statements are set-based Core statements on the table: per batch, the ORM session
+# machinery would only cost CPU, and it is the relay's bottleneck.
+_EVENTS = DomainEvent.__table__
+
+
+class OutboxPublisher:
+    """The outbox relay: leases due events oldest first, XADDs them in one pipeline, marks them published.
+
+    Several publishers may run against one database: the claim is one UPDATE … RETURNING whose
+    subquery takes FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite runs the statement under its
+    single write lock), and an event is only marked by the publisher whose name holds its lease.
+    """
+
+    def __init__(
+        self, sandbox: Sandbox, settings: Optional[OutboxSettings] = None, *, name: Optional[str] = None
+    ) -> None:
+        self.sandbox = sandbox
+        self.settings = settings or OutboxSettings()
+        self.name = name or f"publisher-{uuid.uuid4().hex[:12]}"
+        self.broker_down = False
+        self.earliest_retry_at: Optional[datetime] = None
+        self._random = random.Random()
+
+    @property
+    def stream_key(self) -> str:
+        """The Redis stream this sandbox's events go to."""
+        return self.sandbox.redis.key("events")
+
+    def backoff_seconds(self, attempts: int) -> float:
+        """Exponential backoff with jitter: base·2^(attempts−1), capped, then half fixed and half random."""
+        settings = self.settings
+        delay = min(settings.backoff_max_seconds, settings.backoff_base_seconds * 2 ** min(attempts - 1, 30))
+        return delay / 2 + self._random.uniform(0, delay / 2)
+
+    async def claim_due_events(self) -> list[ClaimedEvent]:
+        """Lease up to batch_size due pending events, oldest first, in ONE UPDATE … RETURNING."""
+        now = utc_now()
+        events = _EVENTS.c
+        claimable = (
+            events.status == "pending",
+            events.next_attempt_at <= now,
+            or_(events.claimed_until.is_(None), events.claimed_until < now),
+        )
+        oldest_due = (
+            select(events.id)
+            .where(*claimable)
+            .order_by(events.created_at, events.id)
+            .limit(self.settings.batch_size)
+            .with_for_update(skip_locked=True)  # PostgreSQL; compiled to nothing on SQLite
+            # MATERIALIZED: evaluated once. As a plain IN subquery PostgreSQL may re-run it for
+            # each row of a nested-loop join, and each run leases another batch_size rows.
+            .cte("oldest_due")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        claim = (
+            update(_EVENTS)
+            # UPDATE … FROM: the 100 leased ids are looked up by primary key (joined as IN, PostgreSQL
+            # chose to scan the whole table on every claim). The conditions are repeated because
+            # PostgreSQL re-checks them on a row another transaction changed meanwhile, so a row is
+            # never leased twice.
+            .where(events.id == oldest_due.c.id, *claimable)
+            .values(claimed_by=self.name, claimed_until=now + timedelta(seconds=self.settings.lease_seconds))
+            .returning(
+                events.id,
+                events.event_type,
+                events.aggregate_type,
+                events.aggregate_id,
+                events.payload,
+                events.created_at,
+                events.attempts,
+            )
+        )
+        async with self.sandbox.engine.begin() as connection:
+            rows = (await connection.execute(claim)).all()
+        return sorted((ClaimedEvent(*row) for row in rows), key=lambda claimed: (claimed.created_at, claimed.id))
+
+    async def publish_due_batch(self) -> BatchReport:
+        """Claim one batch, publish it to the stream, and record per event what happened."""
+        started = time.perf_counter()
+        events = await self.claim_due_events()
+        report = BatchReport(claimed=len(events))
+        if not events:
+            return report
+        errors: dict[str, str] = {}
+        messages: dict[str, dict[str, str]] = {}
+        for claimed in events:
+            message = claimed.stream_message()
+            size = sum(len(name) + len(value.encode()) for name, value in message.items())
+            if size > self.settings.max_message_bytes:
+                errors[claimed.id] = f"message is {size} bytes; the broker limit is {self.settings.max_message_bytes}"
+            else:
+                messages[claimed.id] = message
+        published: list[str] = []
+        if messages:
+            try:
+                pipeline = self.sandbox.redis.client.pipeline(transaction=False)
+                for message in messages.values():
+                    pipeline.xadd(
+                        self.stream_key, message, maxlen=self.settings.stream_max_length, approximate=True
+                    )
+                results = await asyncio.wait_for(
+                    pipeline.execute(raise_on_error=False), self.settings.broker_timeout_seconds
+                )
+            except REDIS_ERRORS as error:
+                self.sandbox.redis.health.record_failure(error)
+                self.broker_down = True
+                report.broker_error = f"broker unavailable: {type(error).__name__}: {error}"[:300]
+                errors.update((event_id, report.broker_error) for event_id in messages)
+            else:
+                self.sandbox.redis.health.record_success()
+                for event_id, result in zip(messages, results):
+                    if isinstance(result, Exception):
+                        errors[event_id] = f"broker refused the message: {result}"[:300]
+                    else:
+                        published.append(event_id)
+        if published:
+            marked = await self._mark_published(published, published_at=utc_now())
+            report.published, report.lease_lost = marked, len(published) - marked
+        if errors:
+            report.rescheduled, report.gave_up = await self._record_failures(
+                [claimed for claimed in events if claimed.id in errors], errors
+            )
+        report.seconds = time.perf_counter() - started
+        return report
+
+    async def _mark_published(self, event_ids: list[str], *, published_at: datetime) -> int:
+        mark = (
+            update(_EVENTS)
+            .where(_EVENTS.c.id.in_(event_ids), _EVENTS.c.claimed_by == self.name)
+            .values(status="published", published_at=published_at, claimed_by=None, claimed_until=None)
+        )
+        async with self.sandbox.engine.begin() as connection:
+            result = await connection.execute(mark)
+        return int(result.rowcount)
+
+    async def _record_failures(self, events: list[ClaimedEvent], errors: dict[str, str]) -> tuple[int, int]:
+        now = utc_now()
+        table = _EVENTS
+        rows = []
+        for claimed in events:
+            attempts = claimed.attempts + 1
+            gave_up = attempts >= self.settings.max_attempts
+            retry_at = now if gave_up else now + timedelta(seconds=self.backoff_seconds(attempts))
+            rows.append(
+                {
+                    "event_id": claimed.id,
+                    "new_status": "failed" if gave_up else "pending",
+                    "new_attempts": attempts,
+                    "error": errors[claimed.id][:500],
+                    "retry_at": retry_at,
+                }
+            )
+            if not gave_up and (self.earliest_retry_at is None or retry_at < self.earliest_retry_at):
+                self.earliest_retry_at = retry_at
+        record = (
+            update(table)
+            .where(table.c.id == bindparam("event_id"), table.c.claimed_by == self.name)
+            .values(
+                status=bindparam("new_status"),
+                attempts=bindparam("new_attempts"),
+                last_error=bindparam("error"),
+                next_attempt_at=bindparam("retry_at"),
+                claimed_by=None,
+                claimed_until=None,
+            )
+        )
+        async with self.sandbox.engine.begin() as connection:
+            await connection.execute(record, rows)
+        gave_up_count = sum(row["new_status"] == "failed" for row in rows)
+        return len(rows) - gave_up_count, gave_up_count
+
+    async def probe_broker(self) -> bool:
+        """After a broker failure: PING it, and when it answers make events waiting out a backoff due now."""
+        try:
+            await asyncio.wait_for(self.sandbox.redis.client.ping(), self.settings.broker_timeout_seconds)
+        except REDIS_ERRORS as error:
+            self.sandbox.redis.health.record_failure(error)
+            return False
+        self.sandbox.redis.health.record_success()
+        self.broker_down = False
+        self.earliest_retry_at = None
+        # The backoff waited for the broker, not for these events: once it is back, none must wait on.
+        now = utc_now()
+        due_now = (
+            update(DomainEvent)
+            .where(DomainEvent.status == "pending", DomainEvent.next_attempt_at > now)
+            .values(next_attempt_at=now)
+        )
+        async with get_session(self.sandbox) as session:
+            await session.execute(due_now, execution_options={"synchronize_session": False})
+        return True
+
+    def seconds_until_next_retry(self) -> Optional[float]:
+        """How long until the earliest backoff this publisher scheduled ends (None: none scheduled)."""
+        if self.earliest_retry_at is None:
+            return None
+        remaining = (self.earliest_retry_at - utc_now()).total_seconds()
+        if remaining <= 0:
+            self.earliest_retry_at = None
+            return 0.0
+        return remaining
+
+
+EVENT_CONSUMER_GROUP = "score-notifications"
+
+
+@dataclass
+class ConsumeReport:
+    """What one consumer batch did."""
+
+    received: int = 0
+    recorded: int = 0  # first delivery of an event id: handled and stored in the inbox
+    duplicates: int = 0  # an event id the inbox already had: acknowledged, not handled again
+    reclaimed: int = 0  # taken over with XAUTOCLAIM from a consumer that stopped acknowledging
+
+
+class StreamConsumer:
+    """The downstream service: reads the stream in a consumer group, deduplicates by event id, acknowledges."""
+
+    def __init__(self, sandbox: Sandbox, settings: Optional[OutboxSettings] = None) -> None:
+        self.sandbox = sandbox
+        self.settings = settings or OutboxSettings()
+        self.name = f"consumer-{uuid.uuid4().hex[:12]}"
+        self.duplicates_ignored = 0
+        self._reclaim_cursor = "0-0"
+
+    @property
+    def stream_key(self) -> str:
+        """The stream this consumer reads (the publisher's)."""
+        return self.sandbox.redis.key("events")
+
+    async def consume_batch(self) -> ConsumeReport:
+        """Read up to one batch (abandoned messages first), record new event ids in the inbox, XACK all."""
+        client = self.sandbox.redis.client
+        try:
+            reclaimed, fresh = await self._bounded(self._read(client))
+        except redis.exceptions.ResponseError:
+            # NOGROUP: the stream or its group is gone (init_db wipes the namespace): recreate it.
+            if not await self._bounded(self._create_group(client)):
+                raise
+            reclaimed, fresh = await self._bounded(self._read(client))
+        messages = reclaimed + fresh
+        report = ConsumeReport(received=len(messages), reclaimed=len(reclaimed))
+        if not messages:
+            return report
+        rows: dict[str, dict[str, Any]] = {}
+        for message_id, fields in messages:
+            event_id = (fields or {}).get("event_id")
+            if event_id and event_id not in rows:
+                rows[event_id] = {
+                    "event_id": event_id,
+                    "event_type": fields.get("event_type", "")[:100],
+                    "stream_message_id": message_id,
+                    "consumer_name": self.name,
+                    "consumed_at": utc_now(),
+                }
+        if rows:
+            async with get_session(self.sandbox) as session:
+                result = await session.execute(_insert_ignoring_duplicates(self.sandbox.backend), list(rows.values()))
+                report.recorded = len(result.scalars().all())
+        # Acknowledge only after the inbox committed: a crash in between means redelivery, which
+        # the inbox then recognises, rather than a lost event.
+        acknowledged = [message_id for message_id, _ in messages]
+        await self._bounded(client.xack(self.stream_key, EVENT_CONSUMER_GROUP, *acknowledged))
+        report.duplicates = len(messages) - report.recorded
+        self.duplicates_ignored += report.duplicates
+        return report
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        return await asyncio.wait_for(call, self.settings.broker_timeout_seconds)
+
+    async def _read(self, client: Any) -> tuple[list[Any], list[Any]]:
+        count = self.settings.consumer_batch_size
+        cursor, reclaimed, *_ = await client.xautoclaim(
+            self.stream_key,
+            EVENT_CONSUMER_GROUP,
+            self.name,
+            min_idle_time=int(self.settings.consumer_reclaim_idle_seconds * 1000),
+            start_id=self._reclaim_cursor,
+            count=count,
+        )
+        self._reclaim_cursor = cursor
+        reclaimed = [(message_id, fields) for message_id, fields in reclaimed if fields]
+        response = await client.xreadgroup(EVENT_CONSUMER_GROUP, self.name, {self.stream_key: ">"}, count=count)
+        fresh = response[0][1] if response else []
+        return reclaimed, list(fresh)
+
+    async def _create_group(self, client: Any) -> bool:
+        try:
+            await client.xgroup_create(self.stream_key, EVENT_CONSUMER_GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as error:
+            if "BUSYGROUP" in str(error):
+                return False  # it existed: the error that brought us here was something else
+            raise
+        self._reclaim_cursor = "0-0"
+        return True
+
+
+def _insert_ignoring_duplicates(backend: str) -> Any:
+    dialect_insert = postgresql_insert if backend == "postgresql" else sqlite_insert
+    return (
+        dialect_insert(ConsumedEvent)
+        .on_conflict_do_nothing(index_elements=[ConsumedEvent.event_id])
+        .returning(ConsumedEvent.event_id)
+    )
+
+
+class OutboxService:
+    """One sandbox's outbox machinery: the publisher and consumer tasks, their wake-ups, an activity log.
+
+    The tasks run on the runtime's loop, across reruns and page changes, until stop() (or the
+    sandbox's release). A commit that inserts a DomainEvent wakes the publisher; polling every
+    poll_interval_seconds is only the fallback. Each published batch wakes the consumer.
+    """
+
+    def __init__(self, sandbox: Sandbox, settings: Optional[OutboxSettings] = None) -> None:
+        self.sandbox = sandbox
+        self.settings = settings or OutboxSettings()
+        self.publisher = OutboxPublisher(sandbox, self.settings)
+        self.consumer = StreamConsumer(sandbox, self.settings)
+        self.activity: deque[str] = deque(maxlen=40)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_requested = False
+        self._publisher_wake = asyncio.Event()
+        self._consumer_wake = asyncio.Event()
+        self._last_error_noted = ""
+        sandbox.commit_listeners.append(self._on_commit)
+        sandbox.reset_listeners.append(self._on_reset)
+        sandbox.release_listeners.append(self._on_release)
+
+    @property
+    def running(self) -> bool:
+        """True while the background tasks run."""
+        return any(not task.done() for task in self._tasks)
+
+    async def start(self) -> bool:
+        """Start the publisher and the consumer on this loop; False if they were already running."""
+        if self.running:
+            return False
+        self._stop_requested = False
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run_publisher(), name=f"outbox-publisher-{self.sandbox.id}"),
+            loop.create_task(self._run_consumer(), name=f"outbox-consumer-{self.sandbox.id}"),
+        ]
+        self._note(f"publisher {self.publisher.name} started")
+        return True
+
+    async def stop(self) -> bool:
+        """Let both tasks finish their current batch, then stop; False if they were not running."""
+        if not self.running:
+            return False
+        self._stop_requested = True
+        self.wake()
+        tasks = list(self._tasks)
+        _, still_running = await asyncio.wait(tasks, timeout=self.settings.stop_timeout_seconds)
+        for task in still_running:
+            task.cancel()  # a batch stuck longer than the timeout; its lease will expire
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
+        self._note(f"publisher {self.publisher.name} stopped")
+        return True
+
+    def wake(self) -> None:
+        """Make both workers look for work now instead of at their next poll."""
+        self._publisher_wake.set()
+        self._consumer_wake.set()
+
+    def _note(self, message: str) -> None:
+        self.activity.appendleft(f"{datetime.now(timezone.utc):%H:%M:%S.%f}"[:-3] + f"  {message}")
+
+    async def _run_publisher(self) -> None:
+        failures_in_a_row = 0
+        while not self._stop_requested:
+            self._publisher_wake.clear()
+            try:
+                if self.publisher.broker_down and await self.publisher.probe_broker():
+                    self._note("broker answers again: events waiting out a backoff are due now")
+                report = await self.publisher.publish_due_batch()
+            except Exception as error:  # the database failed: keep running, try again later
+                failures_in_a_row += 1
+                self._note_error("publisher", error)
+                await self._sleep_unless_woken(self._publisher_wake, self.publisher.backoff_seconds(failures_in_a_row))
+                continue
+            failures_in_a_row, self._last_error_noted = 0, ""
+            self._note_batch(report)
+            if report.published:
+                self._consumer_wake.set()
+            if report.claimed == self.settings.batch_size and not report.broker_error:
+                continue  # a full batch: more events are probably due right now
+            wait = self.settings.poll_interval_seconds
+            retry_in = self.publisher.seconds_until_next_retry()
+            if retry_in is not None:
+                wait = min(wait, retry_in)
+            await self._sleep_unless_woken(self._publisher_wake, wait)
+
+    async def _run_consumer(self) -> None:
+        failures_in_a_row = 0
+        while not self._stop_requested:
+            self._consumer_wake.clear()
+            try:
+                report = await self.consumer.consume_batch()
+            except Exception as error:  # broker or database trouble: keep running, try again later
+                failures_in_a_row += 1
+                self._note_error("consumer", error)
+                await self._sleep_unless_woken(self._consumer_wake, self.publisher.backoff_seconds(failures_in_a_row))
+                continue
+            failures_in_a_row = 0
+            if report.received:
+                self._note(
+                    f"consumer received {report.received}: {report.recorded} new, "
+                    f"{report.duplicates} duplicates ignored"
+                    + (f", {report.reclaimed} reclaimed" if report.reclaimed else "")
+                )
+            if report.received < self.settings.consumer_batch_size:
+                await self._sleep_unless_woken(self._consumer_wake, self.settings.poll_interval_seconds)
+
+    @staticmethod
+    async def _sleep_unless_woken(wake: asyncio.Event, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=max(0.001, seconds))
+        except asyncio.TimeoutError:
+            pass
+
+    def _note_batch(self, report: BatchReport) -> None:
+        if not report.claimed:
+            return
+        parts = [f"claimed {report.claimed}", f"published {report.published}"]
+        if report.rescheduled:
+            parts.append(f"{report.rescheduled} rescheduled with backoff")
+        if report.gave_up:
+            parts.append(f"{report.gave_up} moved to failed")
+        if report.lease_lost:
+            parts.append(f"{report.lease_lost} had lost their lease")
+        message = ", ".join(parts) + f" in {report.seconds * 1000:.1f} ms"
+        self._note(message + (f" ({report.broker_error})" if report.broker_error else ""))
+
+    def _note_error(self, worker: str, error: BaseException) -> None:
+        description = f"{worker} error: {type(error).__name__}: {error}"[:300]
+        if description != self._last_error_noted:  # one line per new error, not one per retry
+            self._last_error_noted = description
+            logger.warning("outbox %s in sandbox %s", description, self.sandbox.id)
+            self._note(description)
+
+    async def _on_commit(self, changes: CommittedChanges) -> None:
+        if any(isinstance(obj, DomainEvent) for obj in changes.inserted):
+            self._publisher_wake.set()
+
+    async def _on_reset(self, sandbox: Sandbox) -> None:
+        self.consumer.duplicates_ignored = 0
+        self.activity.clear()
+        self._note("sandbox reset: events, inbox and stream emptied")
+
+    async def _on_release(self, sandbox: Sandbox) -> None:
+        await self.stop()
+
+
+OUTBOX_SERVICE_NAME = "outbox"
+
+
+def outbox_service(sandbox: Sandbox, settings: Optional[OutboxSettings] = None) -> OutboxService:
+    """The sandbox's outbox machinery, created on first use (settings apply only to that first call)."""
+    return sandbox.service(OUTBOX_SERVICE_NAME, lambda owner: OutboxService(owner, settings))
+
+
+async def start_event_publisher(sandbox: Sandbox) -> bool:
+    """Start the sandbox's publisher and consumer in the background; False if already running."""
+    return await outbox_service(sandbox).start()
+
+
+async def stop_event_publisher(sandbox: Sandbox) -> bool:
+    """Stop them after their current batch; False if they were not running."""
+    return await outbox_service(sandbox).stop()
+
+
+@dataclass(frozen=True)
+class PublisherState:
+    """Whether the sandbox's publisher runs and whether its broker connection is cut (no database call)."""
+
+    running: bool
+    publisher_name: str
+    broker_cut_off: bool
+    settings: OutboxSettings
+
+
+async def event_publisher_state(sandbox: Sandbox) -> PublisherState:
+    """The publisher's switches, for the page's controls."""
+    service = outbox_service(sandbox)
+    return PublisherState(
+        running=service.running,
+        publisher_name=service.publisher.name,
+        broker_cut_off=sandbox.redis.cut_off,
+        settings=service.settings,
+    )
+
+
+async def set_broker_outage(sandbox: Sandbox, *, cut: bool) -> None:
+    """Cut this sandbox off from Redis (connections really fail) or restore the connection."""
+    if cut:
+        sandbox.redis.cut()
+    else:
+        await sandbox.redis.restore()
+
+
+async def retry_failed_events(sandbox: Sandbox) -> int:
+    """Give every failed event a fresh set of attempts (pending, due now); returns how many."""
+    retry = (
+        update(DomainEvent)
+        .where(DomainEvent.status == "failed")
+        .values(status="pending", attempts=0, next_attempt_at=utc_now(), claimed_by=None, claimed_until=None)
+    )
+    async with get_session(sandbox) as session:
+        result = await session.execute(retry, execution_options={"synchronize_session": False})
+    outbox_service(sandbox).wake()
+    return int(result.rowcount)
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """The event status panel: counts, rates and latencies measured now, and the latest events."""
+
+    publisher_running: bool
+    broker_cut_off: bool
+    pending: int
+    published: int
+    failed: int
+    delivered: int
+    duplicates_ignored: int
+    stream_length: Optional[int]  # None while the broker cannot be reached
+    events_per_second: float  # published during the last RATE_WINDOW_SECONDS, per second
+    oldest_pending_age_seconds: Optional[float]
+    median_latency_ms: Optional[float]  # commit-to-publish, over the latest published events
+    p95_latency_ms: Optional[float]
+    pending_events: list[dict[str, Any]]
+    published_events: list[dict[str, Any]]
+    failed_events: list[dict[str, Any]]
+    activity: list[str]
+
+
+RATE_WINDOW_SECONDS = 5.0
+LATENCY_SAMPLE_SIZE = 500
+
+
+def _event_row(event: DomainEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "event_type": event.event_type,
+        "aggregate_id": event.aggregate_id,
+        "status": event.status,
+        "attempts": event.attempts,
+        "created_at": event.created_at,
+        "next_attempt_at": event.next_attempt_at,
+        "last_error": event.last_error,
+        "published_at": event.published_at,
+    }
+
+
+async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
+    """Count events by status, measure rate, backlog age and latency, and list the latest of each kind."""
+    service = outbox_service(sandbox)
+    now = utc_now()
+    async with get_session(sandbox) as session:
+        by_status = select(DomainEvent.status, func.count()).group_by(DomainEvent.status)
+        counts = dict((await session.execute(by_status)).all())
+        oldest_pending = await session.scalar(
+            select(func.min(DomainEvent.created_at)).where(DomainEvent.status == "pending")
+        )
+        recently_published = await session.scalar(
+            select(func.count())
+            .select_from(DomainEvent)
+            .where(DomainEvent.published_at >= now - timedelta(seconds=RATE_WINDOW_SECONDS))
+        )
+        latency_sample = (
+            await session.execute(
+                select(DomainEvent.created_at, DomainEvent.published_at)
+                .where(DomainEvent.status == "published")
+                .order_by(DomainEvent.published_at.desc())
+                .limit(LATENCY_SAMPLE_SIZE)
+            )
+        ).all()
+        delivered = await session.scalar(select(func.count()).select_from(ConsumedEvent))
+
+        async def latest(status: str, order: Any) -> list[DomainEvent]:
+            statement = select(DomainEvent).where(DomainEvent.status == status).order_by(order).limit(limit)
+            return list((await session.scalars(statement)).all())
+
+        pending_events = await latest("pending", DomainEvent.created_at)
+        failed_events = await latest("failed", DomainEvent.created_at)
+        published_rows = (
+            await session.execute(
+                select(DomainEvent, ConsumedEvent.consumed_at)
+                .outerjoin(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+                .where(DomainEvent.status == "published")
+                .order_by(DomainEvent.published_at.desc(), DomainEvent.created_at.desc())
+                .limit(limit)
+            )
+        ).all()
+    try:
+        stream_length: Optional[int] = await asyncio.wait_for(
+            sandbox.redis.client.xlen(sandbox.redis.key("events")), service.settings.broker_timeout_seconds
+        )
+    except REDIS_ERRORS:
+        stream_length = None
+    # Latency runs from created_at, stamped inside the writing transaction just before its commit,
+    # so it slightly overstates commit-to-publish, never understates it.
+    latencies = sorted((published - created).total_seconds() * 1000 for created, published in latency_sample)
+    return OutboxStatus(
+        publisher_running=service.running,
+        broker_cut_off=sandbox.redis.cut_off,
+        pending=int(counts.get("pending", 0)),
+        published=int(counts.get("published", 0)),
+        failed=int(counts.get("failed", 0)),
+        delivered=int(delivered or 0),
+        duplicates_ignored=service.consumer.duplicates_ignored,
+        stream_length=stream_length,
+        events_per_second=int(recently_published or 0) / RATE_WINDOW_SECONDS,
+        oldest_pending_age_seconds=(now - oldest_pending).total_seconds() if oldest_pending else None,
+        median_latency_ms=statistics.median(latencies) if latencies else None,
+        p95_latency_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))] if latencies else None,
+        pending_events=[_event_row(event) for event in pending_events],
+        published_events=[
+            {**_event_row(event), "delivered_at": delivered_at} for event, delivered_at in published_rows
+        ],
+        failed_events=[_event_row(event) for event in failed_events],
+        activity=list(service.activity),
+    )
 
 
 # =============================================================================================
