@@ -27,10 +27,13 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import hashlib
 import inspect
+import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import statistics
@@ -39,9 +42,10 @@ import threading
 import time
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Generic, Optional, TypeVar
@@ -49,6 +53,8 @@ from typing import Any, Generic, Optional, TypeVar
 import fakeredis
 import redis.asyncio as redis_asyncio
 import redis.exceptions
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -56,12 +62,18 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     String,
+    bindparam,
     delete,
     event,
     func,
+    insert,
+    or_,
     select,
     text,
+    update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -72,7 +84,16 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+    subqueryload,
+)
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
@@ -485,8 +506,15 @@ class DomainEvent(Base, TimestampMixin):
     aggregate_type: Mapped[str] = mapped_column(String(100), nullable=False)
     aggregate_id: Mapped[str] = mapped_column(String(36), nullable=False, index=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | published | failed
     published_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    # What delivery needs (section 5): failed attempts so far, the last broker error, when to try
+    # again (exponential backoff), and the lease a publisher holds while it publishes the event.
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[Optional[str]] = mapped_column(String(500))
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    claimed_by: Mapped[Optional[str]] = mapped_column(String(64))
+    claimed_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     __table_args__ = (Index("ix_events_status_created", "status", "created_at"),)
 
 
@@ -814,6 +842,14 @@ class UserRepository(Repository[User]):
         """Like get(), named for call sites that check a user exists before writing for it."""
         return await self.get(user_id)
 
+    async def get_user_with_scores_eager(self, user_id: str) -> User:
+        """The user with every score loaded up front: selectinload issues 2 statements, whatever N is."""
+        statement = select(User).where(User.id == parse_entity_id(user_id)).options(selectinload(User.scores))
+        user = await self.session.scalar(statement)
+        if user is None:
+            raise self._not_found(user_id)
+        return user
+
 
 class AssessmentRepository(Repository[Assessment]):
     """Assessments, always for an existing user."""
@@ -883,6 +919,15 @@ class AIRScoreRepository(Repository[AIRScore]):
         """A user's scores, oldest first."""
         statement = (
             select(AIRScore)
+            .where(AIRScore.user_id == parse_entity_id(user_id))
+            .order_by(AIRScore.created_at, AIRScore.id)
+        )
+        return list((await self.session.scalars(statement)).all())
+
+    async def list_ids_for_user(self, user_id: str) -> list[str]:
+        """The ids of a user's scores, oldest first (ids only, so no score enters the session)."""
+        statement = (
+            select(AIRScore.id)
             .where(AIRScore.user_id == parse_entity_id(user_id))
             .order_by(AIRScore.created_at, AIRScore.id)
         )
@@ -980,8 +1025,14 @@ class RedisService:
             server = fakeredis.FakeServer()
             server.connected = False
             return fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
-        # A Unix socket that does not exist: every connect fails at once with a real OSError.
-        return redis_asyncio.Redis(unix_socket_path="/nonexistent/qulab-redis-outage.sock", decode_responses=True)
+        # A Unix socket that does not exist: every connect fails at once with a real OSError. No
+        # retries: redis-py's default retry backs off for seconds on this error, a refused TCP
+        # connection (a stopped server) fails in about a millisecond.
+        return redis_asyncio.Redis(
+            unix_socket_path="/nonexistent/qulab-redis-outage.sock",
+            decode_responses=True,
+            retry=RedisRetry(NoBackoff(), 0),
+        )
 
     async def close(self) -> None:
         """Close the client's connections."""
@@ -1586,15 +1637,1853 @@ async def _time_queries(
 # 11. N+1 and eager loading (codelab section 3)
 # =============================================================================================
 
+SAMPLE_SCORES_PER_CLICK = 3
+MAX_SAMPLE_SCORES_PER_CALL = 50
+SAMPLE_OCCUPATION_CODE = "15-1252.00"  # used when the user has no occupation code of their own
+SAMPLE_PARAMETER_VERSION = "irt-2024.1"
+NAIVE_STATEMENT_FORMULA = "1 + 1 + N"  # the user, the ids of their scores, then one per score
+EAGER_STATEMENT_FORMULA = "1 + 1"  # the user, then all their scores in one IN query
+
+
+def _whole_number(value: Any, *, label: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(f"{label} must be a whole number from {low:,} to {high:,}.", field=label.lower())
+    return value
+
+
+def _sample_score_values(rng: random.Random) -> dict[str, Any]:
+    # Every score within 0-100 and ci_lower <= air_score <= ci_upper, as AIRScoreRepository requires.
+    air_score = round(rng.uniform(40.0, 95.0), 1)
+    half_width = round(rng.uniform(2.0, 6.0), 1)
+
+    def near_air_score(spread: float) -> float:
+        return round(min(100.0, max(0.0, air_score + rng.uniform(-spread, spread))), 1)
+
+    return {
+        "air_score": air_score,
+        "vr_score": near_air_score(12.0),
+        "hr_score": near_air_score(12.0),
+        "synergy_score": near_air_score(8.0),
+        "ci_lower": round(max(0.0, air_score - half_width), 1),
+        "ci_upper": round(min(100.0, air_score + half_width), 1),
+        "parameter_version": SAMPLE_PARAMETER_VERSION,
+    }
+
+
+def score_as_row(score: AIRScore) -> dict[str, Any]:
+    """The score's columns as plain values, for tables on a page."""
+    return {
+        "id": score.id,
+        "air_score": score.air_score,
+        "vr_score": score.vr_score,
+        "hr_score": score.hr_score,
+        "synergy_score": score.synergy_score,
+        "ci_lower": score.ci_lower,
+        "ci_upper": score.ci_upper,
+        "occupation_code": score.occupation_code,
+        "parameter_version": score.parameter_version,
+        "created_at": score.created_at,
+    }
+
+
+async def add_sample_scores(sandbox: Sandbox, *, user_id: str, count: int = SAMPLE_SCORES_PER_CLICK) -> list[AIRScore]:
+    """Add `count` valid sample scores for an existing user in one transaction; an unknown user writes nothing."""
+    _whole_number(count, label="Scores to add", low=1, high=MAX_SAMPLE_SCORES_PER_CALL)
+    rng = random.Random()
+    async with get_session(sandbox) as session:
+        user = await UserRepository(session).get(user_id)
+        scores = AIRScoreRepository(session)
+        return [
+            await scores.create(
+                user_id=user.id,
+                occupation_code=user.occupation_code or SAMPLE_OCCUPATION_CODE,
+                calculation_metadata={"source": "codelab section 3 sample"},
+                **_sample_score_values(rng),
+            )
+            for _ in range(count)
+        ]
+
+
+@dataclass
+class Measurement:
+    """The statements one block of code ran and the wall-clock time it took."""
+
+    statements: StatementLog
+    elapsed_ms: float = 0.0
+
+
+@contextmanager
+def measure() -> Iterator[Measurement]:
+    """Record every statement the block runs (this task only) and time the whole block."""
+    with capture_statements() as log:
+        measurement = Measurement(log)
+        started = time.perf_counter()
+        try:
+            yield measurement
+        finally:
+            measurement.elapsed_ms = (time.perf_counter() - started) * 1000
+
+
+@dataclass(frozen=True)
+class UserScoresFetch:
+    """One user read with their scores: the rows, every statement that ran, and how long it took."""
+
+    path: str  # "naive" or "eager"
+    user: User
+    scores: list[AIRScore]
+    statements: StatementLog
+    elapsed_ms: float
+
+
+async def fetch_user_and_scores_naive(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
+    """The N+1 path: the user (1), the ids of their scores (1), then each score by its id (N).
+
+    It runs in a fresh session on purpose: session.get() answers from the identity map without
+    any SQL when the object is already loaded, which would hide the very round trips shown here.
+    """
+    with measure() as measurement:
+        async with get_session(sandbox) as session:
+            user = await UserRepository(session).get(user_id)
+            score_repository = AIRScoreRepository(session)
+            score_ids = await score_repository.list_ids_for_user(user.id)
+            scores = [await score_repository.get(score_id) for score_id in score_ids]
+    return UserScoresFetch("naive", user, scores, measurement.statements, measurement.elapsed_ms)
+
+
+async def fetch_user_and_scores_eager(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
+    """The eager path: UserRepository.get_user_with_scores_eager, 2 statements however many scores there are."""
+    with measure() as measurement:
+        async with get_session(sandbox) as session:
+            user = await UserRepository(session).get_user_with_scores_eager(user_id)
+            scores = sorted(user.scores, key=lambda score: (score.created_at, score.id))
+    return UserScoresFetch("eager", user, scores, measurement.statements, measurement.elapsed_ms)
+
+
+async def list_users_with_score_counts(sandbox: Sandbox, *, limit: int = 50) -> list[dict[str, Any]]:
+    """The sandbox's own users (scale-up users left out) with how many scores each has, oldest first."""
+    score_count = (
+        select(func.count(AIRScore.id)).where(AIRScore.user_id == User.id).correlate(User).scalar_subquery()
+    )
+    statement = (
+        select(User.id, User.name, User.email, score_count.label("scores"))
+        .where(~_is_scale_up_user())
+        .order_by(User.created_at, User.id)
+        .limit(limit)
+    )
+    async with get_session(sandbox) as session:
+        return [dict(row._mapping) for row in await session.execute(statement)]
+
+
+# The scale-up experiment: N users with a few scores each, loaded with each strategy.
+# Its users are named "Scale-up user #0001", ...: validate_name refuses '#', so no user created
+# through a form can look like one, and the experiment never counts the learner's own users.
+SCALE_UP_NAME_PREFIX = "Scale-up user #"
+SCALE_UP_EMAIL_DOMAIN = "n-plus-one.qulab.example"
+SCALE_UP_SCORES_PER_USER = 5
+MAX_SCALE_UP_USERS = 1000
+SCALE_UP_USERS_PER_CHUNK = 200
+SCALE_UP_SIZES = (10, 50, 100, 250, 500, 1000)
+COMPARISON_REPEATS = 3
+LOADING_STRATEGIES: dict[str, Optional[Callable[..., Any]]] = {
+    "lazy": None,  # no loader option: each `await user.awaitable_attrs.scores` runs its own SELECT
+    "selectinload": selectinload,
+    "joinedload": joinedload,
+    "subqueryload": subqueryload,
+}
+
+
+def _is_scale_up_user() -> Any:
+    return User.name.startswith(SCALE_UP_NAME_PREFIX)
+
+
+async def count_scale_up_users(sandbox: Sandbox) -> int:
+    """How many scale-up users the sandbox holds."""
+    async with get_session(sandbox) as session:
+        return await _count_scale_up_users(session)
+
+
+async def _count_scale_up_users(session: AsyncSession) -> int:
+    return int(await session.scalar(select(func.count()).select_from(User).where(_is_scale_up_user())) or 0)
+
+
+async def grow_scale_up_users(
+    sandbox: Sandbox,
+    *,
+    target_users: int,
+    scores_per_user: int = SCALE_UP_SCORES_PER_USER,
+    max_new_users: int = SCALE_UP_USERS_PER_CHUNK,
+) -> int:
+    """Add scale-up users, each with `scores_per_user` valid scores, until `target_users` exist; returns how many exist.
+
+    Adds at most `max_new_users` per call, so a page can move a progress bar between calls.
+    Two bulk INSERTs per call (users, then scores) keep a thousand users to well under a second.
+    """
+    _whole_number(target_users, label="Users", low=1, high=MAX_SCALE_UP_USERS)
+    _whole_number(scores_per_user, label="Scores per user", low=0, high=20)
+    _whole_number(max_new_users, label="Users per call", low=1, high=MAX_SCALE_UP_USERS)
+    rng = random.Random()
+    # One grower at a time per sandbox, so numbering stays consecutive when a page reruns mid-way.
+    async with sandbox.service("scale_up_lock", lambda _: asyncio.Lock()):
+        async with get_session(sandbox) as session:
+            existing = await _count_scale_up_users(session)
+            numbers = range(existing + 1, min(target_users, existing + max_new_users) + 1)
+            if not numbers:
+                return existing
+            users = [
+                {
+                    "id": _new_id(),
+                    "email": f"scale-up-{number:04d}-{uuid.uuid4().hex[:8]}@{SCALE_UP_EMAIL_DOMAIN}",
+                    "name": f"{SCALE_UP_NAME_PREFIX}{number:04d}",
+                    "occupation_code": SAMPLE_OCCUPATION_CODE,
+                }
+                for number in numbers
+            ]
+            scores = [
+                {
+                    "user_id": user["id"],
+                    "occupation_code": SAMPLE_OCCUPATION_CODE,
+                    "calculation_metadata": {"source": "codelab section 3 scale-up"},
+                    **_sample_score_values(rng),
+                }
+                for user in users
+                for _ in range(scores_per_user)
+            ]
+            await session.execute(insert(User), users)
+            if scores:
+                await session.execute(insert(AIRScore), scores)
+        return existing + len(users)
+
+
+async def remove_scale_up_users(sandbox: Sandbox) -> int:
+    """Delete every scale-up user (their scores go with them, ON DELETE CASCADE); returns how many."""
+    async with get_session(sandbox) as session:
+        result = await session.execute(delete(User).where(_is_scale_up_user()))
+        return int(result.rowcount or 0)
+
+
+@dataclass(frozen=True)
+class StrategyRun:
+    """One loading strategy at one N: the statements it ran, its times, and a digest of what it loaded."""
+
+    strategy: str
+    users: int
+    scores: int
+    statements: int
+    statement_sql: tuple[tuple[str, int], ...]  # each distinct SQL text, with how many times it ran
+    times_ms: tuple[float, ...]
+    results_digest: str  # equal digests: the same users with the same scores
+
+    @property
+    def median_ms(self) -> float:
+        """The median of the timed runs."""
+        return statistics.median(self.times_ms)
+
+
+async def load_scale_up_users(sandbox: Sandbox, *, strategy: str, users: int) -> StrategyRun:
+    """Load the first `users` scale-up users and all their scores with one strategy, in a fresh session."""
+    if strategy not in LOADING_STRATEGIES:
+        raise ValidationError(f"Unknown loading strategy; choose one of: {', '.join(LOADING_STRATEGIES)}.")
+    _whole_number(users, label="Users", low=1, high=MAX_SCALE_UP_USERS)
+    statement = select(User).where(_is_scale_up_user()).order_by(User.name, User.id).limit(users)
+    loader = LOADING_STRATEGIES[strategy]
+    with measure() as measurement:
+        async with get_session(sandbox) as session:
+            if loader is None:
+                parents = (await session.scalars(statement)).all()
+                loaded = [(user, await user.awaitable_attrs.scores) for user in parents]  # one SELECT each
+            else:
+                # unique(): a joined collection returns each user once per score; it folds them back.
+                parents = (await session.scalars(statement.options(loader(User.scores)))).unique().all()
+                loaded = [(user, user.scores) for user in parents]
+    if len(loaded) < users:
+        raise ValidationError(
+            f"Only {len(loaded):,} scale-up users exist; create {users:,} before loading them.", field="users"
+        )
+    canonical = [[user.id, sorted(score.id for score in scores)] for user, scores in loaded]
+    statement_counts: dict[str, int] = {}
+    for sql in measurement.statements.sql():
+        statement_counts[sql] = statement_counts.get(sql, 0) + 1
+    return StrategyRun(
+        strategy=strategy,
+        users=len(loaded),
+        scores=sum(len(scores) for _, scores in loaded),
+        statements=measurement.statements.count,
+        statement_sql=tuple(statement_counts.items()),
+        times_ms=(measurement.elapsed_ms,),
+        results_digest=hashlib.sha256(json.dumps(canonical).encode()).hexdigest(),
+    )
+
+
+@dataclass(frozen=True)
+class StrategyComparison:
+    """Every strategy at every N, measured in one run."""
+
+    runs: tuple[StrategyRun, ...]
+    repeats: int
+
+    def at(self, users: int) -> dict[str, StrategyRun]:
+        """The runs at one N, by strategy."""
+        return {run.strategy: run for run in self.runs if run.users == users}
+
+    @property
+    def identical_results(self) -> bool:
+        """True when, at each N, every strategy loaded exactly the same users and scores."""
+        return all(len({run.results_digest for run in self.at(size).values()}) == 1 for size in self.sizes)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The N values compared, smallest first."""
+        return sorted({run.users for run in self.runs})
+
+
+async def compare_loading_strategies(
+    sandbox: Sandbox, *, sizes: Sequence[int], repeats: int = COMPARISON_REPEATS
+) -> StrategyComparison:
+    """Time every strategy at every N: one untimed warm-up each, then `repeats` rounds, the median kept.
+
+    Rounds go strategy by strategy in turn, so a moment of machine noise hits all of them alike.
+    """
+    chosen = sorted({_whole_number(size, label="Users", low=1, high=MAX_SCALE_UP_USERS) for size in sizes})
+    if not chosen:
+        raise ValidationError("Choose at least one number of users to compare.", field="users")
+    _whole_number(repeats, label="Repeats", low=1, high=20)
+    for strategy in LOADING_STRATEGIES:  # compile and cache each statement before any timing
+        await load_scale_up_users(sandbox, strategy=strategy, users=chosen[0])
+    runs = []
+    for size in chosen:
+        rounds = [
+            [await load_scale_up_users(sandbox, strategy=strategy, users=size) for strategy in LOADING_STRATEGIES]
+            for _ in range(repeats)
+        ]
+        for attempts in zip(*rounds):
+            runs.append(replace(attempts[-1], times_ms=tuple(attempt.times_ms[0] for attempt in attempts)))
+    return StrategyComparison(tuple(runs), repeats)
+
 
 # =============================================================================================
 # 12. Cache (codelab section 4)
 # =============================================================================================
 
+CACHE_TTL_SECONDS = 300
+CACHE_TTL_JITTER = 0.10  # each key lives TTL ± 10 %, so keys written together do not expire together
+CACHE_COMMAND_TIMEOUT_SECONDS = 1.0  # a hung Redis costs a read at most this, then the database answers
+CACHE_HIT, CACHE_MISS, CACHE_FALLBACK = "HIT", "MISS", "FALLBACK"  # FALLBACK: Redis failed, database answered
+CACHE_DEMO_EMAIL = "cache.demo@innovateai.example"
+MAX_CACHE_EXPERIMENT_READS = 1000
+MAX_CACHE_EXPERIMENT_RATIOS = 11
+
+
+def cache_ttl_bounds() -> tuple[int, int]:
+    """The shortest and longest TTL (seconds) a cached value can get."""
+    spread = round(CACHE_TTL_SECONDS * CACHE_TTL_JITTER)
+    return CACHE_TTL_SECONDS - spread, CACHE_TTL_SECONDS + spread
+
+
+@dataclass(slots=True)  # made on every read: slots, not frozen, keeps that cheap (frozen costs 4x)
+class RedisCommand:
+    """One command the cache sent to Redis, written as sent, with its reply and round-trip time."""
+
+    command: str
+    reply: str
+    duration_ms: float
+
+
+@dataclass
+class CacheMetrics:
+    """Counters and measured times of cache reads; H and T_avg are derived from them."""
+
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # reads Redis could not answer; the database answered them
+    lookups: int = 0  # GETs that Redis answered (hits and misses)
+    lookup_ms_total: float = 0.0
+    database_reads: int = 0  # reads that really went to the database (single-flight waiters excluded)
+    database_ms_total: float = 0.0
+    request_ms_total: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        """Every read answered: hits + misses + errors."""
+        return self.hits + self.misses + self.errors
+
+    @property
+    def hit_ratio(self) -> Optional[float]:
+        """H = hits ÷ requests."""
+        return self.hits / self.requests if self.requests else None
+
+    @property
+    def mean_cache_ms(self) -> Optional[float]:
+        """T_cache: the mean time of a Redis lookup (GET and JSON decoding)."""
+        return self.lookup_ms_total / self.lookups if self.lookups else None
+
+    @property
+    def mean_database_ms(self) -> Optional[float]:
+        """T_db: the mean time of a database read (new session, query, conversion)."""
+        return self.database_ms_total / self.database_reads if self.database_reads else None
+
+    @property
+    def predicted_average_ms(self) -> Optional[float]:
+        """T_avg by the formula H·T_cache + (1−H)·(T_cache + T_db), from the measured means."""
+        hit_ratio, cache_ms, database_ms = self.hit_ratio, self.mean_cache_ms, self.mean_database_ms
+        if hit_ratio is None or cache_ms is None or (database_ms is None and hit_ratio < 1):
+            return None
+        return hit_ratio * cache_ms + (1 - hit_ratio) * (cache_ms + (database_ms or 0.0))
+
+    @property
+    def measured_average_ms(self) -> Optional[float]:
+        """T_avg as measured: total time of every read ÷ requests (includes the SETs the formula leaves out)."""
+        return self.request_ms_total / self.requests if self.requests else None
+
+    def record(
+        self, outcome: str, *, total_ms: float, lookup_ms: Optional[float], database_ms: Optional[float]
+    ) -> None:
+        """Count one answered read and add its measured times."""
+        if outcome == CACHE_HIT:
+            self.hits += 1
+        elif outcome == CACHE_MISS:
+            self.misses += 1
+        else:
+            self.errors += 1
+        if lookup_ms is not None:
+            self.lookups += 1
+            self.lookup_ms_total += lookup_ms
+        if database_ms is not None:
+            self.database_reads += 1
+            self.database_ms_total += database_ms
+        self.request_ms_total += total_ms
+
+
+@dataclass(slots=True)  # made on every read: see RedisCommand
+class CacheRead:
+    """One read through the cache: what it returned, whether Redis had it, and what it cost."""
+
+    kind: str  # "user" or "latest_airscore"
+    user_id: str
+    key: str
+    outcome: str  # CACHE_HIT, CACHE_MISS or CACHE_FALLBACK
+    value: Optional[dict[str, Any]]  # the same JSON-shaped dict whether it came from Redis or the database
+    total_ms: float
+    lookup_ms: Optional[float]  # GET + decoding; None when Redis failed
+    database_ms: Optional[float]  # None on a hit
+    database_statements: int
+    shared_database_read: bool  # waited for the same key's database read already in flight (single flight)
+    redis_commands: tuple[RedisCommand, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CacheInvalidation:
+    """Keys deleted after a write (or on request), the commands sent, and whether Redis took them."""
+
+    reason: str
+    keys: tuple[str, ...]
+    redis_commands: tuple[RedisCommand, ...]
+    applied: bool  # False: Redis failed; the keys are deleted before the cache is read again
+
+
+def _render_command_part(part: Any) -> str:
+    text_part = str(part)
+    if len(text_part) <= 120:
+        return text_part
+    return f"'{text_part[:40]}…' ({len(text_part.encode())} bytes)"
+
+
+def _render_reply(reply: Any) -> str:
+    if reply is None:
+        return "(nil)"
+    if reply is True:
+        return "OK"
+    if isinstance(reply, str):
+        return f"{len(reply.encode())} bytes of JSON"
+    return str(reply)
+
+
+def _user_as_json(user: User) -> dict[str, Any]:
+    return {**user_as_row(user), "created_at": user.created_at.isoformat(), "updated_at": user.updated_at.isoformat()}
+
+
+def _airscore_as_json(score: AIRScore) -> dict[str, Any]:
+    return {
+        **score_as_row(score),
+        "user_id": score.user_id,
+        "calculation_metadata": score.calculation_metadata,
+        "created_at": score.created_at.isoformat(),
+    }
+
+
+_NOT_CACHED = object()
+
+
+@dataclass(eq=False)
+class _Flight:
+    generation: int
+    answer: asyncio.Future[Any]
+    finished_after: float = math.inf  # lookups started before the value was stored; inf while running
+
+
+def _decode_cached(raw: Optional[str]) -> Any:
+    """The cached JSON value, or _NOT_CACHED when the key is absent or holds something that is not ours."""
+    if raw is None:
+        return _NOT_CACHED
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return _NOT_CACHED
+    return value if value is None or isinstance(value, dict) else _NOT_CACHED
+
+
+class CachedUserRepository:
+    """Read-through cache of user profiles and latest AIRScores for one sandbox, in Redis as JSON.
+
+    A read asks Redis first (GET); on a miss it reads the database and stores the value with
+    SET … EX (TTL with jitter). Writes committed through get_session invalidate what they
+    change. Rules that keep reads correct, each one tested:
+    - a per-key generation is bumped before an invalidation is sent; a miss stores its value
+      only if the generation it started with is still current (and deletes it again if an
+      invalidation arrived while its SET was in flight), so a slow miss cannot re-cache data a
+      write has just replaced;
+    - an invalidation Redis could not take is remembered and sent before the cache is read again;
+    - concurrent misses on one key share one database read (single flight);
+    - re-initializing the sandbox moves every key to a new epoch, so nothing cached before
+      can be served after, even if Redis was down at the time;
+    - when Redis fails, the read is answered from the database and counted as an error.
+    Generations, flights and pending invalidations live in this process (the runtime's loop),
+    which is where every write of the sandbox commits.
+    """
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.metrics = CacheMetrics()
+        self.recent_invalidations: deque[CacheInvalidation] = deque(maxlen=10)
+        self._epoch = 0
+        self._generations: dict[str, int] = {}
+        self._pending_invalidations: set[str] = set()
+        self._flights: dict[str, _Flight] = {}  # the latest database read of each key
+        self._lookups_started = 0
+        sandbox.commit_listeners.append(self._invalidate_committed_changes)
+        sandbox.reset_listeners.append(self._start_new_epoch)
+
+    # -- keys --------------------------------------------------------------------------------
+    def user_key(self, user_id: str) -> str:
+        """The key of a user's cached profile."""
+        return self.sandbox.redis.key("cache", f"epoch{self._epoch}", "user", user_id)
+
+    def latest_airscore_key(self, user_id: str) -> str:
+        """The key of a user's cached latest AIRScore (JSON null when they have none)."""
+        return self.sandbox.redis.key("cache", f"epoch{self._epoch}", "user", user_id, "latest-airscore")
+
+    @property
+    def pending_invalidations(self) -> int:
+        """Keys whose invalidation Redis has not taken yet."""
+        return len(self._pending_invalidations)
+
+    # -- reads -------------------------------------------------------------------------------
+    async def get_user(self, *, user_id: str, metrics: Optional[CacheMetrics] = None) -> CacheRead:
+        """The user's profile, from Redis when cached; an unknown id raises UserNotFoundError."""
+        user_id = parse_entity_id(user_id)
+        return await self._read("user", user_id, self.user_key(user_id), self._load_user, metrics or self.metrics)
+
+    async def get_latest_airscore(self, *, user_id: str, metrics: Optional[CacheMetrics] = None) -> CacheRead:
+        """The user's most recent AIRScore (value None when they have none), from Redis when cached."""
+        user_id = parse_entity_id(user_id)
+        key = self.latest_airscore_key(user_id)
+        return await self._read("latest_airscore", user_id, key, self._load_latest_airscore, metrics or self.metrics)
+
+    async def _load_user(self, user_id: str) -> dict[str, Any]:
+        async with self.sandbox.session_factory() as session:
+            return _user_as_json(await UserRepository(session).get(user_id))
+
+    async def _load_latest_airscore(self, user_id: str) -> Optional[dict[str, Any]]:
+        async with self.sandbox.session_factory() as session:
+            score = await AIRScoreRepository(session).latest_for_user(user_id)
+            if score is None:
+                await UserRepository(session).require(user_id)  # no score, or no such user?
+                return None
+            return _airscore_as_json(score)
+
+    async def _read(
+        self,
+        kind: str,
+        user_id: str,
+        key: str,
+        loader: Callable[[str], Awaitable[Any]],
+        metrics: CacheMetrics,
+    ) -> CacheRead:
+        health = self.sandbox.redis.health
+        commands: list[RedisCommand] = []
+        started = time.perf_counter()
+        self._lookups_started += 1
+        ticket = self._lookups_started  # reads are numbered in the order they asked Redis
+        try:
+            if self._pending_invalidations:
+                await self._apply_pending_invalidations(commands)
+            lookup_started = time.perf_counter()
+            cached = _decode_cached(await self._send(commands, "GET", key))
+            lookup_ms: Optional[float] = (time.perf_counter() - lookup_started) * 1000
+            health.record_success()
+        except REDIS_ERRORS as error:
+            health.record_failure(error)
+            cached, lookup_ms, outcome = _NOT_CACHED, None, CACHE_FALLBACK
+            failure = f"Redis failed ({type(error).__name__}); the database answered and nothing was stored."
+        else:
+            outcome = CACHE_HIT if cached is not _NOT_CACHED else CACHE_MISS
+        generation = self._generation(key)  # taken before the database is read: see _store
+        if outcome == CACHE_HIT:
+            value, database_ms, statements, note = cached, None, 0, ""
+        else:
+            value, database_ms, statements, note = await self._load_once(
+                key, generation, ticket, loader, user_id, commands, store=outcome == CACHE_MISS
+            )
+            if outcome == CACHE_FALLBACK:
+                note = f"{failure} {note}".strip()
+        total_ms = (time.perf_counter() - started) * 1000
+        metrics.record(outcome, total_ms=total_ms, lookup_ms=lookup_ms, database_ms=database_ms)
+        return CacheRead(
+            kind=kind,
+            user_id=user_id,
+            key=key,
+            outcome=outcome,
+            value=value,
+            total_ms=total_ms,
+            lookup_ms=lookup_ms,
+            database_ms=database_ms,
+            database_statements=statements,
+            shared_database_read=outcome != CACHE_HIT and database_ms is None,
+            redis_commands=tuple(commands),
+            note=note,
+        )
+
+    async def _load_once(
+        self,
+        key: str,
+        generation: int,
+        ticket: int,
+        loader: Callable[[str], Awaitable[Any]],
+        user_id: str,
+        commands: list[RedisCommand],
+        *,
+        store: bool,
+    ) -> tuple[Any, Optional[float], int, str]:
+        """Single flight: (value, database_ms, statements, note); database_ms is None for a shared answer.
+
+        A miss joins the key's flight while it runs, and also after it ended if this miss's GET
+        was issued before the flight's SET had landed (that GET could not have seen the value).
+        """
+        flight = self._flights.get(key)
+        if flight is not None and flight.generation == generation and ticket <= flight.finished_after:
+            try:
+                value = await asyncio.shield(flight.answer)
+            except asyncio.CancelledError:
+                if not flight.answer.cancelled():
+                    raise  # this read itself was cancelled
+            else:
+                return value, None, 0, "Another read of this key went to the database; this one shared its answer."
+        flight = _Flight(generation, asyncio.get_running_loop().create_future())
+        self._flights[key] = flight  # after an invalidation the generation differs: a new flight
+        try:
+            with capture_statements() as log:
+                started = time.perf_counter()
+                value = await loader(user_id)
+                database_ms = (time.perf_counter() - started) * 1000
+            note = await self._store(commands, key, value, generation) if store else ""
+        except Exception as error:  # e.g. UserNotFoundError: concurrent misses share it too
+            flight.answer.set_exception(error)
+            flight.answer.exception()  # retrieved, so asyncio does not warn when no one else waited
+            flight.finished_after = self._lookups_started
+            raise
+        except BaseException:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.answer.cancel()
+            raise
+        flight.answer.set_result(value)
+        flight.finished_after = self._lookups_started
+        return value, database_ms, log.count, note
+
+    async def _store(self, commands: list[RedisCommand], key: str, value: Any, generation: int) -> str:
+        if self._generation(key) != generation:
+            return "Not stored: a write committed while the database was read, so this value may be old."
+        ttl = random.randint(*cache_ttl_bounds())
+        try:
+            await self._send(commands, "SET", key, json.dumps(value, separators=(",", ":")), "EX", ttl)
+            if self._generation(key) != generation:
+                await self._send(commands, "DEL", key)
+                return "Stored, then deleted again: a write committed while the SET was on its way."
+        except REDIS_ERRORS as error:
+            self.sandbox.redis.health.record_failure(error)
+            if self._generation(key) != generation:
+                self._pending_invalidations.add(key)
+            return f"Not stored: Redis failed ({type(error).__name__})."
+        return f"Stored for {ttl} s (TTL {CACHE_TTL_SECONDS} s ± {CACHE_TTL_JITTER:.0%})."
+
+    # -- invalidation --------------------------------------------------------------------------
+    async def invalidate_user(self, *, user_id: str, reason: str = "requested") -> CacheInvalidation:
+        """Delete the user's cached profile and latest AIRScore."""
+        user_id = parse_entity_id(user_id)
+        return await self.invalidate_keys([self.user_key(user_id), self.latest_airscore_key(user_id)], reason=reason)
+
+    async def invalidate_keys(self, keys: list[str], *, reason: str, remember: bool = True) -> CacheInvalidation:
+        """Delete these keys now (or, Redis failing, before the next read); misses in flight won't store them."""
+        for key in keys:  # before any await: a miss in flight must see it
+            self._generations[key] = self._generation(key) + 1
+        to_delete = sorted(set(keys) | self._pending_invalidations)
+        commands: list[RedisCommand] = []
+        try:
+            await self._send(commands, "DEL", *to_delete)
+        except REDIS_ERRORS as error:
+            self.sandbox.redis.health.record_failure(error)
+            self._pending_invalidations.update(keys)
+            applied = False
+        else:
+            self.sandbox.redis.health.record_success()
+            self._pending_invalidations.difference_update(to_delete)
+            applied = True
+        invalidation = CacheInvalidation(reason, tuple(keys), tuple(commands), applied)
+        if remember:
+            self.recent_invalidations.appendleft(invalidation)
+        return invalidation
+
+    async def _apply_pending_invalidations(self, commands: list[RedisCommand]) -> None:
+        if self._pending_invalidations:
+            keys = sorted(self._pending_invalidations)
+            await self._send(commands, "DEL", *keys)
+            self._pending_invalidations.difference_update(keys)
+            reason = "pending invalidations, sent once Redis answered again"
+            self.recent_invalidations.appendleft(CacheInvalidation(reason, tuple(keys), (commands[-1],), True))
+
+    async def _invalidate_committed_changes(self, changes: CommittedChanges) -> None:
+        keys: dict[str, None] = {}  # ordered and without repeats
+        changed_or_deleted = [*changes.updated, *changes.deleted]
+        for user in changed_or_deleted:
+            if isinstance(user, User):
+                keys[self.user_key(user.id)] = None
+        for user in changes.deleted:
+            if isinstance(user, User):
+                keys[self.latest_airscore_key(user.id)] = None
+        for score in changes.of_type(AIRScore):
+            keys[self.latest_airscore_key(score.user_id)] = None
+        if keys:
+            what = sorted({type(obj).__name__ for obj in (*changed_or_deleted, *changes.inserted)})
+            await self.invalidate_keys(list(keys), reason=f"a write committed ({', '.join(what)})")
+
+    async def check_redis(self) -> bool:
+        """PING Redis and send pending invalidations; True when Redis answered (the status recovers)."""
+        commands: list[RedisCommand] = []
+        try:
+            await self._send(commands, "PING")
+            await self._apply_pending_invalidations(commands)
+        except REDIS_ERRORS as error:
+            self.sandbox.redis.health.record_failure(error)
+            return False
+        self.sandbox.redis.health.record_success()
+        return True
+
+    async def _start_new_epoch(self, sandbox: Sandbox) -> None:
+        # The sandbox was wiped with bulk deletes that no listener sees: abandon every key at once.
+        self._epoch += 1
+        self._generations.clear()
+        self._pending_invalidations.clear()
+        self._flights.clear()
+        self.metrics = CacheMetrics()
+        self.recent_invalidations.clear()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _generation(self, key: str) -> int:
+        return self._generations.get(key, 0)
+
+    async def _send(self, commands: list[RedisCommand], *command: Any) -> Any:
+        """Send one command exactly as given, note it with its reply and time, and return the reply."""
+        shown = " ".join(_render_command_part(part) for part in command)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(CACHE_COMMAND_TIMEOUT_SECONDS):
+                reply = await self.sandbox.redis.client.execute_command(*command)
+        except REDIS_ERRORS as error:
+            failed_ms = (time.perf_counter() - started) * 1000
+            commands.append(RedisCommand(shown, f"failed: {type(error).__name__}", failed_ms))
+            raise
+        commands.append(RedisCommand(shown, _render_reply(reply), (time.perf_counter() - started) * 1000))
+        return reply
+
+
+def cache_for(sandbox: Sandbox) -> CachedUserRepository:
+    """The sandbox's cache, created (and subscribed to its commits) on first use."""
+    return sandbox.service("cache", CachedUserRepository)
+
+
+async def fetch_user_cached(sandbox: Sandbox, *, user_id: str) -> CacheRead:
+    """Read a user's profile through the cache (the Fetch User (Cached) button)."""
+    return await cache_for(sandbox).get_user(user_id=user_id)
+
+
+async def fetch_latest_airscore_cached(sandbox: Sandbox, *, user_id: str) -> CacheRead:
+    """Read a user's latest AIRScore through the cache (the Fetch Latest AIRScore (Cached) button)."""
+    return await cache_for(sandbox).get_latest_airscore(user_id=user_id)
+
+
+async def invalidate_user_cache(sandbox: Sandbox, *, user_id: str) -> CacheInvalidation:
+    """Delete a user's cached entries (the Invalidate Cache for this User button)."""
+    return await cache_for(sandbox).invalidate_user(user_id=user_id, reason="requested on the page")
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """What the cache page shows besides reads: metrics, Redis mode and health, recent invalidations."""
+
+    metrics: CacheMetrics
+    redis_mode: str
+    redis_reason: str
+    cut_off: bool
+    degraded: bool
+    last_error: str
+    pending_invalidations: int
+    recent_invalidations: tuple[CacheInvalidation, ...]
+
+
+async def cache_status(sandbox: Sandbox) -> CacheStatus:
+    """A snapshot of the sandbox's cache metrics and Redis health."""
+    cache = cache_for(sandbox)
+    link = sandbox.redis
+    return CacheStatus(
+        metrics=replace(cache.metrics),
+        redis_mode=link.service.mode,
+        redis_reason=link.service.reason,
+        cut_off=link.cut_off,
+        degraded=link.health.degraded,
+        last_error=link.health.last_error,
+        pending_invalidations=cache.pending_invalidations,
+        recent_invalidations=tuple(cache.recent_invalidations),
+    )
+
+
+async def set_redis_outage(sandbox: Sandbox, *, cut: bool) -> bool:
+    """Cut this sandbox off from Redis, or reconnect it; returns whether Redis answers now."""
+    cache = cache_for(sandbox)
+    if cut:
+        sandbox.redis.cut()
+    else:
+        await sandbox.redis.restore()
+    return await cache.check_redis()
+
+
+@dataclass(frozen=True)
+class CacheDemo:
+    """The user the cache page reads, their latest AIRScore id, and what was created to have them."""
+
+    user_id: str
+    user_name: str
+    latest_airscore_id: str
+    created: tuple[str, ...]
+
+
+async def prepare_cache_demo(sandbox: Sandbox) -> CacheDemo:
+    """Pick Alex Smith, else Jane Doe, else a Cache Demo User (created), and make sure they have a score."""
+    try:
+        async with get_session(sandbox) as session:
+            users = UserRepository(session)
+            user, created = None, []
+            for email in (*(sample["email"] for sample in SAMPLE_USERS), CACHE_DEMO_EMAIL):
+                user = await users.get_by_email(email)
+                if user is not None:
+                    break
+            if user is None:
+                user = await users.create(
+                    email=CACHE_DEMO_EMAIL, name="Cache Demo User", occupation_code=SAMPLE_OCCUPATION_CODE
+                )
+                created.append("user")
+            score = await AIRScoreRepository(session).latest_for_user(user.id)
+            if score is None:
+                score = await _add_sample_airscore(session, user)
+                created.append("AIRScore")
+    except DuplicateEmailError:  # another tab of this sandbox created the demo user first
+        return await prepare_cache_demo(sandbox)
+    return CacheDemo(user.id, user.name, score.id, tuple(created))
+
+
+async def _add_sample_airscore(session: AsyncSession, user: User) -> AIRScore:
+    return await AIRScoreRepository(session).create(
+        user_id=user.id,
+        occupation_code=user.occupation_code or SAMPLE_OCCUPATION_CODE,
+        calculation_metadata={"source": "codelab section 4 cache demo"},
+        **_sample_score_values(random.Random()),
+    )
+
+
+async def add_demo_airscore(sandbox: Sandbox, *, user_id: str) -> AIRScore:
+    """Add a new AIRScore for the user (it becomes their latest; the commit invalidates the cached one)."""
+    async with get_session(sandbox) as session:
+        return await _add_sample_airscore(session, await UserRepository(session).get(user_id))
+
+
+async def rename_user(sandbox: Sandbox, *, user_id: str, name: str) -> User:
+    """Change a user's name (the commit invalidates their cached profile)."""
+    new_name = validate_name(name)
+    async with get_session(sandbox) as session:
+        user = await UserRepository(session).get(user_id)
+        user.name = new_name
+    return user
+
+
+@dataclass(frozen=True)
+class CacheTrial:
+    """R reads of one user's profile with a planned share of misses, and what they measured."""
+
+    target_hit_ratio: float
+    outcomes: tuple[str, ...]
+    latencies_ms: tuple[float, ...]
+    metrics: CacheMetrics
+
+
+async def run_cache_experiment(
+    sandbox: Sandbox, *, user_id: str, reads: int = 100, hit_ratios: tuple[float, ...] = (0.0, 0.5, 0.9, 1.0)
+) -> list[CacheTrial]:
+    """For each target H, read the user's profile R times, evicting the key before the reads meant to miss.
+
+    The key is warmed first and evictions are not timed, so each trial's measured H is its
+    target (unless Redis fails, or another tab reads or writes this user meanwhile). Each trial
+    has its own metrics; the page's counters stay as they are.
+    """
+    if not isinstance(reads, int) or not 1 <= reads <= MAX_CACHE_EXPERIMENT_READS:
+        raise ValidationError(f"Reads must be a whole number from 1 to {MAX_CACHE_EXPERIMENT_READS}.", field="reads")
+    if not hit_ratios or len(hit_ratios) > MAX_CACHE_EXPERIMENT_RATIOS or not all(
+        isinstance(ratio, (int, float)) and 0 <= ratio <= 1 for ratio in hit_ratios
+    ):
+        raise ValidationError(
+            f"Choose from 1 to {MAX_CACHE_EXPERIMENT_RATIOS} hit ratios, each between 0 and 1.", field="hit_ratios"
+        )
+    cache = cache_for(sandbox)
+    user_id = parse_entity_id(user_id)
+    key = cache.user_key(user_id)
+    trials = []
+    for ratio in hit_ratios:
+        await cache.get_user(user_id=user_id, metrics=CacheMetrics())  # warm the key; not counted
+        planned_misses = round(reads * (1 - ratio))
+        metrics = CacheMetrics()
+        outcomes, latencies = [], []
+        for index in range(reads):
+            if (index + 1) * planned_misses // reads > index * planned_misses // reads:
+                await cache.invalidate_keys([key], reason="experiment", remember=False)
+            result = await cache.get_user(user_id=user_id, metrics=metrics)
+            outcomes.append(result.outcome)
+            latencies.append(result.total_ms)
+        trials.append(CacheTrial(float(ratio), tuple(outcomes), tuple(latencies), metrics))
+    return trials
+
 
 # =============================================================================================
 # 13. Outbox (codelab section 5)
 # =============================================================================================
+#
+# The score and its AIRScoreCalculated event commit in one transaction. A publisher (an outbox
+# relay) runs as a task on the runtime's loop: it leases due events in one UPDATE, XADDs them to
+# the sandbox's Redis stream in one pipeline and marks them published in one UPDATE. A downstream
+# consumer reads the stream through a consumer group and records each event id in its inbox
+# table, so a message delivered twice is recognised and counted, never applied twice.
+
+AIRSCORE_CALCULATED = "AIRScoreCalculated"
+AIR_PARAMETER_VERSION = "qulab-air-1.0"
+AIR_ALPHA = 0.6  # weight of individual readiness (VR) against occupational readiness (HR)
+AIR_BETA = 0.15  # weight of the synergy term
+AIR_EXPERIENCE_SCALE_YEARS = 8.0  # experience readiness reaches 63% of 100 after this many years
+AIR_EVIDENCE_SPREAD = 10.0  # σ of a score backed by no evidence; each piece of evidence narrows it
+# Readiness points per education level and per SOC major group (the occupation code's first two
+# digits). Teaching values, versioned by AIR_PARAMETER_VERSION so a stored score says which it used.
+EDUCATION_READINESS: dict[str, float] = {
+    "High school": 40.0,
+    "Associate degree": 55.0,
+    "Bachelor's degree": 70.0,
+    "Master's degree": 82.0,
+    "Doctorate": 90.0,
+    "Other": 50.0,
+}
+OCCUPATION_GROUP_READINESS: dict[str, float] = {
+    "11": 70.0,  # management
+    "13": 72.0,  # business and financial operations
+    "15": 88.0,  # computer and mathematical
+    "17": 78.0,  # architecture and engineering
+    "19": 75.0,  # life, physical and social science
+    "23": 60.0,  # legal
+    "25": 58.0,  # educational instruction
+    "27": 62.0,  # arts, design, entertainment and media
+    "29": 60.0,  # healthcare practitioners
+    "41": 52.0,  # sales
+    "43": 50.0,  # office and administrative support
+}
+DEFAULT_OCCUPATION_READINESS = 45.0
+
+
+@dataclass(frozen=True)
+class AIRScoreCalculation:
+    """The parts of one AI-Readiness score and the evidence it was calculated from."""
+
+    air_score: float
+    vr_score: float
+    hr_score: float
+    synergy_score: float
+    ci_lower: float
+    ci_upper: float
+    parameter_version: str
+    evidence: dict[str, Any]
+
+
+def calculate_airscore(
+    *,
+    occupation_code: str,
+    education_level: Optional[str] = None,
+    years_experience: Optional[float] = None,
+    abilities: tuple[float, ...] = (),
+) -> AIRScoreCalculation:
+    """QuLab's AI-Readiness formula: deterministic, from a user's profile and assessments.
+
+    VR (individual readiness) is the mean of the evidence there is: the education level's points,
+    experience as 100·(1 − e^(−years/8)), and each assessment's ability θ as 100/(1 + e^(−θ)).
+    HR (occupational readiness) is the points of the occupation's SOC major group.
+    Synergy = VR·HR/100 and AIR = (α·VR + (1 − α)·HR + β·Synergy) / (1 + β), all from 0 to 100.
+    The 95% interval is AIR ± 1.96·σ with σ = 10/√(1 + pieces of evidence), clipped to 0–100.
+    """
+    code = validate_occupation_code(occupation_code, required=True) or ""
+    evidence: list[float] = []
+    if education_level:
+        evidence.append(EDUCATION_READINESS[validate_education_level(education_level) or "Other"])
+    if years_experience is not None:
+        years = validate_years_experience(years_experience) or 0.0
+        evidence.append(100 * (1 - math.exp(-years / AIR_EXPERIENCE_SCALE_YEARS)))
+    usable_abilities = [min(6.0, max(-6.0, theta)) for theta in abilities if math.isfinite(theta)]
+    evidence.extend(100 / (1 + math.exp(-theta)) for theta in usable_abilities)
+    vr = statistics.fmean(evidence) if evidence else 50.0
+    hr = OCCUPATION_GROUP_READINESS.get(code[:2], DEFAULT_OCCUPATION_READINESS)
+    synergy = vr * hr / 100
+    air = (AIR_ALPHA * vr + (1 - AIR_ALPHA) * hr + AIR_BETA * synergy) / (1 + AIR_BETA)
+    half_width = 1.96 * AIR_EVIDENCE_SPREAD / math.sqrt(1 + len(evidence))
+    return AIRScoreCalculation(
+        air_score=round(air, 2),
+        vr_score=round(vr, 2),
+        hr_score=round(hr, 2),
+        synergy_score=round(synergy, 2),
+        ci_lower=round(max(0.0, air - half_width), 2),
+        ci_upper=round(min(100.0, air + half_width), 2),
+        parameter_version=AIR_PARAMETER_VERSION,
+        evidence={
+            "education_level": education_level,
+            "years_experience": years_experience,
+            "assessment_abilities": usable_abilities,
+            "pieces_of_evidence": len(evidence),
+            "alpha": AIR_ALPHA,
+            "beta": AIR_BETA,
+        },
+    )
+
+
+async def add_calculated_airscore(session: AsyncSession, *, user_id: str, occupation_code: str) -> AIRScore:
+    """Calculate a user's score from their profile and assessments and add it to the caller's transaction."""
+    user = await UserRepository(session).require(user_id)
+    assessments = await AssessmentRepository(session).list_for_user(user.id)
+    calculation = calculate_airscore(
+        occupation_code=occupation_code,
+        education_level=user.education_level,
+        years_experience=user.years_experience,
+        abilities=tuple(assessment.current_ability for assessment in assessments),
+    )
+    return await AIRScoreRepository(session).create(
+        user_id=user.id,
+        occupation_code=occupation_code,
+        air_score=calculation.air_score,
+        vr_score=calculation.vr_score,
+        hr_score=calculation.hr_score,
+        synergy_score=calculation.synergy_score,
+        ci_lower=calculation.ci_lower,
+        ci_upper=calculation.ci_upper,
+        parameter_version=calculation.parameter_version,
+        calculation_metadata=calculation.evidence,
+    )
+
+
+def airscore_calculated_event(score: AIRScore) -> DomainEvent:
+    """The AIRScoreCalculated event for a score: everything a downstream service needs, no lookups."""
+    event_id = _new_id()
+    return DomainEvent(
+        id=event_id,
+        event_type=AIRSCORE_CALCULATED,
+        aggregate_type="AIRScore",
+        aggregate_id=score.id,
+        payload={
+            "event_id": event_id,
+            "score_id": score.id,
+            "user_id": score.user_id,
+            "occupation_code": score.occupation_code,
+            "air_score": score.air_score,
+            "vr_score": score.vr_score,
+            "hr_score": score.hr_score,
+            "synergy_score": score.synergy_score,
+            "ci_lower": score.ci_lower,
+            "ci_upper": score.ci_upper,
+            "parameter_version": score.parameter_version,
+        },
+        status="pending",
+    )
+
+
+@dataclass(frozen=True)
+class StoredAIRScore:
+    """What calculate_and_store_airscore committed: the score and its pending event."""
+
+    score: AIRScore
+    event: DomainEvent
+
+
+async def calculate_and_store_airscore(sandbox: Sandbox, *, user_id: str, occupation_code: str) -> StoredAIRScore:
+    """Calculate and store a user's AIRScore and its AIRScoreCalculated event in ONE transaction.
+
+    Both rows commit together or neither does: no score is ever saved without its event, and no
+    event announces a score that was rolled back. Publishing happens later, in the background.
+    """
+    async with get_session(sandbox) as session:
+        score = await add_calculated_airscore(session, user_id=user_id, occupation_code=occupation_code)
+        event = airscore_calculated_event(score)
+        session.add(event)  # flushed by the commit, inside the same transaction as the score
+    return StoredAIRScore(score=score, event=event)
+
+
+MAX_BURST_WRITES = 2000
+BURST_CONCURRENCY = 8
+BURST_FALLBACK_OCCUPATION = "15-1252.00"  # for users without an occupation code of their own
+
+
+@dataclass(frozen=True)
+class BurstResult:
+    """How long a burst of score writes took, each its own transaction."""
+
+    writes: int
+    concurrency: int
+    seconds: float
+
+    @property
+    def writes_per_second(self) -> float:
+        """Committed score+event transactions per second."""
+        return self.writes / self.seconds if self.seconds > 0 else float("inf")
+
+
+async def store_airscore_burst(
+    sandbox: Sandbox, *, count: int, concurrency: int = BURST_CONCURRENCY
+) -> BurstResult:
+    """Store `count` scores with their events, round-robin over the sandbox's users, `concurrency` at a time."""
+    if not isinstance(count, int) or not 1 <= count <= MAX_BURST_WRITES:
+        raise ValidationError(f"A burst is a whole number of writes from 1 to {MAX_BURST_WRITES}.", field="count")
+    if not isinstance(concurrency, int) or not 1 <= concurrency <= 50:
+        raise ValidationError("Concurrency must be a whole number from 1 to 50.", field="concurrency")
+    users = await list_users(sandbox, limit=100)
+    if not users:
+        raise ValidationError("Your sandbox has no users yet: initialize it on page 2 first.", field="user_id")
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def write(number: int) -> None:
+        user = users[number % len(users)]
+        async with semaphore:
+            await calculate_and_store_airscore(
+                sandbox, user_id=user.id, occupation_code=user.occupation_code or BURST_FALLBACK_OCCUPATION
+            )
+
+    started = time.perf_counter()
+    outcomes = await asyncio.gather(*(write(number) for number in range(count)), return_exceptions=True)
+    seconds = time.perf_counter() - started
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome  # each write is its own transaction: the others committed whole
+    return BurstResult(writes=count, concurrency=concurrency, seconds=seconds)
+
+
+class ConsumedEvent(Base):
+    """The downstream consumer's inbox: one row per event id it has handled, its deduplication key."""
+
+    __tablename__ = "consumed_events"
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(100))
+    stream_message_id: Mapped[str] = mapped_column(String(40))
+    consumer_name: Mapped[str] = mapped_column(String(64))
+    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """Limits and timings of the publisher and the consumer (tests shrink the timings)."""
+
+    batch_size: int = 100
+    poll_interval_seconds: float = 1.0  # the fallback: a commit wakes the publisher at once
+    lease_seconds: float = 30.0  # a claim keeps other publishers off an event this long
+    max_attempts: int = 10
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 60.0
+    stream_max_length: int = 10_000  # XADD MAXLEN ~ keeps the stream bounded
+    max_message_bytes: int = 64 * 1024
+    consumer_batch_size: int = 100
+    consumer_reclaim_idle_seconds: float = 30.0  # XAUTOCLAIM messages left unacknowledged this long
+    broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as failed
+    stop_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    """An event a publisher holds the lease on, with what goes into its stream message."""
+
+    id: str
+    event_type: str
+    aggregate_type: str
+    aggregate_id: str
+    payload: dict[str, Any]
+    created_at: datetime
+    attempts: int
+
+    def stream_message(self) -> dict[str, str]:
+        """The stream entry's fields: the event id first, so any consumer can deduplicate."""
+        return {
+            "event_id": self.id,
+            "event_type": self.event_type,
+            "aggregate_type": self.aggregate_type,
+            "aggregate_id": self.aggregate_id,
+            "occurred_at": self.created_at.isoformat(),
+            "payload": json.dumps(self.payload, separators=(",", ":"), sort_keys=True),
+        }
+
+
+@dataclass
+class BatchReport:
+    """What one publisher batch did."""
+
+    claimed: int = 0
+    published: int = 0
+    rescheduled: int = 0  # failed this attempt, due again after a backoff
+    gave_up: int = 0  # reached the maximum attempts: now 'failed'
+    lease_lost: int = 0  # published, but another publisher had taken the lease over meanwhile
+    broker_error: str = ""
+    seconds: float = 0.0
+
+
+# The relay's statements are set-based Core statements on the table: per batch, the ORM session
+# machinery would only cost CPU, and it is the relay's bottleneck.
+_EVENTS = DomainEvent.__table__
+
+
+class OutboxPublisher:
+    """The outbox relay: leases due events oldest first, XADDs them in one pipeline, marks them published.
+
+    Several publishers may run against one database: the claim is one UPDATE … RETURNING whose
+    subquery takes FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite runs the statement under its
+    single write lock), and an event is only marked by the publisher whose name holds its lease.
+    """
+
+    def __init__(
+        self, sandbox: Sandbox, settings: Optional[OutboxSettings] = None, *, name: Optional[str] = None
+    ) -> None:
+        self.sandbox = sandbox
+        self.settings = settings or OutboxSettings()
+        self.name = name or f"publisher-{uuid.uuid4().hex[:12]}"
+        self.broker_down = False
+        self.earliest_retry_at: Optional[datetime] = None
+        self._random = random.Random()
+
+    @property
+    def stream_key(self) -> str:
+        """The Redis stream this sandbox's events go to."""
+        return self.sandbox.redis.key("events")
+
+    def backoff_seconds(self, attempts: int) -> float:
+        """Exponential backoff with jitter: base·2^(attempts−1), capped, then half fixed and half random."""
+        settings = self.settings
+        delay = min(settings.backoff_max_seconds, settings.backoff_base_seconds * 2 ** min(attempts - 1, 30))
+        return delay / 2 + self._random.uniform(0, delay / 2)
+
+    async def claim_due_events(self) -> list[ClaimedEvent]:
+        """Lease up to batch_size due pending events, oldest first, in ONE UPDATE … RETURNING."""
+        now = utc_now()
+        events = _EVENTS.c
+        claimable = (
+            events.status == "pending",
+            events.next_attempt_at <= now,
+            or_(events.claimed_until.is_(None), events.claimed_until < now),
+        )
+        oldest_due = (
+            select(events.id)
+            .where(*claimable)
+            .order_by(events.created_at, events.id)
+            .limit(self.settings.batch_size)
+            .with_for_update(skip_locked=True)  # PostgreSQL; compiled to nothing on SQLite
+            # MATERIALIZED: evaluated once. As a plain IN subquery PostgreSQL may re-run it for
+            # each row of a nested-loop join, and each run leases another batch_size rows.
+            .cte("oldest_due")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        claim = (
+            update(_EVENTS)
+            # UPDATE … FROM: the 100 leased ids are looked up by primary key (joined as IN, PostgreSQL
+            # chose to scan the whole table on every claim). The conditions are repeated because
+            # PostgreSQL re-checks them on a row another transaction changed meanwhile, so a row is
+            # never leased twice.
+            .where(events.id == oldest_due.c.id, *claimable)
+            .values(claimed_by=self.name, claimed_until=now + timedelta(seconds=self.settings.lease_seconds))
+            .returning(
+                events.id,
+                events.event_type,
+                events.aggregate_type,
+                events.aggregate_id,
+                events.payload,
+                events.created_at,
+                events.attempts,
+            )
+        )
+        async with self.sandbox.engine.begin() as connection:
+            rows = (await connection.execute(claim)).all()
+        return sorted((ClaimedEvent(*row) for row in rows), key=lambda claimed: (claimed.created_at, claimed.id))
+
+    async def publish_due_batch(self) -> BatchReport:
+        """Claim one batch, publish it to the stream, and record per event what happened."""
+        started = time.perf_counter()
+        events = await self.claim_due_events()
+        report = BatchReport(claimed=len(events))
+        if not events:
+            return report
+        errors: dict[str, str] = {}
+        messages: dict[str, dict[str, str]] = {}
+        for claimed in events:
+            message = claimed.stream_message()
+            size = sum(len(name) + len(value.encode()) for name, value in message.items())
+            if size > self.settings.max_message_bytes:
+                errors[claimed.id] = f"message is {size} bytes; the broker limit is {self.settings.max_message_bytes}"
+            else:
+                messages[claimed.id] = message
+        published: list[str] = []
+        if messages:
+            try:
+                pipeline = self.sandbox.redis.client.pipeline(transaction=False)
+                for message in messages.values():
+                    pipeline.xadd(
+                        self.stream_key, message, maxlen=self.settings.stream_max_length, approximate=True
+                    )
+                results = await asyncio.wait_for(
+                    pipeline.execute(raise_on_error=False), self.settings.broker_timeout_seconds
+                )
+            except REDIS_ERRORS as error:
+                self.sandbox.redis.health.record_failure(error)
+                self.broker_down = True
+                report.broker_error = f"broker unavailable: {type(error).__name__}: {error}"[:300]
+                errors.update((event_id, report.broker_error) for event_id in messages)
+            else:
+                self.sandbox.redis.health.record_success()
+                for event_id, result in zip(messages, results):
+                    if isinstance(result, Exception):
+                        errors[event_id] = f"broker refused the message: {result}"[:300]
+                    else:
+                        published.append(event_id)
+        if published:
+            marked = await self._mark_published(published, published_at=utc_now())
+            report.published, report.lease_lost = marked, len(published) - marked
+        if errors:
+            report.rescheduled, report.gave_up = await self._record_failures(
+                [claimed for claimed in events if claimed.id in errors], errors
+            )
+        report.seconds = time.perf_counter() - started
+        return report
+
+    async def _mark_published(self, event_ids: list[str], *, published_at: datetime) -> int:
+        mark = (
+            update(_EVENTS)
+            .where(_EVENTS.c.id.in_(event_ids), _EVENTS.c.claimed_by == self.name)
+            .values(status="published", published_at=published_at, claimed_by=None, claimed_until=None)
+        )
+        async with self.sandbox.engine.begin() as connection:
+            result = await connection.execute(mark)
+        return int(result.rowcount)
+
+    async def _record_failures(self, events: list[ClaimedEvent], errors: dict[str, str]) -> tuple[int, int]:
+        now = utc_now()
+        table = _EVENTS
+        rows = []
+        for claimed in events:
+            attempts = claimed.attempts + 1
+            gave_up = attempts >= self.settings.max_attempts
+            retry_at = now if gave_up else now + timedelta(seconds=self.backoff_seconds(attempts))
+            rows.append(
+                {
+                    "event_id": claimed.id,
+                    "new_status": "failed" if gave_up else "pending",
+                    "new_attempts": attempts,
+                    "error": errors[claimed.id][:500],
+                    "retry_at": retry_at,
+                }
+            )
+            if not gave_up and (self.earliest_retry_at is None or retry_at < self.earliest_retry_at):
+                self.earliest_retry_at = retry_at
+        record = (
+            update(table)
+            .where(table.c.id == bindparam("event_id"), table.c.claimed_by == self.name)
+            .values(
+                status=bindparam("new_status"),
+                attempts=bindparam("new_attempts"),
+                last_error=bindparam("error"),
+                next_attempt_at=bindparam("retry_at"),
+                claimed_by=None,
+                claimed_until=None,
+            )
+        )
+        async with self.sandbox.engine.begin() as connection:
+            await connection.execute(record, rows)
+        gave_up_count = sum(row["new_status"] == "failed" for row in rows)
+        return len(rows) - gave_up_count, gave_up_count
+
+    async def probe_broker(self) -> bool:
+        """After a broker failure: PING it, and when it answers make events waiting out a backoff due now."""
+        try:
+            await asyncio.wait_for(self.sandbox.redis.client.ping(), self.settings.broker_timeout_seconds)
+        except REDIS_ERRORS as error:
+            self.sandbox.redis.health.record_failure(error)
+            return False
+        self.sandbox.redis.health.record_success()
+        self.broker_down = False
+        self.earliest_retry_at = None
+        # The backoff waited for the broker, not for these events: once it is back, none must wait on.
+        now = utc_now()
+        due_now = (
+            update(DomainEvent)
+            .where(DomainEvent.status == "pending", DomainEvent.next_attempt_at > now)
+            .values(next_attempt_at=now)
+        )
+        async with get_session(self.sandbox) as session:
+            await session.execute(due_now, execution_options={"synchronize_session": False})
+        return True
+
+    def seconds_until_next_retry(self) -> Optional[float]:
+        """How long until the earliest backoff this publisher scheduled ends (None: none scheduled)."""
+        if self.earliest_retry_at is None:
+            return None
+        remaining = (self.earliest_retry_at - utc_now()).total_seconds()
+        if remaining <= 0:
+            self.earliest_retry_at = None
+            return 0.0
+        return remaining
+
+
+EVENT_CONSUMER_GROUP = "score-notifications"
+
+
+@dataclass
+class ConsumeReport:
+    """What one consumer batch did."""
+
+    received: int = 0
+    recorded: int = 0  # first delivery of an event id: handled and stored in the inbox
+    duplicates: int = 0  # an event id the inbox already had: acknowledged, not handled again
+    reclaimed: int = 0  # taken over with XAUTOCLAIM from a consumer that stopped acknowledging
+
+
+class StreamConsumer:
+    """The downstream service: reads the stream in a consumer group, deduplicates by event id, acknowledges."""
+
+    def __init__(self, sandbox: Sandbox, settings: Optional[OutboxSettings] = None) -> None:
+        self.sandbox = sandbox
+        self.settings = settings or OutboxSettings()
+        self.name = f"consumer-{uuid.uuid4().hex[:12]}"
+        self.duplicates_ignored = 0
+        self._reclaim_cursor = "0-0"
+
+    @property
+    def stream_key(self) -> str:
+        """The stream this consumer reads (the publisher's)."""
+        return self.sandbox.redis.key("events")
+
+    async def consume_batch(self) -> ConsumeReport:
+        """Read up to one batch (abandoned messages first), record new event ids in the inbox, XACK all."""
+        client = self.sandbox.redis.client
+        try:
+            reclaimed, fresh = await self._bounded(self._read(client))
+        except redis.exceptions.ResponseError:
+            # NOGROUP: the stream or its group is gone (init_db wipes the namespace): recreate it.
+            if not await self._bounded(self._create_group(client)):
+                raise
+            reclaimed, fresh = await self._bounded(self._read(client))
+        messages = reclaimed + fresh
+        report = ConsumeReport(received=len(messages), reclaimed=len(reclaimed))
+        if not messages:
+            return report
+        rows: dict[str, dict[str, Any]] = {}
+        for message_id, fields in messages:
+            event_id = (fields or {}).get("event_id")
+            if event_id and event_id not in rows:
+                rows[event_id] = {
+                    "event_id": event_id,
+                    "event_type": fields.get("event_type", "")[:100],
+                    "stream_message_id": message_id,
+                    "consumer_name": self.name,
+                    "consumed_at": utc_now(),
+                }
+        if rows:
+            async with get_session(self.sandbox) as session:
+                result = await session.execute(_insert_ignoring_duplicates(self.sandbox.backend), list(rows.values()))
+                report.recorded = len(result.scalars().all())
+        # Acknowledge only after the inbox committed: a crash in between means redelivery, which
+        # the inbox then recognises, rather than a lost event.
+        acknowledged = [message_id for message_id, _ in messages]
+        await self._bounded(client.xack(self.stream_key, EVENT_CONSUMER_GROUP, *acknowledged))
+        report.duplicates = len(messages) - report.recorded
+        self.duplicates_ignored += report.duplicates
+        return report
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        return await asyncio.wait_for(call, self.settings.broker_timeout_seconds)
+
+    async def _read(self, client: Any) -> tuple[list[Any], list[Any]]:
+        count = self.settings.consumer_batch_size
+        cursor, reclaimed, *_ = await client.xautoclaim(
+            self.stream_key,
+            EVENT_CONSUMER_GROUP,
+            self.name,
+            min_idle_time=int(self.settings.consumer_reclaim_idle_seconds * 1000),
+            start_id=self._reclaim_cursor,
+            count=count,
+        )
+        self._reclaim_cursor = cursor
+        reclaimed = [(message_id, fields) for message_id, fields in reclaimed if fields]
+        response = await client.xreadgroup(EVENT_CONSUMER_GROUP, self.name, {self.stream_key: ">"}, count=count)
+        fresh = response[0][1] if response else []
+        return reclaimed, list(fresh)
+
+    async def _create_group(self, client: Any) -> bool:
+        try:
+            await client.xgroup_create(self.stream_key, EVENT_CONSUMER_GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as error:
+            if "BUSYGROUP" in str(error):
+                return False  # it existed: the error that brought us here was something else
+            raise
+        self._reclaim_cursor = "0-0"
+        return True
+
+
+def _insert_ignoring_duplicates(backend: str) -> Any:
+    dialect_insert = postgresql_insert if backend == "postgresql" else sqlite_insert
+    return (
+        dialect_insert(ConsumedEvent)
+        .on_conflict_do_nothing(index_elements=[ConsumedEvent.event_id])
+        .returning(ConsumedEvent.event_id)
+    )
+
+
+class OutboxService:
+    """One sandbox's outbox machinery: the publisher and consumer tasks, their wake-ups, an activity log.
+
+    The tasks run on the runtime's loop, across reruns and page changes, until stop() (or the
+    sandbox's release). A commit that inserts a DomainEvent wakes the publisher; polling every
+    poll_interval_seconds is only the fallback. Each published batch wakes the consumer.
+    """
+
+    def __init__(self, sandbox: Sandbox, settings: Optional[OutboxSettings] = None) -> None:
+        self.sandbox = sandbox
+        self.settings = settings or OutboxSettings()
+        self.publisher = OutboxPublisher(sandbox, self.settings)
+        self.consumer = StreamConsumer(sandbox, self.settings)
+        self.activity: deque[str] = deque(maxlen=40)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_requested = False
+        self._publisher_wake = asyncio.Event()
+        self._consumer_wake = asyncio.Event()
+        self._last_error_noted = ""
+        sandbox.commit_listeners.append(self._on_commit)
+        sandbox.reset_listeners.append(self._on_reset)
+        sandbox.release_listeners.append(self._on_release)
+
+    @property
+    def running(self) -> bool:
+        """True while the background tasks run."""
+        return any(not task.done() for task in self._tasks)
+
+    async def start(self) -> bool:
+        """Start the publisher and the consumer on this loop; False if they were already running."""
+        if self.running:
+            return False
+        self._stop_requested = False
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run_publisher(), name=f"outbox-publisher-{self.sandbox.id}"),
+            loop.create_task(self._run_consumer(), name=f"outbox-consumer-{self.sandbox.id}"),
+        ]
+        self._note(f"publisher {self.publisher.name} started")
+        return True
+
+    async def stop(self) -> bool:
+        """Let both tasks finish their current batch, then stop; False if they were not running."""
+        if not self.running:
+            return False
+        self._stop_requested = True
+        self.wake()
+        tasks = list(self._tasks)
+        _, still_running = await asyncio.wait(tasks, timeout=self.settings.stop_timeout_seconds)
+        for task in still_running:
+            task.cancel()  # a batch stuck longer than the timeout; its lease will expire
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
+        self._note(f"publisher {self.publisher.name} stopped")
+        return True
+
+    def wake(self) -> None:
+        """Make both workers look for work now instead of at their next poll."""
+        self._publisher_wake.set()
+        self._consumer_wake.set()
+
+    def _note(self, message: str) -> None:
+        self.activity.appendleft(f"{datetime.now(timezone.utc):%H:%M:%S.%f}"[:-3] + f"  {message}")
+
+    async def _run_publisher(self) -> None:
+        failures_in_a_row = 0
+        while not self._stop_requested:
+            self._publisher_wake.clear()
+            try:
+                if self.publisher.broker_down and await self.publisher.probe_broker():
+                    self._note("broker answers again: events waiting out a backoff are due now")
+                report = await self.publisher.publish_due_batch()
+            except Exception as error:  # the database failed: keep running, try again later
+                failures_in_a_row += 1
+                self._note_error("publisher", error)
+                await self._sleep_unless_woken(self._publisher_wake, self.publisher.backoff_seconds(failures_in_a_row))
+                continue
+            failures_in_a_row, self._last_error_noted = 0, ""
+            self._note_batch(report)
+            if report.published:
+                self._consumer_wake.set()
+            if report.claimed == self.settings.batch_size and not report.broker_error:
+                continue  # a full batch: more events are probably due right now
+            wait = self.settings.poll_interval_seconds
+            retry_in = self.publisher.seconds_until_next_retry()
+            if retry_in is not None:
+                wait = min(wait, retry_in)
+            await self._sleep_unless_woken(self._publisher_wake, wait)
+
+    async def _run_consumer(self) -> None:
+        failures_in_a_row = 0
+        while not self._stop_requested:
+            self._consumer_wake.clear()
+            try:
+                report = await self.consumer.consume_batch()
+            except Exception as error:  # broker or database trouble: keep running, try again later
+                failures_in_a_row += 1
+                self._note_error("consumer", error)
+                await self._sleep_unless_woken(self._consumer_wake, self.publisher.backoff_seconds(failures_in_a_row))
+                continue
+            failures_in_a_row = 0
+            if report.received:
+                self._note(
+                    f"consumer received {report.received}: {report.recorded} new, "
+                    f"{report.duplicates} duplicates ignored"
+                    + (f", {report.reclaimed} reclaimed" if report.reclaimed else "")
+                )
+            if report.received < self.settings.consumer_batch_size:
+                await self._sleep_unless_woken(self._consumer_wake, self.settings.poll_interval_seconds)
+
+    @staticmethod
+    async def _sleep_unless_woken(wake: asyncio.Event, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=max(0.001, seconds))
+        except asyncio.TimeoutError:
+            pass
+
+    def _note_batch(self, report: BatchReport) -> None:
+        if not report.claimed:
+            return
+        parts = [f"claimed {report.claimed}", f"published {report.published}"]
+        if report.rescheduled:
+            parts.append(f"{report.rescheduled} rescheduled with backoff")
+        if report.gave_up:
+            parts.append(f"{report.gave_up} moved to failed")
+        if report.lease_lost:
+            parts.append(f"{report.lease_lost} had lost their lease")
+        message = ", ".join(parts) + f" in {report.seconds * 1000:.1f} ms"
+        self._note(message + (f" ({report.broker_error})" if report.broker_error else ""))
+
+    def _note_error(self, worker: str, error: BaseException) -> None:
+        description = f"{worker} error: {type(error).__name__}: {error}"[:300]
+        if description != self._last_error_noted:  # one line per new error, not one per retry
+            self._last_error_noted = description
+            logger.warning("outbox %s in sandbox %s", description, self.sandbox.id)
+            self._note(description)
+
+    async def _on_commit(self, changes: CommittedChanges) -> None:
+        if any(isinstance(obj, DomainEvent) for obj in changes.inserted):
+            self._publisher_wake.set()
+
+    async def _on_reset(self, sandbox: Sandbox) -> None:
+        self.consumer.duplicates_ignored = 0
+        self.activity.clear()
+        self._note("sandbox reset: events, inbox and stream emptied")
+
+    async def _on_release(self, sandbox: Sandbox) -> None:
+        await self.stop()
+
+
+OUTBOX_SERVICE_NAME = "outbox"
+
+
+def outbox_service(sandbox: Sandbox, settings: Optional[OutboxSettings] = None) -> OutboxService:
+    """The sandbox's outbox machinery, created on first use (settings apply only to that first call)."""
+    return sandbox.service(OUTBOX_SERVICE_NAME, lambda owner: OutboxService(owner, settings))
+
+
+async def start_event_publisher(sandbox: Sandbox) -> bool:
+    """Start the sandbox's publisher and consumer in the background; False if already running."""
+    return await outbox_service(sandbox).start()
+
+
+async def stop_event_publisher(sandbox: Sandbox) -> bool:
+    """Stop them after their current batch; False if they were not running."""
+    return await outbox_service(sandbox).stop()
+
+
+@dataclass(frozen=True)
+class PublisherState:
+    """Whether the sandbox's publisher runs and whether its broker connection is cut (no database call)."""
+
+    running: bool
+    publisher_name: str
+    broker_cut_off: bool
+    settings: OutboxSettings
+
+
+async def event_publisher_state(sandbox: Sandbox) -> PublisherState:
+    """The publisher's switches, for the page's controls."""
+    service = outbox_service(sandbox)
+    return PublisherState(
+        running=service.running,
+        publisher_name=service.publisher.name,
+        broker_cut_off=sandbox.redis.cut_off,
+        settings=service.settings,
+    )
+
+
+async def set_broker_outage(sandbox: Sandbox, *, cut: bool) -> None:
+    """Cut this sandbox off from Redis (connections really fail) or restore the connection."""
+    if cut:
+        sandbox.redis.cut()
+    else:
+        await sandbox.redis.restore()
+
+
+async def retry_failed_events(sandbox: Sandbox) -> int:
+    """Give every failed event a fresh set of attempts (pending, due now); returns how many."""
+    retry = (
+        update(DomainEvent)
+        .where(DomainEvent.status == "failed")
+        .values(status="pending", attempts=0, next_attempt_at=utc_now(), claimed_by=None, claimed_until=None)
+    )
+    async with get_session(sandbox) as session:
+        result = await session.execute(retry, execution_options={"synchronize_session": False})
+    outbox_service(sandbox).wake()
+    return int(result.rowcount)
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """The event status panel: counts, rates and latencies measured now, and the latest events."""
+
+    publisher_running: bool
+    broker_cut_off: bool
+    pending: int
+    published: int
+    failed: int
+    delivered: int
+    duplicates_ignored: int
+    stream_length: Optional[int]  # None while the broker cannot be reached
+    events_per_second: float  # published during the last RATE_WINDOW_SECONDS, per second
+    oldest_pending_age_seconds: Optional[float]
+    median_latency_ms: Optional[float]  # commit-to-publish, over the latest published events
+    p95_latency_ms: Optional[float]
+    pending_events: list[dict[str, Any]]
+    published_events: list[dict[str, Any]]
+    failed_events: list[dict[str, Any]]
+    activity: list[str]
+
+
+RATE_WINDOW_SECONDS = 5.0
+LATENCY_SAMPLE_SIZE = 500
+
+
+def _event_row(event: DomainEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "event_type": event.event_type,
+        "aggregate_id": event.aggregate_id,
+        "status": event.status,
+        "attempts": event.attempts,
+        "created_at": event.created_at,
+        "next_attempt_at": event.next_attempt_at,
+        "last_error": event.last_error,
+        "published_at": event.published_at,
+    }
+
+
+async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
+    """Count events by status, measure rate, backlog age and latency, and list the latest of each kind."""
+    service = outbox_service(sandbox)
+    now = utc_now()
+    async with get_session(sandbox) as session:
+        by_status = select(DomainEvent.status, func.count()).group_by(DomainEvent.status)
+        counts = dict((await session.execute(by_status)).all())
+        oldest_pending = await session.scalar(
+            select(func.min(DomainEvent.created_at)).where(DomainEvent.status == "pending")
+        )
+        recently_published = await session.scalar(
+            select(func.count())
+            .select_from(DomainEvent)
+            .where(DomainEvent.published_at >= now - timedelta(seconds=RATE_WINDOW_SECONDS))
+        )
+        latency_sample = (
+            await session.execute(
+                select(DomainEvent.created_at, DomainEvent.published_at)
+                .where(DomainEvent.status == "published")
+                .order_by(DomainEvent.published_at.desc())
+                .limit(LATENCY_SAMPLE_SIZE)
+            )
+        ).all()
+        delivered = await session.scalar(select(func.count()).select_from(ConsumedEvent))
+
+        async def latest(status: str, order: Any) -> list[DomainEvent]:
+            statement = select(DomainEvent).where(DomainEvent.status == status).order_by(order).limit(limit)
+            return list((await session.scalars(statement)).all())
+
+        pending_events = await latest("pending", DomainEvent.created_at)
+        failed_events = await latest("failed", DomainEvent.created_at)
+        published_rows = (
+            await session.execute(
+                select(DomainEvent, ConsumedEvent.consumed_at)
+                .outerjoin(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+                .where(DomainEvent.status == "published")
+                .order_by(DomainEvent.published_at.desc(), DomainEvent.created_at.desc())
+                .limit(limit)
+            )
+        ).all()
+    try:
+        stream_length: Optional[int] = await asyncio.wait_for(
+            sandbox.redis.client.xlen(sandbox.redis.key("events")), service.settings.broker_timeout_seconds
+        )
+    except REDIS_ERRORS:
+        stream_length = None
+    # Latency runs from created_at, stamped inside the writing transaction just before its commit,
+    # so it slightly overstates commit-to-publish, never understates it.
+    latencies = sorted((published - created).total_seconds() * 1000 for created, published in latency_sample)
+    return OutboxStatus(
+        publisher_running=service.running,
+        broker_cut_off=sandbox.redis.cut_off,
+        pending=int(counts.get("pending", 0)),
+        published=int(counts.get("published", 0)),
+        failed=int(counts.get("failed", 0)),
+        delivered=int(delivered or 0),
+        duplicates_ignored=service.consumer.duplicates_ignored,
+        stream_length=stream_length,
+        events_per_second=int(recently_published or 0) / RATE_WINDOW_SECONDS,
+        oldest_pending_age_seconds=(now - oldest_pending).total_seconds() if oldest_pending else None,
+        median_latency_ms=statistics.median(latencies) if latencies else None,
+        p95_latency_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))] if latencies else None,
+        pending_events=[_event_row(event) for event in pending_events],
+        published_events=[
+            {**_event_row(event), "delivered_at": delivered_at} for event, delivered_at in published_rows
+        ],
+        failed_events=[_event_row(event) for event in failed_events],
+        activity=list(service.activity),
+    )
 
 
 # =============================================================================================

@@ -1,0 +1,146 @@
+"""Benchmark: what a cache hit saves, and what the cache itself costs on top of Redis.
+
+Two ratios, each the median over rounds of one round's ratio (the variants run back to back in
+every round, in rotating order, so drift on a shared machine cancels out):
+- uncached read (a new session per request, the primary-key lookup) ÷ cache hit: target >= 5;
+- cache hit (CachedUserRepository.get_user) ÷ a bare redis.asyncio GET + json.loads of the
+  same key: target <= 1.3.
+Measured against a real Redis (REDIS_URL, else a redis-server started here when installed)
+and against fakeredis. The database is DATABASE_URL's, else the embedded SQLite.
+
+Run from the project root: python3 bench/cache.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import source  # noqa: E402
+
+ROUNDS = 40
+CALLS_PER_ROUND = 40
+HIT_SPEEDUP_TARGET = 5.0
+HIT_OVERHEAD_TARGET = 1.3
+
+
+async def _mean_ms(operation: Callable[[], Awaitable[Any]], calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        await operation()
+    return (time.perf_counter() - started) * 1000 / calls
+
+
+async def measure(settings: source.Settings, *, rounds: int = ROUNDS, calls: int = CALLS_PER_ROUND) -> dict[str, Any]:
+    """Median per-call times of the three reads, measured in interleaved rounds, and the median per-round ratios."""
+    redis_service = await source.RedisService.connect(settings)
+    registry = source.SandboxRegistry(settings, redis_service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        await source.init_db(sandbox, reset=True)
+        user_id = (await source.prepare_cache_demo(sandbox)).user_id
+        cache = source.cache_for(sandbox)
+        key = cache.user_key(user_id)
+        client = sandbox.redis.client
+
+        async def uncached_read() -> None:
+            async with sandbox.session_factory() as session:
+                await source.UserRepository(session).get(user_id)
+
+        async def cache_hit() -> None:
+            if (await cache.get_user(user_id=user_id)).outcome != source.CACHE_HIT:
+                raise RuntimeError("expected a cache hit; is Redis evicting keys?")
+
+        async def bare_get() -> None:
+            json.loads(await client.get(key))
+
+        await cache.get_user(user_id=user_id)  # the miss that stores the value
+        variants = {"uncached read": uncached_read, "cache hit": cache_hit, "bare GET + json.loads": bare_get}
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for name, operation in variants.items():  # warm connections and code paths
+            await _mean_ms(operation, calls)
+        for round_number in range(rounds):
+            order = list(variants)
+            order = order[round_number % 3 :] + order[: round_number % 3]  # rotate to spread drift evenly
+            for name in order:
+                samples[name].append(await _mean_ms(variants[name], calls))
+        def ratio(numerator: str, denominator: str) -> float:
+            # Each round's two blocks ran back to back, so their ratio shares the machine's mood then.
+            return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
+
+        return {
+            "redis": redis_service.mode,
+            "redis_detail": redis_service.reason,
+            "database": registry.describe_database(),
+            "reads_per_variant": rounds * calls,
+            **{f"{name} (ms)": statistics.median(values) for name, values in samples.items()},
+            "uncached ÷ hit": ratio("uncached read", "cache hit"),
+            "hit ÷ bare GET": ratio("cache hit", "bare GET + json.loads"),
+        }
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    columns = [
+        ("redis", "{}"),
+        ("uncached read (ms)", "{:.3f}"),
+        ("cache hit (ms)", "{:.3f}"),
+        ("bare GET + json.loads (ms)", "{:.3f}"),
+        ("uncached ÷ hit", "{:.2f}×"),
+        ("hit ÷ bare GET", "{:.2f}×"),
+    ]
+    rows = [[fmt.format(result[name]) for name, fmt in columns] for result in results]
+    widths = [max(len(name), *(len(row[i]) for row in rows)) for i, (name, _) in enumerate(columns)]
+    print(" | ".join(name.ljust(width) for (name, _), width in zip(columns, widths)))
+    print("-+-".join("-" * width for width in widths))
+    for row in rows:
+        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    for result in results:
+        speedup_ok = result["uncached ÷ hit"] >= HIT_SPEEDUP_TARGET
+        overhead_ok = result["hit ÷ bare GET"] <= HIT_OVERHEAD_TARGET
+        print(
+            f"{result['redis']}: hit ≥ {HIT_SPEEDUP_TARGET:g}× faster than uncached: {'yes' if speedup_ok else 'NO'}; "
+            f"hit ≤ {HIT_OVERHEAD_TARGET:g}× a bare GET: {'yes' if overhead_ok else 'NO'} "
+            f"({result['reads_per_variant']} reads each; {result['redis_detail']}; database: {result['database']})"
+        )
+
+
+def main() -> list[dict[str, Any]]:
+    """Run the benchmark on a real Redis (when one is available) and on fakeredis; print and return the rows."""
+    base = source.Settings.from_environment()
+    results = []
+    with ExitStack() as stack:
+        real_url: Optional[str] = os.environ.get("REDIS_URL") or None
+        if real_url is None and shutil.which("redis-server"):
+            import servers
+
+            real_url = stack.enter_context(servers.redis_server())
+        if real_url is None:
+            print("No real Redis: set REDIS_URL or install redis-server. Measuring fakeredis only.")
+        else:
+            real = asyncio.run(measure(replace(base, redis_url=real_url)))
+            if real["redis"] != "redis":
+                print(f"The real Redis did not answer ({real['redis_detail']}).")
+            results.append(real)
+    results.append(asyncio.run(measure(replace(base, redis_url=None))))
+    _print_table(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

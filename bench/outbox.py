@@ -1,0 +1,303 @@
+"""Benchmark the outbox: what the event costs the write, how fast the relay moves events, how two
+relays share the work, and how soon a committed event is published.
+
+Run from the project root: `python3 bench/outbox.py`. It reads DATABASE_URL and REDIS_URL like the
+app; when they are unset it starts a throwaway PostgreSQL and Redis (tests/servers.py) if installed.
+SQLite always runs (embedded). Only ratios measured within this one run mean anything: the
+machine is shared and timings drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import pytest  # noqa: E402  (servers.py skips through pytest when a server is missing)
+from sqlalchemy import select  # noqa: E402
+
+import servers  # noqa: E402
+import source  # noqa: E402
+
+WRITES_PER_VARIANT = 600
+WARM_UP_WRITES = 20
+RELAY_EVENTS = 5000
+TWO_RELAY_EVENTS = 6000
+TWO_RELAY_ROUNDS = 3  # 1 relay, 2 relays, alternating: the median ratio resists a busy moment
+LATENCY_WRITES = 200
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured number, with the target it is held to (if any)."""
+
+    backend: str
+    measurement: str
+    value: float
+    unit: str
+    target: str = ""
+    met: Optional[bool] = None
+
+
+def _server_url(stack: ExitStack, configured: Optional[str], start: Any, name: str, notes: list[str]) -> Optional[str]:
+    if configured:
+        return configured
+    try:
+        url = stack.enter_context(start())
+    except pytest.skip.Exception as reason:
+        notes.append(f"{name} not available: {reason}")
+        return None
+    notes.append(f"{name}: a throwaway server started for this run")
+    return url
+
+
+@contextmanager
+def bench_servers() -> Iterator[tuple[Optional[str], Optional[str], list[str]]]:
+    """PostgreSQL and Redis URLs: from the environment, else started here, else None (with a note)."""
+    notes: list[str] = []
+    with ExitStack() as stack:
+        postgres = _server_url(stack, servers.configured_postgres_url(), servers.postgres_server, "PostgreSQL", notes)
+        redis_url = _server_url(stack, servers.configured_redis_url(), servers.redis_server, "Redis", notes)
+        if redis_url is None:
+            notes.append("without a real Redis the relay publishes to fakeredis")
+        yield postgres, redis_url, notes
+
+
+async def _timed_write(sandbox: source.Sandbox, user_id: str, *, with_event: bool) -> float:
+    started = time.perf_counter()
+    if with_event:
+        await source.calculate_and_store_airscore(sandbox, user_id=user_id, occupation_code="15-1252.00")
+    else:
+        async with source.get_session(sandbox) as session:
+            await source.add_calculated_airscore(session, user_id=user_id, occupation_code="15-1252.00")
+    return time.perf_counter() - started
+
+
+async def measure_write_cost(sandbox: source.Sandbox) -> tuple[float, float]:
+    """Median seconds per write: score-only and score+event (one transaction each).
+
+    The two kinds alternate write by write (and which goes first alternates too), so a busy
+    moment on this shared machine hits both alike; medians ignore the odd stall.
+    """
+    user_ids = [user.id for user in await source.init_db(sandbox)]
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for number in range(WARM_UP_WRITES + WRITES_PER_VARIANT):
+        order = (False, True) if number % 2 == 0 else (True, False)
+        for with_event in order:
+            seconds = await _timed_write(sandbox, user_ids[number % len(user_ids)], with_event=with_event)
+            if number >= WARM_UP_WRITES:
+                timings[with_event].append(seconds)
+    return statistics.median(timings[False]), statistics.median(timings[True])
+
+
+async def _add_pending_events(sandbox: source.Sandbox, count: int) -> None:
+    for start in range(0, count, 1000):
+        async with source.get_session(sandbox) as session:
+            session.add_all(
+                source.DomainEvent(
+                    event_type="BenchEvent",
+                    aggregate_type="Bench",
+                    aggregate_id=source._new_id(),
+                    payload={"n": n, "air_score": 71.5, "parameter_version": source.AIR_PARAMETER_VERSION},
+                )
+                for n in range(start, min(count, start + 1000))
+            )
+
+
+async def _stream_ids(sandbox: source.Sandbox) -> list[str]:
+    entries = await sandbox.redis.client.xrange(sandbox.redis.key("events"))
+    return [fields["event_id"] for _, fields in entries]
+
+
+async def _drain(publisher: source.OutboxPublisher) -> None:
+    while (await publisher.publish_due_batch()).claimed:
+        pass
+
+
+async def measure_relay(sandbox: source.Sandbox, *, relays: int, events: int) -> tuple[float, int]:
+    """Events per second for `relays` publishers draining `events` pending events; and duplicates."""
+    await source.init_db(sandbox)
+    await _add_pending_events(sandbox, events)
+    settings = replace(source.OutboxSettings(), stream_max_length=events * 2)
+    publishers = [source.OutboxPublisher(sandbox, settings) for _ in range(relays)]
+    started = time.perf_counter()
+    await asyncio.gather(*(_drain(publisher) for publisher in publishers))
+    seconds = time.perf_counter() - started
+    in_stream = await _stream_ids(sandbox)
+    if len(set(in_stream)) != events:
+        raise AssertionError(f"{len(set(in_stream))} of {events} events reached the stream")
+    return events / seconds, len(in_stream) - len(set(in_stream))
+
+
+def _relay_process(settings: source.Settings, sandbox_id: str, schema: str, start_together: Any, results: Any) -> None:
+    """One relay in its own process, as relays are deployed: its own loop, pool and Redis client."""
+    asyncio.run(_relay_in_this_process(settings, sandbox_id, schema, start_together, results))
+
+
+async def _relay_in_this_process(
+    settings: source.Settings, sandbox_id: str, schema: str, start_together: Any, results: Any
+) -> None:
+    redis_service = await source.RedisService.connect(settings)
+    target = source.resolve_database_target(settings.database_url)
+    engine = source.create_engine_for(target.url, settings).execution_options(schema_translate_map={None: schema})
+    sandbox = source.Sandbox(
+        id=sandbox_id,
+        backend="postgresql",
+        engine=engine,
+        session_factory=source.async_sessionmaker(engine, expire_on_commit=False),
+        redis=source.RedisLink(redis_service, sandbox_id),
+        settings=settings,
+        location=schema,
+        owns_engine=False,
+    )
+    publisher = source.OutboxPublisher(sandbox, source.OutboxSettings(stream_max_length=TWO_RELAY_EVENTS * 2))
+    try:
+        async with engine.connect():  # open the pool's first connection before the clock starts
+            await redis_service.client.ping()
+        await asyncio.get_running_loop().run_in_executor(None, start_together.wait)
+        await _drain(publisher)
+        results.put(time.monotonic())
+    finally:
+        await engine.dispose()
+        await redis_service.close()
+
+
+async def measure_relay_processes(
+    registry: source.SandboxRegistry, sandbox: source.Sandbox, *, relays: int, events: int
+) -> tuple[float, int]:
+    """Events per second for `relays` relay processes draining `events` pending events; and duplicates."""
+    await source.init_db(sandbox)
+    await _add_pending_events(sandbox, events)
+    context = multiprocessing.get_context("spawn")
+    start_together, results = context.Barrier(relays + 1), context.Queue()
+    processes = [
+        context.Process(
+            target=_relay_process, args=(registry.settings, sandbox.id, sandbox.location, start_together, results)
+        )
+        for _ in range(relays)
+    ]
+    for process in processes:
+        process.start()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, start_together.wait)
+    started = time.monotonic()
+    finished = [await loop.run_in_executor(None, results.get, True, 120) for _ in processes]
+    for process in processes:
+        process.join(30)
+    seconds = max(finished) - started
+    in_stream = await _stream_ids(sandbox)
+    if len(set(in_stream)) != events:
+        raise AssertionError(f"{len(set(in_stream))} of {events} events reached the stream")
+    return events / seconds, len(in_stream) - len(set(in_stream))
+
+
+async def measure_latency(sandbox: source.Sandbox) -> tuple[float, float]:
+    """Median and p95 ms from an event's write to its publication, with the publisher running."""
+    user_ids = [user.id for user in await source.init_db(sandbox)]
+    service = source.outbox_service(sandbox)
+    await service.start()
+    try:
+        for number in range(LATENCY_WRITES):
+            await source.calculate_and_store_airscore(
+                sandbox, user_id=user_ids[number % len(user_ids)], occupation_code="15-1252.00"
+            )
+            await asyncio.sleep(0.002)  # a steady stream of writes, not one burst
+        deadline = time.monotonic() + 30
+        while (status := await source.outbox_status(sandbox)).published < LATENCY_WRITES:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {status.published} of {LATENCY_WRITES} published after 30 s")
+            await asyncio.sleep(0.01)
+    finally:
+        await service.stop()
+    async with source.get_session(sandbox) as session:
+        rows = (await session.execute(select(source.DomainEvent.created_at, source.DomainEvent.published_at))).all()
+    latencies = sorted((published - created).total_seconds() * 1000 for created, published in rows)
+    return statistics.median(latencies), latencies[int(len(latencies) * 0.95)]
+
+
+async def bench_backend(label: str, settings: source.Settings, *, two_relays: bool) -> list[Result]:
+    """Every measurement on one backend (one registry, fresh sandboxes)."""
+    redis_service = await source.RedisService.connect(settings)
+    registry = source.SandboxRegistry(settings, redis_service)
+    results: list[Result] = []
+    try:
+        backend = f"{label} + {'Redis' if redis_service.mode == 'redis' else 'fakeredis'}"
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        score_only, with_event = await measure_write_cost(sandbox)
+        ratio = with_event / score_only
+        results += [
+            Result(backend, "score-only write, median", score_only * 1000, "ms"),
+            Result(backend, "score+event write (one transaction), median", with_event * 1000, "ms"),
+            Result(backend, "score+event ÷ score-only", ratio, "×", "≤ 1.3", ratio <= 1.3),
+        ]
+        one_rate, _ = await measure_relay(sandbox, relays=1, events=RELAY_EVENTS)
+        results.append(Result(backend, "relay throughput, 1 relay", one_rate, "events/s", "≥ 5,000", one_rate >= 5000))
+        if two_relays:
+            rounds = []
+            for _ in range(TWO_RELAY_ROUNDS):
+                single, _ = await measure_relay_processes(registry, sandbox, relays=1, events=TWO_RELAY_EVENTS)
+                double, duplicates = await measure_relay_processes(registry, sandbox, relays=2, events=TWO_RELAY_EVENTS)
+                rounds.append((double / single, single, double, duplicates))
+            ratio, single, double, _ = sorted(rounds)[len(rounds) // 2]
+            duplicates = sum(round_[3] for round_ in rounds)
+            spread = ", ".join(f"{round_[0]:.2f}" for round_ in rounds)
+            results += [
+                Result(backend, f"1 relay process, {TWO_RELAY_EVENTS} events (median round)", single, "events/s"),
+                Result(backend, f"2 relay processes, {TWO_RELAY_EVENTS} events (median round)", double, "events/s"),
+                Result(backend, f"2 relays ÷ 1 relay, median of rounds {spread}", ratio, "×", "≥ 1.2", ratio >= 1.2),
+                Result(backend, "events in the stream twice (2 relays, all rounds)", duplicates, "", "= 0", duplicates == 0),
+            ]
+        median, p95 = await measure_latency(sandbox)
+        results += [
+            Result(backend, "commit-to-publish latency, median", median, "ms", "< 100", median < 100),
+            Result(backend, "commit-to-publish latency, p95", p95, "ms"),
+        ]
+    finally:
+        await registry.close()
+        await redis_service.close()
+    return results
+
+
+def print_table(results: list[Result], notes: list[str]) -> None:
+    """The results as a plain-text table."""
+    rows = [("backend", "measurement", "value", "target", "met")]
+    for result in results:
+        value = f"{result.value:,.2f} {result.unit}".strip() if result.value < 100 else f"{result.value:,.0f} {result.unit}"
+        met = "" if result.met is None else ("yes" if result.met else "NO")
+        rows.append((result.backend, result.measurement, value, result.target, met))
+    widths = [max(len(row[column]) for row in rows) for column in range(5)]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    for note in notes:
+        print(f"note: {note}")
+
+
+def main() -> list[Result]:
+    """Run every measurement on SQLite and (when available) PostgreSQL; print and return the results."""
+    results: list[Result] = []
+    with bench_servers() as (postgres_url, redis_url, notes):
+        base = source.Settings.from_environment()
+        plans = [("SQLite", replace(base, database_url=None, redis_url=redis_url), False)]
+        if postgres_url:
+            plans.append(("PostgreSQL", replace(base, database_url=postgres_url, redis_url=redis_url), True))
+        for label, settings, two_relays in plans:
+            results += asyncio.run(bench_backend(label, settings, two_relays=two_relays))
+    print_table(results, notes)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""The read-through cache: exact hits and misses, TTLs, invalidation, races, outages, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import uuid
+
+import fakeredis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+import pytest
+
+import source
+from source import CACHE_FALLBACK, CACHE_HIT, CACHE_MISS, capture_statements, get_session
+
+
+@pytest.fixture
+async def demo(sandbox_with_users) -> tuple[source.Sandbox, str]:
+    """A sandbox with the sample users; Alex Smith has one AIRScore."""
+    prepared = await source.prepare_cache_demo(sandbox_with_users)
+    return sandbox_with_users, prepared.user_id
+
+
+async def cache_keys(sandbox: source.Sandbox) -> list[str]:
+    return sorted([key async for key in sandbox.redis.client.scan_iter(match=sandbox.redis.prefix + "*")])
+
+
+async def test_a_scripted_sequence_gives_exact_hits_misses_and_database_reads(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    script = [
+        (cache.get_user, CACHE_MISS),
+        (cache.get_user, CACHE_HIT),
+        (cache.get_latest_airscore, CACHE_MISS),
+        (cache.get_latest_airscore, CACHE_HIT),
+        (cache.get_user, CACHE_HIT),
+        (cache.invalidate_user, None),
+        (cache.get_user, CACHE_MISS),
+        (cache.get_latest_airscore, CACHE_MISS),
+        (cache.get_latest_airscore, CACHE_HIT),
+    ]
+    for step, expected in script:
+        with capture_statements() as log:
+            result = await step(user_id=user_id)
+        if expected is not None:
+            assert result.outcome == expected
+            assert result.database_statements == log.count == (1 if expected == CACHE_MISS else 0)
+            assert [c.command.split()[0] for c in result.redis_commands] == (
+                ["GET", "SET"] if expected == CACHE_MISS else ["GET"]
+            )
+    metrics = cache.metrics
+    assert (metrics.hits, metrics.misses, metrics.errors, metrics.requests) == (4, 4, 0, 8)
+    assert metrics.database_reads == 4 and metrics.lookups == 8
+    assert metrics.hit_ratio == 0.5
+    expected = 0.5 * metrics.mean_cache_ms + 0.5 * (metrics.mean_cache_ms + metrics.mean_database_ms)
+    assert metrics.predicted_average_ms == pytest.approx(expected)
+    assert metrics.measured_average_ms == pytest.approx(metrics.request_ms_total / 8)
+
+
+async def test_hits_return_exactly_what_the_database_returned(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    for read in (cache.get_user, cache.get_latest_airscore):
+        miss, hit = await read(user_id=user_id), await read(user_id=user_id)
+        assert (miss.outcome, hit.outcome) == (CACHE_MISS, CACHE_HIT)
+        assert hit.value == miss.value and miss.value["id"]
+    user = (await cache.get_user(user_id=user_id)).value
+    assert user["name"] == "Alex Smith" and user["email"] == "alex.smith@innovateai.example"
+
+
+async def test_every_key_has_a_ttl_within_the_jitter_bounds(sandbox_with_users):
+    sandbox = sandbox_with_users
+    cache = source.cache_for(sandbox)
+    shortest, longest = source.cache_ttl_bounds()
+    assert (shortest, longest) == (270, 330)
+    user_ids = [u.id for u in await source.list_users(sandbox)]
+    for index in range(10):
+        user = await source.create_user(sandbox, email=f"ttl{index}@example.com", name=f"Ttl {index}")
+        user_ids.append(user.id)
+    for user_id in user_ids:
+        await cache.get_user(user_id=user_id)
+        await cache.get_latest_airscore(user_id=user_id)
+    keys = await cache_keys(sandbox)
+    assert len(keys) == 2 * len(user_ids)
+    ttls = [await sandbox.redis.client.ttl(key) for key in keys]
+    assert all(shortest - 1 <= ttl <= longest for ttl in ttls), ttls
+    assert len(set(ttls)) > 1, "jitter spreads the expiry times"
+
+
+async def test_explicit_invalidation_deletes_both_keys_and_the_next_reads_miss(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    await cache.get_user(user_id=user_id)
+    await cache.get_latest_airscore(user_id=user_id)
+    assert len(await cache_keys(sandbox)) == 2
+
+    invalidation = await source.invalidate_user_cache(sandbox, user_id=user_id)
+
+    assert invalidation.applied and invalidation.redis_commands[0].reply == "2"
+    assert await cache_keys(sandbox) == []
+    assert (await cache.get_user(user_id=user_id)).outcome == CACHE_MISS
+    assert (await cache.get_latest_airscore(user_id=user_id)).outcome == CACHE_MISS
+
+
+async def test_no_stale_read_after_writes_through_the_repositories(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    await cache.get_user(user_id=user_id)
+    first_score = (await cache.get_latest_airscore(user_id=user_id)).value
+
+    await source.rename_user(sandbox, user_id=user_id, name="Alex Renamed")
+    renamed = await cache.get_user(user_id=user_id)
+    assert (renamed.outcome, renamed.value["name"]) == (CACHE_MISS, "Alex Renamed")
+    assert (await cache.get_latest_airscore(user_id=user_id)).outcome == CACHE_HIT  # a rename leaves scores alone
+
+    new_score = await source.add_demo_airscore(sandbox, user_id=user_id)
+    latest = await cache.get_latest_airscore(user_id=user_id)
+    assert (latest.outcome, latest.value["id"]) == (CACHE_MISS, new_score.id)
+    assert (await cache.get_user(user_id=user_id)).outcome == CACHE_HIT  # a new score leaves the profile alone
+
+    async with get_session(sandbox) as session:
+        await source.AIRScoreRepository(session).delete(await session.get(source.AIRScore, new_score.id))
+    assert (await cache.get_latest_airscore(user_id=user_id)).value == first_score
+
+    await source.delete_user(sandbox, user_id=user_id)
+    for read in (cache.get_user, cache.get_latest_airscore):
+        with pytest.raises(source.UserNotFoundError):
+            await read(user_id=user_id)
+
+
+async def test_a_user_without_scores_caches_null_until_a_score_is_added(sandbox_with_users):
+    sandbox = sandbox_with_users
+    cache = source.cache_for(sandbox)
+    jane = next(u for u in await source.list_users(sandbox) if u.name == "Jane Doe")
+    first, second = await cache.get_latest_airscore(user_id=jane.id), await cache.get_latest_airscore(user_id=jane.id)
+    assert (first.outcome, first.value, second.outcome, second.value) == (CACHE_MISS, None, CACHE_HIT, None)
+    assert await sandbox.redis.client.get(first.key) == "null"
+    score = await source.add_demo_airscore(sandbox, user_id=jane.id)
+    assert (await cache.get_latest_airscore(user_id=jane.id)).value["id"] == score.id
+
+
+class PausingCache(source.CachedUserRepository):
+    """The real cache, made to pause at one chosen point so a test can commit a write right there."""
+
+    def __init__(self, sandbox: source.Sandbox, *, pause_before_set: bool = False) -> None:
+        super().__init__(sandbox)
+        self.pause_before_set = pause_before_set
+        self.paused = asyncio.Event()
+        self.resume = asyncio.Event()
+        self._armed = True
+
+    async def _pause(self) -> None:
+        if self._armed:
+            self._armed = False
+            self.paused.set()
+            await self.resume.wait()
+
+    async def _load_user(self, user_id):
+        value = await super()._load_user(user_id)
+        if not self.pause_before_set:
+            await self._pause()
+        return value
+
+    async def _send(self, commands, *command):
+        if self.pause_before_set and command[0] == "SET":
+            await self._pause()
+        return await super()._send(commands, *command)
+
+
+async def test_a_miss_that_read_before_a_write_does_not_store_the_old_value(demo):
+    sandbox, user_id = demo
+    cache = sandbox.services["cache"] = PausingCache(sandbox)
+    slow = asyncio.create_task(cache.get_user(user_id=user_id))
+    await cache.paused.wait()  # the slow miss holds the old name, not yet stored
+
+    await source.rename_user(sandbox, user_id=user_id, name="Alex After")
+    # Must not join the slow read's flight (that would wait for it, and it waits for us).
+    fresh = await asyncio.wait_for(cache.get_user(user_id=user_id), 10)
+    cache.resume.set()
+    old = await slow
+
+    assert old.value["name"] == "Alex Smith" and "Not stored" in old.note
+    assert [c.command.split()[0] for c in old.redis_commands] == ["GET"]
+    assert (fresh.outcome, fresh.value["name"], fresh.shared_database_read) == (CACHE_MISS, "Alex After", False)
+    assert json.loads(await sandbox.redis.client.get(cache.user_key(user_id)))["name"] == "Alex After"
+    after = await cache.get_user(user_id=user_id)
+    assert (after.outcome, after.value["name"]) == (CACHE_HIT, "Alex After")
+
+
+async def test_an_invalidation_during_the_set_is_followed_by_a_delete(demo):
+    sandbox, user_id = demo
+    cache = sandbox.services["cache"] = PausingCache(sandbox, pause_before_set=True)
+    slow = asyncio.create_task(cache.get_user(user_id=user_id))
+    await cache.paused.wait()  # the generation check passed; the SET is about to go out
+
+    await source.rename_user(sandbox, user_id=user_id, name="Alex During")
+    cache.resume.set()
+    old = await slow
+
+    assert [c.command.split()[0] for c in old.redis_commands] == ["GET", "SET", "DEL"]
+    assert await sandbox.redis.client.get(cache.user_key(user_id)) is None
+    assert (await cache.get_user(user_id=user_id)).value["name"] == "Alex During"
+
+
+async def test_ten_concurrent_misses_on_one_key_cause_one_database_read(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    with capture_statements() as log:
+        reads = await asyncio.gather(*(cache.get_user(user_id=user_id) for _ in range(10)))
+    assert log.count == 1
+    assert cache.metrics.database_reads == 1 and cache.metrics.requests == 10
+    assert [r.database_statements for r in reads].count(1) == 1
+    assert all(r.value == reads[0].value for r in reads)
+    assert sum(1 for r in reads if r.outcome == CACHE_MISS and not r.shared_database_read) == 1
+
+
+async def test_concurrent_misses_for_an_unknown_user_all_get_the_error_and_nothing_is_cached(sandbox_with_users):
+    sandbox = sandbox_with_users
+    cache = source.cache_for(sandbox)
+    unknown = str(uuid.uuid4())
+    with capture_statements() as log:
+        results = await asyncio.gather(*(cache.get_user(user_id=unknown) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, source.UserNotFoundError) for r in results)
+    assert log.count == 1
+    assert await cache_keys(sandbox) == [] and cache.metrics.requests == 0
+
+
+@pytest.mark.parametrize("bad_id", ["", "   ", "not-a-uuid", "x" * 200, "'; DROP TABLE users; --", "<b>1</b>"])
+async def test_malformed_ids_are_refused_before_redis_or_the_database(sandbox_with_users, bad_id):
+    sandbox = sandbox_with_users
+    cache = source.cache_for(sandbox)
+    with capture_statements() as log:
+        for read in (cache.get_user, cache.get_latest_airscore, cache.invalidate_user):
+            with pytest.raises(source.MalformedIdError):
+                await read(user_id=bad_id)
+    assert log.count == 0 and await cache_keys(sandbox) == [] and cache.metrics.requests == 0
+
+
+async def test_outage_by_cut_every_read_answered_and_no_stale_value_after_recovery(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    await cache.get_user(user_id=user_id)
+    await cache.get_latest_airscore(user_id=user_id)
+
+    sandbox.redis.cut()
+    during = await cache.get_user(user_id=user_id)
+    assert (during.outcome, during.value["name"]) == (CACHE_FALLBACK, "Alex Smith")
+    assert sandbox.redis.health.degraded
+    await source.rename_user(sandbox, user_id=user_id, name="Alex Offline")
+    new_score = await source.add_demo_airscore(sandbox, user_id=user_id)
+    assert cache.pending_invalidations == 2
+    assert (await cache.get_user(user_id=user_id)).value["name"] == "Alex Offline"
+    assert (await cache.get_latest_airscore(user_id=user_id)).value["id"] == new_score.id
+
+    await sandbox.redis.restore()
+    back = await cache.get_user(user_id=user_id)
+    assert back.redis_commands[0].command.startswith("DEL ")  # the pending invalidations go first
+    assert cache.recent_invalidations[0].reason.startswith("pending invalidations")
+    assert (back.outcome, back.value["name"]) == (CACHE_MISS, "Alex Offline")
+    assert not sandbox.redis.health.degraded and cache.pending_invalidations == 0
+    assert (await cache.get_latest_airscore(user_id=user_id)).value["id"] == new_score.id
+    assert (await cache.get_user(user_id=user_id)).outcome == CACHE_HIT
+    assert (cache.metrics.hits, cache.metrics.misses, cache.metrics.errors) == (1, 4, 3)
+
+
+@pytest.fixture
+async def controlled_fake_redis(settings):
+    """A sandbox whose Redis is a fakeredis server the test can disconnect (FakeServer.connected)."""
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    service = source.RedisService(mode="fakeredis", reason="test", url=None, client=client, fake_server=server)
+    registry = source.SandboxRegistry(settings, service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        await source.init_db(sandbox, reset=True)
+        yield server, sandbox
+    finally:
+        server.connected = True
+        await registry.close()
+        await service.close()
+
+
+async def test_outage_by_a_lost_fakeredis_connection_is_survived_and_recovered(controlled_fake_redis):
+    server, sandbox = controlled_fake_redis
+    user_id = (await source.prepare_cache_demo(sandbox)).user_id
+    cache = source.cache_for(sandbox)
+    assert (await cache.get_user(user_id=user_id)).outcome == CACHE_MISS
+
+    server.connected = False
+    assert (await cache.get_user(user_id=user_id)).outcome == CACHE_FALLBACK
+    await source.rename_user(sandbox, user_id=user_id, name="Alex Disconnected")
+    during = await cache.get_user(user_id=user_id)
+    assert (during.outcome, during.value["name"]) == (CACHE_FALLBACK, "Alex Disconnected")
+    assert sandbox.redis.health.degraded
+
+    server.connected = True  # the old profile is still stored in the server
+    back = await cache.get_user(user_id=user_id)
+    assert (back.outcome, back.value["name"]) == (CACHE_MISS, "Alex Disconnected")
+    again = await cache.get_user(user_id=user_id)
+    assert (again.outcome, again.value["name"]) == (CACHE_HIT, "Alex Disconnected")
+    assert not sandbox.redis.health.degraded
+    assert (cache.metrics.hits, cache.metrics.misses, cache.metrics.errors) == (1, 2, 2)
+
+
+async def test_the_outage_switch_reports_whether_redis_answers(demo):
+    sandbox, user_id = demo
+    assert await source.set_redis_outage(sandbox, cut=True) is False
+    assert (await source.cache_status(sandbox)).cut_off and sandbox.redis.health.degraded
+    assert await source.set_redis_outage(sandbox, cut=False) is True
+    status = await source.cache_status(sandbox)
+    assert not status.cut_off and not status.degraded
+
+
+async def test_reinitializing_resets_metrics_and_never_serves_keys_from_before(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    await cache.get_user(user_id=user_id)
+    sandbox.redis.cut()  # the reset cannot delete the old keys
+    await source.init_db(sandbox, reset=True)
+    await sandbox.redis.restore()
+    assert cache.metrics.requests == 0
+    with pytest.raises(source.UserNotFoundError):  # the wiped user, although its key is still in Redis
+        await cache.get_user(user_id=user_id)
+    assert len(await cache_keys(sandbox)) == 1
+
+
+async def test_a_corrupt_or_pickled_value_in_redis_is_replaced_not_served(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    key = cache.user_key(user_id)
+    for planted in ("not json", "[1, 2]", pickle.dumps({"name": "evil"}, protocol=0).decode()):
+        await sandbox.redis.client.set(key, planted)
+        read = await cache.get_user(user_id=user_id)
+        assert (read.outcome, read.value["name"]) == (CACHE_MISS, "Alex Smith")
+        assert json.loads(await sandbox.redis.client.get(key))["name"] == "Alex Smith"
+
+
+async def test_every_cached_value_is_json(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    for user in await source.list_users(sandbox):
+        await cache.get_user(user_id=user.id)
+        await cache.get_latest_airscore(user_id=user.id)
+    keys = await cache_keys(sandbox)
+    assert len(keys) == 4
+    for key in keys:
+        raw = await sandbox.redis.client.get(key)
+        assert not raw.startswith("\x80")  # a binary pickle's first byte
+        json.loads(raw)
+
+
+async def test_two_sandboxes_never_see_each_others_keys(registry):
+    first = await registry.acquire(source.new_sandbox_id())
+    second = await registry.acquire(source.new_sandbox_id())
+    same_id = str(uuid.uuid4())
+    for sandbox, name in ((first, "First Owner"), (second, "Second Owner")):
+        async with get_session(sandbox) as session:
+            session.add(source.User(id=same_id, email=f"{name.split()[0].lower()}@example.com", name=name))
+
+    mine = await source.fetch_user_cached(first, user_id=same_id)
+    theirs = await source.fetch_user_cached(second, user_id=same_id)
+
+    assert (mine.outcome, mine.value["name"]) == (CACHE_MISS, "First Owner")
+    assert (theirs.outcome, theirs.value["name"]) == (CACHE_MISS, "Second Owner")
+    assert all(key.startswith(first.redis.prefix) for key in await cache_keys(first))
+    assert len(await cache_keys(first)) == len(await cache_keys(second)) == 1
+    await source.invalidate_user_cache(first, user_id=same_id)
+    assert (await source.fetch_user_cached(second, user_id=same_id)).outcome == CACHE_HIT
+    assert source.cache_for(second).metrics.hits == 1 and source.cache_for(first).metrics.hits == 0
+
+
+async def test_the_demo_prefers_alex_and_otherwise_creates_its_own_user_with_a_score(registry):
+    empty = await registry.acquire(source.new_sandbox_id())
+    first, again = await asyncio.gather(source.prepare_cache_demo(empty), source.prepare_cache_demo(empty))
+    assert first.user_name == again.user_name == "Cache Demo User" and first.user_id == again.user_id
+    assert (await source.count_rows(empty))["users"] == 1
+
+    await source.init_db(empty, reset=True)
+    alex = await source.prepare_cache_demo(empty)
+    assert (alex.user_name, alex.created) == ("Alex Smith", ("AIRScore",))
+    assert (await source.prepare_cache_demo(empty)).created == ()
+
+
+async def test_rename_validates_before_touching_anything(demo):
+    sandbox, user_id = demo
+    cache = source.cache_for(sandbox)
+    await cache.get_user(user_id=user_id)
+    for bad in ("", "<script>x</script>", "x" * 300):
+        with pytest.raises(source.ValidationError):
+            await source.rename_user(sandbox, user_id=user_id, name=bad)
+    assert (await cache.get_user(user_id=user_id)).outcome == CACHE_HIT
+
+
+async def test_the_experiment_hits_its_target_ratios_and_leaves_the_page_metrics_alone(demo):
+    sandbox, user_id = demo
+    trials = await source.run_cache_experiment(sandbox, user_id=user_id, reads=20, hit_ratios=(0.0, 0.25, 1.0))
+    assert [(t.metrics.hits, t.metrics.misses) for t in trials] == [(0, 20), (5, 15), (20, 0)]
+    assert [t.outcomes.count(CACHE_HIT) for t in trials] == [0, 5, 20]
+    assert all(len(t.latencies_ms) == 20 for t in trials)
+    assert source.cache_for(sandbox).metrics.requests == 0
+    for bad in ({"reads": 0}, {"reads": 5000}, {"hit_ratios": ()}, {"hit_ratios": (1.5,)}):
+        with pytest.raises(source.ValidationError):
+            await source.run_cache_experiment(sandbox, user_id=user_id, **bad)
+
+
+async def test_a_redis_that_accepts_but_never_answers_costs_a_read_one_cache_timeout(settings, monkeypatch):
+    connections: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # read whatever comes and never reply, like a hung server
+        await reader.read()
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    # A socket timeout far beyond the test's patience: only the cache's own timeout can end a command in time.
+    client = redis.asyncio.Redis(
+        host="127.0.0.1", port=port, decode_responses=True, socket_timeout=300, retry=Retry(NoBackoff(), 0)
+    )
+    service = source.RedisService(mode="redis", reason="test: a silent server", url=None, client=client)
+    registry = source.SandboxRegistry(settings, service)
+    monkeypatch.setattr(source, "CACHE_COMMAND_TIMEOUT_SECONDS", 0.2)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        user = await source.create_user(sandbox, email="hung@example.com", name="Hung Redis")
+        read = await asyncio.wait_for(source.fetch_user_cached(sandbox, user_id=user.id), 30)
+        assert (read.outcome, read.value["name"]) == (CACHE_FALLBACK, "Hung Redis")
+        assert read.redis_commands[0].reply == "failed: TimeoutError"
+        assert sandbox.redis.health.degraded
+    finally:
+        for writer in connections:  # hang up, so releasing the sandbox fails fast instead of waiting
+            writer.close()
+        silent.close()
+        await registry.close()
+        await client.aclose()

@@ -1,0 +1,502 @@
+"""Outbox: the score and its event commit together; publishers deliver every event, once, in order.
+
+Timings are shrunk through OutboxSettings; tests wait for conditions with bounded polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from contextlib import suppress
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
+
+import source
+from source import AIRScore, ConsumedEvent, DomainEvent, OutboxPublisher, StreamConsumer, get_session
+
+FAST = source.OutboxSettings(
+    batch_size=50,
+    poll_interval_seconds=0.02,
+    max_attempts=1000,
+    backoff_base_seconds=0.005,
+    backoff_max_seconds=0.02,
+    consumer_reclaim_idle_seconds=0.05,
+    broker_timeout_seconds=0.3,  # a cut real Redis retries for seconds before it gives up
+    stop_timeout_seconds=5,
+)
+
+
+async def eventually(check, *, timeout: float = 15.0, interval: float = 0.01):
+    """Poll an async condition until it holds; fail once `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"condition still false after {timeout:g} s"
+        await asyncio.sleep(interval)
+
+
+async def stream_event_ids(sandbox: source.Sandbox) -> list[str]:
+    """Event ids in the stream, in stream order, read through the real client (even during an outage)."""
+    entries = await sandbox.redis.service.client.xrange(sandbox.redis.key("events"))
+    return [fields["event_id"] for _, fields in entries]
+
+
+async def counts_by_status(sandbox: source.Sandbox) -> dict[str, int]:
+    async with get_session(sandbox) as session:
+        rows = await session.execute(select(DomainEvent.status, func.count()).group_by(DomainEvent.status))
+        return dict(rows.all())
+
+
+async def inbox_event_ids(sandbox: source.Sandbox) -> list[str]:
+    async with get_session(sandbox) as session:
+        return list((await session.scalars(select(ConsumedEvent.event_id))).all())
+
+
+async def add_pending_events(sandbox: source.Sandbox, count: int, **columns) -> list[str]:
+    """Insert `count` pending events directly (no scores), oldest first; returns their ids."""
+    events = [
+        DomainEvent(
+            event_type="TestEvent", aggregate_type="Test", aggregate_id=source._new_id(), payload={"n": n}, **columns
+        )
+        for n in range(count)
+    ]
+    async with get_session(sandbox) as session:
+        session.add_all(events)
+    return [event.id for event in events]
+
+
+async def drain(publisher: OutboxPublisher) -> int:
+    """Publish batches until nothing is due; returns how many events this publisher marked."""
+    published = 0
+    while (report := await publisher.publish_due_batch()).claimed:
+        published += report.published
+    return published
+
+
+async def drain_consumer(consumer: StreamConsumer) -> int:
+    received = 0
+    while (report := await consumer.consume_batch()).received:
+        received += report.received
+    return received
+
+
+# --- the score and its event ---------------------------------------------------------------
+
+
+def test_the_score_follows_the_documented_formula():
+    calculation = source.calculate_airscore(
+        occupation_code="15-1252.00", education_level="Master's degree", years_experience=8.0, abilities=(0.0,)
+    )
+    vr = (82 + 100 * (1 - math.exp(-1)) + 50) / 3
+    hr = 88.0
+    air = (0.6 * vr + 0.4 * hr + 0.15 * vr * hr / 100) / 1.15
+    half_width = 1.96 * 10 / math.sqrt(4)
+    assert calculation.vr_score == round(vr, 2) and calculation.hr_score == hr
+    assert calculation.synergy_score == round(vr * hr / 100, 2)
+    assert calculation.air_score == round(air, 2)
+    assert (calculation.ci_lower, calculation.ci_upper) == (round(air - half_width, 2), round(air + half_width, 2))
+    assert calculation.parameter_version == source.AIR_PARAMETER_VERSION
+
+
+def test_more_evidence_narrows_the_interval_and_unknown_groups_get_the_default():
+    bare = source.calculate_airscore(occupation_code="99-9999")
+    assert bare.vr_score == 50.0 and bare.hr_score == source.DEFAULT_OCCUPATION_READINESS
+    assessed = source.calculate_airscore(occupation_code="99-9999", abilities=(0.5, 1.0, float("nan"), 1e9))
+    assert assessed.evidence["assessment_abilities"] == [0.5, 1.0, 6.0]
+    assert assessed.ci_upper - assessed.ci_lower < bare.ci_upper - bare.ci_lower
+
+
+async def test_score_and_pending_event_are_stored_together(sandbox_with_users):
+    alex = (await source.list_users(sandbox_with_users))[-1]
+    stored = await source.calculate_and_store_airscore(
+        sandbox_with_users, user_id=alex.id, occupation_code="15-1252.00"
+    )
+    async with get_session(sandbox_with_users) as session:
+        score = await session.get(AIRScore, stored.score.id)
+        event = await session.get(DomainEvent, stored.event.id)
+    assert event.status == "pending" and event.attempts == 0 and event.published_at is None
+    assert (event.event_type, event.aggregate_type, event.aggregate_id) == ("AIRScoreCalculated", "AIRScore", score.id)
+    assert event.payload == {
+        "event_id": event.id,
+        "score_id": score.id,
+        "user_id": alex.id,
+        "occupation_code": "15-1252.00",
+        "air_score": score.air_score,
+        "vr_score": score.vr_score,
+        "hr_score": score.hr_score,
+        "synergy_score": score.synergy_score,
+        "ci_lower": score.ci_lower,
+        "ci_upper": score.ci_upper,
+        "parameter_version": source.AIR_PARAMETER_VERSION,
+    }
+
+
+async def _refuse_event_inserts(sandbox: source.Sandbox) -> None:
+    """A database trigger that makes every insert into domain_events fail, for real."""
+    async with sandbox.engine.begin() as connection:
+        if sandbox.backend == "sqlite":
+            await connection.execute(
+                text(
+                    "CREATE TRIGGER refuse_events BEFORE INSERT ON domain_events "
+                    "BEGIN SELECT RAISE(ABORT, 'the event store refused the insert'); END"
+                )
+            )
+        else:
+            schema = f'"{sandbox.location}"'
+            await connection.execute(
+                text(
+                    f"CREATE FUNCTION {schema}.refuse_events() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'the event store refused the insert'; END $$"
+                )
+            )
+            await connection.execute(
+                text(
+                    f"CREATE TRIGGER refuse_events BEFORE INSERT ON {schema}.domain_events "
+                    f"FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_events()"
+                )
+            )
+
+
+async def test_when_the_event_insert_fails_no_score_remains(sandbox_with_users):
+    user = (await source.list_users(sandbox_with_users))[0]
+    await _refuse_event_inserts(sandbox_with_users)
+    with pytest.raises(DBAPIError, match="refused the insert"):
+        await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="15-1252")
+    counts = await source.count_rows(sandbox_with_users)
+    assert (counts["air_scores"], counts["domain_events"]) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("user_id", "occupation_code", "error"),
+    [
+        ("3f2b9c1e-8d4a-4c7e-9b1f-2a6d5e8c0f11", "15-1252", source.UserNotFoundError),
+        ("not-a-uuid", "15-1252", source.MalformedIdError),
+        (None, "<script>", source.ValidationError),
+        (None, "", source.ValidationError),
+        (None, "15-1252'; DROP TABLE air_scores; --", source.ValidationError),
+    ],
+)
+async def test_bad_input_stores_nothing(sandbox_with_users, user_id, occupation_code, error):
+    user_id = user_id or (await source.list_users(sandbox_with_users))[0].id
+    with pytest.raises(error):
+        await source.calculate_and_store_airscore(
+            sandbox_with_users, user_id=user_id, occupation_code=occupation_code
+        )
+    counts = await source.count_rows(sandbox_with_users)
+    assert (counts["air_scores"], counts["domain_events"]) == (0, 0)
+
+
+async def test_a_burst_is_validated_and_needs_users(sandbox):
+    for count in (0, source.MAX_BURST_WRITES + 1, "500"):
+        with pytest.raises(source.ValidationError):
+            await source.store_airscore_burst(sandbox, count=count)
+    with pytest.raises(source.ValidationError, match="no users"):
+        await source.store_airscore_burst(sandbox, count=5)
+
+
+async def test_a_burst_commits_one_score_and_one_event_per_write(sandbox_with_users):
+    result = await source.store_airscore_burst(sandbox_with_users, count=30)
+    counts = await source.count_rows(sandbox_with_users)
+    assert result.writes == 30 and (counts["air_scores"], counts["domain_events"]) == (30, 30)
+
+
+# --- the publisher -------------------------------------------------------------------------
+
+
+async def test_events_are_claimed_and_published_oldest_first(sandbox):
+    now = source.utc_now()
+    ages = [5, 1, 4, 2, 3]  # seconds old, inserted out of order
+    ids_by_age = {}
+    for age in ages:
+        [event_id] = await add_pending_events(sandbox, 1, created_at=now - timedelta(seconds=age))
+        ids_by_age[age] = event_id
+    publisher = OutboxPublisher(sandbox, replace(FAST, batch_size=2))
+    reports = []
+    while (report := await publisher.publish_due_batch()).claimed:
+        reports.append(report)
+    assert [report.published for report in reports] == [2, 2, 1]
+    assert await stream_event_ids(sandbox) == [ids_by_age[age] for age in (5, 4, 3, 2, 1)]
+    assert await counts_by_status(sandbox) == {"published": 5}
+
+
+async def test_each_stream_message_carries_the_event_id_and_its_payload(sandbox_with_users):
+    user = (await source.list_users(sandbox_with_users))[0]
+    stored = await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="13-2011")
+    report = await OutboxPublisher(sandbox_with_users, FAST).publish_due_batch()
+    assert (report.claimed, report.published) == (1, 1)
+    [(_, fields)] = await sandbox_with_users.redis.client.xrange(sandbox_with_users.redis.key("events"))
+    assert fields["event_id"] == stored.event.id and fields["event_type"] == "AIRScoreCalculated"
+    assert source.json.loads(fields["payload"]) == stored.event.payload
+    async with get_session(sandbox_with_users) as session:
+        event = await session.get(DomainEvent, stored.event.id)
+    assert event.status == "published" and event.published_at >= event.created_at and event.claimed_by is None
+
+
+async def test_the_running_publisher_is_woken_by_the_commit_not_the_poll(sandbox_with_users):
+    service = source.outbox_service(sandbox_with_users, replace(FAST, poll_interval_seconds=60))
+    assert await service.start()
+    user = (await source.list_users(sandbox_with_users))[0]
+    stored = await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="15-1252")
+    # the poll would take a minute; the commit listener wakes the publisher (and it the consumer) now
+    await eventually(lambda: inbox_event_ids(sandbox_with_users), timeout=10)
+    assert await inbox_event_ids(sandbox_with_users) == [stored.event.id]
+    assert await stream_event_ids(sandbox_with_users) == [stored.event.id]
+    assert await service.stop()
+
+
+async def test_start_stop_and_start_again(sandbox_with_users):
+    service = source.outbox_service(sandbox_with_users, FAST)
+    user = (await source.list_users(sandbox_with_users))[0]
+
+    async def store() -> str:
+        stored = await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="15-1252")
+        return stored.event.id
+
+    assert await service.start() is True
+    assert await service.start() is False  # one publisher per sandbox
+    first = await store()
+    await eventually(lambda: _delivered(sandbox_with_users, {first}))
+    assert await service.stop() is True and not service.running
+    assert await service.stop() is False
+    second = await store()
+    assert await counts_by_status(sandbox_with_users) == {"published": 1, "pending": 1}
+    assert await service.start() is True
+    await eventually(lambda: _delivered(sandbox_with_users, {first, second}))
+    assert await stream_event_ids(sandbox_with_users) == [first, second]
+    await service.stop()
+
+
+async def _delivered(sandbox: source.Sandbox, event_ids: set[str]) -> bool:
+    return set(await inbox_event_ids(sandbox)) == event_ids
+
+
+class GatedPublisher(OutboxPublisher):
+    """A publisher that pauses between sending and marking until the test opens the gate."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reached_marking = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def _mark_published(self, event_ids, *, published_at):
+        self.reached_marking.set()
+        await self.gate.wait()
+        return await super()._mark_published(event_ids, published_at=published_at)
+
+
+async def test_stop_lets_the_current_batch_finish(sandbox):
+    service = source.outbox_service(sandbox, FAST)
+    service.publisher = GatedPublisher(sandbox, FAST)
+    await service.start()
+    ids = await add_pending_events(sandbox, 10)
+    await asyncio.wait_for(service.publisher.reached_marking.wait(), 10)
+    stopping = asyncio.create_task(service.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done(), "stop waits for the batch in hand"
+    service.publisher.gate.set()
+    assert await stopping is True
+    assert not service.running
+    assert await counts_by_status(sandbox) == {"published": 10}
+    assert sorted(await stream_event_ids(sandbox)) == sorted(ids)
+
+
+async def test_a_publisher_cancelled_mid_batch_loses_nothing_and_the_consumer_deduplicates(sandbox):
+    settings = replace(FAST, lease_seconds=0.2)
+    ids = await add_pending_events(sandbox, 10)
+    crashing = GatedPublisher(sandbox, settings)  # its gate never opens: it dies between send and mark
+    batch = asyncio.create_task(crashing.publish_due_batch())
+    await asyncio.wait_for(crashing.reached_marking.wait(), 10)
+    batch.cancel()
+    with suppress(asyncio.CancelledError):
+        await batch
+    assert sorted(await stream_event_ids(sandbox)) == sorted(ids)  # sent...
+    assert await counts_by_status(sandbox) == {"pending": 10}  # ...but never marked
+
+    survivor = OutboxPublisher(sandbox, settings)  # picks the events up once the dead lease expires
+    await eventually(lambda: drain(survivor))
+    assert await counts_by_status(sandbox) == {"published": 10}
+    assert Counter(await stream_event_ids(sandbox)) == {event_id: 2 for event_id in ids}
+
+    consumer = StreamConsumer(sandbox, settings)
+    assert await drain_consumer(consumer) == 20
+    assert sorted(await inbox_event_ids(sandbox)) == sorted(ids)
+    assert consumer.duplicates_ignored == 10
+
+
+async def _two_publishers_never_publish_an_event_twice(sandbox: source.Sandbox) -> None:
+    ids = await add_pending_events(sandbox, 400)
+    settings = replace(FAST, batch_size=20)
+    totals = await asyncio.gather(*(drain(OutboxPublisher(sandbox, settings)) for _ in range(2)))
+    in_stream = await stream_event_ids(sandbox)
+    assert len(in_stream) == 400 and set(in_stream) == set(ids)
+    assert sum(totals) == 400
+    assert await counts_by_status(sandbox) == {"published": 400}
+
+
+async def test_two_concurrent_publishers_never_publish_an_event_twice(sandbox):
+    await _two_publishers_never_publish_an_event_twice(sandbox)
+
+
+async def test_two_concurrent_publishers_on_postgresql_never_publish_an_event_twice(postgres_registry):
+    await _two_publishers_never_publish_an_event_twice(await postgres_registry.acquire(source.new_sandbox_id()))
+
+
+async def test_broker_outage_during_a_burst_delays_but_loses_nothing(sandbox_with_users):
+    sandbox = sandbox_with_users
+    service = source.outbox_service(sandbox, FAST)
+    await service.start()
+    await source.set_broker_outage(sandbox, cut=True)
+    burst = asyncio.create_task(source.store_airscore_burst(sandbox, count=60))
+
+    async def failed_attempts_recorded() -> bool:
+        async with get_session(sandbox) as session:
+            statement = select(func.count()).where(
+                DomainEvent.attempts >= 1, DomainEvent.last_error.like("broker unavailable%")
+            )
+            return bool(await session.scalar(statement))
+
+    await eventually(failed_attempts_recorded)
+    await burst
+    assert await stream_event_ids(sandbox) == []
+    assert (await counts_by_status(sandbox)) == {"pending": 60}
+    assert sandbox.redis.health.degraded
+
+    await source.set_broker_outage(sandbox, cut=False)
+    async with get_session(sandbox) as session:
+        all_ids = set((await session.scalars(select(DomainEvent.id))).all())
+    await eventually(lambda: _delivered(sandbox, all_ids))
+    in_stream = await stream_event_ids(sandbox)
+    assert len(in_stream) == 60 and set(in_stream) == all_ids  # every event, exactly once
+    assert await counts_by_status(sandbox) == {"published": 60}
+    await service.stop()
+
+
+async def test_a_poison_event_fails_after_the_maximum_attempts_without_blocking_the_rest(sandbox):
+    settings = replace(FAST, max_message_bytes=2000, max_attempts=3)
+    async with get_session(sandbox) as session:
+        poison = DomainEvent(event_type="Huge", aggregate_type="Test", aggregate_id=source._new_id(), payload={"x": "y" * 5000})
+        session.add(poison)
+    good = await add_pending_events(sandbox, 5)  # all younger than the poison event
+    publisher = OutboxPublisher(sandbox, settings)
+    first = await publisher.publish_due_batch()
+    assert (first.claimed, first.published, first.rescheduled) == (6, 5, 1)
+    assert await stream_event_ids(sandbox) == good
+
+    async def poison_gave_up() -> bool:
+        await publisher.publish_due_batch()
+        return (await counts_by_status(sandbox)).get("failed") == 1
+
+    await eventually(poison_gave_up)
+    async with get_session(sandbox) as session:
+        failed = await session.get(DomainEvent, poison.id)
+    assert failed.status == "failed" and failed.attempts == 3 and "bytes" in failed.last_error
+    assert await stream_event_ids(sandbox) == good
+
+    # the operator raises the limit, then retries the failed event: it gets a fresh set of attempts
+    assert await source.retry_failed_events(sandbox) == 1
+    async with get_session(sandbox) as session:
+        retried = await session.get(DomainEvent, poison.id)
+    assert (retried.status, retried.attempts) == ("pending", 0)
+    assert (await OutboxPublisher(sandbox, replace(settings, max_message_bytes=10_000)).publish_due_batch()).published == 1
+    assert await stream_event_ids(sandbox) == [*good, poison.id]
+    assert await counts_by_status(sandbox) == {"published": 6}
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter():
+    publisher = OutboxPublisher.__new__(OutboxPublisher)
+    publisher.settings = replace(FAST, backoff_base_seconds=1, backoff_max_seconds=8)
+    publisher._random = source.random.Random(7)
+    for attempts, full_delay in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (40, 8)]:
+        delays = [publisher.backoff_seconds(attempts) for _ in range(50)]
+        assert all(full_delay / 2 <= delay <= full_delay for delay in delays)
+        assert len(set(delays)) > 1, "jitter spreads retries"
+
+
+# --- the consumer --------------------------------------------------------------------------
+
+
+async def test_the_consumer_reclaims_messages_another_consumer_abandoned(sandbox):
+    ids = await add_pending_events(sandbox, 5)
+    await drain(OutboxPublisher(sandbox, FAST))
+    client, stream = sandbox.redis.client, sandbox.redis.key("events")
+    await client.xgroup_create(stream, source.EVENT_CONSUMER_GROUP, id="0")
+    await client.xreadgroup(source.EVENT_CONSUMER_GROUP, "crashed-consumer", {stream: ">"})  # read, never acked
+
+    consumer = StreamConsumer(sandbox, FAST)
+    reclaimed = 0
+
+    async def all_recorded() -> bool:
+        nonlocal reclaimed
+        reclaimed += (await consumer.consume_batch()).reclaimed
+        return sorted(await inbox_event_ids(sandbox)) == sorted(ids)
+
+    await eventually(all_recorded)
+    assert reclaimed == 5
+    assert (await client.xpending(stream, source.EVENT_CONSUMER_GROUP))["pending"] == 0
+
+
+async def test_the_consumer_recreates_its_group_after_the_sandbox_is_reset(sandbox_with_users):
+    sandbox = sandbox_with_users
+    service = source.outbox_service(sandbox, FAST)
+    await service.start()
+    user = (await source.list_users(sandbox))[0]
+    before = await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="15-1252")
+    await eventually(lambda: _delivered(sandbox, {before.event.id}))
+
+    users = await source.init_db(sandbox)  # deletes the events, the inbox, the stream and its group
+    after = await source.calculate_and_store_airscore(sandbox, user_id=users[0].id, occupation_code="15-1252")
+    await eventually(lambda: _delivered(sandbox, {after.event.id}))
+    assert await stream_event_ids(sandbox) == [after.event.id]
+    await service.stop()
+
+
+# --- status, metrics and lifecycle ---------------------------------------------------------
+
+
+async def test_status_counts_rates_and_latencies_come_from_the_data(sandbox_with_users):
+    sandbox = sandbox_with_users
+    service = source.outbox_service(sandbox, FAST)
+    await service.start()
+    user = (await source.list_users(sandbox))[0]
+    stored = [
+        await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="15-1252") for _ in range(3)
+    ]
+
+    async def published_and_delivered():
+        status = await source.outbox_status(sandbox)
+        return status if status.published == status.delivered == 3 else None
+
+    status = await eventually(published_and_delivered)  # delivery may come before the mark commits
+    assert (status.pending, status.published, status.failed, status.delivered) == (0, 3, 0, 3)
+    assert status.publisher_running and status.stream_length == 3 and status.duplicates_ignored == 0
+    assert status.events_per_second > 0
+    assert 0 <= status.median_latency_ms <= status.p95_latency_ms
+    assert status.oldest_pending_age_seconds is None
+    assert [row["id"] for row in status.published_events] == [s.event.id for s in reversed(stored)]
+    assert all(row["published_at"] and row["delivered_at"] for row in status.published_events)
+    assert any("published 1" in line or "published 3" in line for line in status.activity)
+
+    await service.stop()
+    await source.set_broker_outage(sandbox, cut=True)
+    waiting = await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="15-1252")
+    status = await source.outbox_status(sandbox)
+    assert not status.publisher_running and status.broker_cut_off
+    assert status.pending == 1 and status.pending_events[0]["id"] == waiting.event.id
+    assert status.oldest_pending_age_seconds >= 0 and status.stream_length is None
+
+
+async def test_releasing_the_sandbox_stops_its_publisher(registry):
+    sandbox = await registry.acquire(source.new_sandbox_id())
+    service = source.outbox_service(sandbox, FAST)
+    await service.start()
+    assert service.running
+    await registry.release(sandbox.id)
+    assert not service.running

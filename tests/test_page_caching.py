@@ -1,0 +1,130 @@
+"""The caching page, driven through AppTest: the guide's buttons, real hits and misses, outage, experiment."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import source
+from pagetools import button, click, lab_of, open_page, start_app, text_input, texts
+
+PAGE = "pages/caching.py"
+FETCH_USER, FETCH_SCORE = "Fetch User (Cached)", "Fetch Latest AIRScore (Cached)"
+INVALIDATE = "Invalidate Cache for this User"
+
+
+@pytest.fixture
+def app(fresh_global_runtime) -> AppTest:
+    return open_page(start_app(), PAGE)
+
+
+def metric(app: AppTest, label: str) -> str:
+    return next(m.value for m in app.metric if m.label == label)
+
+
+def shown_code(app: AppTest) -> str:
+    return "\n".join(code.value for code in app.code)
+
+
+def redis_commands_shown(app: AppTest) -> list[str]:
+    """The command lines of the last read's Redis command block (reply lines start with spaces)."""
+    block = next(code.value for code in app.code if code.value.startswith(("GET ", "DEL ")))
+    return [line.split()[0] for line in block.splitlines() if not line.startswith(" ")]
+
+
+def test_an_empty_sandbox_gets_a_cache_demo_user_with_a_score(app):
+    users = lab_of(app).run(source.list_users)
+    assert [u.name for u in users] == ["Cache Demo User"]
+    score = lab_of(app).run(source.fetch_latest_airscore_cached, user_id=users[0].id).value
+    assert [app.code[0].value, app.code[1].value] == [users[0].id, score["id"]]
+    assert "fakeredis" in texts(app) or "real Redis server" in texts(app)
+
+
+def test_the_sample_user_is_used_when_present(app):
+    lab_of(app).run(source.init_db, reset=True)
+    app.run()
+    alex = next(u for u in lab_of(app).run(source.list_users) if u.name == "Alex Smith")
+    assert app.code[0].value == alex.id
+    assert app.table[0].value.to_dict("records") == [{"demo user": "Alex Smith"}]
+
+
+def test_fetches_show_miss_then_hit_with_their_commands_and_the_metrics_count_them(app):
+    click(app, FETCH_USER)
+    assert (metric(app, "Outcome"), metric(app, "Database statements")) == ("MISS", "1")
+    assert redis_commands_shown(app) == ["GET", "SET"] and "GET qulab:" in shown_code(app)
+    click(app, FETCH_USER)
+    assert (metric(app, "Outcome"), metric(app, "Database statements")) == ("HIT", "0")
+    assert redis_commands_shown(app) == ["GET"]
+    click(app, FETCH_SCORE)
+    click(app, FETCH_SCORE)
+    assert metric(app, "Outcome") == "HIT"
+    assert (metric(app, "Hits"), metric(app, "Misses"), metric(app, "Errors")) == ("2", "2", "0")
+    assert metric(app, "Hit ratio H") == "50.0%"
+    for label in ("T_cache (mean)", "T_db (mean)", "T_avg predicted", "T_avg measured"):
+        assert metric(app, label).endswith(" ms")
+    assert not app.error
+
+
+def test_invalidate_makes_the_next_fetch_miss(app):
+    click(app, FETCH_USER)
+    click(app, INVALIDATE)
+    assert any("Redis deleted 1" in s.value for s in app.success)
+    click(app, FETCH_USER)
+    assert metric(app, "Outcome") == "MISS"
+    assert (metric(app, "Hits"), metric(app, "Misses")) == ("0", "2")
+
+
+def test_a_rename_invalidates_and_the_next_fetch_shows_the_new_name(app):
+    click(app, FETCH_USER)
+    text_input(app, "New name for the demo user").input("Renamed Learner")
+    click(app, "Rename User")
+    assert app.success and not app.error
+    click(app, FETCH_USER)
+    assert metric(app, "Outcome") == "MISS"
+    assert app.json[0].value and "Renamed Learner" in app.json[0].value
+    assert any("a write committed (User)" in row["why"] for row in app.table[-1].value.to_dict("records"))
+
+
+def test_a_bad_name_is_refused_with_a_message_and_the_cache_keeps_its_hit(app):
+    click(app, FETCH_USER)
+    text_input(app, "New name for the demo user").input("<b>bold</b>")
+    click(app, "Rename User")
+    assert any("markup" in e.value for e in app.error)
+    click(app, FETCH_USER)
+    assert metric(app, "Outcome") == "HIT"
+    assert [u.name for u in lab_of(app).run(source.list_users)] == ["Cache Demo User"]
+
+
+def test_a_new_score_is_what_the_next_fetch_returns(app):
+    click(app, FETCH_SCORE)
+    click(app, "Add a New AIRScore")
+    click(app, FETCH_SCORE)
+    assert metric(app, "Outcome") == "MISS"
+    assert app.code[1].value in app.json[0].value  # the latest AIRScore id shown above is the new one
+
+
+def test_an_outage_keeps_reads_answered_and_recovery_brings_hits_back(app):
+    click(app, FETCH_USER)
+    click(app, "Cut Redis for My Sandbox")
+    assert any("cannot reach Redis" in w.value for w in app.sidebar.warning)
+    click(app, FETCH_USER)
+    assert metric(app, "Outcome") == "FALLBACK" and not app.error
+    assert metric(app, "Errors") == "1"
+    click(app, "Reconnect Redis")
+    assert not app.sidebar.warning
+    click(app, FETCH_USER)
+    assert metric(app, "Outcome") == "HIT"
+
+
+def test_the_experiment_shows_measured_hit_ratios_and_charts(app):
+    app.slider[0].set_value(20)
+    app.multiselect[0].set_value([0.0, 0.5, 1.0])
+    click(app, "Run Cache Experiment")
+    rows = app.table[-1].value.to_dict("records")
+    assert [(r["hits"], r["misses"], r["measured H"]) for r in rows] == [(0, 20, 0.0), (10, 10, 0.5), (20, 0, 1.0)]
+    assert metric(app, "Hits") == "0"  # the page's own counters are untouched
+
+
+def test_the_page_shows_the_live_cache_code(app):
+    assert "class CachedUserRepository" in shown_code(app)
+    assert button(app, FETCH_USER) and button(app, FETCH_SCORE) and button(app, INVALIDATE)

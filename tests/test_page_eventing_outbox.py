@@ -1,0 +1,186 @@
+"""Section 5's page through AppTest: the guide's flow, the outage switch, the burst, retries.
+
+The page's publisher really runs on the app's runtime loop; tests wait for what it does with
+bounded polling through the session's Lab, then check what the page shows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import source
+from pagetools import button, click, lab_of, open_page, start_app, text_input, texts
+
+PAGE = "pages/eventing_outbox.py"
+CALCULATE = "Calculate & Store AIRScore (Creates Pending Event)"
+START = "Start Event Publisher (Background)"
+STOP = "Stop Event Publisher"
+REFRESH = "Refresh Event Status Now"
+RETRY = "Retry failed events"
+BURST = "Store Burst of AIRScores"
+FAST = replace(
+    source.OutboxSettings(),
+    poll_interval_seconds=0.05,
+    backoff_base_seconds=0.01,
+    backoff_max_seconds=0.05,
+    broker_timeout_seconds=0.3,
+    stop_timeout_seconds=5,
+)
+
+
+async def install_fast_outbox(sandbox: source.Sandbox) -> None:
+    source.outbox_service(sandbox, FAST)
+
+
+@pytest.fixture
+def app(fresh_global_runtime) -> AppTest:
+    app = start_app()
+    lab_of(app).run(install_fast_outbox)
+    return app
+
+
+@pytest.fixture
+def app_with_users(app) -> AppTest:
+    lab_of(app).run(source.init_db)
+    return open_page(app, PAGE)
+
+
+def wait_for_status(app: AppTest, condition, timeout: float = 15.0) -> source.OutboxStatus:
+    """Poll the sandbox's outbox status until `condition(status)` holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = lab_of(app).run(source.outbox_status)
+        if condition(status):
+            return status
+        assert time.monotonic() < deadline, f"still not there after {timeout:g} s: {status}"
+        time.sleep(0.02)
+
+
+def table_with(app: AppTest, column: str) -> pd.DataFrame:
+    """The one table on the page that has this column."""
+    matches = [table.value for table in app.table if column in table.value.columns]
+    assert len(matches) == 1, [list(table.value.columns) for table in app.table]
+    return matches[0]
+
+
+def metric(app: AppTest, label: str) -> str:
+    return next(m.value for m in app.metric if m.label == label)
+
+
+def test_without_users_the_page_says_to_initialize_first(app):
+    open_page(app, PAGE)
+    assert "no users yet" in texts(app)
+    assert CALCULATE not in [b.label for b in app.button]
+    assert metric(app, "Pending") == "0" and not app.error
+
+
+def test_the_guides_flow_stores_publishes_and_delivers_an_event(app_with_users):
+    app = app_with_users
+    assert "Alex Smith" in app.selectbox[0].format_func(app.selectbox[0].value)
+    click(app, CALCULATE)
+    assert any("pending" in s.value for s in app.success)
+    [event_id] = [row["id"] for row in lab_of(app).run(source.outbox_status).pending_events]
+    assert table_with(app, "next_attempt_at")["id"].tolist() == [event_id]
+    assert metric(app, "Pending") == "1" and metric(app, "Published") == "0"
+
+    click(app, START)
+    assert any("started" in s.value for s in app.success)
+    wait_for_status(app, lambda status: status.published == 1 and status.delivered == 1)
+    click(app, REFRESH)
+    published = table_with(app, "published_at")
+    assert published["id"].tolist() == [event_id] and published["status"].tolist() == ["published"]
+    assert published["published_at"].notna().all() and published["delivered_at"].notna().all()
+    assert (metric(app, "Pending"), metric(app, "Published"), metric(app, "Delivered")) == ("0", "1", "1")
+
+    click(app, STOP)
+    assert any("Stopped" in s.value for s in app.success)
+    assert not lab_of(app).run(source.event_publisher_state).running
+
+
+def test_the_publisher_keeps_running_across_page_changes(app_with_users):
+    app = app_with_users
+    click(app, START)
+    open_page(app, "pages/data_models.py")
+    open_page(app, "pages/connectivity_pooling.py")
+    user = lab_of(app).run(source.list_users)[0]
+    stored = lab_of(app).run(source.calculate_and_store_airscore, user_id=user.id, occupation_code="15-1252")
+    wait_for_status(app, lambda status: status.delivered == 1)
+    open_page(app, PAGE)
+    assert table_with(app, "published_at")["id"].tolist() == [stored.event.id]
+    assert lab_of(app).run(source.event_publisher_state).running
+    click(app, STOP)
+
+
+def test_bad_occupation_codes_are_refused_and_nothing_is_stored(app_with_users):
+    app = app_with_users
+    for bad in ("<script>alert(1)</script>", "'; DROP TABLE domain_events; --", ""):
+        [occupation] = [t for t in app.text_input if t.label == "Occupation code (SOC)"]
+        occupation.input(bad).run()
+        click(app, CALCULATE)
+        assert any("Occupation code" in e.value for e in app.error), [e.value for e in app.error]
+    counts = lab_of(app).run(source.count_rows)
+    assert (counts["air_scores"], counts["domain_events"]) == (0, 0)
+
+
+def test_a_broker_outage_keeps_events_pending_until_the_switch_is_turned_off(app_with_users):
+    app = app_with_users
+    click(app, START)
+    app.toggle[0].set_value(True).run()
+    assert lab_of(app).run(source.event_publisher_state).broker_cut_off
+    assert any("outage" in w.value.lower() for w in app.warning)
+    click(app, CALCULATE)
+    wait_for_status(app, lambda status: status.pending_events and status.pending_events[0]["attempts"] >= 1)
+    click(app, REFRESH)
+    pending = table_with(app, "next_attempt_at")
+    assert pending["attempts"].iloc[0] >= 1 and "broker unavailable" in pending["last_error"].iloc[0]
+    assert metric(app, "Delivered") == "0"
+
+    app.toggle[0].set_value(False).run()
+    assert not lab_of(app).run(source.event_publisher_state).broker_cut_off
+    status = wait_for_status(app, lambda status: status.published == 1 and status.delivered == 1)
+    assert status.stream_length == 1 and status.failed == 0
+    click(app, STOP)
+
+
+def test_a_burst_shows_progress_and_measured_throughput(app_with_users):
+    app = app_with_users
+    app.number_input[0].set_value(120).run()
+    click(app, BURST)
+    assert metric(app, "Score+event transactions") == "120"
+    assert metric(app, "Write throughput").endswith("per second")
+    counts = lab_of(app).run(source.count_rows)
+    assert (counts["air_scores"], counts["domain_events"]) == (120, 120)
+    assert metric(app, "Pending") == "120"
+
+
+async def add_failed_event(sandbox: source.Sandbox) -> str:
+    event = source.DomainEvent(
+        event_type="Test", aggregate_type="Test", aggregate_id=source._new_id(), payload={}, status="failed",
+        attempts=10, last_error="message is 70000 bytes; the broker limit is 65536",
+    )
+    async with source.get_session(sandbox) as session:
+        session.add(event)
+    return event.id
+
+
+def test_failed_events_are_shown_and_can_be_retried(app_with_users):
+    app = app_with_users
+    event_id = lab_of(app).run(add_failed_event)
+    click(app, REFRESH)
+    assert table_with(app, "last_error")["id"].tolist() == [event_id]
+    assert metric(app, "Failed") == "1"
+    click(app, RETRY)
+    assert any("1 failed events are pending again" in s.value for s in app.success)
+    assert metric(app, "Failed") == "0" and metric(app, "Pending") == "1"
+
+
+def test_the_page_shows_the_outbox_code_from_the_live_source(app_with_users):
+    shown = "\n".join(code.value for code in app_with_users.code)
+    assert "async def calculate_and_store_airscore(" in shown
+    assert "class OutboxPublisher:" in shown and "with_for_update(skip_locked=True)" in shown
+    assert "class StreamConsumer:" in shown

@@ -1,0 +1,114 @@
+"""Section 3's page through AppTest: add scores, both fetch buttons, the scale-up comparison, bad ids."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import source
+from pagetools import button, click, lab_of, open_page, start_app, text_input, texts
+
+PAGE = "pages/repository_n_plus_one.py"
+ADD = "Add 3 Sample Scores for User"
+NAIVE = "Fetch User & Scores (Simulated N+1)"
+EAGER = "Fetch User & Scores (Eager Loading)"
+COMPARE = "Compare Loading Strategies"
+UNKNOWN_ID = "3f2b9c1e-8d4a-4c7e-9b1f-2a6d5e8c0f11"
+
+
+@pytest.fixture
+def app(fresh_global_runtime) -> AppTest:
+    """A browser session whose sandbox holds the sample users, on this section's page."""
+    app = start_app()
+    lab_of(app).run(source.init_db, reset=True)
+    return open_page(app, PAGE)
+
+
+def sample_user_id(app: AppTest, name: str) -> str:
+    users = lab_of(app).run(source.list_users_with_score_counts)
+    return next(user["id"] for user in users if user["name"] == name)
+
+
+def scores_of(app: AppTest, user_id: str) -> list[source.AIRScore]:
+    return lab_of(app).run(source.fetch_user_and_scores_eager, user_id=user_id).scores
+
+
+def metric_values(app: AppTest, label: str) -> list[str]:
+    return [metric.value for metric in app.metric if metric.label == label]
+
+
+def test_the_pick_list_fills_the_id_and_add_scores_writes_three_valid_scores(app):
+    alex = sample_user_id(app, "Alex Smith")
+    app.selectbox[0].set_value(alex).run()
+    assert text_input(app, "User ID").value == alex
+    click(app, ADD)
+    assert any("Added 3 sample scores" in message.value for message in app.success)
+    stored = scores_of(app, alex)
+    assert len(stored) == 3 and all(score.ci_lower <= score.air_score <= score.ci_upper for score in stored)
+    assert sorted(app.table[0].value["id"]) == sorted(score.id for score in stored)
+    assert scores_of(app, sample_user_id(app, "Jane Doe")) == []
+    listed = app.dataframe[0].value.set_index("name")["scores"].to_dict()
+    assert listed == {"Alex Smith": 3, "Jane Doe": 0}  # the list above the button is already up to date
+
+
+def test_both_fetch_buttons_show_the_user_the_scores_every_statement_and_the_time(app):
+    alex = sample_user_id(app, "Alex Smith")
+    lab_of(app).run(source.add_sample_scores, user_id=alex)
+    text_input(app, "User ID").input(alex).run()
+    click(app, NAIVE)
+    assert metric_values(app, "SQL statements") == ["5"]
+    assert "1 + 1 + N with N = 3" in texts(app)
+    sql = "\n".join(code.value for code in app.code if code.language == "sql")
+    assert sql.count("-- statement ") == 5 and sql.count("air_scores.id = ") == 3
+    click(app, EAGER)
+    assert metric_values(app, "SQL statements") == ["5", "2"]  # both results stay side by side
+    assert all(value.endswith(" ms") for value in metric_values(app, "Time taken"))
+    assert [table.value["id"].tolist() for table in app.table] == [[s.id[:8] + "…" for s in scores_of(app, alex)]] * 2
+    assert [frame.value["id"].tolist() for frame in app.dataframe[1:]] == [[alex], [alex]]
+    assert not app.error
+
+
+@pytest.mark.parametrize(
+    ("typed", "message"),
+    [
+        ("", "Enter a user id"),
+        ("not-a-uuid", "not a valid user id"),
+        ("'; DROP TABLE users; --", "not a valid user id"),
+        (UNKNOWN_ID, "No user has the id"),
+    ],
+)
+def test_bad_ids_get_a_clear_message_and_nothing_is_written(app, typed, message):
+    text_input(app, "User ID").input(typed).run()
+    for label in (ADD, NAIVE, EAGER):
+        click(app, label)
+        assert [error.value for error in app.error if message in error.value], [e.value for e in app.error]
+    assert not app.success and not app.metric
+    assert lab_of(app).run(source.count_rows)["air_scores"] == 0
+
+
+def test_the_scale_up_comparison_creates_users_and_shows_measured_counts(app):
+    app.multiselect[0].set_value([10, 50]).run()
+    click(app, COMPARE)
+    assert lab_of(app).run(source.count_scale_up_users) == 50
+    assert any("exactly the same users" in message.value for message in app.success)
+    rows = app.table[0].value
+    counts = {(row["N (users)"], row["strategy"]): row["statements"] for _, row in rows.iterrows()}
+    assert counts == {
+        (n, strategy): expected
+        for n in (10, 50)
+        for strategy, expected in (("lazy", 1 + n), ("selectinload", 2), ("joinedload", 1), ("subqueryload", 2))
+    }
+    assert set(rows["scores loaded"]) == {10 * source.SCALE_UP_SCORES_PER_USER, 50 * source.SCALE_UP_SCORES_PER_USER}
+    assert "51 statements" in metric_values(app, "lazy at N = 50")
+    assert app.get("vega_lite_chart"), "the chart of time against N is drawn"
+    assert [u["name"] for u in lab_of(app).run(source.list_users_with_score_counts)] == ["Alex Smith", "Jane Doe"]
+
+    click(app, "Remove Scale-up Users")
+    assert any("Removed 50 scale-up users" in message.value for message in app.success)
+    assert lab_of(app).run(source.count_rows)["users"] == 2
+
+
+def test_the_page_explains_what_to_do_when_the_sandbox_is_empty(fresh_global_runtime):
+    app = open_page(start_app(), PAGE)
+    assert "no users yet" in texts(app)
+    assert button(app, ADD) and button(app, NAIVE) and button(app, EAGER)
