@@ -1,7 +1,5 @@
 """Section 4: a read-through Redis cache in front of user profiles and latest AIRScores."""
 
-import inspect
-
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -261,5 +259,5 @@ if trials:
     st.caption("Measured just now on this server; compare trials with each other, not with another run.")
 
 with st.expander("The cache code, as it runs"):
-    st.code(inspect.getsource(source.CachedUserRepository), language="python")
-    st.code(inspect.getsource(source.CacheMetrics), language="python")
+    st.code(source.source_code(source.CachedUserRepository), language="python")
+    st.code(source.source_code(source.CacheMetrics), language="python")

@@ -237,4 +237,4 @@ with st.expander("The outbox code, read from the running source"):
         source.StreamConsumer,
         source.OutboxService,
     ):
-        st.code(inspect.getsource(shown), language="python")
+        st.code(source.source_code(shown), language="python")

@@ -1,7 +1,5 @@
 """Section 3: the repository pattern, and the N+1 problem shown with the SQL that really runs."""
 
-import inspect
-
 import pandas as pd
 import streamlit as st
 
@@ -37,7 +35,7 @@ with st.expander("The repository code this page runs (read from source.py)"):
         source.fetch_user_and_scores_eager,
         source.add_sample_scores,
     ):
-        st.code(inspect.getsource(code), language="python")
+        st.code(source.source_code(code), language="python")
 
 
 def copy_picked_id() -> None:
@@ -224,8 +222,8 @@ def show_comparison(comparison: source.StrategyComparison) -> None:
 
 
 with st.expander("The loading code this experiment runs (read from source.py)"):
-    st.code(inspect.getsource(source.load_scale_up_users), language="python")
-    st.code(inspect.getsource(source.grow_scale_up_users), language="python")
+    st.code(source.source_code(source.load_scale_up_users), language="python")
+    st.code(source.source_code(source.grow_scale_up_users), language="python")
 
 sizes = st.multiselect("Numbers of users (N) to compare", source.SCALE_UP_SIZES, default=[10, 100, 1000])
 compare_column, remove_column = st.columns(2)
