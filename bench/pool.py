@@ -40,8 +40,9 @@ def main(
     runs = asyncio.run(measure(requests=requests, concurrency=concurrency, pool_size=pool_size, repeats=repeats))
     throughput_ratio = statistics.median(pooled.throughput / unpooled.throughput for pooled, unpooled in runs)
     latency_ratio = statistics.median(unpooled.median_latency_ms / pooled.median_latency_ms for pooled, unpooled in runs)
-    opened_pooled = max(pooled.connections_opened for pooled, _ in runs) / requests
-    opened_unpooled = min(unpooled.connections_opened for _, unpooled in runs) / requests
+    pooled_opened = max(pooled.connections_opened for pooled, _ in runs) / requests
+    unpooled_opened = min(unpooled.connections_opened for _, unpooled in runs) / requests
+    none_opened, one_each = pooled_opened == 0, unpooled_opened == 1
     setup = f"R={requests}, C={concurrency}, P={pool_size}"
     rows = [
         result(
@@ -52,10 +53,8 @@ def main(
             met=throughput_ratio >= THROUGHPUT_TARGET,
         ),
         result("pool", "NullPool ÷ pooled median latency", latency_ratio, target="> 1×", met=latency_ratio > 1),
-        result(
-            "pool", "connections opened per query, warmed pool", opened_pooled, unit="", target="0", met=opened_pooled == 0
-        ),
-        result("pool", "connections opened per query, NullPool", opened_unpooled, unit="", target="1", met=opened_unpooled == 1),
+        result("pool", "connections opened per query, warmed pool", pooled_opened, unit="", target="0", met=none_opened),
+        result("pool", "connections opened per query, NullPool", unpooled_opened, unit="", target="1", met=one_each),
     ]
     print_table(rows)
     return rows

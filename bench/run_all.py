@@ -12,8 +12,10 @@ tests/servers.py when PostgreSQL and redis-server are installed (else that backe
 and the output says why). The table and its context also go to bench/results/latest.md and
 latest.json (git-ignored); the README's table is copied from there.
 
-Adding a benchmark: write bench/<topic>.py whose main() returns rows made with
-benchtools.result() (the shape is described there), and list "<topic>" in BENCHMARKS.
+Adding a benchmark: write bench/<topic>.py whose main() measures the backend the environment
+names and returns rows made with benchtools.result() (the shape is described there), and add
+Benchmark("<topic>") to BENCHMARKS. Modules written before that shape existed (n_plus_one,
+cache, outbox) keep their own return values; a few lines below turn each into rows.
 """
 
 from __future__ import annotations
@@ -29,19 +31,82 @@ import os
 import platform
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from benchtools import PROJECT_ROOT, RESULT_KEYS, print_table, sandbox_on_configured_backend
+from benchtools import PROJECT_ROOT, RESULT_KEYS, print_table, result, sandbox_on_configured_backend
 
 sys.path.insert(0, str(PROJECT_ROOT / "tests"))
 import pytest  # noqa: E402  (tests/servers.py skips through pytest when a server is missing)
 import servers  # noqa: E402
 import source  # noqa: E402
 
-BENCHMARKS = ("n_plus_one", "cache", "outbox", "pool")
+
+
+def _as_returned(module: Any, returned: Any, backend: str) -> list[dict[str, Any]]:
+    return [{**row, "backend": backend} for row in returned]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One bench/<module>.py: how often to call its main() and how to read what it returns."""
+
+    module: str
+    # True: main() measures the backend the environment names, so it runs once per backend.
+    # False: main() goes through the backends itself, so it runs once (with the servers, if any).
+    per_backend: bool = True
+    # (module, what main() returned, backend label) -> rows in benchtools.result()'s shape
+    rows: Callable[[Any, Any, str], list[dict[str, Any]]] = _as_returned
+
+
+def _n_plus_one_rows(module: Any, returned: dict[str, Any], backend: str) -> list[dict[str, Any]]:
+    rows = [
+        result("n_plus_one", f"lazy ÷ selectinload time, N={users} users", ratio)
+        for users, ratio in returned["lazy_over_selectinload"].items()
+    ]
+    runs = len(returned["rows"])
+    exact = sum(row["statements"] == row["expected"] for row in returned["rows"])
+    identical = returned["identical_results"]
+    rows += [
+        result("n_plus_one", "runs issuing the expected statements", exact, unit="", target=f"{runs}", met=exact == runs),
+        result("n_plus_one", "every strategy returns the same data", int(identical), unit="", target="1", met=identical),
+    ]
+    return [{**row, "backend": backend} for row in rows]
+
+
+def _cache_rows(module: Any, returned: list[dict[str, Any]], backend: str) -> list[dict[str, Any]]:
+    rows = []
+    for measured in returned:  # one per Redis: a real one (when there is one) and fakeredis
+        speedup, overhead = measured["uncached ÷ hit"], measured["hit ÷ bare GET"]
+        fast, cheap = module.HIT_SPEEDUP_TARGET, module.HIT_OVERHEAD_TARGET
+        for row in (
+            result("cache", "uncached read ÷ cache hit time", speedup, target=f"≥ {fast:g}×", met=speedup >= fast),
+            result("cache", "cache hit ÷ bare GET+json.loads", overhead, target=f"≤ {cheap:g}×", met=overhead <= cheap),
+        ):
+            rows.append({**row, "backend": f"{backend.split('+')[0]}+{measured['redis']}"})
+    return rows
+
+
+def _outbox_rows(module: Any, returned: list[Any], backend: str) -> list[dict[str, Any]]:
+    # Absolute timings stay in bench/outbox.py's own table; ratios and promises come here.
+    rows = []
+    for measured in returned:
+        if measured.target or measured.unit == "×":
+            row = result("outbox", measured.measurement, measured.value, unit=measured.unit)
+            row.update(target=measured.target, met=measured.met)
+            rows.append({**row, "backend": measured.backend.lower().replace(" + ", "+")})
+    return rows
+
+
+BENCHMARKS = (
+    Benchmark("n_plus_one", rows=_n_plus_one_rows),
+    Benchmark("cache", rows=_cache_rows),
+    Benchmark("outbox", per_backend=False, rows=_outbox_rows),
+    Benchmark("pool"),
+)
 BACKENDS = ("embedded", "servers")
 RESULTS = Path(__file__).resolve().parent / "results"
 # distribution name -> how the header names it
@@ -63,12 +128,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     notes: list[str] = []
     backend_versions: dict[str, str] = {}
     with _backends(arguments.backend, notes) as environments:
-        for label, environment in environments:
+        for position, (_, environment) in enumerate(environments):
+            last = position == len(environments) - 1
             with _environment(environment):
                 label = _backend_label()
                 backend_versions[label] = _server_versions()
-                for name in BENCHMARKS:
-                    rows += _run(name, label, notes, verbose=arguments.verbose)
+                for benchmark in BENCHMARKS:
+                    if benchmark.per_backend or last:
+                        rows += _run(benchmark, label, notes, verbose=arguments.verbose)
     report = _report(rows, backend_versions, notes)
     print(report)
     RESULTS.mkdir(exist_ok=True)
@@ -147,8 +214,9 @@ def _server_versions() -> str:
     return asyncio.run(ask())
 
 
-def _run(name: str, backend: str, notes: list[str], *, verbose: bool) -> list[dict[str, Any]]:
-    """Import bench/<name>.py and call its main(); rows tagged with the backend."""
+def _run(benchmark: Benchmark, backend: str, notes: list[str], *, verbose: bool) -> list[dict[str, Any]]:
+    """Import bench/<module>.py, call its main() and read its rows."""
+    name = benchmark.module
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as missing:
@@ -161,7 +229,7 @@ def _run(name: str, backend: str, notes: list[str], *, verbose: bool) -> list[di
     try:
         with contextlib.redirect_stdout(sys.stdout if verbose else output):
             returned = module.main()
-        return [{**_checked_row(name, row), "backend": backend} for row in returned]
+        return [_checked_row(name, row) for row in benchmark.rows(module, returned, backend)]
     except Exception as error:
         traceback.print_exc()
         notes.append(f"bench/{name}.py failed on {backend}: {type(error).__name__}: {error}")
@@ -171,7 +239,7 @@ def _run(name: str, backend: str, notes: list[str], *, verbose: bool) -> list[di
 def _checked_row(name: str, row: Any) -> dict[str, Any]:
     if not isinstance(row, dict) or not {"benchmark", "measure", "value"} <= row.keys():
         raise TypeError(f"bench/{name}.py main() must return dicts with the keys {RESULT_KEYS}; got {row!r}")
-    return {key: row.get(key) for key in RESULT_KEYS}
+    return {key: row.get(key) for key in (*RESULT_KEYS, "backend")}
 
 
 def _report(rows: list[dict[str, Any]], backend_versions: dict[str, str], notes: list[str]) -> str:
