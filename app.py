@@ -52,7 +52,7 @@ def render_status(status: source.RuntimeStatus) -> None:
 
 
 try:
-    render_status(source.lab_for_browser_session(st.session_state).status())
+    render_status(source.lab_for_browser_session(st.session_state, st.query_params).status())
 except source.QuLabError as error:
     st.error(f"QuLab cannot start its data layer: {error}")
     st.stop()

@@ -120,3 +120,18 @@ def test_lab_for_browser_session_keeps_one_sandbox_per_session(fresh_global_runt
     other = source.lab_for_browser_session({})
     assert first.sandbox_id == again.sandbox_id == state[source.SANDBOX_STATE_KEY]
     assert other.sandbox_id != first.sandbox_id
+
+
+def test_the_sandbox_id_in_the_url_survives_a_reload(fresh_global_runtime):
+    url: dict = {}
+    first_visit = source.lab_for_browser_session({}, url)
+    assert url[source.SANDBOX_URL_PARAMETER] == first_visit.sandbox_id
+    after_reload = source.lab_for_browser_session({}, dict(url))  # new session state, same URL
+    assert after_reload.sandbox_id == first_visit.sandbox_id
+
+
+@pytest.mark.parametrize("bad", ["", "../etc", "x" * 200, "ABC;drop"])
+def test_a_malformed_sandbox_id_in_the_url_is_replaced(fresh_global_runtime, bad):
+    url = {source.SANDBOX_URL_PARAMETER: bad}
+    lab = source.lab_for_browser_session({}, url)
+    assert lab.sandbox_id != bad and url[source.SANDBOX_URL_PARAMETER] == lab.sandbox_id
