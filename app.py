@@ -8,20 +8,16 @@ import streamlit as st
 
 import source
 
-st.set_page_config(page_title="QuLab: Data Architecture & Persistence", page_icon="🧪", layout="wide")
+st.set_page_config(page_title="QuLab: Data Architecture & Persistence", page_icon=":material/science:", layout="wide")
 
-# Each url_path differs from its file's name on purpose. Streamlit serves a folder named pages/
-# the old (v1) way until the first st.navigation call of the process, and in that mode a deep
-# link that matches a file name runs that page alone, without this script. A url_path no file
-# matches always lands here first.
 navigation = st.navigation(
     [
-        st.Page("pages/introduction.py", title="Introduction", icon="🧭", url_path="welcome", default=True),
-        st.Page("pages/data_models.py", title="1. Data Models", icon="🧱", url_path="models"),
-        st.Page("pages/connectivity_pooling.py", title="2. DB Connectivity & Pooling", icon="🔌", url_path="pooling"),
-        st.Page("pages/repository_n_plus_one.py", title="3. Repository Pattern & N+1", icon="🔁", url_path="n-plus-one"),
-        st.Page("pages/caching.py", title="4. Caching with Redis", icon="⚡", url_path="cache"),
-        st.Page("pages/eventing_outbox.py", title="5. Eventing (Outbox Pattern)", icon="📬", url_path="outbox"),
+        st.Page("pages/introduction.py", title="Introduction", icon=":material/flag:", default=True),
+        st.Page("pages/data_models.py", title="1. Data Models", icon=":material/schema:"),
+        st.Page("pages/connectivity_pooling.py", title="2. DB Connectivity & Pooling", icon=":material/cable:"),
+        st.Page("pages/repository_n_plus_one.py", title="3. Repository Pattern & N+1", icon=":material/repeat:"),
+        st.Page("pages/caching.py", title="4. Caching with Redis", icon=":material/bolt:"),
+        st.Page("pages/eventing_outbox.py", title="5. Eventing (Outbox Pattern)", icon=":material/outbox:"),
     ]
 )
 
@@ -56,7 +52,7 @@ def render_status(status: source.RuntimeStatus) -> None:
 
 
 try:
-    render_status(source.lab_for_browser_session(st.session_state).status())
+    render_status(source.lab_for_browser_session(st.session_state, st.query_params).status())
 except source.QuLabError as error:
     st.error(f"QuLab cannot start its data layer: {error}")
     st.stop()

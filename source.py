@@ -3677,6 +3677,7 @@ class Lab:
 _runtime: Optional[Runtime] = None
 _runtime_lock = threading.Lock()
 SANDBOX_STATE_KEY = "qulab_sandbox_id"
+SANDBOX_URL_PARAMETER = "sandbox"
 
 
 def get_runtime() -> Runtime:
@@ -3717,10 +3718,21 @@ def source_code(code_object: Any) -> str:
         return _source_code_cache[code_object]
 
 
-def lab_for_browser_session(state: MutableMapping[str, Any]) -> Lab:
-    """The Lab of one browser session, keyed by a sandbox id kept in its session state."""
+def lab_for_browser_session(
+    state: MutableMapping[str, Any], url_parameters: Optional[MutableMapping[str, Any]] = None
+) -> Lab:
+    """The Lab of one browser session: its sandbox id lives in the session state and in the URL.
+
+    A browser reload starts a new Streamlit session with empty state; the id in the URL
+    (?sandbox=…) brings the learner back to their sandbox. A fresh visit gets a new random id,
+    so two learners never share a sandbox unless one hands the other the URL.
+    """
     sandbox_id = state.get(SANDBOX_STATE_KEY)
     if not isinstance(sandbox_id, str) or not SANDBOX_ID_PATTERN.match(sandbox_id):
-        sandbox_id = new_sandbox_id()
+        from_url = url_parameters.get(SANDBOX_URL_PARAMETER) if url_parameters is not None else None
+        valid = isinstance(from_url, str) and SANDBOX_ID_PATTERN.match(from_url)
+        sandbox_id = from_url if valid else new_sandbox_id()
         state[SANDBOX_STATE_KEY] = sandbox_id
+    if url_parameters is not None and url_parameters.get(SANDBOX_URL_PARAMETER) != sandbox_id:
+        url_parameters[SANDBOX_URL_PARAMETER] = sandbox_id
     return get_runtime().lab(sandbox_id)

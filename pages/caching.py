@@ -5,8 +5,9 @@ import pandas as pd
 import streamlit as st
 
 import source
+from pages import open_page
 
-lab = source.lab_for_browser_session(st.session_state)
+lab = open_page()
 LAST_READ, LAST_ACTION, LAST_ERROR = "cache_last_read", "cache_last_action", "cache_last_error"
 EXPERIMENT = "cache_trials"
 

@@ -4,8 +4,9 @@ import pandas as pd
 import streamlit as st
 
 import source
+from pages import open_page
 
-lab = source.lab_for_browser_session(st.session_state)
+lab = open_page()
 
 st.title("2. DB Connectivity & Pooling")
 st.markdown(

@@ -6,8 +6,9 @@ import pandas as pd
 import streamlit as st
 
 import source
+from pages import open_page
 
-lab = source.lab_for_browser_session(st.session_state)
+lab = open_page()
 OUTAGE_KEY = "outbox_broker_outage"
 BURST_CHUNK = 50
 

@@ -2,6 +2,10 @@
 
 import streamlit as st
 
+from pages import open_page
+
+open_page()
+
 st.title("QuLab: Data Architecture & Persistence for AI Applications")
 
 st.markdown(

@@ -4,8 +4,9 @@ import pandas as pd
 import streamlit as st
 
 import source
+from pages import open_page
 
-lab = source.lab_for_browser_session(st.session_state)
+lab = open_page()
 USER_ID_KEY = "n_plus_one_user_id"
 PICK_KEY = "n_plus_one_pick"
 FETCHES_KEY = "n_plus_one_fetches"

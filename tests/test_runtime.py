@@ -129,3 +129,18 @@ def test_source_code_is_the_live_source_and_safe_to_read_from_many_threads():
         read = list(pool.map(source.source_code, shown * 4))
     assert read == [inspect.getsource(code_object) for code_object in shown * 4]
     assert read[2].startswith("class User(Base, TimestampMixin):")
+
+
+def test_the_sandbox_id_in_the_url_survives_a_reload(fresh_global_runtime):
+    url: dict = {}
+    first_visit = source.lab_for_browser_session({}, url)
+    assert url[source.SANDBOX_URL_PARAMETER] == first_visit.sandbox_id
+    after_reload = source.lab_for_browser_session({}, dict(url))  # new session state, same URL
+    assert after_reload.sandbox_id == first_visit.sandbox_id
+
+
+@pytest.mark.parametrize("bad", ["", "../etc", "x" * 200, "ABC;drop"])
+def test_a_malformed_sandbox_id_in_the_url_is_replaced(fresh_global_runtime, bad):
+    url = {source.SANDBOX_URL_PARAMETER: bad}
+    lab = source.lab_for_browser_session({}, url)
+    assert lab.sandbox_id != bad and url[source.SANDBOX_URL_PARAMETER] == lab.sandbox_id
