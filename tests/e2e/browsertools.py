@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,7 @@ CHROMIUM_FLAGS = [
 # stApp's data-test-script-state ends a run as notRunning; CONNECTED means the websocket is up.
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning'][data-test-connection-state='CONNECTED']"
 SKELETON = "[data-testid='stSkeleton']"
+_NAV_LINKS = "[data-testid='stSidebarNav'] a"
 UUID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _FULL_RUN_FINISHED = (ForwardMsg.FINISHED_SUCCESSFULLY, ForwardMsg.FINISHED_WITH_COMPILE_ERROR)
 SERVER_START_SECONDS = 60.0
@@ -95,11 +97,14 @@ def app_pages() -> list[tuple[str, str]]:
     pages = []
     for declaration in _PAGE_DECLARATION.finditer(APP.read_text()):
         arguments = declaration["arguments"]
+        script = re.match(r'\s*"([^"]+)"', arguments)
         title = re.search(r'title="([^"]+)"', arguments)
         url_path = re.search(r'url_path="([^"]+)"', arguments)
-        assert title and url_path, f"app.py declares a page without a title or url_path: {arguments}"
-        # Streamlit serves the default page at the root URL, whatever its url_path says.
-        pages.append((title[1], "" if "default=True" in arguments else url_path[1]))
+        assert script and title, f"app.py declares a page without a script or title: {arguments}"
+        # Streamlit serves the default page at the root URL, whatever its url_path says, and
+        # names the others after their file unless url_path says otherwise.
+        path = url_path[1] if url_path else Path(script[1]).stem
+        pages.append((title[1], "" if "default=True" in arguments else path))
     return pages
 
 
@@ -308,9 +313,21 @@ def open_page(page: "Page", server: AppServer, url_path: str = "") -> "Page":
     return page
 
 
+def open_section(page: "Page", server: AppServer, title: str) -> "Page":
+    """Open a section by its link (a deep link), as a learner following a shared URL would."""
+    [url_path] = [path for shown, path in app_pages() if shown == title]
+    open_page(page, server, url_path)
+    assert current_section(page) == title
+    return page
+
+
+def _section_link(page: "Page", title: str) -> Any:
+    return page.locator(_NAV_LINKS).filter(has=page.locator(f"span[label={json.dumps(title)}]"))
+
+
 def go_to_section(page: "Page", title: str) -> None:
     """Follow the sidebar link with this exact title, as the guide tells the learner to."""
-    link = page.locator("[data-testid='stSidebarNav'] a").filter(has_text=re.compile(rf"^\W*{re.escape(title)}$"))
+    link = _section_link(page, title)
     expected = _runs(page).count(fragment=False) + 1
     link.click()
     _wait_for_runs(page, full_runs=expected, fragment=False)
@@ -362,7 +379,7 @@ def _wait_for_runs(page: "Page", *, full_runs: int, fragment: bool) -> None:
     page.wait_for_selector(IDLE)
     # Some elements (code blocks among them) load their renderer lazily, showing a skeleton first.
     page.wait_for_function(f"() => document.querySelectorAll(\"{SKELETON}\").length === 0")
-    page.locator("[data-testid='stSidebarNav']").wait_for()
+    page.locator(_NAV_LINKS).first.wait_for()
     assert_page_healthy(page)
 
 
@@ -435,14 +452,12 @@ def headings(page: "Page") -> list[str]:
 
 def current_section(page: "Page") -> str:
     """The title of the sidebar link marked as the current page."""
-    link = page.locator("[data-testid='stSidebarNav'] a[aria-current='page']")
-    return re.sub(r"^\W+", "", link.inner_text().strip().splitlines()[-1]).strip()
+    return page.locator(f"{_NAV_LINKS}[aria-current='page'] span[label]").get_attribute("label") or ""
 
 
 def section_titles(page: "Page") -> list[str]:
-    """The titles of the sidebar's navigation links, in order."""
-    links = page.locator("[data-testid='stSidebarNav'] a").all_inner_texts()
-    return [re.sub(r"^\W+", "", text.strip().splitlines()[-1]).strip() for text in links]
+    """The titles of the sidebar's navigation links, in order (icons left out)."""
+    return [label.get_attribute("label") or "" for label in page.locator(f"{_NAV_LINKS} span[label]").all()]
 
 
 def sidebar_text(page: "Page") -> str:

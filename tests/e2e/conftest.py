@@ -24,8 +24,8 @@ def browser() -> Iterator["browsertools.Browser"]:
 def app_server(browser) -> Iterator[browsertools.AppServer]:
     """`streamlit run app.py` on a free port, ready: its first session has rendered the app."""
     with browsertools.start_app_server() as server:
-        # The first session after start-up runs before app.py has declared its pages (see
-        # test_browser_deep_links); load the introduction once so the tests start from a warm app.
+        # Load the introduction once: the tests then start from a warm app (source imported,
+        # runtime started); a cold first visit has a test of its own in test_browser_deep_links.
         with browsertools.fresh_visitor(browser) as page:
             browsertools.open_page(page, server)
         yield server

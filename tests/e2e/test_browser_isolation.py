@@ -10,7 +10,7 @@ from .browsertools import (
     fill,
     fresh_visitor,
     go_to_section,
-    open_page,
+    open_section,
     press,
     sandbox_id,
     shown_ids,
@@ -26,7 +26,7 @@ def test_two_browsers_at_once_each_have_their_own_users(browser, app_server):
     with fresh_visitor(browser) as first, fresh_visitor(browser) as second:
         learners = (first, second)
         for page in learners:
-            open_page(page, app_server, "models")
+            open_section(page, app_server, "1. Data Models")
         first_sandbox, second_sandbox = sandbox_id(first), sandbox_id(second)
         assert first_sandbox != second_sandbox
 
