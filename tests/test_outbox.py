@@ -349,6 +349,21 @@ async def test_two_concurrent_publishers_on_postgresql_never_publish_an_event_tw
     await _two_publishers_never_publish_an_event_twice(await postgres_registry.acquire(source.new_sandbox_id()))
 
 
+async def test_reconnecting_the_broker_ends_the_degraded_status_before_any_batch(sandbox_with_users):
+    sandbox = sandbox_with_users
+    [user, _] = await source.list_users(sandbox)
+    await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="15-1252.00")
+    publisher = OutboxPublisher(sandbox, FAST)
+    await source.set_broker_outage(sandbox, cut=True)
+    assert (await publisher.publish_due_batch()).broker_error.startswith("broker unavailable")
+    assert sandbox.redis.health.degraded
+
+    # The publisher is stopped: only the switch itself can tell that Redis answers again.
+    await source.set_broker_outage(sandbox, cut=False)
+    assert not sandbox.redis.cut_off and not sandbox.redis.health.degraded
+    assert (await source.outbox_status(sandbox)).pending == 1  # still waiting for the publisher
+
+
 async def test_broker_outage_during_a_burst_delays_but_loses_nothing(sandbox_with_users):
     sandbox = sandbox_with_users
     service = source.outbox_service(sandbox, FAST)
