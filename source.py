@@ -851,7 +851,19 @@ class UserRepository(Repository[User]):
         return user
 
 
-class AssessmentRepository(Repository[Assessment]):
+class UserOwnedRepository(Repository[ModelT]):
+    """Rows that belong to a user (a user_id column): listed per user, oldest first."""
+
+    async def list_for_user(self, user_id: str) -> list[ModelT]:
+        """The user's rows, oldest first."""
+        model: Any = self.model
+        statement = (
+            select(model).where(model.user_id == parse_entity_id(user_id)).order_by(model.created_at, model.id)
+        )
+        return list((await self.session.scalars(statement)).all())
+
+
+class AssessmentRepository(UserOwnedRepository[Assessment]):
     """Assessments, always for an existing user."""
 
     model = Assessment
@@ -863,17 +875,8 @@ class AssessmentRepository(Repository[Assessment]):
         component_name = _required_text(component, label="Component", max_length=50, field_name="component")
         return await self.add(Assessment(user_id=user.id, component=component_name, current_ability=current_ability))
 
-    async def list_for_user(self, user_id: str) -> list[Assessment]:
-        """A user's assessments, oldest first."""
-        statement = (
-            select(Assessment)
-            .where(Assessment.user_id == parse_entity_id(user_id))
-            .order_by(Assessment.created_at, Assessment.id)
-        )
-        return list((await self.session.scalars(statement)).all())
 
-
-class AIRScoreRepository(Repository[AIRScore]):
+class AIRScoreRepository(UserOwnedRepository[AIRScore]):
     """AI-Readiness scores, always for an existing user."""
 
     model = AIRScore
@@ -914,15 +917,6 @@ class AIRScoreRepository(Repository[AIRScore]):
                 **values,
             )
         )
-
-    async def list_for_user(self, user_id: str) -> list[AIRScore]:
-        """A user's scores, oldest first."""
-        statement = (
-            select(AIRScore)
-            .where(AIRScore.user_id == parse_entity_id(user_id))
-            .order_by(AIRScore.created_at, AIRScore.id)
-        )
-        return list((await self.session.scalars(statement)).all())
 
     async def list_ids_for_user(self, user_id: str) -> list[str]:
         """The ids of a user's scores, oldest first (ids only, so no score enters the session)."""

@@ -182,7 +182,10 @@ def event_status_panel() -> None:
         except source.QuLabError as error:
             st.error(f"Nothing was retried. {error}")
         else:
-            st.success(f"{retried} failed events are pending again, with a fresh set of attempts.")
+            if retried:
+                st.success(f"{retried} failed events are pending again, with a fresh set of attempts.")
+            else:
+                st.info("No event has failed, so there is nothing to retry.")
     try:
         status = lab.run(source.outbox_status, limit=10)
     except source.QuLabError as error:
