@@ -147,6 +147,11 @@ class AppServer:
         rows = self.stored_rows(sandbox_id, "users", ("id", "email"), order_by="email")
         return [(str(user_id), email) for user_id, email in rows]
 
+    def stored_inbox(self, sandbox_id: str) -> list[str]:
+        """The event ids one sandbox's downstream consumer has recorded (its inbox), in id order."""
+        rows = self.stored_rows(sandbox_id, "consumed_events", ("event_id",), order_by="event_id")
+        return [event_id for (event_id,) in rows]
+
     def _sqlite_file(self, target: source.DatabaseTarget, sandbox_id: str) -> Path:
         if target.kind == "embedded":
             assert self.sandbox_directory is not None
@@ -339,6 +344,14 @@ def fill(page: "Page", label: str, value: str) -> None:
     page.get_by_label(label, exact=True).fill(value)
 
 
+def flip(page: "Page", label: str) -> None:
+    """Flip the st.toggle with this exact label (on to off or back) and wait for its rerun."""
+    switch = page.get_by_role("switch", name=label, exact=True)
+    expected = _runs(page).count(fragment=False) + 1
+    page.locator("[data-testid='stCheckbox'] label").filter(has=switch).click()
+    _wait_for_runs(page, full_runs=expected, fragment=False)
+
+
 @dataclass(frozen=True)
 class PendingRun:
     """A click whose rerun may still be running (see press and wait_for_rerun)."""
@@ -405,14 +418,27 @@ def assert_page_healthy(page: "Page") -> None:
 
 # --- reading what the learner sees ---------------------------------------------------------------
 
+# Each read is one evaluate call, so a fragment that redraws itself meanwhile cannot tear the result.
+_READ_TABLES = """() => Array.from(document.querySelectorAll("[data-testid='stMain'] [data-testid='stTable']")).map(table => {
+  const headers = Array.from(table.querySelectorAll("thead th")).map(cell => cell.innerText.trim());
+  return Array.from(table.querySelectorAll("tbody tr")).map(row => {
+    const cells = Array.from(row.querySelectorAll("th, td")).map(cell => cell.innerText.trim());
+    const names = headers.slice(headers.length - cells.length);
+    return Object.fromEntries(names.map((name, i) => [name, cells[i]]));
+  });
+})"""
+_READ_METRICS = """() => Array.from(document.querySelectorAll("[data-testid='stMain'] [data-testid='stMetric']")).map(metric => [
+  metric.querySelector("[data-testid='stMetricLabel']").innerText.trim(),
+  metric.querySelector("[data-testid='stMetricValue']").innerText.trim(),
+])"""
+_READ_ALERTS = """kind => Array.from(document.querySelectorAll("[data-testid='stMain'] [data-testid='stAlert']"))
+  .filter(alert => !kind || alert.querySelector(`[data-testid='stAlertContent${kind}']`))
+  .map(alert => alert.innerText.trim())"""
+
 
 def alerts(page: "Page", kind: Optional[str] = None) -> list[str]:
     """Texts of the alerts in the main area; kind 'success', 'info', 'warning' or 'error' filters."""
-    found = []
-    for alert in page.locator("[data-testid='stMain'] [data-testid='stAlert']").all():
-        if kind is None or alert.locator(f"[data-testid='stAlertContent{kind.capitalize()}']").count():
-            found.append(alert.inner_text().strip())
-    return found
+    return page.evaluate(_READ_ALERTS, kind.capitalize() if kind else "")
 
 
 def code_blocks(page: "Page") -> list[str]:
@@ -425,24 +451,61 @@ def shown_ids(page: "Page") -> list[str]:
     return [text for text in code_blocks(page) if UUID_PATTERN.match(text)]
 
 
+def tables(page: "Page") -> list[list[dict[str, str]]]:
+    """Every st.table in the main area, in page order, each as rows of {column: cell text}."""
+    return page.evaluate(_READ_TABLES)
+
+
 def table_rows(page: "Page", index: int = 0) -> list[dict[str, str]]:
     """The rows of the index-th st.table in the main area, as {column: cell text}."""
-    table = page.locator("[data-testid='stMain'] [data-testid='stTable']").nth(index)
-    headers = [text.strip() for text in table.locator("thead th").all_inner_texts()]
-    rows = []
-    for row in table.locator("tbody tr").all():
-        cells = [text.strip() for text in row.locator("th, td").all_inner_texts()]
-        rows.append(dict(zip(headers[-len(cells) :], cells)))
-    return rows
+    return tables(page)[index]
+
+
+def tables_with_column(page: "Page", column: str) -> list[list[dict[str, str]]]:
+    """The st.tables in the main area that have this column (e.g. 'published_at'), in page order."""
+    return [rows for rows in tables(page) if rows and column in rows[0]]
+
+
+def metric_values(page: "Page", label: str) -> list[str]:
+    """The values of every st.metric with this label in the main area, in page order (left to right)."""
+    return [value for shown_label, value in page.evaluate(_READ_METRICS) if shown_label == label]
 
 
 def metrics(page: "Page") -> dict[str, str]:
-    """{label: value} of every st.metric in the main area."""
-    shown = {}
-    for metric in page.locator("[data-testid='stMain'] [data-testid='stMetric']").all():
-        label = metric.locator("[data-testid='stMetricLabel']").inner_text().strip()
-        shown[label] = metric.locator("[data-testid='stMetricValue']").inner_text().strip()
-    return shown
+    """{label: value} of every st.metric in the main area (a repeated label keeps its last value)."""
+    return dict(page.evaluate(_READ_METRICS))
+
+
+def cache_counts(page: "Page") -> tuple[str, str, str]:
+    """Section 4's cache metrics as shown: (hits, misses, errors)."""
+    shown = metrics(page)
+    return shown["Hits"], shown["Misses"], shown["Errors"]
+
+
+def main_text(page: "Page") -> str:
+    """Everything the main area shows, as text."""
+    return page.locator("[data-testid='stMain']").inner_text()
+
+
+def wait_until(page: "Page", what: str, condition: Callable[[], Any], *, timeout_seconds: float = 20.0) -> Any:
+    """Check condition() (reading the page or the database) until it returns something true; return that.
+
+    For what a page shows on its own, with no click: a fragment that refreshes itself, a background
+    worker's progress. Fails with `what` and the page's state after timeout_seconds.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout_seconds:g} s: {_run_state(page)}")
+        page.wait_for_timeout(100)  # lets Playwright deliver the websocket frames meanwhile
+
+
+def wait_for_text(page: "Page", text: str, *, timeout_seconds: float = 20.0) -> None:
+    """Wait until the main area shows this text (after a click on a page that redraws part of itself)."""
+    wait_until(page, f"the text {text!r}", lambda: text in main_text(page), timeout_seconds=timeout_seconds)
 
 
 def headings(page: "Page") -> list[str]:
@@ -475,12 +538,26 @@ def sandbox_id(page: "Page") -> str:
     return ids[0]
 
 
-def screenshot(page: "Page", name: str) -> Path:
+_SCROLL_HEADING_TO_TOP = """text => {
+  const heading = Array.from(document.querySelectorAll("[data-testid='stMain'] :is(h1, h2, h3)"))
+    .find(element => element.innerText.trim() === text);
+  if (!heading) return false;
+  heading.scrollIntoView({block: "start"});
+  const main = heading.closest("[data-testid='stMain']");
+  main.scrollTop = Math.max(0, main.scrollTop - 70);  // clear of the app's top bar
+  return true;
+}"""
+
+
+def screenshot(page: "Page", name: str, *, heading: Optional[str] = None) -> Path:
     """Save what the learner sees now as tests/e2e/screenshots/<name>.png (git-ignored).
 
     Streamlit scrolls its main area inside the window, so this is the window as it stands:
-    after a click, the part of the page around the button and its result.
+    after a click, the part of the page around the button and its result. With heading, the
+    main area is first scrolled to put that heading (its exact text) at the top.
     """
+    if heading is not None:
+        assert page.evaluate(_SCROLL_HEADING_TO_TOP, heading), f"no heading {heading!r}: {headings(page)}"
     SCREENSHOTS.mkdir(exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path))

@@ -6,15 +6,23 @@ import pytest
 
 from .browsertools import (
     alerts,
+    cache_counts,
     click,
+    code_blocks,
     fill,
     fresh_visitor,
     go_to_section,
+    main_text,
+    metrics,
     open_section,
     press,
     sandbox_id,
     shown_ids,
+    sidebar_text,
+    tables,
     wait_for_rerun,
+    wait_for_text,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -52,3 +60,52 @@ def test_two_browsers_at_once_each_have_their_own_users(browser, app_server):
             "jane.doe@innovateai.example",
         ]
         assert app_server.stored_users(first_sandbox) == [(first_id, "same.person@example.com")]
+
+
+def test_two_browsers_at_once_have_their_own_cache_and_outbox(browser, app_server):
+    with fresh_visitor(browser) as first, fresh_visitor(browser) as second:
+        learners = (first, second)
+        for page in learners:
+            open_section(page, app_server, "4. Caching with Redis")  # each gets a Cache Demo User
+        first_sandbox, second_sandbox = sandbox_id(first), sandbox_id(second)
+        first_user, second_user = (demo_user_id(app_server, sandbox) for sandbox in (first_sandbox, second_sandbox))
+        assert first_user != second_user and first_user in code_blocks(first) and second_user in code_blocks(second)
+
+        # Reads at the same moment: each cache counts only its own learner's reads.
+        for run in [press(page, "Fetch User (Cached)") for page in learners]:
+            wait_for_rerun(run)
+            assert metrics(run.page)["Outcome"] == "MISS", metrics(run.page)
+        click(first, "Fetch User (Cached)")
+        assert metrics(first)["Outcome"] == "HIT"
+        assert cache_counts(first) == ("1", "1", "0") and cache_counts(second) == ("0", "1", "0")
+
+        # The second learner's Redis outage cuts off the second sandbox only.
+        click(second, "Cut Redis for My Sandbox")
+        assert "cannot reach Redis" in sidebar_text(second)
+        click(first, "Fetch User (Cached)")
+        assert metrics(first)["Outcome"] == "HIT" and "cannot reach Redis" not in sidebar_text(first)
+
+        # An event in the first outbox, published by the first learner's publisher, never shows in the second.
+        for page in learners:
+            go_to_section(page, "5. Eventing (Outbox Pattern)")
+        click(first, "Calculate & Store AIRScore (Creates Pending Event)")
+        click(first, "Start Event Publisher (Background)")
+        [(event_id,)] = app_server.stored_rows(first_sandbox, "domain_events", ("id",), order_by="id")
+        wait_until(first, "the first learner's event delivered", lambda: app_server.stored_inbox(first_sandbox))
+        assert app_server.stored_inbox(first_sandbox) == [event_id]
+        click(second, "Refresh Event Status Now", fragment=True)
+        shown = metrics(second)
+        assert (shown["Pending"], shown["Published"], shown["Delivered"]) == ("0", "0", "0"), shown
+        assert not tables(second) and event_id not in main_text(second)
+        assert app_server.stored_rows(second_sandbox, "domain_events", ("id",), order_by="id") == []
+        assert app_server.stored_inbox(second_sandbox) == []
+        click(first, "Stop Event Publisher")
+        wait_for_text(first, "Stopped after finishing the current batch.")
+
+
+def demo_user_id(server, sandbox: str) -> str:
+    """The id of the Cache Demo User section 4 created in a sandbox that had no users."""
+    [(user_id, name)] = server.stored_rows(sandbox, "users", ("id", "name"), order_by="id")
+    assert name == "Cache Demo User"
+    return str(user_id)
+

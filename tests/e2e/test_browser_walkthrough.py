@@ -1,14 +1,17 @@
 """A new learner walks the codelab in Chromium, section by section, as the user guide says.
 
 One learner (one browser page, one sandbox) goes through the tests below in file order, so a
-later section can use what an earlier one created (`learner.notes`). Each section ends with a
-screenshot in tests/e2e/screenshots/. To add a section, append a test that goes to it with
-go_to_section, clicks the guide's buttons with click, and asserts what alerts, tables, metrics
-and the sandbox's rows show.
+later section can use what an earlier one created (`learner.notes`). Each section saves a
+screenshot in tests/e2e/screenshots/. A section's test goes to it with go_to_section, clicks the
+guide's buttons with click, and asserts what alerts, tables, metrics and the sandbox's rows show.
+What a page shows with no click (section 5's self-refreshing status panel) is awaited with
+wait_until or wait_for_text, never a fixed sleep.
 """
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +21,17 @@ import pytest
 from .browsertools import (
     AppServer,
     alerts,
+    cache_counts,
     app_pages,
     click,
     code_blocks,
     current_section,
     fill,
+    flip,
     fresh_visitor,
     go_to_section,
     headings,
+    metric_values,
     metrics,
     open_page,
     sandbox_id,
@@ -34,11 +40,24 @@ from .browsertools import (
     shown_ids,
     sidebar_text,
     table_rows,
+    tables,
+    tables_with_column,
+    wait_for_text,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
 
 INITIALIZE = "Initialize In-Memory SQLite Database & Create Sample Users"
+ADD_SCORES = "Add 3 Sample Scores for User"
+FETCH_NAIVE = "Fetch User & Scores (Simulated N+1)"
+FETCH_EAGER = "Fetch User & Scores (Eager Loading)"
+FETCH_USER = "Fetch User (Cached)"
+FETCH_SCORE = "Fetch Latest AIRScore (Cached)"
+STORE_SCORE = "Calculate & Store AIRScore (Creates Pending Event)"
+START_PUBLISHER = "Start Event Publisher (Background)"
+STOP_PUBLISHER = "Stop Event Publisher"
+FROM_SCORES = re.compile(r"\bFROM (\w+\.)?air_scores\b")  # PostgreSQL names the sandbox's schema
 
 
 @dataclass
@@ -54,11 +73,50 @@ class Learner:
         """(id, email) of the users really stored in this learner's sandbox."""
         return self.server.stored_users(self.sandbox_id)
 
+    def stored_user_names(self) -> list[str]:
+        """The names of the users stored in this learner's sandbox."""
+        return [name for (name,) in self.server.stored_rows(self.sandbox_id, "users", ("name",), order_by="name")]
+
+    def stored_scores(self) -> list[tuple[str, str]]:
+        """(id, user_id) of every AIRScore stored in this learner's sandbox."""
+        return self.server.stored_rows(self.sandbox_id, "air_scores", ("id", "user_id"), order_by="id")
+
+    def latest_score_id(self, user_id: str) -> str:
+        """The id of the user's most recent stored AIRScore (latest created_at, then highest id)."""
+        rows = self.server.stored_rows(self.sandbox_id, "air_scores", ("created_at", "id", "user_id"), order_by="id")
+        return max((created_at, score_id) for created_at, score_id, owner in rows if owner == user_id)[1]
+
+    def stored_events(self) -> list[tuple[str, str, int, Any]]:
+        """(id, status, attempts, published_at) of every domain event in this learner's outbox, oldest first."""
+        columns = ("id", "status", "attempts", "published_at")
+        return self.server.stored_rows(self.sandbox_id, "domain_events", columns, order_by="created_at")
+
+    def inbox(self) -> list[str]:
+        """The event ids the downstream consumer has recorded (its inbox), in id order."""
+        return self.server.stored_inbox(self.sandbox_id)
+
 
 @pytest.fixture(scope="module")
 def learner(browser, app_server) -> Iterator[Learner]:
     with fresh_visitor(browser) as page:
         yield Learner(page, app_server)
+
+
+def shows_error(page, *parts: str) -> bool:
+    """True when one error alert in the main area contains every one of these texts."""
+    return any(all(part in text for part in parts) for text in alerts(page, "error"))
+
+
+def delivered_row(page, event_id: str) -> dict[str, str]:
+    """The event's row in Published Events once it shows a delivered_at and nothing is pending, else {}."""
+    shown = tables(page)
+    if any(rows and "next_attempt_at" in rows[0] for rows in shown):  # the Pending Events table
+        return {}
+    for rows in (rows for rows in shown if rows and "published_at" in rows[0]):
+        for row in rows:
+            if row["id"] == event_id and row["delivered_at"]:
+                return row
+    return {}
 
 
 def create_user(learner: Learner, *, email: str, name: str) -> None:
@@ -129,11 +187,170 @@ def test_section_2_initializes_the_sample_users_and_measures_pooling(learner):
     screenshot(page, "2-pooling")
 
 
-# Sections 3-5 follow here, one test each, e.g.:
-#   def test_section_3_...(learner):
-#       page = learner.page
-#       go_to_section(page, "3. Repository Pattern & N+1")
-#       fill(page, "<the input's label>", learner.notes["alex_id"])
-#       click(page, "Add 3 Sample Scores for User")
-#       ...assert on alerts / table_rows / metrics / code_blocks...
-#       screenshot(page, "3-n-plus-one")
+def test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strategy(learner):
+    page = learner.page
+    go_to_section(page, "3. Repository Pattern & N+1")
+    alex_id = learner.notes["alex_id"]
+
+    # A malformed id and an unknown one: a clear error from every button, and nothing written.
+    for bad_id, message in (("not-a-user-id", "not a valid user id"), (str(uuid.uuid4()), "No user has the id")):
+        fill(page, "User ID", bad_id)
+        click(page, ADD_SCORES)
+        assert shows_error(page, "No scores were added.", message), alerts(page)
+        for fetch in (FETCH_NAIVE, FETCH_EAGER):
+            click(page, fetch)
+            assert shows_error(page, "Nothing was fetched.", message), alerts(page)
+        assert not alerts(page, "success") and not metric_values(page, "SQL statements")
+    assert learner.stored_scores() == []
+
+    fill(page, "User ID", alex_id)
+    click(page, ADD_SCORES)
+    assert any("Added 3 sample scores" in text for text in alerts(page, "success")), alerts(page)
+    added = [row["id"] for row in table_rows(page)]
+    assert sorted(added) == sorted(score_id for score_id, user_id in learner.stored_scores() if user_id == alex_id)
+    assert len(added) == 3
+
+    # N+1: the user (1), the ids of the scores (1), then each score (N = 3).
+    click(page, FETCH_NAIVE)
+    assert metric_values(page, "SQL statements") == ["5"]
+    [naive_sql] = [code for code in code_blocks(page) if code.startswith("-- statement 1:")]
+    assert naive_sql.count("-- statement ") == 5 and len(FROM_SCORES.findall(naive_sql)) == 4, naive_sql
+    assert len(table_rows(page)) == 3  # the scores it fetched
+
+    # Eager loading: the user, then all the scores in one IN query; the N+1 result stays beside it.
+    click(page, FETCH_EAGER)
+    assert metric_values(page, "SQL statements") == ["5", "2"]
+    assert len(metric_values(page, "Time taken")) == 2
+    eager_sql = [code for code in code_blocks(page) if code.startswith("-- statement 1:")][1]
+    assert eager_sql.count("-- statement ") == 2 and " IN (" in eager_sql, eager_sql
+    assert [len(rows) for rows in tables_with_column(page, "air_score")] == [3, 3]
+    screenshot(page, "3-n-plus-one", heading="Step 2: fetch the user and their scores, two ways")
+
+    # Scale up, kept small: N = 10 only.
+    click(page, "Remove 100")
+    click(page, "Remove 1000")
+    click(page, "Compare Loading Strategies")
+    assert any("exactly the same users" in text for text in alerts(page, "success")), alerts(page)
+    [comparison] = tables_with_column(page, "strategy")
+    assert {row["strategy"]: row["statements"] for row in comparison} == {
+        "lazy": "11",
+        "selectinload": "2",
+        "joinedload": "1",
+        "subqueryload": "2",
+    }
+    assert {(row["N (users)"], row["scores loaded"]) for row in comparison} == {("10", "50")}
+    scale_up_users = [name for name in learner.stored_user_names() if name.startswith("Scale-up user #")]
+    assert len(scale_up_users) == 10
+
+    click(page, "Remove Scale-up Users")
+    assert any("Removed 10 scale-up users" in text for text in alerts(page, "success")), alerts(page)
+    assert sorted(learner.stored_user_names()) == ["Alex Smith", "Jane Doe"]
+    assert len(learner.stored_scores()) == 3  # Alex's, untouched
+
+
+def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
+    page = learner.page
+    go_to_section(page, "4. Caching with Redis")
+    alex_id = learner.notes["alex_id"]
+    latest_id = learner.latest_score_id(alex_id)
+    shown = code_blocks(page)
+    assert alex_id in shown and latest_id in shown, shown
+    assert table_rows(page) == [{"demo user": "Alex Smith"}]
+    assert cache_counts(page) == ("0", "0", "0")
+
+    def fetch(label: str, expected_outcome: str) -> None:
+        click(page, label)
+        shown_metrics = metrics(page)
+        assert shown_metrics["Outcome"] == expected_outcome, (label, shown_metrics, alerts(page))
+        # A hit answers from Redis alone; a miss or a fallback reads the database.
+        assert (shown_metrics["Database statements"] == "0") == (expected_outcome == "HIT"), shown_metrics
+
+    fetch(FETCH_USER, "MISS")
+    fetch(FETCH_USER, "HIT")
+    fetch(FETCH_SCORE, "MISS")
+    fetch(FETCH_SCORE, "HIT")
+    assert cache_counts(page) == ("2", "2", "0")
+    assert metrics(page)["Hit ratio H"] == "50.0%"
+
+    click(page, "Invalidate Cache for this User")
+    assert any("Redis deleted 2" in text for text in alerts(page, "success")), alerts(page)
+    fetch(FETCH_USER, "MISS")
+    assert cache_counts(page) == ("2", "3", "0")
+
+    # The outage switch: reads still succeed, from the database, and the sidebar says Redis is cut off.
+    click(page, "Cut Redis for My Sandbox")
+    assert any("Redis is cut off" in text for text in alerts(page, "warning")), alerts(page)
+    assert "cannot reach Redis" in sidebar_text(page)
+    fetch(FETCH_USER, "FALLBACK")
+    assert any("so the database did" in text for text in alerts(page, "warning")), alerts(page)
+    assert any("-> failed: " in code for code in code_blocks(page)), code_blocks(page)  # the GET Redis refused
+    assert "cannot reach Redis" in sidebar_text(page)
+    assert cache_counts(page) == ("2", "3", "1")
+    screenshot(page, "4-cache", heading="Interactive caching demonstration")
+
+    click(page, "Reconnect Redis")
+    assert "cannot reach Redis" not in sidebar_text(page) and "degraded" not in sidebar_text(page)
+    fetch(FETCH_USER, "HIT")  # the copy stored before the outage is served again
+    assert cache_counts(page) == ("3", "3", "1")
+
+
+def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker_outage(learner):
+    page = learner.page
+    go_to_section(page, "5. Eventing (Outbox Pattern)")
+    alex_id = learner.notes["alex_id"]
+    assert alex_id in code_blocks(page)
+    assert learner.stored_events() == []
+
+    click(page, STORE_SCORE)
+    assert any("status pending" in text for text in alerts(page, "success")), alerts(page)
+    [(event_id, status, attempts, published_at)] = learner.stored_events()
+    assert (status, attempts, published_at) == ("pending", 0, None)
+    [pending] = tables_with_column(page, "next_attempt_at")
+    assert [(row["id"], row["status"]) for row in pending] == [(event_id, "pending")]
+
+    click(page, "Refresh Event Status Now", fragment=True)
+    assert [row["id"] for row in tables_with_column(page, "next_attempt_at")[0]] == [event_id]
+    assert metrics(page)["Pending"] == "1" and not tables_with_column(page, "published_at")
+
+    # The publisher runs in the background; the status panel refreshes itself: no click needed.
+    click(page, START_PUBLISHER)
+    wait_for_text(page, "Publisher and consumer started.")
+    published = wait_until(page, "the event delivered, none pending", lambda: delivered_row(page, event_id))
+    assert published["status"] == "published" and published["published_at"], published
+    [(_, status, _, published_at)] = learner.stored_events()
+    assert status == "published" and published_at is not None
+    assert learner.inbox() == [event_id]
+
+    click(page, STOP_PUBLISHER)
+    wait_for_text(page, "Stopped after finishing the current batch.")
+
+    # A broker outage while the publisher runs: the new event waits, retries, and goes out after.
+    click(page, START_PUBLISHER)
+    wait_for_text(page, "Publisher and consumer started.")
+    flip(page, "Broker outage")
+    wait_for_text(page, "Broker outage: your sandbox's connections to Redis really fail now.")
+    assert "cannot reach Redis" in sidebar_text(page)
+    click(page, STORE_SCORE)
+    wait_until(page, "a second event stored", lambda: len(learner.stored_events()) == 2)
+    [second_id] = [event for event, *_ in learner.stored_events() if event != event_id]
+
+    def retried_twice() -> Any:
+        pending = [row for rows in tables_with_column(page, "next_attempt_at") for row in rows]
+        return [row for row in pending if row["id"] == second_id and int(row["attempts"]) >= 2]
+
+    [waiting] = wait_until(page, "the new event pending, its attempts growing", retried_twice)
+    assert waiting["status"] == "pending" and "broker unavailable" in waiting["last_error"], waiting
+    [(status, attempts, published_at)] = [row[1:] for row in learner.stored_events() if row[0] == second_id]
+    assert status == "pending" and attempts >= int(waiting["attempts"]) and published_at is None
+    screenshot(page, "5-outbox", heading="Current event status")
+
+    flip(page, "Broker outage")
+    wait_until(page, "the sidebar without the outage", lambda: "cannot reach Redis" not in sidebar_text(page))
+    assert "degraded" not in sidebar_text(page), sidebar_text(page)
+    wait_until(page, "the event delivered after the outage", lambda: delivered_row(page, second_id))
+    assert {status for _, status, _, _ in learner.stored_events()} == {"published"}
+    assert sorted(learner.inbox()) == sorted([event_id, second_id])  # none lost, none twice
+    assert metrics(page)["Published"] == "2" and metrics(page)["Delivered"] == "2"
+
+    click(page, STOP_PUBLISHER)
+    wait_for_text(page, "Stopped after finishing the current batch.")
