@@ -90,9 +90,23 @@ def _cache_rows(module: Any, returned: list[dict[str, Any]], backend: str) -> li
     for measured in returned:  # one per Redis: a real one (when there is one) and fakeredis
         speedup, overhead = measured["uncached ÷ hit"], measured["hit ÷ bare GET"]
         fast, cheap = module.HIT_SPEEDUP_TARGET, module.HIT_OVERHEAD_TARGET
+        # Issue 4 sets both targets against a real Redis and asks for fakeredis to be reported.
+        promised = measured["redis"] == "redis"
         for row in (
-            result("cache", "uncached read ÷ cache hit time", speedup, target=f"≥ {fast:g}×", met=speedup >= fast),
-            result("cache", "cache hit ÷ bare GET+json.loads", overhead, target=f"≤ {cheap:g}×", met=overhead <= cheap),
+            result(
+                "cache",
+                "uncached read ÷ cache hit time",
+                speedup,
+                target=f"≥ {fast:g}×" if promised else "",
+                met=speedup >= fast if promised else None,
+            ),
+            result(
+                "cache",
+                "cache hit ÷ bare GET+json.loads",
+                overhead,
+                target=f"≤ {cheap:g}×" if promised else "",
+                met=overhead <= cheap if promised else None,
+            ),
         ):
             rows.append({**row, "backend": f"{backend.split('+')[0]}+{measured['redis']}"})
     return rows
