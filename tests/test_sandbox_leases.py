@@ -175,3 +175,16 @@ async def test_sqlite_sandboxes_have_no_schemas_to_reap(settings):
     finally:
         await registry.close()
         await redis_service.close()
+
+
+async def test_another_replica_serving_the_same_sandbox_id_finds_its_data(postgres_registry, other_replica):
+    # The sandbox id travels in the page URL: after a reload on (or a failover to) another
+    # replica, that replica opens the same schema, with everything the learner stored.
+    sandbox_id = source.new_sandbox_id()
+    here = await postgres_registry.acquire(sandbox_id)
+    user = await source.create_user(here, email="stays@example.com", name="Stays Put")
+
+    there = await other_replica.acquire(sandbox_id)
+
+    assert there is not here and there.location == here.location
+    assert [u.id for u in await source.list_users(there)] == [user.id]
