@@ -530,7 +530,7 @@ def entity_relationship_dot() -> str:
     ]
     for table in Base.metadata.sorted_tables:
         rows = "".join(
-            f'<tr><td align="left">{"🔑 " if column.primary_key else ""}{column.name}</td>'
+            f'<tr><td align="left">{"<b>PK</b> " if column.primary_key else ""}{column.name}</td>'
             f'<td align="left"><font color="#555555">{column.type.compile()}</font></td></tr>'
             for column in table.columns
         )
