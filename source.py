@@ -1067,6 +1067,24 @@ class RedisLink:
         if unreachable is not None:
             await unreachable.aclose()
 
+    async def check(self, *, timeout_seconds: float = 1.0) -> bool:
+        """PING Redis now and record the answer in health, so the status is right at once."""
+        try:
+            await asyncio.wait_for(self.client.ping(), timeout_seconds)
+        except REDIS_ERRORS as error:
+            self.health.record_failure(error)
+            return False
+        self.health.record_success()
+        return True
+
+    async def switch_outage(self, *, cut: bool, timeout_seconds: float = 1.0) -> bool:
+        """Turn the outage switch on or off, then PING; returns whether Redis answers now."""
+        if cut:
+            self.cut()
+        else:
+            await self.restore()
+        return await self.check(timeout_seconds=timeout_seconds)
+
     async def delete_namespace(self) -> int:
         """Delete every key of this sandbox (SCAN, never KEYS); returns how many were deleted."""
         deleted = 0
@@ -2360,16 +2378,13 @@ class CachedUserRepository:
             what = sorted({type(obj).__name__ for obj in (*changed_or_deleted, *changes.inserted)})
             await self.invalidate_keys(list(keys), reason=f"a write committed ({', '.join(what)})")
 
-    async def check_redis(self) -> bool:
-        """PING Redis and send pending invalidations; True when Redis answered (the status recovers)."""
-        commands: list[RedisCommand] = []
+    async def send_pending_invalidations(self) -> bool:
+        """Send the invalidations Redis missed while it was down; True when none is left."""
         try:
-            await self._send(commands, "PING")
-            await self._apply_pending_invalidations(commands)
+            await self._apply_pending_invalidations([])
         except REDIS_ERRORS as error:
             self.sandbox.redis.health.record_failure(error)
             return False
-        self.sandbox.redis.health.record_success()
         return True
 
     async def _start_new_epoch(self, sandbox: Sandbox) -> None:
@@ -2452,12 +2467,8 @@ async def cache_status(sandbox: Sandbox) -> CacheStatus:
 
 async def set_redis_outage(sandbox: Sandbox, *, cut: bool) -> bool:
     """Cut this sandbox off from Redis, or reconnect it; returns whether Redis answers now."""
-    cache = cache_for(sandbox)
-    if cut:
-        sandbox.redis.cut()
-    else:
-        await sandbox.redis.restore()
-    return await cache.check_redis()
+    answers = await sandbox.redis.switch_outage(cut=cut, timeout_seconds=CACHE_COMMAND_TIMEOUT_SECONDS)
+    return answers and await cache_for(sandbox).send_pending_invalidations()
 
 
 @dataclass(frozen=True)
@@ -2751,11 +2762,6 @@ class BurstResult:
     concurrency: int
     seconds: float
 
-    @property
-    def writes_per_second(self) -> float:
-        """Committed score+event transactions per second."""
-        return self.writes / self.seconds if self.seconds > 0 else float("inf")
-
 
 async def store_airscore_burst(
     sandbox: Sandbox, *, count: int, concurrency: int = BURST_CONCURRENCY
@@ -3025,12 +3031,8 @@ class OutboxPublisher:
 
     async def probe_broker(self) -> bool:
         """After a broker failure: PING it, and when it answers make events waiting out a backoff due now."""
-        try:
-            await asyncio.wait_for(self.sandbox.redis.client.ping(), self.settings.broker_timeout_seconds)
-        except REDIS_ERRORS as error:
-            self.sandbox.redis.health.record_failure(error)
+        if not await self.sandbox.redis.check(timeout_seconds=self.settings.broker_timeout_seconds):
             return False
-        self.sandbox.redis.health.record_success()
         self.broker_down = False
         self.earliest_retry_at = None
         # The backoff waited for the broker, not for these events: once it is back, none must wait on.
@@ -3348,22 +3350,14 @@ async def event_publisher_state(sandbox: Sandbox) -> PublisherState:
     )
 
 
-async def set_broker_outage(sandbox: Sandbox, *, cut: bool) -> None:
-    """Cut this sandbox off from Redis (connections really fail) or restore the connection.
+async def set_broker_outage(sandbox: Sandbox, *, cut: bool) -> bool:
+    """Cut this sandbox off from the broker (connections really fail) or reconnect; True when it answers.
 
-    Restoring PINGs Redis at once, so the status stops saying 'degraded' as soon as Redis
-    answers, not only after the publisher's next successful batch.
+    The switch PINGs at once, so the status stops saying 'degraded' as soon as Redis answers,
+    not only after the publisher's next successful batch.
     """
-    if cut:
-        sandbox.redis.cut()
-        return
-    await sandbox.redis.restore()
-    try:
-        await asyncio.wait_for(sandbox.redis.client.ping(), outbox_service(sandbox).settings.broker_timeout_seconds)
-    except REDIS_ERRORS as error:
-        sandbox.redis.health.record_failure(error)
-    else:
-        sandbox.redis.health.record_success()
+    timeout = outbox_service(sandbox).settings.broker_timeout_seconds
+    return await sandbox.redis.switch_outage(cut=cut, timeout_seconds=timeout)
 
 
 async def retry_failed_events(sandbox: Sandbox) -> int:
