@@ -60,9 +60,8 @@ else:
     st.info(
         "No Redis server is configured, so QuLab runs **fakeredis**. The guide calls this fallback a mock; it "
         "is not one: fakeredis is Redis written in Python, running inside this process. It stores keys, "
-        "expires them and answers the same commands with the same replies. There is no network hop, but "
-        "every command is Python work, so a hit costs about what it costs on a local server. Every hit and "
-        "miss below really happened."
+        "expires them and answers the same commands with the same replies. There is no network hop; each "
+        "command is Python work in this process. Every hit, miss and time below was measured as you clicked."
     )
 
 st.subheader("Interactive caching demonstration")
