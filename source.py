@@ -110,6 +110,7 @@ from qulab_outbox import (
     read_stream_backlog,
     trim_acknowledged_entries,
 )
+from qulab_outbox.notify import CommitNotifications, commit_notifications, install_notify_trigger
 
 logger = logging.getLogger("qulab")
 
@@ -3265,6 +3266,7 @@ class OutboxService:
         self._broker_back.set()
         self._audit_due_at: Optional[float] = None  # time.monotonic(); None: nothing to audit
         self._errors_noted: dict[str, str] = {}
+        self._notifications: Optional[CommitNotifications] = None  # PostgreSQL: commits of other processes
         sandbox.commit_listeners.append(self._on_commit)
         sandbox.reset_listeners.append(self._on_reset)
         sandbox.release_listeners.append(self._on_release)
@@ -3285,7 +3287,19 @@ class OutboxService:
             loop.create_task(self._run_consumer(), name=f"outbox-consumer-{self.sandbox.id}"),
         ]
         self._note(f"publisher {self.publisher.name} started")
+        if self.sandbox.backend == "postgresql":
+            await self._listen_for_other_processes()
         return True
+
+    async def _listen_for_other_processes(self) -> None:
+        try:
+            await install_notify_trigger(self.sandbox.engine, self.sandbox.location)
+            notifications = commit_notifications(self.sandbox.engine.url)
+            await notifications.subscribe(self.sandbox.location, self._publisher_wake.set)
+        except Exception as error:  # the idle wait still finds the events, only later
+            logger.warning("outbox in sandbox %s cannot LISTEN for commits: %s", self.sandbox.id, error)
+            return
+        self._notifications = notifications
 
     async def stop(self) -> bool:
         """Let both tasks finish their current batch, then stop; False if they were not running."""
@@ -3299,6 +3313,9 @@ class OutboxService:
             task.cancel()  # a batch stuck longer than the timeout; its lease will expire
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
+        if self._notifications is not None:
+            notifications, self._notifications = self._notifications, None
+            await notifications.unsubscribe(self.sandbox.location, self._publisher_wake.set)
         self._note(f"publisher {self.publisher.name} stopped")
         return True
 

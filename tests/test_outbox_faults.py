@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
+
+import pytest
 
 from sqlalchemy import func, select
 
+import servers
 import source
 from source import DomainEvent, OutboxPublisher, StreamConsumer, get_session
 from test_outbox import FAST, add_pending_events, counts_by_status, drain, drain_consumer, eventually, inbox_event_ids, stream_event_ids
@@ -30,8 +36,11 @@ async def test_retention_never_trims_entries_the_consumer_group_has_not_acknowle
     await client.xreadgroup(source.EVENT_CONSUMER_GROUP, "slow", {stream: ">"}, count=10)  # read, never acknowledged
     assert await source.trim_acknowledged_entries(client, stream, keep_at_least=50) == 40
     assert await client.xlen(stream) == 260  # 10 unacknowledged + 250 unread stay
-    received = await drain_consumer(consumer)  # the rest, plus the 10 reclaimed from "slow"
-    assert sorted(await inbox_event_ids(sandbox)) == sorted(ids) and received >= 260
+    async def everything_recorded() -> bool:  # the rest, and the 10 reclaimed from "slow" once idle
+        await drain_consumer(consumer)
+        return sorted(await inbox_event_ids(sandbox)) == sorted(ids)
+
+    await eventually(everything_recorded)
     backlog = await source.read_stream_backlog(client, stream, source.EVENT_CONSUMER_GROUP)
     assert backlog.lag == 0
 
@@ -160,3 +169,102 @@ async def test_fakeredis_says_its_stream_lives_in_the_process(sandbox):
         assert durability.kind == "in-process" and durability.restart_can_lose_events
     else:
         assert durability.kind in {"aof", "snapshots", "none", "unknown"}
+
+
+INSERT_FROM_ANOTHER_PROCESS = """
+import asyncio, json, sys, uuid, datetime
+import asyncpg
+
+async def main(dsn, schema, count):
+    connection = await asyncpg.connect(dsn)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    await connection.executemany(
+        f'INSERT INTO "{schema}".domain_events (id, event_type, aggregate_type, aggregate_id, payload, status,'
+        ' attempts, next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7, $7)',
+        [(event_id, "Remote", "Test", str(uuid.uuid4()), json.dumps({"from": "another process"}), "pending", now) for event_id in ids],
+    )
+    await connection.close()
+    print(" ".join(ids))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_a_commit_in_another_process_wakes_the_publisher_through_listen_notify(postgres_registry):
+    sandbox = await postgres_registry.acquire(source.new_sandbox_id())
+    service = source.outbox_service(sandbox, replace(FAST, idle_wait_seconds=120, idle_wait_max_seconds=120))
+    await service.consumer.consume_batch()  # the group exists: nothing else wakes the publisher
+    await service.start()
+    await asyncio.sleep(0.2)  # let both workers settle into their two-minute idle wait
+    dsn = sandbox.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", INSERT_FROM_ANOTHER_PROCESS, dsn, sandbox.location, "3", stdout=asyncio.subprocess.PIPE
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0
+    ids = output.decode().split()
+    # Only the notification can wake it this soon: its idle wait is two minutes.
+    await eventually(lambda: _published(sandbox, 3), timeout=20)
+    assert sorted(await stream_event_ids(sandbox)) == sorted(ids)
+    assert service._notifications is not None and service._notifications.received >= 1
+    await service.stop()
+    assert not service._notifications
+
+
+async def _published(sandbox: source.Sandbox, count: int) -> bool:
+    return (await counts_by_status(sandbox)).get("published") == count
+
+
+@pytest.fixture
+def restartable_redis() -> Iterator[servers.RedisProcess]:
+    """A real redis-server without persistence that the test may kill and start again."""
+    redis_process = servers.RedisProcess(persistent=False).start()
+    try:
+        yield redis_process
+    finally:
+        redis_process.close()
+
+
+async def test_a_broker_restart_without_persistence_is_caught_by_the_audit(settings, restartable_redis):
+    on_redis = replace(settings, redis_url=restartable_redis.url)
+    redis_service = await source.RedisService.connect(on_redis)
+    registry = source.SandboxRegistry(on_redis, redis_service)
+    try:
+        assert redis_service.mode == "redis"
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        assert (await source.broker_durability(sandbox)).kind == "none"
+        service = source.outbox_service(sandbox, replace(FAST, audit_interval_seconds=0.1))
+        await service.start()
+        delivered_before = await add_pending_events(sandbox, 20)
+        await eventually(lambda: _all_delivered(sandbox, delivered_before))
+        await service.stop()
+        sent_not_read = await add_pending_events(sandbox, 200)
+        await drain(service.publisher)  # in the stream, marked published, read by nobody yet
+        restartable_redis.restart()  # killed: the stream and its consumer group are gone
+
+        await service.start()
+        everything = delivered_before + sent_not_read
+        await eventually(lambda: _all_delivered(sandbox, everything), timeout=30)
+        await service.stop()
+        assert Counter(await inbox_event_ids(sandbox)) == Counter(everything)  # each applied exactly once
+        assert service.audit.republished_total == 200
+        assert await counts_by_status(sandbox) == {"published": 220}
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
+def test_ci_and_the_fixtures_run_redis_with_an_append_only_file():
+    root = Path(__file__).resolve().parent.parent
+    assert "--appendonly yes" in (root / ".ci" / "run").read_text()
+    assert '"--appendonly", "yes"' in (root / "tests" / "servers.py").read_text()
+
+
+async def test_a_redis_with_an_append_only_file_says_so(real_redis_url):
+    client = source.redis_asyncio.from_url(real_redis_url, decode_responses=True)
+    try:
+        durability = await source.read_broker_durability(client, in_process=False)
+    finally:
+        await client.aclose()
+    assert durability.kind == "aof" and not durability.restart_can_lose_events
