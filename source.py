@@ -643,7 +643,17 @@ class DomainEvent(Base, TimestampMixin):
     __table_args__ = (Index("ix_events_status_created", "status", "created_at"),)
 
 
-MODEL_CLASSES: tuple[type[Base], ...] = (User, Assessment, AIRScore, DomainEvent)
+MODEL_CLASSES: tuple[type[Base], ...] = (User, Assessment, AIRScore, DomainEvent)  # the guide's four
+
+
+def all_models() -> list[type[Base]]:
+    """Every model mapped on Base: the guide's four, then the others (the consumer's inbox of section 5,
+    and any added later), read from the live registry so page 1 names every table its diagram draws."""
+    others = sorted(
+        (mapper.class_ for mapper in Base.registry.mappers if mapper.class_ not in MODEL_CLASSES),
+        key=lambda model: model.__tablename__,
+    )
+    return [*MODEL_CLASSES, *others]
 
 
 def entity_relationship_dot() -> str:
@@ -1881,6 +1891,20 @@ class UserScoresFetch:
     statements: StatementLog
     elapsed_ms: float
 
+    @property
+    def formula(self) -> str:
+        """How many statements this path needs, with this fetch's N."""
+        if self.path == "naive":
+            return f"{NAIVE_STATEMENT_FORMULA} with N = {len(self.scores)}"
+        return f"{EAGER_STATEMENT_FORMULA}, whatever N is (here N = {len(self.scores)})"
+
+    def sql_listing(self) -> str:
+        """Every statement in order, each with its time and parameters, as one SQL text."""
+        return "\n\n".join(
+            f"-- statement {number}: {statement.duration_ms:.2f} ms, parameters {statement.parameters}\n{statement.sql}"
+            for number, statement in enumerate(self.statements.statements, start=1)
+        )
+
 
 async def fetch_user_and_scores_naive(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
     """The N+1 path: the user (1), the ids of their scores (1), then each score by its id (N).
@@ -2026,6 +2050,13 @@ class StrategyRun:
         """The median of the timed runs."""
         return statistics.median(self.times_ms)
 
+    def sql_listing(self, *, max_characters: int = 700) -> str:
+        """Each distinct SQL text once, with how many times it was sent (long IN lists cut short)."""
+        return "\n\n".join(
+            f"-- sent {times:,}×\n{sql[:max_characters]}{' …' if len(sql) > max_characters else ''}"
+            for sql, times in self.statement_sql
+        )
+
 
 async def load_scale_up_users(sandbox: Sandbox, *, strategy: str, users: int) -> StrategyRun:
     """Load the first `users` scale-up users and all their scores with one strategy, in a fresh session."""
@@ -2083,6 +2114,21 @@ class StrategyComparison:
         """The N values compared, smallest first."""
         return sorted({run.users for run in self.runs})
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per strategy and N: statements, scores, median time and its ratio to selectinload."""
+        return [
+            {
+                "N (users)": run.users,
+                "strategy": run.strategy,
+                "statements": run.statements,
+                "scores loaded": run.scores,
+                "median ms": run.median_ms,
+                "÷ selectinload": run.median_ms / self.at(run.users)["selectinload"].median_ms,
+                "all runs (ms)": ", ".join(f"{time_ms:.1f}" for time_ms in run.times_ms),
+            }
+            for run in self.runs
+        ]
+
 
 async def compare_loading_strategies(
     sandbox: Sandbox, *, sizes: Sequence[int], repeats: int = COMPARISON_REPEATS
@@ -2106,6 +2152,17 @@ async def compare_loading_strategies(
         for attempts in zip(*rounds):
             runs.append(replace(attempts[-1], times_ms=tuple(attempt.times_ms[0] for attempt in attempts)))
     return StrategyComparison(tuple(runs), repeats)
+
+
+async def scale_up_and_compare(
+    sandbox: Sandbox, *, sizes: Sequence[int], repeats: int = COMPARISON_REPEATS
+) -> StrategyComparison:
+    """Section 3's Compare button: create the scale-up users still missing, then compare the strategies."""
+    target = max((size for size in sizes if isinstance(size, int)), default=0)
+    if 0 < target <= MAX_SCALE_UP_USERS:
+        while await grow_scale_up_users(sandbox, target_users=target) < target:
+            pass  # each call adds one chunk, in its own short transaction
+    return await compare_loading_strategies(sandbox, sizes=sizes, repeats=repeats)
 
 
 # =============================================================================================

@@ -18,7 +18,9 @@ fails with a clear message if a Streamlit upgrade drops it.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 import streamlit as st
@@ -93,3 +95,33 @@ def kept_outcome(key: str, *, where: Any = st, keep: bool = False) -> Any:
         where.error(outcome.error)
         return None
     return outcome.result
+
+
+def show_code(*code_objects: Any, label: str = "The code this ran", where: Any = st) -> None:
+    """Show the functions or classes a click ran, read from source.py as it runs, with file and line.
+
+    Like `show_code` in Streamlit's hello demos: the listing is the code that executed, so it can
+    never drift from it. Each object is one short listing (the lesson, not the hardening).
+    """
+    with where.expander(label):
+        for code_object in code_objects:
+            text = source.source_code(code_object)
+            st.caption(f"{_location(code_object)} · {text.count(chr(10))} lines")
+            st.code(text, language="python")
+
+
+def _location(code_object: Any) -> str:
+    """'source.py, line N' for a function, method or class defined in source.py."""
+    function = inspect.unwrap(getattr(code_object, "__func__", code_object))
+    code = getattr(function, "__code__", None)
+    if code is not None:
+        return f"{Path(code.co_filename).name}, line {code.co_firstlineno}"
+    module_file = Path(inspect.getsourcefile(code_object) or "source.py")
+    header = f"class {code_object.__name__}"
+    for number, line in enumerate(module_file.read_text().splitlines(), start=1):
+        if line.startswith(header) and line[len(header)] in "(:":
+            return f"{module_file.name}, line {number}"
+    return module_file.name
+
+
+SEEN_USER_IDS = "qulab_seen_user_ids"  # ids of users this browser session was shown: a later miss means removed
