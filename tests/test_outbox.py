@@ -27,7 +27,7 @@ FAST = source.OutboxSettings(
     outage_backoff_base_seconds=0.005,
     outage_backoff_max_seconds=0.02,
     consumer_reclaim_idle_seconds=0.05,
-    broker_timeout_seconds=0.3,  # a cut real Redis retries for seconds before it gives up
+    broker_timeout_seconds=3.0,  # a loaded machine can take a while; the outage switch fails at once
     stop_timeout_seconds=5,
 )
 

@@ -51,7 +51,7 @@ async def test_a_consumer_far_behind_gets_every_event_once(sandbox):
     await service.consumer.consume_batch()  # the group exists, then the consumer falls behind
     ids = await add_pending_events(sandbox, 1200)
     await drain(service.publisher)
-    assert len(await stream_event_ids(sandbox)) == 1200, "retention dropped unread entries"
+    assert set(await stream_event_ids(sandbox)) == set(ids), "retention dropped unread entries"
     await service.start()
     await eventually(lambda: _all_delivered(sandbox, ids), timeout=30)
     await service.stop()
