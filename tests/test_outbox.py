@@ -6,7 +6,6 @@ Timings are shrunk through OutboxSettings; tests wait for conditions with bounde
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import Counter
 from contextlib import suppress
