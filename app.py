@@ -7,6 +7,7 @@ source.py, where the whole data layer lives.
 import streamlit as st
 
 import source
+from pages.progress import render_progress
 
 st.set_page_config(page_title="QuLab: Data Architecture & Persistence", page_icon=":material/science:", layout="wide")
 
@@ -58,3 +59,4 @@ except source.QuLabError as error:
     st.stop()
 
 navigation.run()
+render_progress(source.lab_for_browser_session(st.session_state))  # after the page: counts this click too

@@ -5,6 +5,7 @@ import streamlit as st
 
 import source
 from pages import open_page
+from pages.progress import show_section_progress
 
 lab = open_page()
 
@@ -38,6 +39,7 @@ user who does not exist.
 
 st.subheader("How the tables relate")
 st.graphviz_chart(source.entity_relationship_dot())
+st.caption("`lab_journal` is QuLab's own: what each demo measured in your sandbox, read by the progress checks.")
 
 st.subheader("Try it: create a user")
 with st.form("create_user"):
@@ -77,3 +79,5 @@ if users:
     st.dataframe(pd.DataFrame([source.user_as_row(user) for user in users]), hide_index=True)
 else:
     st.info("No users yet. Create one above, or initialize the sample users in section 2.")
+
+show_section_progress(lab, section=1)

@@ -7,6 +7,7 @@ import streamlit as st
 
 import source
 from pages import open_page
+from pages.progress import show_section_progress
 
 lab = open_page()
 OUTAGE_KEY = "outbox_broker_outage"
@@ -242,3 +243,5 @@ with st.expander("The outbox code, read from the running source"):
         source.OutboxService,
     ):
         st.code(source.source_code(shown), language="python")
+
+show_section_progress(lab, section=5)

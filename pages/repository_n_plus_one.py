@@ -5,6 +5,7 @@ import streamlit as st
 
 import source
 from pages import open_page
+from pages.progress import show_section_progress
 
 lab = open_page()
 USER_ID_KEY = "n_plus_one_user_id"
@@ -259,3 +260,5 @@ st.markdown(
   second one. `selectinload` does the same job with a simpler second query.
 """
 )
+
+show_section_progress(lab, section=3)
