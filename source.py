@@ -52,6 +52,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, unquote_plus, urlsplit
 from typing import Any, Generic, Optional, TypeVar
 
 import fakeredis
@@ -130,6 +131,11 @@ class Settings:
     sandbox_directory: Optional[str] = None  # None: /dev/shm when writable, else the temp dir
     redis_connect_timeout_seconds: float = 1.0
 
+    def __post_init__(self) -> None:
+        for url in (self.database_url, self.redis_url):  # so no log line or error text can show them
+            if url:
+                remember_secrets_of_url(url)
+
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
         """Read settings from environment variables; unset or empty means the default."""
@@ -198,16 +204,111 @@ def resolve_database_target(database_url: Optional[str]) -> DatabaseTarget:
     )
 
 
+# A query parameter whose name contains one of these words carries a secret (password=,
+# sslpassword=, token=, api_key=, auth=, …); its value is never shown.
+_SECRET_PARAMETER_NAME = re.compile(r"pass|pwd|secret|token|key|auth|cred|sig", re.IGNORECASE)
+# What may follow the userinfo's '@': a host (name, IPv4, [IPv6]) and a port, up to / ? # or the end.
+_HOST_AFTER_USERINFO = re.compile(r"@[A-Za-z0-9.\-\[\]:%_]*(?=[/?#]|$)")
+_known_secrets: set[str] = set()
+_MIN_SECRET_LENGTH = 3  # shorter ones are hidden by the URL's structure, not searched for in text
+
+
 def mask_url(url: str | URL | None) -> str:
-    """Render a URL for display with any password replaced by ***."""
+    """Render a URL for display with every secret it carries replaced by ***.
+
+    Hidden: the password of the user info (even one holding an unencoded @, / or ?), every
+    query parameter that names a secret (password=, sslpassword=, token=, …) and the fragment.
+    The secrets are also remembered, so redact_secrets() removes them from log lines and
+    error texts. A text that is not a URL at all is not shown.
+    """
     if url is None:
         return "(none)"
+    text_form = url.render_as_string(hide_password=False) if isinstance(url, URL) else str(url)
+    remember_secrets_of_url(text_form)
+    scheme, separator, rest = text_form.partition("://")
+    if not separator:
+        return "***"
+    userinfo, rest = _split_userinfo(rest)
+    if userinfo is not None:
+        user, has_password, _ = userinfo.partition(":")
+        rest = f"{user}{':***' if has_password else ''}@{rest}"
+    rest, _, fragment = rest.partition("#")
+    rest, has_query, query = rest.partition("?")
+    if has_query:
+        rest += "?" + "&".join(_mask_parameter(parameter) for parameter in query.split("&"))
+    if fragment:
+        rest += "#***"
+    return redact_secrets(f"{scheme}://{rest}")
+
+
+def _split_userinfo(rest: str) -> tuple[Optional[str], str]:
+    """(userinfo, what follows its '@'), or (None, rest) when the URL has no user info.
+
+    The user info ends at the last '@' before the query; when there is none, at the last '@'
+    followed by something shaped like a host, since a password may hold an unencoded '?'.
+    """
+    before_query = rest.split("?", 1)[0].split("#", 1)[0]
+    at = before_query.rfind("@")
+    if at < 0:
+        hosts = list(_HOST_AFTER_USERINFO.finditer(rest))
+        if not hosts:
+            return None, rest
+        at = hosts[-1].start()
+    return rest[:at], rest[at + 1 :]
+
+
+def _mask_parameter(parameter: str) -> str:
+    name, has_value, _ = parameter.partition("=")
+    return f"{name}=***" if has_value and _SECRET_PARAMETER_NAME.search(unquote_plus(name)) else parameter
+
+
+def remember_secrets_of_url(url: str) -> None:
+    """Remember the passwords a URL carries, as SQLAlchemy, redis-py and urllib would read them."""
+    found: set[str] = set()
     try:
-        parsed = url if isinstance(url, URL) else make_url(url)
-        return parsed.render_as_string(hide_password=True)
-    except ArgumentError:
-        # Not an SQLAlchemy URL (a redis:// one, say): hide what sits between ':' and '@'.
-        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", str(url))
+        if url.lower().startswith(("redis", "unix")):
+            raise ValueError("redis-py reads these URLs with urllib, below")
+        parsed = make_url(url)
+        found.add(parsed.password or "")
+        found.update(str(value) for name, value in parsed.query.items() if _SECRET_PARAMETER_NAME.search(name))
+    except (ArgumentError, ValueError, TypeError):
+        pass
+    try:
+        split = urlsplit(url)
+        found.add(split.password or "")
+        found.update(value for name, value in parse_qsl(split.query) if _SECRET_PARAMETER_NAME.search(name))
+    except ValueError:
+        pass
+    scheme, separator, rest = url.partition("://")
+    userinfo, _ = _split_userinfo(rest) if separator else (None, rest)
+    if userinfo and ":" in userinfo:
+        found.add(userinfo.partition(":")[2])
+        found.add(unquote(userinfo.partition(":")[2]))
+    for secret in found:
+        if len(secret) >= _MIN_SECRET_LENGTH:
+            _known_secrets.update({secret, quote(secret, safe=""), quote_plus(secret)})
+
+
+def redact_secrets(text_value: str) -> str:
+    """The text with every remembered secret replaced by ***; for log lines and error messages."""
+    for secret in sorted(_known_secrets, key=len, reverse=True):
+        if secret in text_value:
+            text_value = text_value.replace(secret, "***")
+    return text_value
+
+
+class _RedactSecretsFilter(logging.Filter):
+    """Removes remembered secrets from QuLab's log records, tracebacks included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _known_secrets:
+            record.msg, record.args = redact_secrets(record.getMessage()), None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = redact_secrets(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+logger.addFilter(_RedactSecretsFilter())
 
 
 def _sandbox_directory(settings: Settings) -> Path:
@@ -226,7 +327,10 @@ def _sandbox_directory(settings: Settings) -> Path:
 
 
 class QuLabError(Exception):
-    """Base of every error a page may show; its message is written for the learner."""
+    """Base of every error a page may show; its message is written for the learner (secrets removed)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact_secrets(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class ConfigurationError(QuLabError):
@@ -280,6 +384,9 @@ class UnexpectedError(QuLabError):
 MAX_EMAIL_LENGTH = 255
 MAX_NAME_LENGTH = 255
 MAX_ID_INPUT_LENGTH = 64
+MAX_ROWS_PER_PAGE = 10_000
+# An assessment's ability estimate on the IRT logit scale; real estimates stay well inside ±10.
+ABILITY_BOUNDS = (-10.0, 10.0)
 EDUCATION_LEVELS = (
     "High school",
     "Associate degree",
@@ -293,7 +400,8 @@ _EMAIL_PATTERN = re.compile(
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
 )
 # SOC (15-1252) or O*NET-SOC (15-1252.00) occupation codes.
-_OCCUPATION_CODE_PATTERN = re.compile(r"^\d{2}-\d{4}(?:\.\d{2})?$")
+# ASCII digits only: Python's \d also matches Arabic-Indic or full-width digits.
+_OCCUPATION_CODE_PATTERN = re.compile(r"[0-9]{2}-[0-9]{4}(?:\.[0-9]{2})?")
 _NAME_PUNCTUATION = set(" .,'-\u2019")
 
 
@@ -321,7 +429,7 @@ def validate_email(value: Any) -> str:
         raise InvalidEmailError(
             f"Email is too long: {len(email)} characters, the limit is {MAX_EMAIL_LENGTH}.", field="email"
         )
-    if not _EMAIL_PATTERN.match(email):
+    if not _EMAIL_PATTERN.fullmatch(email):
         raise InvalidEmailError(
             "That is not a valid email address; expected something like alex.smith@example.com.",
             field="email",
@@ -351,7 +459,7 @@ def validate_occupation_code(value: Any, *, required: bool = False) -> Optional[
         if required:
             raise ValidationError("Occupation code is required, e.g. 15-1252.00.", field="occupation_code")
         return None
-    if not isinstance(value, str) or not _OCCUPATION_CODE_PATTERN.match(value.strip()):
+    if not isinstance(value, str) or not _OCCUPATION_CODE_PATTERN.fullmatch(value.strip()):
         raise ValidationError(
             "Occupation code must look like 15-1252 or 15-1252.00 (an SOC / O*NET-SOC code).",
             field="occupation_code",
@@ -374,13 +482,30 @@ def validate_years_experience(value: Any) -> Optional[float]:
     """Return years of experience between 0 and 80, or None when not given."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    try:
-        years = float(value)
-    except (TypeError, ValueError):
-        raise ValidationError("Years of experience must be a number.", field="years_experience") from None
-    if not math.isfinite(years) or not 0 <= years <= 80:
-        raise ValidationError("Years of experience must be between 0 and 80.", field="years_experience")
-    return years
+    if isinstance(value, str):
+        if not value.strip().isascii():
+            raise ValidationError("Years of experience must be written with the digits 0-9.", field="years_experience")
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValidationError("Years of experience must be a number.", field="years_experience") from None
+    return validate_number(value, label="Years of experience", low=0, high=80, field="years_experience")
+
+
+def validate_number(value: Any, *, label: str, low: float, high: float, field: str = "") -> float:
+    """Return a finite number between low and high; booleans, NaN and infinities are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"{label} must be a number.", field=field or label.lower())
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValidationError(f"{label} must be between {low:g} and {high:g}.", field=field or label.lower())
+    return float(value)
+
+
+def validate_whole_number(value: Any, *, label: str, low: int, high: int, field: str = "") -> int:
+    """Return an int between low and high; booleans (True is 1 to Python) and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(f"{label} must be a whole number from {low:,} to {high:,}.", field=field or label.lower())
+    return value
 
 
 def parse_entity_id(value: Any, *, what: str = "user") -> str:
@@ -524,7 +649,17 @@ class DomainEvent(Base, TimestampMixin):
     __table_args__ = (Index("ix_events_status_created", "status", "created_at"),)
 
 
-MODEL_CLASSES: tuple[type[Base], ...] = (User, Assessment, AIRScore, DomainEvent)
+MODEL_CLASSES: tuple[type[Base], ...] = (User, Assessment, AIRScore, DomainEvent)  # the guide's four
+
+
+def all_models() -> list[type[Base]]:
+    """Every model mapped on Base: the guide's four, then the others (the consumer's inbox of section 5,
+    and any added later), read from the live registry so page 1 names every table its diagram draws."""
+    others = sorted(
+        (mapper.class_ for mapper in Base.registry.mappers if mapper.class_ not in MODEL_CLASSES),
+        key=lambda model: model.__tablename__,
+    )
+    return [*MODEL_CLASSES, *others]
 
 
 def entity_relationship_dot() -> str:
@@ -758,7 +893,7 @@ def install_statement_log(engine: AsyncEngine) -> None:
 
 
 class JournalEntry(Base):
-    """One thing a demo measured in this sandbox; kept by initialize, emptied with the sandbox."""
+    """What a demo measured in this sandbox, for the progress checks (QuLab's own; kept by initialize)."""
 
     __tablename__ = "lab_journal"
     __table_args__ = {"info": {"kept_by_initialize": True}}
@@ -870,6 +1005,8 @@ class Repository(Generic[ModelT]):
 
     async def list(self, *, limit: int = 100, offset: int = 0) -> list[ModelT]:
         """Rows newest first, a page at a time."""
+        validate_whole_number(limit, label="Limit", low=0, high=MAX_ROWS_PER_PAGE)
+        validate_whole_number(offset, label="Offset", low=0, high=2**31 - 1)
         statement = (
             select(self.model)
             .order_by(self.model.created_at.desc(), self.model.id)  # type: ignore[attr-defined]
@@ -974,7 +1111,8 @@ class AssessmentRepository(UserOwnedRepository[Assessment]):
         """Start an assessment for an existing user."""
         user = await UserRepository(self.session).require(user_id)
         component_name = _required_text(component, label="Component", max_length=50, field_name="component")
-        return await self.add(Assessment(user_id=user.id, component=component_name, current_ability=current_ability))
+        ability = validate_number(current_ability, label="Current ability", low=ABILITY_BOUNDS[0], high=ABILITY_BOUNDS[1])
+        return await self.add(Assessment(user_id=user.id, component=component_name, current_ability=ability))
 
 
 class AIRScoreRepository(UserOwnedRepository[AIRScore]):
@@ -1204,17 +1342,25 @@ class RedisLink:
 # 9. Sandboxes
 # =============================================================================================
 
-SANDBOX_ID_PATTERN = re.compile(r"^[a-z0-9]{8,32}$")
+# Always used with fullmatch: `$` alone also matches before a trailing newline ("abcdefgh\n").
+SANDBOX_ID_PATTERN = re.compile(r"[a-z0-9]{8,32}")
 # PostgreSQL sandboxes are schemas named qulab_<sandbox id>. Each has a row in this table saying
 # when it was last used (the database's clock, so replicas agree); a live sandbox renews it at
 # most once a minute. A process that dies cannot drop its schemas, so every replica's idle reaper
 # also drops schemas whose lease expired, whoever created them (reap_abandoned_schemas).
-SANDBOX_SCHEMA_PATTERN = re.compile(r"^qulab_[a-z0-9]{8,32}$")
+SANDBOX_SCHEMA_PATTERN = re.compile(r"qulab_[a-z0-9]{8,32}")
 SANDBOX_LEASE_TABLE = "qulab_sandbox_leases"
 _LEASE_TABLE_LOCK_KEY = 0x7175_6C61_62  # pg_advisory_xact_lock key: "qulab"
 MAX_SCHEMAS_REAPED_PER_PASS = 50
 CommitListener = Callable[[CommittedChanges], Awaitable[None]]
 SandboxListener = Callable[["Sandbox"], Awaitable[None]]
+
+
+def quoted_schema(schema: str) -> str:
+    """A sandbox schema name, checked against the issued form and quoted, for raw DDL."""
+    if not SANDBOX_SCHEMA_PATTERN.fullmatch(schema):
+        raise ValidationError("Malformed sandbox schema name.", field="sandbox_id")
+    return f'"{schema}"'
 
 
 def new_sandbox_id() -> str:
@@ -1304,7 +1450,7 @@ class SandboxRegistry:
 
     async def acquire(self, sandbox_id: str) -> Sandbox:
         """The sandbox with this id, created (with its schema) on first use."""
-        if not SANDBOX_ID_PATTERN.match(sandbox_id):
+        if not isinstance(sandbox_id, str) or not SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
             raise ValidationError("Malformed sandbox id.", field="sandbox_id")
         sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is None:
@@ -1338,7 +1484,7 @@ class SandboxRegistry:
             schema = f"qulab_{sandbox_id}"
             engine = shared_engine.execution_options(schema_translate_map={None: schema})
             async with shared_engine.begin() as connection:  # schema and lease appear together
-                await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+                await connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quoted_schema(schema)}"))
                 await connection.execute(
                     text(
                         f"INSERT INTO {SANDBOX_LEASE_TABLE} (schema_name, last_used, holder) "
@@ -1409,7 +1555,7 @@ class SandboxRegistry:
                     Path(sandbox.location + suffix).unlink(missing_ok=True)
         elif self._shared_engine is not None:
             async with self._shared_engine.begin() as connection:
-                await connection.execute(text(f'DROP SCHEMA IF EXISTS "{sandbox.location}" CASCADE'))
+                await connection.execute(text(f"DROP SCHEMA IF EXISTS {quoted_schema(sandbox.location)} CASCADE"))
                 await connection.execute(
                     text(f"DELETE FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = :schema"), {"schema": sandbox.location}
                 )
@@ -1459,7 +1605,7 @@ class SandboxRegistry:
                         "SELECT nspname, now(), :holder FROM pg_catalog.pg_namespace WHERE nspname ~ :pattern "
                         "ORDER BY nspname ON CONFLICT (schema_name) DO NOTHING"
                     ),
-                    {"holder": f"{self._lease_holder} (found without a lease)", "pattern": SANDBOX_SCHEMA_PATTERN.pattern},
+                    {"holder": f"{self._lease_holder} (found without a lease)", "pattern": f"^{SANDBOX_SCHEMA_PATTERN.pattern}$"},
                 )
             async with engine.begin() as connection:
                 expired = (
@@ -1477,9 +1623,9 @@ class SandboxRegistry:
                         },
                     )
                 ).scalars().all()
-                reaped = [schema for schema in expired if SANDBOX_SCHEMA_PATTERN.match(schema)]
+                reaped = [schema for schema in expired if SANDBOX_SCHEMA_PATTERN.fullmatch(schema)]
                 for schema in reaped:
-                    await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+                    await connection.execute(text(f"DROP SCHEMA IF EXISTS {quoted_schema(schema)} CASCADE"))
                 if expired:
                     await connection.execute(
                         text(f"DELETE FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = ANY(:expired)"), {"expired": list(expired)}
@@ -1689,8 +1835,7 @@ async def run_pool_experiment(
         ("Concurrency", concurrency, MAX_POOL_EXPERIMENT_CONCURRENCY),
         ("Pool size", pool_size, MAX_POOL_EXPERIMENT_CONCURRENCY),
     ):
-        if not isinstance(value, int) or not 1 <= value <= upper:
-            raise ValidationError(f"{label} must be a whole number from 1 to {upper}.", field=label.lower())
+        validate_whole_number(value, label=label, low=1, high=upper)
     translate = sandbox.engine.get_execution_options().get("schema_translate_map")
     trials = []
     for label, overrides in (
@@ -1851,6 +1996,20 @@ class UserScoresFetch:
     statements: StatementLog
     elapsed_ms: float
 
+    @property
+    def formula(self) -> str:
+        """How many statements this path needs, with this fetch's N."""
+        if self.path == "naive":
+            return f"{NAIVE_STATEMENT_FORMULA} with N = {len(self.scores)}"
+        return f"{EAGER_STATEMENT_FORMULA}, whatever N is (here N = {len(self.scores)})"
+
+    def sql_listing(self) -> str:
+        """Every statement in order, each with its time and parameters, as one SQL text."""
+        return "\n\n".join(
+            f"-- statement {number}: {statement.duration_ms:.2f} ms, parameters {statement.parameters}\n{statement.sql}"
+            for number, statement in enumerate(self.statements.statements, start=1)
+        )
+
 
 @journaled("user_and_scores_fetched")
 async def fetch_user_and_scores_naive(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
@@ -1880,6 +2039,7 @@ async def fetch_user_and_scores_eager(sandbox: Sandbox, *, user_id: str) -> User
 
 async def list_users_with_score_counts(sandbox: Sandbox, *, limit: int = 50) -> list[dict[str, Any]]:
     """The sandbox's own users (scale-up users left out) with how many scores each has, oldest first."""
+    validate_whole_number(limit, label="Limit", low=0, high=MAX_ROWS_PER_PAGE)
     score_count = (
         select(func.count(AIRScore.id)).where(AIRScore.user_id == User.id).correlate(User).scalar_subquery()
     )
@@ -1997,6 +2157,13 @@ class StrategyRun:
         """The median of the timed runs."""
         return statistics.median(self.times_ms)
 
+    def sql_listing(self, *, max_characters: int = 700) -> str:
+        """Each distinct SQL text once, with how many times it was sent (long IN lists cut short)."""
+        return "\n\n".join(
+            f"-- sent {times:,}×\n{sql[:max_characters]}{' …' if len(sql) > max_characters else ''}"
+            for sql, times in self.statement_sql
+        )
+
 
 async def load_scale_up_users(sandbox: Sandbox, *, strategy: str, users: int) -> StrategyRun:
     """Load the first `users` scale-up users and all their scores with one strategy, in a fresh session."""
@@ -2054,6 +2221,21 @@ class StrategyComparison:
         """The N values compared, smallest first."""
         return sorted({run.users for run in self.runs})
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per strategy and N: statements, scores, median time and its ratio to selectinload."""
+        return [
+            {
+                "N (users)": run.users,
+                "strategy": run.strategy,
+                "statements": run.statements,
+                "scores loaded": run.scores,
+                "median ms": run.median_ms,
+                "÷ selectinload": run.median_ms / self.at(run.users)["selectinload"].median_ms,
+                "all runs (ms)": ", ".join(f"{time_ms:.1f}" for time_ms in run.times_ms),
+            }
+            for run in self.runs
+        ]
+
 
 @journaled("loading_strategies_compared")
 async def compare_loading_strategies(
@@ -2078,6 +2260,17 @@ async def compare_loading_strategies(
         for attempts in zip(*rounds):
             runs.append(replace(attempts[-1], times_ms=tuple(attempt.times_ms[0] for attempt in attempts)))
     return StrategyComparison(tuple(runs), repeats)
+
+
+async def scale_up_and_compare(
+    sandbox: Sandbox, *, sizes: Sequence[int], repeats: int = COMPARISON_REPEATS
+) -> StrategyComparison:
+    """Section 3's Compare button: create the scale-up users still missing, then compare the strategies."""
+    target = max((size for size in sizes if isinstance(size, int)), default=0)
+    if 0 < target <= MAX_SCALE_UP_USERS:
+        while await grow_scale_up_users(sandbox, target_users=target) < target:
+            pass  # each call adds one chunk, in its own short transaction
+    return await compare_loading_strategies(sandbox, sizes=sizes, repeats=repeats)
 
 
 # =============================================================================================
@@ -2659,10 +2852,9 @@ async def run_cache_experiment(
     target (unless Redis fails, or another tab reads or writes this user meanwhile). Each trial
     has its own metrics; the page's counters stay as they are.
     """
-    if not isinstance(reads, int) or not 1 <= reads <= MAX_CACHE_EXPERIMENT_READS:
-        raise ValidationError(f"Reads must be a whole number from 1 to {MAX_CACHE_EXPERIMENT_READS}.", field="reads")
+    validate_whole_number(reads, label="Reads", low=1, high=MAX_CACHE_EXPERIMENT_READS)
     if not hit_ratios or len(hit_ratios) > MAX_CACHE_EXPERIMENT_RATIOS or not all(
-        isinstance(ratio, (int, float)) and 0 <= ratio <= 1 for ratio in hit_ratios
+        not isinstance(ratio, bool) and isinstance(ratio, (int, float)) and 0 <= ratio <= 1 for ratio in hit_ratios
     ):
         raise ValidationError(
             f"Choose from 1 to {MAX_CACHE_EXPERIMENT_RATIOS} hit ratios, each between 0 and 1.", field="hit_ratios"
@@ -2880,10 +3072,8 @@ async def store_airscore_burst(
     sandbox: Sandbox, *, count: int, concurrency: int = BURST_CONCURRENCY
 ) -> BurstResult:
     """Store `count` scores with their events, round-robin over the sandbox's users, `concurrency` at a time."""
-    if not isinstance(count, int) or not 1 <= count <= MAX_BURST_WRITES:
-        raise ValidationError(f"A burst is a whole number of writes from 1 to {MAX_BURST_WRITES}.", field="count")
-    if not isinstance(concurrency, int) or not 1 <= concurrency <= 50:
-        raise ValidationError("Concurrency must be a whole number from 1 to 50.", field="concurrency")
+    validate_whole_number(count, label="Burst writes", low=1, high=MAX_BURST_WRITES, field="count")
+    validate_whole_number(concurrency, label="Concurrency", low=1, high=50)
     users = await list_users(sandbox, limit=100)
     if not users:
         raise ValidationError("Your sandbox has no users yet: initialize it on page 2 first.", field="user_id")
@@ -4323,9 +4513,9 @@ def lab_for_browser_session(
     so two learners never share a sandbox unless one hands the other the URL.
     """
     sandbox_id = state.get(SANDBOX_STATE_KEY)
-    if not isinstance(sandbox_id, str) or not SANDBOX_ID_PATTERN.match(sandbox_id):
+    if not isinstance(sandbox_id, str) or not SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
         from_url = url_parameters.get(SANDBOX_URL_PARAMETER) if url_parameters is not None else None
-        valid = isinstance(from_url, str) and SANDBOX_ID_PATTERN.match(from_url)
+        valid = isinstance(from_url, str) and SANDBOX_ID_PATTERN.fullmatch(from_url)
         sandbox_id = from_url if valid else new_sandbox_id()
         state[SANDBOX_STATE_KEY] = sandbox_id
     if url_parameters is not None and url_parameters.get(SANDBOX_URL_PARAMETER) != sandbox_id:

@@ -6,7 +6,6 @@ Timings are shrunk through OutboxSettings; tests wait for conditions with bounde
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import Counter
 from contextlib import suppress
@@ -91,19 +90,35 @@ async def drain_consumer(consumer: StreamConsumer) -> int:
 # --- the score and its event ---------------------------------------------------------------
 
 
-def test_the_score_follows_the_documented_formula():
-    calculation = source.calculate_airscore(
-        occupation_code="15-1252.00", education_level="Master's degree", years_experience=8.0, abilities=(0.0,)
-    )
-    vr = (82 + 100 * (1 - math.exp(-1)) + 50) / 3
-    hr = 88.0
-    air = (0.6 * vr + 0.4 * hr + 0.15 * vr * hr / 100) / 1.15
-    half_width = 1.96 * 10 / math.sqrt(4)
-    assert calculation.vr_score == round(vr, 2) and calculation.hr_score == hr
-    assert calculation.synergy_score == round(vr * hr / 100, 2)
-    assert calculation.air_score == round(air, 2)
-    assert (calculation.ci_lower, calculation.ci_upper) == (round(air - half_width, 2), round(air + half_width, 2))
-    assert calculation.parameter_version == source.AIR_PARAMETER_VERSION
+@pytest.mark.parametrize(
+    ("profile", "expected"),
+    [
+        # Worked by hand from the docstring's formula. Evidence: Master's 82; 8 years 100(1 - e^-1) = 63.21;
+        # θ = 0 gives 50. VR = 195.21 / 3 = 65.07. HR (SOC group 15) = 88. Synergy = 65.07 · 88 / 100 = 57.26.
+        # AIR = (0.6 · 65.07 + 0.4 · 88 + 0.15 · 57.26) / 1.15 = 82.83 / 1.15 = 72.03.
+        # σ = 10 / √(1 + 3) = 5, so the interval is 72.03 ± 9.80.
+        (
+            dict(occupation_code="15-1252.00", education_level="Master's degree", years_experience=8.0, abilities=(0.0,)),
+            dict(vr_score=65.07, hr_score=88.0, synergy_score=57.26, air_score=72.03, ci_lower=62.23, ci_upper=81.83),
+        ),
+        # No evidence: VR = 50; an unknown group gets HR = 45. Synergy = 22.5. AIR = (30 + 18 + 3.375) / 1.15
+        # = 44.67; σ = 10, so ± 19.60.
+        (
+            dict(occupation_code="99-9999"),
+            dict(vr_score=50.0, hr_score=45.0, synergy_score=22.5, air_score=44.67, ci_lower=25.07, ci_upper=64.27),
+        ),
+        # One ability θ = 6: VR = 100 / (1 + e^-6) = 99.75; HR = 88; synergy = 87.78;
+        # AIR = (59.85 + 35.2 + 13.17) / 1.15 = 94.10; σ = 10 / √2, so ± 13.86, and the top is clipped to 100.
+        (
+            dict(occupation_code="15-1252.00", abilities=(6.0,)),
+            dict(vr_score=99.75, hr_score=88.0, synergy_score=87.78, air_score=94.1, ci_lower=80.24, ci_upper=100.0),
+        ),
+    ],
+)
+def test_the_score_follows_the_documented_formula(profile, expected):
+    calculation = source.calculate_airscore(**profile)
+    assert {field: getattr(calculation, field) for field in expected} == expected
+    assert calculation.parameter_version == "qulab-air-1.0"
 
 
 def test_more_evidence_narrows_the_interval_and_unknown_groups_get_the_default():
