@@ -4437,10 +4437,10 @@ def _airscore_burst(sandbox: Sandbox, burst: BurstResult, arguments: dict[str, A
 
 @dataclass
 class _PublicationWatch:
-    """Per sandbox: whether this run of the publisher has journaled a publication, and outages seen."""
+    """Per sandbox: whether this run of the publisher journaled a publication, and the broker outages then."""
 
     recorded_this_run: bool = False
-    broker_failed: bool = False
+    outages_recorded: int = 0  # the broker circuit's outage count when a publication was last journaled
 
 
 def _publication_watch(sandbox: Sandbox) -> _PublicationWatch:
@@ -4451,8 +4451,12 @@ def _publisher_switched(kind: str, verb: str) -> Callable[[Sandbox, bool, dict[s
     def describe(sandbox: Sandbox, switched: bool, arguments: dict[str, Any]) -> Optional[Evidence]:
         if not switched:  # it already was running (or stopped): nothing happened
             return None
-        _publication_watch(sandbox).recorded_this_run = False
-        name = outbox_service(sandbox).publisher.name
+        service = outbox_service(sandbox)
+        watch = _publication_watch(sandbox)
+        # An outage still going on counts: the events it holds back are published in this run.
+        watch.recorded_this_run = False
+        watch.outages_recorded = service.circuit.outages - (1 if service.circuit.is_open else 0)
+        name = service.publisher.name
         return Evidence(kind, f"Publisher {name} {verb} at {utc_now():%H:%M:%S}.", {"publisher": name})
 
     return describe
@@ -4486,11 +4490,11 @@ def describe_evidence(kind: str, sandbox: Sandbox, result: Any, arguments: dict[
 async def journal_background_publication(sandbox: Sandbox, *, publisher: str, report: BatchReport) -> None:
     """From the publisher's own loop: journal the first events it publishes in a run, and after an outage."""
     watch = _publication_watch(sandbox)
-    if report.broker_error:
-        watch.broker_failed = True
-    if not report.published or (watch.recorded_this_run and not watch.broker_failed):
+    outages = outbox_service(sandbox).circuit.outages
+    after_outage = outages > watch.outages_recorded
+    if not report.published or (watch.recorded_this_run and not after_outage):
         return  # one line per run (and per outage survived), not one per batch
-    after_outage, watch.recorded_this_run, watch.broker_failed = watch.broker_failed, True, False
+    watch.recorded_this_run, watch.outages_recorded = True, outages
     newest = (
         select(DomainEvent.id, DomainEvent.published_at)
         .where(DomainEvent.status == "published")
