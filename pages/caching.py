@@ -5,8 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page
-from pages.progress import show_section_progress
+from pages import open_page, show_section_progress
 
 lab = open_page()
 LAST_READ, LAST_ACTION, LAST_ERROR = "cache_last_read", "cache_last_action", "cache_last_error"

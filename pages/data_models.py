@@ -4,8 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import SEEN_USER_IDS, open_page, run_or_report
-from pages.progress import show_section_progress
+from pages import SEEN_USER_IDS, open_page, run_or_report, show_section_progress
 
 lab = open_page()
 MODELS = source.all_models()  # the guide's four, the consumer's inbox, and any table added later

@@ -5,8 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import SEEN_USER_IDS, kept_outcome, open_page, run_and_keep, run_or_report, show_code
-from pages.progress import show_section_progress
+from pages import SEEN_USER_IDS, kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
 
 lab = open_page()
 USER_ID, PICK, ADDED = "n_plus_one_user_id", "n_plus_one_pick", "n_plus_one_added"
