@@ -7,6 +7,7 @@ source.py, where the whole data layer lives.
 import streamlit as st
 
 import source
+from pages.progress import render_progress
 
 st.set_page_config(page_title="QuLab: Data Architecture & Persistence", page_icon="🧪", layout="wide")
 
@@ -105,3 +106,4 @@ if durability.restart_can_lose_events:  # the outbox's promise depends on the br
     st.sidebar.caption(f"Outbox: a broker restart could lose events. {durability.description}")
 
 navigation.run()
+render_progress(source.lab_for_browser_session(st.session_state))  # after the page: counts this click too

@@ -10,6 +10,7 @@ Contents (each a headed section below):
  4. Models               - User, Assessment, AIRScore, DomainEvent
  5. Engine and sessions  - one async engine per database, get_session() as the unit of work
  6. Statement log        - records the SQL that really ran, for the pages to show and count
+ 6a. Learning journal   - what each demo measured, written by the demo into the sandbox's database
  7. Repositories         - UserRepository, AssessmentRepository, AIRScoreRepository
  8. Redis                - a real server or fakeredis, one namespaced link per sandbox
  9. Sandboxes            - each browser session gets its own database and Redis namespace
@@ -17,6 +18,8 @@ Contents (each a headed section below):
 11. N+1 and eager loading - section 3: the statements each loading strategy really issues
 12. Cache                - section 4: a Redis read-through cache with measured hits and misses
 13. Outbox               - section 5: events committed with the change, published in the background
+13a. Progress            - the learner's steps, each checked against the sandbox's journal and rows,
+                           and "Download my sandbox"
 14. Runtime              - one background event loop that owns every async resource, and the
                            small synchronous facade (Lab) that Streamlit pages call
 """
@@ -27,6 +30,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import functools
 import hashlib
 import inspect
 import json
@@ -112,6 +116,8 @@ from qulab_outbox import (
     trim_acknowledged_entries,
 )
 from qulab_outbox.notify import CommitNotifications, commit_notifications, install_notify_trigger
+
+import sandbox_export
 
 logger = logging.getLogger("qulab")
 
@@ -1000,6 +1006,101 @@ def install_statement_log(engine: AsyncEngine) -> None:
         event.listen(sync_engine, "before_cursor_execute", _before_cursor_execute)
         event.listen(sync_engine, "after_cursor_execute", _after_cursor_execute)
         event.listen(sync_engine, "handle_error", _forget_failed_statement)
+
+
+# =============================================================================================
+# 6a. Learning journal
+# =============================================================================================
+#
+# What each demo measured ("N+1 fetch: 5 statements for N = 3"), written by the demo itself into
+# the sandbox's own database, so the Progress section (13a) can tell which steps a learner has
+# really done, across reloads and replicas. An entry is written after the operation returned:
+# outside every capture_statements block and off every timed path, so the counts and times a page
+# shows are exactly what they would be without it.
+
+
+class JournalEntry(Base):
+    """What a demo measured in this sandbox, for the progress checks (QuLab's own; kept by initialize)."""
+
+    __tablename__ = "lab_journal"
+    __table_args__ = {"info": {"kept_by_initialize": True}}
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    kind: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[str] = mapped_column(String(300))
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one operation measured: a kind the checks look for, a sentence, and the numbers."""
+
+    kind: str
+    detail: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+_inside_journaled_operation: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "qulab_inside_journaled_operation", default=False
+)
+_journal_muted: contextvars.ContextVar[bool] = contextvars.ContextVar("qulab_journal_muted", default=False)
+OperationT = TypeVar("OperationT", bound=Callable[..., Awaitable[Any]])
+
+
+def journaled(kind: str) -> Callable[[OperationT], OperationT]:
+    """Decorator: once the operation has returned, journal what it measured (see describe_evidence).
+
+    Only the outermost journaled operation writes: a burst of 200 stored scores is one entry.
+    """
+
+    def decorate(operation: OperationT) -> OperationT:
+        @functools.wraps(operation)
+        async def run_then_record(sandbox: "Sandbox", *args: Any, **kwargs: Any) -> Any:
+            if _inside_journaled_operation.get():
+                return await operation(sandbox, *args, **kwargs)
+            token = _inside_journaled_operation.set(True)
+            try:
+                result = await operation(sandbox, *args, **kwargs)
+            finally:
+                _inside_journaled_operation.reset(token)
+            await record_evidence(sandbox, describe_evidence(kind, sandbox, result, kwargs))
+            return result
+
+        return run_then_record  # type: ignore[return-value]
+
+    return decorate
+
+
+def tables_emptied_by_initialize() -> list[Any]:
+    """Every table initialize empties, children first: all but the learning journal."""
+    return [table for table in reversed(Base.metadata.sorted_tables) if not table.info.get("kept_by_initialize")]
+
+
+@contextmanager
+def journal_muted() -> Iterator[None]:
+    """Write no journal entries in this block (benchmarks time the operations bare)."""
+    token = _journal_muted.set(True)
+    try:
+        yield
+    finally:
+        _journal_muted.reset(token)
+
+
+async def record_evidence(sandbox: "Sandbox", evidence: Optional[Evidence]) -> None:
+    """Append one entry to the sandbox's journal; never counted by a statement log, never raises."""
+    if evidence is None or _journal_muted.get():
+        return
+    hidden = _active_statement_logs.set(())
+    try:
+        async with sandbox.engine.begin() as connection:
+            await connection.execute(
+                insert(JournalEntry.__table__),
+                {"recorded_at": utc_now(), "kind": evidence.kind, "detail": evidence.detail[:300], "facts": evidence.facts},
+            )
+    except Exception:  # the demo already succeeded; a lost journal line must not undo it
+        logger.warning("could not journal %s in sandbox %s", evidence.kind, sandbox.id, exc_info=True)
+    finally:
+        _active_statement_logs.reset(hidden)
 
 
 # =============================================================================================
@@ -2081,6 +2182,7 @@ def user_as_row(user: User) -> dict[str, Any]:
     }
 
 
+@journaled("user_created")
 async def create_user(
     sandbox: Sandbox,
     *,
@@ -2123,6 +2225,7 @@ async def count_rows(sandbox: Sandbox) -> dict[str, int]:
         }
 
 
+@journaled("initialized")
 async def init_db(sandbox: Sandbox, *, reset: bool = True) -> list[User]:
     """Create the schema; with reset, empty this sandbox and create the sample users.
 
@@ -2133,7 +2236,8 @@ async def init_db(sandbox: Sandbox, *, reset: bool = True) -> list[User]:
     if not reset:
         return []
     async with get_session(sandbox) as session:
-        await _delete_every_row(session)
+        for table in tables_emptied_by_initialize():
+            await session.execute(delete(table))
         repository = UserRepository(session)
         users = [await repository.create(**sample) for sample in SAMPLE_USERS]
     await _after_reset(sandbox)
@@ -2223,6 +2327,7 @@ MAX_POOL_EXPERIMENT_REQUESTS = 2000
 MAX_POOL_EXPERIMENT_CONCURRENCY = 50
 
 
+@journaled("pool_experiment")
 async def run_pool_experiment(
     sandbox: Sandbox, *, requests: int = 200, concurrency: int = 20, pool_size: int = 5
 ) -> list[PoolTrial]:
@@ -2354,6 +2459,7 @@ def score_as_row(score: AIRScore) -> dict[str, Any]:
     }
 
 
+@journaled("sample_scores_added")
 async def add_sample_scores(sandbox: Sandbox, *, user_id: str, count: int = SAMPLE_SCORES_PER_CLICK) -> list[AIRScore]:
     """Add `count` valid sample scores for an existing user in one transaction; an unknown user writes nothing."""
     _whole_number(count, label="Scores to add", low=1, high=MAX_SAMPLE_SCORES_PER_CALL)
@@ -2417,6 +2523,7 @@ class UserScoresFetch:
         )
 
 
+@journaled("user_and_scores_fetched")
 async def fetch_user_and_scores_naive(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
     """The N+1 path: the user (1), the ids of their scores (1), then each score by its id (N).
 
@@ -2432,6 +2539,7 @@ async def fetch_user_and_scores_naive(sandbox: Sandbox, *, user_id: str) -> User
     return UserScoresFetch("naive", user, scores, measurement.statements, measurement.elapsed_ms)
 
 
+@journaled("user_and_scores_fetched")
 async def fetch_user_and_scores_eager(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
     """The eager path: UserRepository.get_user_with_scores_eager, 2 statements however many scores there are."""
     with measure() as measurement:
@@ -2641,6 +2749,7 @@ class StrategyComparison:
         ]
 
 
+@journaled("loading_strategies_compared")
 async def compare_loading_strategies(
     sandbox: Sandbox, *, sizes: Sequence[int], repeats: int = COMPARISON_REPEATS
 ) -> StrategyComparison:
@@ -3124,16 +3233,19 @@ def cache_for(sandbox: Sandbox) -> CachedUserRepository:
     return sandbox.service("cache", CachedUserRepository)
 
 
+@journaled("cache_read")
 async def fetch_user_cached(sandbox: Sandbox, *, user_id: str) -> CacheRead:
     """Read a user's profile through the cache (the Fetch User (Cached) button)."""
     return await cache_for(sandbox).get_user(user_id=user_id)
 
 
+@journaled("cache_read")
 async def fetch_latest_airscore_cached(sandbox: Sandbox, *, user_id: str) -> CacheRead:
     """Read a user's latest AIRScore through the cache (the Fetch Latest AIRScore (Cached) button)."""
     return await cache_for(sandbox).get_latest_airscore(user_id=user_id)
 
 
+@journaled("cache_invalidated")
 async def invalidate_user_cache(sandbox: Sandbox, *, user_id: str) -> CacheInvalidation:
     """Delete a user's cached entries (the Invalidate Cache for this User button)."""
     return await cache_for(sandbox).invalidate_user(user_id=user_id, reason="requested on the page")
@@ -3439,6 +3551,7 @@ class StoredAIRScore:
     event: DomainEvent
 
 
+@journaled("airscore_stored")
 async def calculate_and_store_airscore(sandbox: Sandbox, *, user_id: str, occupation_code: str) -> StoredAIRScore:
     """Calculate and store a user's AIRScore and its AIRScoreCalculated event in ONE transaction.
 
@@ -3466,6 +3579,7 @@ class BurstResult:
     seconds: float
 
 
+@journaled("airscore_burst")
 async def store_airscore_burst(
     sandbox: Sandbox, *, count: int, concurrency: int = BURST_CONCURRENCY
 ) -> BurstResult:
@@ -4057,6 +4171,7 @@ class OutboxService:
             database_failures = 0
             self._errors_noted.pop("publisher", None)
             self._note_batch(report)
+            await journal_background_publication(self.sandbox, publisher=self.publisher.name, report=report)
             if report.broker_error or (audit is not None and audit.broker_error):
                 self._broker_failed(report.broker_error or audit.broker_error)
                 continue
@@ -4211,11 +4326,13 @@ def outbox_service(sandbox: Sandbox, settings: Optional[OutboxSettings] = None) 
     return sandbox.service(OUTBOX_SERVICE_NAME, lambda owner: OutboxService(owner, settings))
 
 
+@journaled("publisher_started")
 async def start_event_publisher(sandbox: Sandbox) -> bool:
     """Start the sandbox's publisher and consumer in the background; False if already running."""
     return await outbox_service(sandbox).start()
 
 
+@journaled("publisher_stopped")
 async def stop_event_publisher(sandbox: Sandbox) -> bool:
     """Stop them after their current batch; False if they were not running."""
     return await outbox_service(sandbox).stop()
@@ -4442,6 +4559,491 @@ async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
         failed_events=latest["failed"],
         activity=list(service.activity),
     )
+
+
+# =============================================================================================
+# 13a. Progress
+# =============================================================================================
+#
+# The learner's path: one Step per thing the user guide asks them to do and see, in the guide's
+# order, plus optional steps QuLab goes beyond the guide with. A step is done when what it teaches
+# has happened in this sandbox, which its check reads from the journal the demos wrote (6a):
+# clicking a button proves nothing; "N+1 fetch: 5 statements for N = 3" does. Progress lives in
+# the sandbox's database, so it survives reloads and replicas and goes when the sandbox goes.
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    """One journal entry as the checks read it."""
+
+    id: int
+    recorded_at: datetime
+    kind: str
+    detail: str
+    facts: dict[str, Any]
+
+
+Check = Callable[[Sequence[JournalLine]], Optional[str]]  # the evidence when done, None when not yet
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing to do and see; its check says whether this sandbox shows it happened."""
+
+    key: str
+    section: int
+    title: str
+    how: str  # what to do, with the guide's button labels
+    check: Check
+    optional: bool = False
+
+
+def _first(journal: Sequence[JournalLine], kind: str, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> Optional[JournalLine]:
+    return next((line for line in journal if line.kind == kind and where(line.facts)), None)
+
+
+def _recorded(kind: str, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> Check:
+    """Done when the journal holds an entry of this kind (that satisfies `where`)."""
+
+    def check(journal: Sequence[JournalLine]) -> Optional[str]:
+        line = _first(journal, kind, where)
+        return line.detail if line else None
+
+    return check
+
+
+def _fetched(path: str, enough_statements: Callable[[int, int], bool]) -> Check:
+    """Done when a fetch along this path loaded at least one score with the statement count it teaches."""
+    return _recorded(
+        "user_and_scores_fetched",
+        lambda facts: facts["path"] == path and facts["scores"] >= 1 and enough_statements(facts["statements"], facts["scores"]),
+    )
+
+
+def _fetches_compared(journal: Sequence[JournalLine]) -> Optional[str]:
+    """The same user with the same N fetched both ways, and the statement counts differ."""
+    fetches = [line.facts for line in journal if line.kind == "user_and_scores_fetched" and line.facts["scores"] >= 1]
+    for naive in (facts for facts in fetches if facts["path"] == "naive"):
+        for eager in (facts for facts in fetches if facts["path"] == "eager"):
+            same_data = (naive["user_id"], naive["scores"]) == (eager["user_id"], eager["scores"])
+            if same_data and naive["statements"] != eager["statements"]:
+                return (
+                    f"Same user, N = {naive['scores']}: N+1 ran {naive['statements']} statements, "
+                    f"eager loading {eager['statements']}."
+                )
+    return None
+
+
+def _cache_reads(journal: Sequence[JournalLine], read: Optional[str] = None) -> list[JournalLine]:
+    return [line for line in journal if line.kind == "cache_read" and read in (None, line.facts["read"])]
+
+
+def _miss_then_hit(read: str) -> Check:
+    """A MISS that stored the value, then a HIT that served it: same key, in that order."""
+
+    def check(journal: Sequence[JournalLine]) -> Optional[str]:
+        missed: dict[str, JournalLine] = {}
+        for line in _cache_reads(journal, read):
+            if line.facts["outcome"] == CACHE_MISS:
+                missed.setdefault(line.facts["key"], line)
+            elif line.facts["outcome"] == CACHE_HIT and line.facts["key"] in missed:
+                miss = missed[line.facts["key"]]
+                return f"MISS at {miss.recorded_at:%H:%M:%S}, then HIT at {line.recorded_at:%H:%M:%S} on {line.facts['key']}."
+        return None
+
+    return check
+
+
+def _metrics_moved(journal: Sequence[JournalLine]) -> Optional[str]:
+    """The cache's counters hold hits and misses both, so H is measured, not 0 or 1 by default."""
+    for line in _cache_reads(journal):
+        facts = line.facts
+        if facts["hits"] >= 1 and facts["misses"] >= 1:
+            return f"H = {facts['hits']} hits ÷ {facts['requests']} requests = {facts['hits'] / facts['requests']:.2f}."
+    return None
+
+
+def _invalidated_then_missed(journal: Sequence[JournalLine]) -> Optional[str]:
+    """A key was read (so cached), invalidated on request, then read again as a MISS."""
+    read_before: set[str] = set()
+    invalidated: dict[str, JournalLine] = {}
+    for line in journal:
+        if line.kind == "cache_invalidated" and line.facts["applied"]:
+            for key in line.facts["keys"]:
+                if key in read_before:
+                    invalidated[key] = line
+        elif line.kind == "cache_read" and line.facts["outcome"] in (CACHE_HIT, CACHE_MISS):
+            key = line.facts["key"]
+            if line.facts["outcome"] == CACHE_MISS and key in invalidated:
+                return f"Invalidated at {invalidated[key].recorded_at:%H:%M:%S}, then MISS at {line.recorded_at:%H:%M:%S}."
+            read_before.add(key)
+            invalidated.pop(key, None)
+    return None
+
+
+def _survived_redis_outage(journal: Sequence[JournalLine]) -> Optional[str]:
+    """A read the database answered while Redis failed, then a normal read once it answered again."""
+    fallback: Optional[JournalLine] = None
+    for line in _cache_reads(journal):
+        if line.facts["outcome"] == CACHE_FALLBACK:
+            fallback = fallback or line
+        elif fallback is not None:
+            return f"FALLBACK at {fallback.recorded_at:%H:%M:%S} (database answered), then {line.facts['outcome']} at {line.recorded_at:%H:%M:%S}."
+    return None
+
+
+def _stopped_after_start(journal: Sequence[JournalLine]) -> Optional[str]:
+    started = _first(journal, "publisher_started")
+    stopped = started and next((line for line in journal if line.kind == "publisher_stopped" and line.id > started.id), None)
+    return stopped.detail if stopped else None
+
+
+def _published_in_background(journal: Sequence[JournalLine]) -> Optional[str]:
+    line = next((line for line in journal if line.kind in ("events_published", "published_after_outage")), None)
+    return line.detail if line else None
+
+
+STEPS: tuple[Step, ...] = (
+    Step("create_user", 1, "Create a user", 'Enter an email and a name, then click "Create User".',
+         _recorded("user_created")),
+    Step("initialize", 2, "Initialize and see the two sample users",
+         'Click "Initialize In-Memory SQLite Database & Create Sample Users".',
+         _recorded("initialized", lambda facts: len(facts["sample_user_ids"]) == len(SAMPLE_USERS))),
+    Step("pool_experiment", 2, "Measure pooling", 'Click "Run Pooling Experiment": a pool against a new connection per query.',
+         _recorded("pool_experiment"), optional=True),
+    Step("add_scores", 3, "Add three sample scores", 'Enter a user id, then click "Add 3 Sample Scores for User".',
+         _recorded("sample_scores_added", lambda facts: facts["count"] >= 3)),
+    Step("fetch_n_plus_one", 3, "Fetch with N+1", 'Click "Fetch User & Scores (Simulated N+1)" for a user with scores.',
+         _fetched("naive", lambda statements, scores: statements >= scores + 1)),
+    Step("fetch_eager", 3, "Fetch with eager loading", 'Click "Fetch User & Scores (Eager Loading)" for the same user.',
+         _fetched("eager", lambda statements, scores: statements <= 2)),
+    Step("compare_fetches", 3, "See the statement counts differ", "Fetch the same user both ways and compare the counts.",
+         _fetches_compared),
+    Step("scale_up", 3, "Compare the strategies at scale", 'Click "Compare Loading Strategies".',
+         _recorded("loading_strategies_compared", lambda facts: facts["identical_results"]), optional=True),
+    Step("user_miss_then_hit", 4, "User: a miss, then a hit", 'Click "Fetch User (Cached)" twice.',
+         _miss_then_hit("user")),
+    Step("score_miss_then_hit", 4, "Latest score: a miss, then a hit", 'Click "Fetch Latest AIRScore (Cached)" twice.',
+         _miss_then_hit("latest_airscore")),
+    Step("metrics_move", 4, "See the metrics count hits and misses", "Read the cache metrics after a few reads.",
+         _metrics_moved),
+    Step("invalidate_then_miss", 4, "Invalidate, then miss again",
+         'Click "Invalidate Cache for this User", then fetch again.', _invalidated_then_missed),
+    Step("redis_outage", 4, "Survive a Redis outage", "Cut Redis off, fetch (the database answers), reconnect, fetch again.",
+         _survived_redis_outage, optional=True),
+    Step("store_airscore", 5, "Store a score with its pending event",
+         'Click "Calculate & Store AIRScore (Creates Pending Event)".',
+         _recorded("airscore_stored", lambda facts: facts["event_status"] == "pending")),
+    Step("start_publisher", 5, "Start the publisher", 'Click "Start Event Publisher (Background)".',
+         _recorded("publisher_started")),
+    Step("event_published", 5, "See an event published in the background",
+         'With the publisher running, store a score: it turns published with no click ("Refresh Event Status Now").',
+         _published_in_background),
+    Step("stop_publisher", 5, "Stop the publisher", 'Click "Stop Event Publisher".', _stopped_after_start),
+    Step("broker_outage", 5, "Survive a broker outage", "Cut the broker off, store a score, reconnect: it is still published.",
+         _recorded("published_after_outage"), optional=True),
+)
+SECTION_RECAPS: dict[int, str] = {
+    1: "Your user is a row in users, its email unique whatever its letter case.",
+    2: "Initialize gave your sandbox a fresh schema with Alex Smith and Jane Doe.",
+    3: "{compare_fetches}",
+    4: "Read-through: a miss stores, the next read hits, an invalidation makes it miss again. {metrics_move}",
+    5: "The score and its event committed together; the background publisher published it with no click.",
+}
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    """A step and, when it is done, the evidence this sandbox shows for it."""
+
+    step: Step
+    evidence: Optional[str]
+
+    @property
+    def done(self) -> bool:
+        """True when the sandbox shows the step happened."""
+        return self.evidence is not None
+
+
+@dataclass(frozen=True)
+class LearnerProgress:
+    """Every step with its status, and the journal they were read from (newest last)."""
+
+    steps: tuple[StepStatus, ...]
+    journal: tuple[JournalLine, ...]
+
+    def in_section(self, section: int) -> tuple[StepStatus, ...]:
+        """One section's steps, required ones first, in the guide's order."""
+        return tuple(status for status in self.steps if status.step.section == section)
+
+    @property
+    def required(self) -> tuple[StepStatus, ...]:
+        """The steps the guide asks for."""
+        return tuple(status for status in self.steps if not status.step.optional)
+
+    @property
+    def optional(self) -> tuple[StepStatus, ...]:
+        """The steps beyond the guide."""
+        return tuple(status for status in self.steps if status.step.optional)
+
+    def next_step(self, section: Optional[int] = None) -> Optional[StepStatus]:
+        """The first required step not done yet (in one section, or anywhere)."""
+        return next(
+            (status for status in self.required if not status.done and section in (None, status.step.section)), None
+        )
+
+    def recap(self, section: int) -> Optional[str]:
+        """One line on what the learner saw in a section, once its required steps are all done."""
+        statuses = self.in_section(section)
+        if not all(status.done for status in statuses if not status.step.optional):
+            return None
+        return SECTION_RECAPS[section].format(**{status.step.key: status.evidence for status in statuses})
+
+
+MAX_JOURNAL_LINES_READ = 5000
+
+
+async def learner_progress(sandbox: Sandbox) -> LearnerProgress:
+    """Read the sandbox's journal once and run every step's check on it."""
+    hidden = _active_statement_logs.set(())
+    try:
+        newest_first = select(JournalEntry.__table__).order_by(JournalEntry.id.desc()).limit(MAX_JOURNAL_LINES_READ)
+        async with sandbox.engine.connect() as connection:
+            rows = (await connection.execute(newest_first)).all()
+    finally:
+        _active_statement_logs.reset(hidden)
+    journal = tuple(
+        JournalLine(row.id, row.recorded_at, row.kind, row.detail, row.facts or {}) for row in reversed(rows)
+    )
+    return LearnerProgress(tuple(StepStatus(step, _run_check(step, journal)) for step in STEPS), journal)
+
+
+def _run_check(step: Step, journal: Sequence[JournalLine]) -> Optional[str]:
+    try:
+        return step.check(journal)
+    except (KeyError, TypeError, ValueError):  # an entry written by an older QuLab: it proves nothing
+        logger.warning("check %s could not read the journal", step.key, exc_info=True)
+        return None
+
+
+# -- evidence: what each journaled operation measured, in the journal's words -------------------
+
+
+def _user_created(sandbox: Sandbox, user: User, arguments: dict[str, Any]) -> Evidence:
+    return Evidence("user_created", f"User {user.id} created: a new row in users.", {"user_id": user.id})
+
+
+def _initialized(sandbox: Sandbox, users: list[User], arguments: dict[str, Any]) -> Optional[Evidence]:
+    if not users:  # reset=False only created missing tables
+        return None
+    names = " and ".join(user.name for user in users)
+    return Evidence(
+        "initialized",
+        f"Initialized: schema ready, data cleared, {len(users)} sample users ({names}).",
+        {"sample_user_ids": [user.id for user in users]},
+    )
+
+
+def _pool_experiment(sandbox: Sandbox, trials: list[PoolTrial], arguments: dict[str, Any]) -> Evidence:
+    pooled, unpooled = trials[0], trials[-1]
+    return Evidence(
+        "pool_experiment",
+        f"Pool experiment, {pooled.requests} queries {pooled.concurrency} at a time: the pool opened "
+        f"{pooled.connections_opened} connections ({pooled.throughput:,.0f}/s), NullPool "
+        f"{unpooled.connections_opened} ({unpooled.throughput:,.0f}/s).",
+        {"pooled_connections": pooled.connections_opened, "unpooled_connections": unpooled.connections_opened},
+    )
+
+
+def _sample_scores_added(sandbox: Sandbox, scores: list[AIRScore], arguments: dict[str, Any]) -> Evidence:
+    user_id = scores[0].user_id if scores else ""
+    return Evidence(
+        "sample_scores_added",
+        f"{len(scores)} sample scores added for user {user_id}.",
+        {"user_id": user_id, "count": len(scores)},
+    )
+
+
+def _user_and_scores_fetched(sandbox: Sandbox, fetch: UserScoresFetch, arguments: dict[str, Any]) -> Evidence:
+    label = "N+1 fetch" if fetch.path == "naive" else "Eager fetch"
+    return Evidence(
+        "user_and_scores_fetched",
+        f"{label}: {fetch.statements.count} statements for N = {len(fetch.scores)} (user {fetch.user.id}).",
+        {"path": fetch.path, "user_id": fetch.user.id, "scores": len(fetch.scores), "statements": fetch.statements.count},
+    )
+
+
+def _loading_strategies_compared(
+    sandbox: Sandbox, comparison: StrategyComparison, arguments: dict[str, Any]
+) -> Evidence:
+    largest = comparison.sizes[-1]
+    runs = comparison.at(largest)
+    counts = ", ".join(f"{strategy} {run.statements}" for strategy, run in runs.items())
+    return Evidence(
+        "loading_strategies_compared",
+        f"Strategies compared up to N = {largest:,} users; statements at that N: {counts}.",
+        {"sizes": comparison.sizes, "identical_results": comparison.identical_results},
+    )
+
+
+def _cache_read(sandbox: Sandbox, read: CacheRead, arguments: dict[str, Any]) -> Evidence:
+    metrics = cache_for(sandbox).metrics
+    what = "user" if read.kind == "user" else "latest AIRScore"
+    return Evidence(
+        "cache_read",
+        f"Cache read ({what}): {read.outcome} on key {read.key}; {metrics.hits} hits of {metrics.requests} reads.",
+        {
+            "read": read.kind,
+            "outcome": read.outcome,
+            "key": read.key,
+            "user_id": read.user_id,
+            "hits": metrics.hits,
+            "misses": metrics.misses,
+            "requests": metrics.requests,
+        },
+    )
+
+
+def _cache_invalidated(sandbox: Sandbox, invalidation: CacheInvalidation, arguments: dict[str, Any]) -> Evidence:
+    outcome = "deleted" if invalidation.applied else "pending (Redis did not answer)"
+    return Evidence(
+        "cache_invalidated",
+        f"Cache invalidated on request: {len(invalidation.keys)} keys {outcome}.",
+        {"keys": list(invalidation.keys), "applied": invalidation.applied},
+    )
+
+
+def _airscore_stored(sandbox: Sandbox, stored: StoredAIRScore, arguments: dict[str, Any]) -> Evidence:
+    return Evidence(
+        "airscore_stored",
+        f"AIRScore {stored.score.id} and its {stored.event.event_type} event {stored.event.id} "
+        f"committed in one transaction, the event {stored.event.status}.",
+        {"score_id": stored.score.id, "event_id": stored.event.id, "event_status": stored.event.status},
+    )
+
+
+def _airscore_burst(sandbox: Sandbox, burst: BurstResult, arguments: dict[str, Any]) -> Evidence:
+    return Evidence(
+        "airscore_burst",
+        f"Burst: {burst.writes:,} scores with their events, {burst.concurrency} at a time, in {burst.seconds:.2f} s.",
+        {"writes": burst.writes},
+    )
+
+
+@dataclass
+class _PublicationWatch:
+    """Per sandbox: whether this run of the publisher journaled a publication, and the broker outages then."""
+
+    recorded_this_run: bool = False
+    outages_recorded: int = 0  # the broker circuit's outage count when a publication was last journaled
+
+
+def _publication_watch(sandbox: Sandbox) -> _PublicationWatch:
+    return sandbox.service("publication_watch", lambda _: _PublicationWatch())
+
+
+def _publisher_switched(kind: str, verb: str) -> Callable[[Sandbox, bool, dict[str, Any]], Optional[Evidence]]:
+    def describe(sandbox: Sandbox, switched: bool, arguments: dict[str, Any]) -> Optional[Evidence]:
+        if not switched:  # it already was running (or stopped): nothing happened
+            return None
+        service = outbox_service(sandbox)
+        watch = _publication_watch(sandbox)
+        # An outage still going on counts: the events it holds back are published in this run.
+        watch.recorded_this_run = False
+        watch.outages_recorded = service.circuit.outages - (1 if service.circuit.is_open else 0)
+        name = service.publisher.name
+        return Evidence(kind, f"Publisher {name} {verb} at {utc_now():%H:%M:%S}.", {"publisher": name})
+
+    return describe
+
+
+_EVIDENCE: dict[str, Callable[[Sandbox, Any, dict[str, Any]], Optional[Evidence]]] = {
+    "user_created": _user_created,
+    "initialized": _initialized,
+    "pool_experiment": _pool_experiment,
+    "sample_scores_added": _sample_scores_added,
+    "user_and_scores_fetched": _user_and_scores_fetched,
+    "loading_strategies_compared": _loading_strategies_compared,
+    "cache_read": _cache_read,
+    "cache_invalidated": _cache_invalidated,
+    "airscore_stored": _airscore_stored,
+    "airscore_burst": _airscore_burst,
+    "publisher_started": _publisher_switched("publisher_started", "started in the background"),
+    "publisher_stopped": _publisher_switched("publisher_stopped", "stopped"),
+}
+
+
+def describe_evidence(kind: str, sandbox: Sandbox, result: Any, arguments: dict[str, Any]) -> Optional[Evidence]:
+    """What a journaled operation measured, from what it returned (None: nothing worth a line)."""
+    try:
+        return _EVIDENCE[kind](sandbox, result, arguments)
+    except Exception:  # a describer's bug must not fail the operation that already succeeded
+        logger.exception("could not describe %s in sandbox %s", kind, sandbox.id)
+        return None
+
+
+async def journal_background_publication(sandbox: Sandbox, *, publisher: str, report: BatchReport) -> None:
+    """From the publisher's own loop: journal the first events it publishes in a run, and after an outage."""
+    watch = _publication_watch(sandbox)
+    outages = outbox_service(sandbox).circuit.outages
+    after_outage = outages > watch.outages_recorded
+    if not report.published or (watch.recorded_this_run and not after_outage):
+        return  # one line per run (and per outage survived), not one per batch
+    watch.recorded_this_run, watch.outages_recorded = True, outages
+    newest = (
+        select(DomainEvent.id, DomainEvent.published_at)
+        .where(DomainEvent.status == "published")
+        .order_by(DomainEvent.published_at.desc())
+        .limit(1)
+    )
+    hidden = _active_statement_logs.set(())
+    try:
+        async with sandbox.engine.connect() as connection:
+            event_id, published_at = (await connection.execute(newest)).one()
+    except Exception:
+        logger.warning("could not read the published event in sandbox %s", sandbox.id, exc_info=True)
+        return
+    finally:
+        _active_statement_logs.reset(hidden)
+    survived = ", once the broker answered again after an outage" if after_outage else ""
+    await record_evidence(
+        sandbox,
+        Evidence(
+            "published_after_outage" if after_outage else "events_published",
+            f"Event {event_id} published at {published_at:%H:%M:%S} by the background publisher {publisher}"
+            f"{survived} ({report.published} in that batch).",
+            {"event_id": event_id, "publisher": publisher, "batch": report.published},
+        ),
+    )
+
+
+# -- Download my sandbox ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SandboxExport:
+    """The learner's sandbox as one file to take home."""
+
+    file_name: str
+    mime: str
+    content: bytes
+
+
+def export_file_name(*, backend: str, sandbox_id: str) -> tuple[str, str]:
+    """The download's file name and MIME type: the SQLite file itself, or a zip of CSV files."""
+    if backend == "sqlite":
+        return f"qulab-sandbox-{sandbox_id}.sqlite3", "application/vnd.sqlite3"
+    return f"qulab-sandbox-{sandbox_id}.zip", "application/zip"
+
+
+async def export_sandbox(sandbox: Sandbox) -> SandboxExport:
+    """A consistent copy of every table: SQLite's online backup of the file, or one CSV per table in a zip."""
+    file_name, mime = export_file_name(backend=sandbox.backend, sandbox_id=sandbox.id)
+    if sandbox.backend == "sqlite":
+        content = await asyncio.to_thread(sandbox_export.sqlite_snapshot, sandbox.location)
+    else:
+        content = await sandbox_export.csv_zip(sandbox.engine, Base.metadata.sorted_tables)
+    return SandboxExport(file_name, mime, content)
 
 
 # =============================================================================================
