@@ -456,7 +456,8 @@ def print_table(results: list[Result], notes: list[str]) -> None:
 def main() -> list[Result]:
     """Run every measurement on SQLite and (when available) PostgreSQL; print and return the results."""
     results: list[Result] = []
-    with bench_servers() as (postgres_url, redis_url, notes):
+    # The pattern is timed bare: the learner's journal (source.py 6a) is no part of what is measured.
+    with bench_servers() as (postgres_url, redis_url, notes), source.journal_muted():
         base = source.Settings.from_environment()
         plans = [("SQLite", replace(base, database_url=None, redis_url=redis_url), False)]
         if postgres_url:

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page
+from pages import open_page, show_section_progress
 
 lab = open_page()
 LAST_READ, LAST_ACTION, LAST_ERROR = "cache_last_read", "cache_last_action", "cache_last_error"
@@ -261,3 +261,5 @@ if trials:
 with st.expander("The cache code, as it runs"):
     st.code(source.source_code(source.CachedUserRepository), language="python")
     st.code(source.source_code(source.CacheMetrics), language="python")
+
+show_section_progress(lab, section=4)
