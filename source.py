@@ -3712,8 +3712,18 @@ class OutboxPublisher:
         self.sandbox = sandbox
         self.settings = settings or OutboxSettings()
         self.name = name or f"publisher-{uuid.uuid4().hex[:12]}"
+        self._autocommit_view: tuple[Any, Any] = (None, None)  # (sandbox engine, its autocommit view)
+
+    @property
+    def _autocommit(self) -> Any:
         # Each statement commits on its own (UPDATE … RETURNING is atomic): no BEGIN/COMMIT trips.
-        self._autocommit = sandbox.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Built from the sandbox's current engine: a sandbox that went dormant and woke has a new one.
+        engine, view = self._autocommit_view
+        if engine is not self.sandbox.engine:
+            engine = self.sandbox.engine
+            view = engine.execution_options(isolation_level="AUTOCOMMIT")
+            self._autocommit_view = (engine, view)
+        return view
 
     @property
     def stream_key(self) -> str:

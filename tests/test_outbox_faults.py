@@ -270,3 +270,29 @@ async def test_a_redis_with_an_append_only_file_says_so(real_redis_url):
     finally:
         await client.aclose()
     assert durability.kind == "aof" and not durability.restart_can_lose_events
+
+
+async def test_through_the_sandbox_lifecycle_a_dormant_publisher_flushes_and_a_woken_one_runs_on_the_new_engine(settings):
+    no_grace = source.Settings(**{**settings.__dict__, "sandbox_grace_seconds": 0})
+    redis_service = await source.RedisService.connect(no_grace)
+    registry = source.SandboxRegistry(no_grace, redis_service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id(), holder="tab-1")
+        service = source.outbox_service(sandbox, FAST)
+        await service.start()
+        before = await add_pending_events(sandbox, 40)
+        await eventually(lambda: _published(sandbox, 40))
+        registry.release_holder("tab-1")  # the tab closed: after the grace period the sandbox sleeps
+        assert sandbox.id in (await registry.sweep())["dormant"]
+        assert not service.running and service.resume_on_return
+
+        again = await registry.acquire(sandbox.id, holder="tab-2")  # the learner is back
+        assert again is sandbox and service.running
+        after = await add_pending_events(sandbox, 40)
+        await eventually(lambda: _published(sandbox, 80))
+        await eventually(lambda: _all_delivered(sandbox, before + after))
+        assert service.publisher._autocommit_view[0] is sandbox.engine  # not the engine that was closed
+        await service.stop()
+    finally:
+        await registry.close()
+        await redis_service.close()
