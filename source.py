@@ -3616,7 +3616,7 @@ class ConsumedEvent(Base):
     event_type: Mapped[str] = mapped_column(String(100))
     stream_message_id: Mapped[str] = mapped_column(String(40))
     consumer_name: Mapped[str] = mapped_column(String(64))
-    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, index=True)  # retention
 
 
 @dataclass(frozen=True)
@@ -3636,6 +3636,8 @@ class OutboxSettings:
     broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as an outage
     audit_interval_seconds: float = 30.0  # how often published-but-unconsumed events are checked
     audit_batch_size: int = 500
+    keep_published_events: int = 1_000  # older events, published AND consumed, are pruned (the demo keeps these)
+    inbox_retention_seconds: float = 86_400.0  # the consumer remembers an event id this long, to deduplicate
     stop_timeout_seconds: float = 10.0
 
 
@@ -4073,6 +4075,38 @@ class PublishedEventAudit:
             return int((await connection.execute(republish)).rowcount)
 
 
+PRUNE_BATCH = 5_000
+
+
+async def prune_delivered_events(sandbox: Sandbox, *, keep: int, inbox_retention_seconds: float) -> int:
+    """Delete events that are published AND consumed, beyond the newest `keep`; returns how many.
+
+    The outbox only needs an event until it is delivered; keeping every one makes each status
+    query slower with history. Pending, failed and unconsumed events are never touched. The
+    consumer's inbox keeps its ids longer (inbox_retention_seconds), so a late duplicate of a
+    pruned event is still recognised.
+    """
+    events = _EVENTS.c
+    newest_kept = (
+        select(events.published_at)
+        .where(events.status == "published")
+        .order_by(events.published_at.desc())
+        .offset(keep)
+        .limit(1)
+        .scalar_subquery()
+    )
+    consumed = select(ConsumedEvent.event_id).where(ConsumedEvent.event_id == events.id).exists()
+    # Strictly older: a batch shares one published_at, so the batch holding the boundary stays whole.
+    prunable = select(events.id).where(events.status == "published", events.published_at < newest_kept, consumed)
+    async with sandbox.engine.begin() as connection:
+        doomed = (await connection.execute(prunable.limit(PRUNE_BATCH))).scalars().all()
+        if doomed:
+            await connection.execute(delete(_EVENTS).where(events.id.in_(doomed)))
+        forgotten = utc_now() - timedelta(seconds=inbox_retention_seconds)
+        await connection.execute(delete(ConsumedEvent).where(ConsumedEvent.consumed_at < forgotten))
+    return len(doomed)
+
+
 class OutboxService:
     """One sandbox's outbox machinery: the publisher and consumer tasks, their wake-ups, an activity log.
 
@@ -4094,6 +4128,7 @@ class OutboxService:
         )
         self.activity: deque[str] = deque(maxlen=40)
         self.resume_on_return = False  # set when the sandbox went dormant with the publisher on
+        self.pruned_total = 0  # events published, consumed and then pruned by this service
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._publisher_wake = asyncio.Event()
@@ -4313,6 +4348,14 @@ class OutboxService:
         report = await self.audit.run()
         if report.broker_error:
             return report
+        pruned = await prune_delivered_events(
+            self.sandbox,
+            keep=self.settings.keep_published_events,
+            inbox_retention_seconds=self.settings.inbox_retention_seconds,
+        )
+        if pruned:
+            self.pruned_total += pruned
+            self._note(f"pruned {pruned} events published and consumed, beyond the newest {self.settings.keep_published_events}")
         self._audit_due_at = time.monotonic() + self.settings.audit_interval_seconds if report.checked else None
         if report.missing:
             self._note(
@@ -4491,6 +4534,7 @@ class OutboxStatus:
     p95_latency_ms: Optional[float]
     last_audit: Optional[AuditReport]
     republished_by_audits: int
+    pruned: int  # published and consumed events pruned so far (beyond the newest keep_published_events)
     durability: BrokerDurability
     pending_events: list[dict[str, Any]]
     published_events: list[dict[str, Any]]
@@ -4519,7 +4563,12 @@ def _event_row(event: DomainEvent) -> dict[str, Any]:
 async def _count_events(session: AsyncSession) -> dict[str, Any]:
     """Events by status and inbox rows: each a count over an index."""
     by_status = dict((await session.execute(select(DomainEvent.status, func.count()).group_by(DomainEvent.status))).all())
-    by_status["delivered"] = await session.scalar(select(func.count()).select_from(ConsumedEvent))
+    by_status["delivered"] = await session.scalar(  # of the events the outbox still holds
+        select(func.count())
+        .select_from(DomainEvent)
+        .join(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+        .where(DomainEvent.status == "published")
+    )
     return by_status
 
 
@@ -4604,6 +4653,7 @@ async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
         p95_latency_ms=_percentile(latencies, 0.95),
         last_audit=service.audit.last,
         republished_by_audits=service.audit.republished_total,
+        pruned=service.pruned_total,
         durability=await broker_durability(sandbox),
         pending_events=latest["pending"],
         published_events=latest["published"],

@@ -296,3 +296,45 @@ async def test_through_the_sandbox_lifecycle_a_dormant_publisher_flushes_and_a_w
     finally:
         await registry.close()
         await redis_service.close()
+
+
+async def _panel_statements(sandbox: source.Sandbox) -> tuple[source.OutboxStatus, list[str]]:
+    with source.capture_statements() as log:
+        status = await source.outbox_status(sandbox, limit=10)
+    return status, log.sql()
+
+
+async def test_the_status_panel_stays_bounded_as_history_grows(sandbox):
+    settings = replace(FAST, batch_size=10, keep_published_events=30, audit_interval_seconds=0.01)
+    service = source.outbox_service(sandbox, settings)
+    await service.start()
+    first = await add_pending_events(sandbox, 45)
+    await eventually(lambda: _pruned(service, 10))
+    small, small_sql = await _panel_statements(sandbox)
+    more = await add_pending_events(sandbox, 400)
+    await eventually(lambda: _pruned(service, 445 - 30 - settings.batch_size))
+    large, large_sql = await _panel_statements(sandbox)
+    await service.stop()
+
+    assert len(large_sql) == len(small_sql)  # the same statements, whatever the history
+    kept = (await source.count_rows(sandbox))["domain_events"]
+    assert 30 <= kept <= 30 + settings.batch_size  # the newest 30 (and the rest of their batch)
+    assert large.published == large.delivered == kept and large.pruned == 445 - kept
+    assert len(large.published_events) == 10 and large.published_events[0]["id"] == more[-1]
+    assert len(await inbox_event_ids(sandbox)) == 445  # the consumer still remembers every id
+    assert first[0] not in {row["id"] for row in large.published_events}
+    if sandbox.backend == "sqlite":  # every panel query on domain_events goes through an index
+        async with sandbox.engine.connect() as connection:
+            for statement in large_sql:
+                if "domain_events" not in statement:
+                    continue
+                plan = " | ".join(row[-1] for row in (await connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, _dummy_parameters(statement))).all())
+                assert "SCAN domain_events" not in plan or "INDEX" in plan, (statement, plan)
+
+
+def _dummy_parameters(statement: str) -> tuple:
+    return tuple("pending" for _ in range(statement.count("?")))
+
+
+async def _pruned(service: source.OutboxService, count: int) -> bool:
+    return service.pruned_total >= count
