@@ -3573,11 +3573,13 @@ BURST_FALLBACK_OCCUPATION = "15-1252.00"  # for users without an occupation code
 
 @dataclass(frozen=True)
 class BurstResult:
-    """How long a burst of score writes took, each its own transaction."""
+    """What a burst of score writes committed (each write its own transaction) and how long it took."""
 
-    writes: int
+    writes: int  # committed: each one a score and its event
     concurrency: int
     seconds: float
+    failed: int = 0  # writes that rolled back whole (nothing of them was stored)
+    first_error: str = ""  # why the first of them failed
 
 
 @journaled("airscore_burst")
@@ -3587,7 +3589,7 @@ async def store_airscore_burst(
     """Store `count` scores with their events, round-robin over the sandbox's users, `concurrency` at a time."""
     validate_whole_number(count, label="Burst writes", low=1, high=MAX_BURST_WRITES, field="count")
     validate_whole_number(concurrency, label="Concurrency", low=1, high=50)
-    users = await list_users(sandbox, limit=100)
+    users = await list_learner_users(sandbox) or await list_users(sandbox, limit=100)
     if not users:
         raise ValidationError("Your sandbox has no users yet: initialize it on page 2 first.", field="user_id")
     semaphore = asyncio.Semaphore(concurrency)
@@ -3602,10 +3604,53 @@ async def store_airscore_burst(
     started = time.perf_counter()
     outcomes = await asyncio.gather(*(write(number) for number in range(count)), return_exceptions=True)
     seconds = time.perf_counter() - started
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome  # each write is its own transaction: the others committed whole
-    return BurstResult(writes=count, concurrency=concurrency, seconds=seconds)
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    for error in errors:
+        if not isinstance(error, Exception):
+            raise error  # cancelled: stop here
+    # Each write is its own transaction: the ones that failed stored nothing, the others are whole.
+    first_error = f"{type(errors[0]).__name__}: {errors[0]}"[:300] if errors else ""
+    if errors and not isinstance(errors[0], QuLabError):
+        logger.error("burst writes failed in sandbox %s", sandbox.id, exc_info=errors[0])
+    return BurstResult(
+        writes=count - len(errors), concurrency=concurrency, seconds=seconds, failed=len(errors), first_error=first_error
+    )
+
+
+async def list_learner_users(sandbox: Sandbox, *, limit: int = 100) -> list[User]:
+    """The learner's own users, oldest first (the thousand scale-up users of section 3 left out)."""
+    async with get_session(sandbox) as session:
+        statement = select(User).where(~_is_scale_up_user()).order_by(User.created_at).limit(limit)
+        return list((await session.scalars(statement)).all())
+
+
+@dataclass(frozen=True)
+class EventDelivery:
+    """Where one event is now: its status, when it was published, when the consumer recorded it."""
+
+    event_id: str
+    status: str
+    created_at: datetime
+    published_at: Optional[datetime]
+    delivered_at: Optional[datetime]
+    last_error: Optional[str]
+
+
+async def event_delivery(sandbox: Sandbox, *, event_id: str) -> Optional[EventDelivery]:
+    """The event's current state (None once it is gone: pruned after delivery, or reset)."""
+    event_id = parse_entity_id(event_id, what="event")
+    async with get_session(sandbox) as session:
+        row = (
+            await session.execute(
+                select(DomainEvent, ConsumedEvent.consumed_at)
+                .outerjoin(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+                .where(DomainEvent.id == event_id)
+            )
+        ).first()
+    if row is None:
+        return None
+    event, delivered_at = row
+    return EventDelivery(event.id, event.status, event.created_at, event.published_at, delivered_at, event.last_error)
 
 
 class ConsumedEvent(Base):
