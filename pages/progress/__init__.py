@@ -60,18 +60,19 @@ def _sidebar(lab: source.Lab, progress: source.LearnerProgress) -> None:
 
 
 def _section_panel(progress: source.LearnerProgress, section: int) -> None:
+    # Plain Markdown, no alerts: a page's own success and error messages stay the only alerts on it.
     statuses = progress.in_section(section)
     required = [status for status in statuses if not status.step.optional]
     done = sum(status.done for status in required)
     recap = progress.recap(section)
     st.subheader("Your progress in this section")
+    if recap is not None:
+        st.markdown(f"✅ **Section {section} complete.** {_plain(recap)}")
     with st.expander(f"{done} of {len(required)} steps done", expanded=recap is None):
         st.markdown("\n".join(_step_line(status) for status in statuses))
         next_step = progress.next_step(section)
         if next_step is not None:
-            st.info(f"Next: {next_step.step.title}. {next_step.step.how}")
-    if recap is not None:
-        st.success(f"Section {section} complete. {recap}")
+            st.markdown(f"**Next:** {next_step.step.title}. {_plain(next_step.step.how)}")
 
 
 def _step_line(status: source.StepStatus) -> str:
