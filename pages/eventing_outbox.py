@@ -6,11 +6,11 @@ import streamlit as st
 
 import source
 from pages import kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
-from pages.event_status import moment, show_event_status
+from pages.outbox_panels import moment, show_event_status, write_burst
 
 lab = open_page()
 OUTAGE_KEY, STORED_KEY, CLICKS_KEY, REFRESH_KEY = "outbox_broker_outage", "outbox_stored", "outbox_clicks", "outbox_refresh"
-BURST_CHUNK = 50
+SWITCH_KEY = "outbox_switch"
 
 st.title("5. Eventing (Outbox Pattern)")
 st.markdown(
@@ -49,12 +49,8 @@ elif users:
     st.code(user_id, language=None)
     suggested = by_id[user_id].occupation_code or "15-1252.00"
     occupation = st.text_input("Occupation code (SOC)", value=suggested, key=f"occupation_{user_id}")
-    st.button(
-        "Calculate & Store AIRScore (Creates Pending Event)",
-        type="primary",
-        on_click=stored_a_score,
-        kwargs={"user_id": user_id, "occupation_code": occupation},
-    )
+    arguments = {"user_id": user_id, "occupation_code": occupation}
+    st.button("Calculate & Store AIRScore (Creates Pending Event)", type="primary", on_click=stored_a_score, kwargs=arguments)
     if stored := kept_outcome(STORED_KEY, keep=True):
         score, event = stored.score, stored.event
         st.success(
@@ -62,12 +58,9 @@ elif users:
             f"(95% interval {score.ci_lower:.2f} to {score.ci_upper:.2f}), id `{score.id}`, and its "
             f"{event.event_type} event `{event.id}` at {moment(event.created_at)} UTC, committed with status pending."
         )
-        now = run_or_report(lab, "Could not read the event.", source.event_delivery, event_id=event.id)
-        if now is not None:
-            st.markdown(
-                f"That event now: **{now.status}**; published {moment(now.published_at)}, "
-                f"delivered {moment(now.delivered_at)}" + (f"; last error: {now.last_error}" if now.last_error else "")
-            )
+        if now := run_or_report(lab, "Could not read the event.", source.event_delivery, event_id=event.id):
+            error = f"; last error: {now.last_error}" if now.last_error else ""
+            st.markdown(f"That event now: **{now.status}**; published {moment(now.published_at)}, delivered {moment(now.delivered_at)}{error}")
         st.json(event.payload)
     with st.expander("How the score is calculated"):
         st.code(inspect.getdoc(source.calculate_airscore), language=None)
@@ -76,24 +69,25 @@ st.subheader("Event publisher")
 left, middle, right = st.columns(3)
 if left.button("Start Event Publisher (Background)"):
     started = run_or_report(lab, "The publisher did not start.", source.start_event_publisher)
-    if started is not None:
-        st.success("Publisher and consumer started." if started else "The publisher was already running.")
+    if started is not None:  # kept: the status panel may rerun the page as events start to move
+        st.session_state[SWITCH_KEY] = "Publisher and consumer started." if started else "The publisher was already running."
 if middle.button("Stop Event Publisher"):
     stopped = run_or_report(lab, "The publisher did not stop.", source.stop_event_publisher)
     if stopped is not None:
-        st.success("Stopped after finishing the current batch." if stopped else "The publisher was not running.")
+        st.session_state[SWITCH_KEY] = "Stopped after finishing the current batch." if stopped else "The publisher was not running."
+if switched := st.session_state.get(SWITCH_KEY):
+    st.success(switched)
 publisher = run_or_report(lab, "Could not read the publisher's state.", source.event_publisher_state)
 if publisher is None:
     st.stop()
 settings = publisher.settings
 st.markdown(
     f"""
-The publisher is a background task on QuLab's server loop: it keeps running across reruns and page
-changes until you stop it, or until your sandbox goes to sleep after you leave (it first publishes
-what is pending, and starts again when you return). A commit that adds an event wakes it at once;
-with nothing to do it looks again less and less often (at most every {settings.idle_wait_max_seconds:g} s),
-so an idle publisher costs almost nothing. Each round leases up to {settings.batch_size} events,
-oldest first, adds them to the stream in one pipeline and marks them published in one statement.
+The publisher runs in the background across reruns and page changes until you stop it; when your
+sandbox sleeps after you leave, it first publishes what is pending and starts again on your return.
+A commit wakes it at once; idle, it looks less and less often (at most every
+{settings.idle_wait_max_seconds:g} s). Each round leases up to {settings.batch_size} events, adds them
+to the stream in one pipeline and marks them published in one statement.
 """
 )
 st.session_state[OUTAGE_KEY] = publisher.broker_cut_off  # the switch shows the real state
@@ -110,29 +104,21 @@ right.toggle("Broker outage", key=OUTAGE_KEY, on_change=switch_outage)
 kept_outcome("outbox_outage")
 if publisher.broker_cut_off:
     st.warning(
-        "Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and checks the "
-        f"broker again with growing waits (at most {settings.outage_backoff_max_seconds:g} s); new events stay pending "
-        "and keep their attempts: the outage is the broker's fault, not theirs. Turn the switch off and they all go "
-        "out, no retry needed. Only an event the broker refuses for itself (too large, say) fails, at once, with the reason."
+        "Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and probes the broker "
+        f"with growing waits (at most {settings.outage_backoff_max_seconds:g} s); events stay pending and keep their "
+        "attempts. Turn the switch off: they all go out, no retry needed. Only an event the broker refuses for itself "
+        "(too large, say) fails, at once, with the reason."
     )
 
 st.subheader("Burst: many scores at once")
 burst_size = int(st.number_input("Scores in the burst", 1, source.MAX_BURST_WRITES, 500, step=50))
 if st.button("Store Burst of AIRScores"):
     st.session_state[REFRESH_KEY] = True
-    progress, done, failed, seconds = st.progress(0.0, text="Writing…"), 0, 0, 0.0
-    while done + failed < burst_size:
-        chunk = run_or_report(lab, f"The burst stopped after {done:,} committed writes.", source.store_airscore_burst,
-                              count=min(BURST_CHUNK, burst_size - done - failed))
-        if chunk is None:
-            break
-        done, failed, seconds = done + chunk.writes, failed + chunk.failed, seconds + chunk.seconds
-        progress.progress((done + failed) / burst_size, text=f"{done:,} of {burst_size:,} scores and events committed")
-        if chunk.failed:
-            st.error(f"{chunk.failed} writes failed and stored nothing ({chunk.first_error}); {done:,} committed whole.")
-            break
-    st.session_state["outbox_burst"] = (done, seconds)
-if (burst := st.session_state.get("outbox_burst")) and burst[0] and burst[1] > 0:
+    st.session_state["outbox_burst"] = write_burst(lab, burst_size)
+burst = st.session_state.get("outbox_burst")
+if burst and burst[2]:  # kept until the next burst: what committed, and why the rest did not
+    st.error(burst[2])
+if burst and burst[0] and burst[1] > 0:
     one, two = st.columns(2)
     one.metric("Score+event transactions", f"{burst[0]:,}")
     two.metric("Write throughput", f"{burst[0] / burst[1]:,.0f} per second")
@@ -147,12 +133,10 @@ def event_status_panel() -> None:
     st.subheader("Current event status")
     refresh, retry = st.columns(2)
     refresh.button("Refresh Event Status Now")
-    if retry.button("Retry failed events"):
-        retried = run_or_report(lab, "Nothing was retried.", source.retry_failed_events)
-        if retried:
-            st.success(f"{retried} failed events are pending again, with a fresh set of attempts.")
-        elif retried == 0:
-            st.info("No event has failed, so there is nothing to retry.")
+    retried = run_or_report(lab, "Nothing was retried.", source.retry_failed_events) if retry.button("Retry failed events") else None
+    if retried is not None:
+        done = f"{retried} failed events are pending again, with a fresh set of attempts."
+        (st.success if retried else st.info)(done if retried else "No event has failed, so there is nothing to retry.")
     status = run_or_report(lab, "Could not read the event status.", source.outbox_status, limit=10)
     if status is None:
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -338,3 +339,76 @@ def _dummy_parameters(statement: str) -> tuple:
 
 async def _pruned(service: source.OutboxService, count: int) -> bool:
     return service.pruned_total >= count
+
+
+RELAY_TO_KILL = """
+import asyncio, sys
+from dataclasses import replace
+sys.path.insert(0, sys.argv[1])
+import source
+
+async def main(root, database_url, redis_url, sandbox_id, location, backend):
+    settings = replace(source.Settings(), database_url=database_url or None, redis_url=redis_url)
+    redis_service = await source.RedisService.connect(settings)
+    if backend == "sqlite":
+        engine = source.create_engine_for(source.URL.create("sqlite+aiosqlite", database=location), settings)
+    else:
+        url = source.resolve_database_target(database_url).url
+        engine = source.create_engine_for(url, settings).execution_options(schema_translate_map={None: location})
+    sandbox = source.Sandbox(id=sandbox_id, backend=backend, redis=source.RedisLink(redis_service, sandbox_id),
+                             settings=settings, location=location, open_engine=lambda: engine, owns_engine=False)
+
+    class SlowToMark(source.OutboxPublisher):
+        async def _mark_published(self, connection, stream_ids):
+            print("sent", len(stream_ids), flush=True)  # sent, not yet marked: the parent kills us now
+            await asyncio.sleep(60)
+
+    await SlowToMark(sandbox, replace(source.OutboxSettings(), lease_seconds=1.0, batch_size=50)).publish_due_batch()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_relay_killed_with_sigkill_mid_batch_loses_nothing_and_nothing_is_applied_twice(settings, real_redis_url):
+    on_redis = replace(settings, redis_url=real_redis_url)
+    redis_service = await source.RedisService.connect(on_redis)
+    registry = source.SandboxRegistry(on_redis, redis_service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        ids = await add_pending_events(sandbox, 300)
+        root = str(Path(__file__).resolve().parent.parent)
+        relay = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", RELAY_TO_KILL, root, on_redis.database_url or "", real_redis_url, sandbox.id,
+            sandbox.location, sandbox.backend, stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            line = await asyncio.wait_for(relay.stdout.readline(), 60)
+            assert line.decode().strip() == "sent 50"
+        finally:
+            relay.send_signal(signal.SIGKILL)
+            await relay.wait()
+        assert relay.returncode == -signal.SIGKILL
+        assert len(await stream_event_ids(sandbox)) == 50 and await counts_by_status(sandbox) == {"pending": 300}
+
+        survivor = OutboxPublisher(sandbox, FAST)  # takes the 50 over once the dead relay's lease expires
+        await eventually(lambda: _drained_to(survivor, sandbox, 300))
+        consumer = StreamConsumer(sandbox, FAST)
+        assert await drain_consumer(consumer) == 350
+        assert Counter(await inbox_event_ids(sandbox)) == Counter(ids)  # 0 lost, 0 applied twice
+        assert consumer.duplicates_ignored == 50
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
+async def _drained_to(publisher: OutboxPublisher, sandbox: source.Sandbox, count: int) -> bool:
+    await drain(publisher)
+    return (await counts_by_status(sandbox)).get("published") == count
+
+
+async def test_four_relays_at_once_never_put_an_event_in_the_stream_twice(sandbox):
+    ids = await add_pending_events(sandbox, 600)
+    settings = replace(FAST, batch_size=25)
+    totals = await asyncio.gather(*(drain(OutboxPublisher(sandbox, settings)) for _ in range(4)))
+    in_stream = await stream_event_ids(sandbox)
+    assert len(in_stream) == 600 and set(in_stream) == set(ids) and sum(totals) == 600

@@ -1,7 +1,8 @@
-"""Section 5's event status panel: what the outbox, the stream and the consumer hold right now.
+"""Section 5's panels: the event status (what the outbox, the stream and the consumer hold now) and
+the burst's progress.
 
 A folder, not a page: st.navigation lists pages explicitly, so Streamlit never shows it. The page
-(pages/eventing_outbox.py) decides when the panel refreshes; this only draws an OutboxStatus.
+(pages/eventing_outbox.py) decides when the status panel refreshes; this only draws.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import pandas as pd
 import streamlit as st
 
 import source
+from pages import run_or_report
+
+BURST_CHUNK = 50  # writes per call: the progress bar moves between chunks
 
 
 def moment(value) -> str:
@@ -80,3 +84,20 @@ def show_event_status(status: source.OutboxStatus) -> None:
     if status.activity:
         st.markdown("**Publisher and consumer activity** (newest first)")
         st.code("\n".join(status.activity[:15]), language=None)
+
+
+def write_burst(lab: source.Lab, size: int) -> tuple[int, float, str]:
+    """Store `size` scores in chunks with a progress bar; returns (committed, seconds, what went wrong)."""
+    progress, done, seconds = st.progress(0.0, text="Writing…"), 0, 0.0
+    while done < size:
+        chunk = run_or_report(
+            lab, f"The burst stopped after {done:,} committed writes.", source.store_airscore_burst,
+            count=min(BURST_CHUNK, size - done),
+        )
+        if chunk is None:
+            return done, seconds, ""
+        done, seconds = done + chunk.writes, seconds + chunk.seconds
+        progress.progress(done / size, text=f"{done:,} of {size:,} scores and events committed")
+        if chunk.failed:  # each write is its own transaction: say exactly what committed
+            return done, seconds, f"{chunk.failed} writes failed and stored nothing ({chunk.first_error}); {done:,} committed whole."
+    return done, seconds, ""
