@@ -4978,9 +4978,18 @@ class _PublicationWatch:
     recorded_this_run: bool = False
     outages_recorded: int = 0  # the broker circuit's outage count when a publication was last journaled
 
+    async def forget_run(self, sandbox: Sandbox) -> None:
+        """The sandbox was reset (its journal emptied): the next publication is journaled again."""
+        self.recorded_this_run = False
+
 
 def _publication_watch(sandbox: Sandbox) -> _PublicationWatch:
-    return sandbox.service("publication_watch", lambda _: _PublicationWatch())
+    def create(owner: Sandbox) -> _PublicationWatch:
+        watch = _PublicationWatch()
+        owner.reset_listeners.append(watch.forget_run)
+        return watch
+
+    return sandbox.service("publication_watch", create)
 
 
 def _publisher_switched(kind: str, verb: str) -> Callable[[Sandbox, bool, dict[str, Any]], Optional[Evidence]]:
