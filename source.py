@@ -4634,9 +4634,9 @@ class Step:
     key: str
     section: int
     title: str
-    how: str  # what to do, with the guide's button labels
-    check: Check
-    optional: bool = False
+    how: str = field(kw_only=True)  # what to do, with the guide's button labels
+    check: Check = field(kw_only=True)
+    optional: bool = field(default=False, kw_only=True)
 
 
 def _first(journal: Sequence[JournalLine], kind: str, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> Optional[JournalLine]:
@@ -4745,45 +4745,68 @@ def _published_in_background(journal: Sequence[JournalLine]) -> Optional[str]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("create_user", 1, "Create a user", 'Enter an email and a name, then click "Create User".',
-         _recorded("user_created")),
+    # 1. Data models
+    Step("create_user", 1, "Create a user",
+         how='Enter an email and a name, then click "Create User".',
+         check=_recorded("user_created")),
+    # 2. Connectivity and pooling
     Step("initialize", 2, "Initialize and see the two sample users",
-         'Click "Initialize In-Memory SQLite Database & Create Sample Users".',
-         _recorded("initialized", lambda facts: len(facts["sample_user_ids"]) == len(SAMPLE_USERS))),
-    Step("pool_experiment", 2, "Measure pooling", 'Click "Run Pooling Experiment": a pool against a new connection per query.',
-         _recorded("pool_experiment"), optional=True),
-    Step("add_scores", 3, "Add three sample scores", 'Enter a user id, then click "Add 3 Sample Scores for User".',
-         _recorded("sample_scores_added", lambda facts: facts["count"] >= 3)),
-    Step("fetch_n_plus_one", 3, "Fetch with N+1", 'Click "Fetch User & Scores (Simulated N+1)" for a user with scores.',
-         _fetched("naive", lambda statements, scores: statements >= scores + 1)),
-    Step("fetch_eager", 3, "Fetch with eager loading", 'Click "Fetch User & Scores (Eager Loading)" for the same user.',
-         _fetched("eager", lambda statements, scores: statements <= 2)),
-    Step("compare_fetches", 3, "See the statement counts differ", "Fetch the same user both ways and compare the counts.",
-         _fetches_compared),
-    Step("scale_up", 3, "Compare the strategies at scale", 'Click "Compare Loading Strategies".',
-         _recorded("loading_strategies_compared", lambda facts: facts["identical_results"]), optional=True),
-    Step("user_miss_then_hit", 4, "User: a miss, then a hit", 'Click "Fetch User (Cached)" twice.',
-         _miss_then_hit("user")),
-    Step("score_miss_then_hit", 4, "Latest score: a miss, then a hit", 'Click "Fetch Latest AIRScore (Cached)" twice.',
-         _miss_then_hit("latest_airscore")),
-    Step("metrics_move", 4, "See the metrics count hits and misses", "Read the cache metrics after a few reads.",
-         _metrics_moved),
+         how='Click "Initialize In-Memory SQLite Database & Create Sample Users".',
+         check=_recorded("initialized", lambda facts: len(facts["sample_user_ids"]) == len(SAMPLE_USERS))),
+    Step("pool_experiment", 2, "Measure pooling", optional=True,
+         how='Click "Run Pooling Experiment": a pool against a new connection per query.',
+         check=_recorded("pool_experiment")),
+    # 3. Repository pattern and N+1: an N+1 fetch only counts with scores to fetch (N >= 1)
+    Step("add_scores", 3, "Add three sample scores",
+         how='Enter a user id, then click "Add 3 Sample Scores for User".',
+         check=_recorded("sample_scores_added", lambda facts: facts["count"] >= 3)),
+    Step("fetch_n_plus_one", 3, "Fetch with N+1",
+         how='Click "Fetch User & Scores (Simulated N+1)" for a user with scores.',
+         check=_fetched("naive", lambda statements, scores: statements >= scores + 1)),
+    Step("fetch_eager", 3, "Fetch with eager loading",
+         how='Click "Fetch User & Scores (Eager Loading)" for the same user.',
+         check=_fetched("eager", lambda statements, scores: statements <= 2)),
+    Step("compare_fetches", 3, "See the statement counts differ",
+         how="Fetch the same user both ways and compare the counts.",
+         check=_fetches_compared),
+    Step("scale_up", 3, "Compare the strategies at scale", optional=True,
+         how='Click "Compare Loading Strategies".',
+         check=_recorded("loading_strategies_compared", lambda facts: facts["identical_results"])),
+    # 4. Caching: only reads Redis answered count (a FALLBACK during an outage is neither hit nor miss)
+    Step("user_miss_then_hit", 4, "User: a miss, then a hit",
+         how='Click "Fetch User (Cached)" twice.',
+         check=_miss_then_hit("user")),
+    Step("score_miss_then_hit", 4, "Latest score: a miss, then a hit",
+         how='Click "Fetch Latest AIRScore (Cached)" twice.',
+         check=_miss_then_hit("latest_airscore")),
+    Step("metrics_move", 4, "See the metrics count hits and misses",
+         how="Read the cache metrics after a few reads.",
+         check=_metrics_moved),
     Step("invalidate_then_miss", 4, "Invalidate, then miss again",
-         'Click "Invalidate Cache for this User", then fetch again.', _invalidated_then_missed),
-    Step("redis_outage", 4, "Survive a Redis outage", "Cut Redis off, fetch (the database answers), reconnect, fetch again.",
-         _survived_redis_outage, optional=True),
+         how='Click "Invalidate Cache for this User", then fetch again.',
+         check=_invalidated_then_missed),
+    Step("redis_outage", 4, "Survive a Redis outage", optional=True,
+         how="Cut Redis off, fetch (the database answers), reconnect, fetch again.",
+         check=_survived_redis_outage),
+    # 5. Eventing: "published" is journaled by the background publisher itself, never by a click
     Step("store_airscore", 5, "Store a score with its pending event",
-         'Click "Calculate & Store AIRScore (Creates Pending Event)".',
-         _recorded("airscore_stored", lambda facts: facts["event_status"] == "pending")),
-    Step("start_publisher", 5, "Start the publisher", 'Click "Start Event Publisher (Background)".',
-         _recorded("publisher_started")),
+         how='Click "Calculate & Store AIRScore (Creates Pending Event)".',
+         check=_recorded("airscore_stored", lambda facts: facts["event_status"] == "pending")),
+    Step("start_publisher", 5, "Start the publisher",
+         how='Click "Start Event Publisher (Background)".',
+         check=_recorded("publisher_started")),
     Step("event_published", 5, "See an event published in the background",
-         'With the publisher running, store a score: it turns published with no click ("Refresh Event Status Now").',
-         _published_in_background),
-    Step("stop_publisher", 5, "Stop the publisher", 'Click "Stop Event Publisher".', _stopped_after_start),
-    Step("broker_outage", 5, "Survive a broker outage", "Cut the broker off, store a score, reconnect: it is still published.",
-         _recorded("published_after_outage"), optional=True),
-)
+         how='With the publisher running, store a score: it turns published with no click ("Refresh Event Status Now").',
+         check=_published_in_background),
+    Step("stop_publisher", 5, "Stop the publisher",
+         how='Click "Stop Event Publisher".',
+         check=_stopped_after_start),
+    Step("broker_outage", 5, "Survive a broker outage", optional=True,
+         how="Cut the broker off, store a score, reconnect: it is still published.",
+         check=_recorded("published_after_outage")),
+)  # fmt: skip
+
+# Once a section's required steps are done: one line on what the learner saw ({step key} = its evidence).
 SECTION_RECAPS: dict[int, str] = {
     1: "Your user is a row in users, its email unique whatever its letter case.",
     2: "Initialize gave your sandbox a fresh schema with Alex Smith and Jane Doe.",
