@@ -15,7 +15,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 import pytest
-from sqlalchemy import delete, event, text, update
+from sqlalchemy import delete, event, update
 
 import qulab_redis.coherence
 import source
@@ -502,9 +502,10 @@ async def test_no_stale_read_after_bulk_writes_the_orm_never_flushed(sandbox_wit
         await session.execute(update(source.User).where(source.User.id == jane.id).values(name="Jane Bulk"))
     assert (await cache.get_user(user_id=jane.id)).value["name"] == "Jane Bulk"
     await cache.get_user(user_id=jane.id)
-    async with get_session(sandbox) as session:  # raw SQL
-        await session.execute(text("UPDATE users SET name = 'Jane Raw' WHERE id = :id"), {"id": jane.id})
-    assert (await cache.get_user(user_id=jane.id)).value["name"] == "Jane Raw"
+    async with get_session(sandbox) as session:  # a Core UPDATE on the table, no ORM entity
+        users = source.User.__table__
+        await session.execute(update(users).where(users.c.id == jane.id).values(name="Jane Core"))
+    assert (await cache.get_user(user_id=jane.id)).value["name"] == "Jane Core"
     # A bulk write to a table the cache does not hold leaves the cache alone.
     await cache.get_user(user_id=jane.id)
     async with get_session(sandbox) as session:
@@ -647,3 +648,12 @@ async def test_a_write_from_another_process_on_postgresql_and_redis_is_never_ser
     finally:
         await registry.close()
         await service.close()
+
+
+def test_raw_sql_that_may_write_counts_as_a_bulk_write_of_anything():
+    from sqlalchemy import select, text
+
+    assert source._tables_written(text("UPDATE users SET name = 'x'")) == {"*"}
+    assert source._tables_written(text("  select 1")) == set()
+    assert source._tables_written(delete(source.User)) == {"users"}
+    assert source._tables_written(select(source.User)) == set()
