@@ -128,6 +128,7 @@ BENCHMARKS = (
     Benchmark("cache", rows=_cache_rows),
     Benchmark("outbox", per_backend=False, rows=_outbox_rows),
     Benchmark("pool"),
+    Benchmark("classroom"),  # a real `streamlit run app.py` and simulated learners over its websocket
 )
 BACKENDS = ("embedded", "servers")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -156,6 +157,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                 label = _backend_label()
                 backend_versions[label] = _server_versions()
                 for benchmark in BENCHMARKS:
+                    if arguments.only and benchmark.module not in arguments.only:
+                        continue
                     if benchmark.per_backend or last:
                         rows += _run(benchmark, label, notes, verbose=arguments.verbose)
     report = _report(rows, backend_versions, notes)
@@ -170,6 +173,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each module's own output too")
+    parser.add_argument("--only", action="append", default=[], metavar="MODULE", help="run only this benchmark (repeatable)")
     return parser.parse_args(argv)
 
 

@@ -1,11 +1,27 @@
-"""What every codelab page does first. (Streamlit never lists __init__.py as a page.)
+"""What every codelab page shares. (Streamlit never lists __init__.py as a page.)
 
-Why this exists: Streamlit serves a folder named pages/ the old "v1" way until the first
+- `open_page()` first, on every page: it returns this browser session's Lab (its sandbox).
+- `run_or_report(lab, what, operation, **kwargs)` runs one operation and, if it fails with a
+  QuLabError, shows "what + the error" as `st.error` instead of a traceback.
+- `run_and_keep(...)` / `kept_outcome(...)` do the same for a button's `on_click` callback, which
+  runs before the page draws: the outcome is kept in `st.session_state` and shown where the page
+  calls `kept_outcome`.
+
+Why open_page exists: Streamlit serves a folder named pages/ the old "v1" way until the first
 st.navigation call in the process. A deep link opened before that (say /caching, right after a
 restart) runs pages/caching.py on its own, without app.py: no status panel, the raw file list as
 navigation. open_page() notices, leaves that mode and reruns, so app.py draws the frame and routes
-to the same page (its url_path is the file name in both modes).
+to the same page (its url_path is the file name in both modes). The switch it flips is private to
+Streamlit, so requirements.txt pins Streamlit's minor version and tests/test_streamlit_switch.py
+fails with a clear message if a Streamlit upgrade drops it.
 """
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 import streamlit as st
 
@@ -16,13 +32,96 @@ try:  # Streamlit's own switch for the v1 mode; if a future version drops it, th
 except ImportError:  # pragma: no cover
     PagesManager = None
 
+T = TypeVar("T")
+
 
 def open_page() -> source.Lab:
     """Make sure app.py framed this page, then return this browser session's Lab (its sandbox)."""
-    if PagesManager is not None and PagesManager.uses_pages_directory:
+    if PagesManager is not None and getattr(PagesManager, "uses_pages_directory", False):
         PagesManager.uses_pages_directory = False
         # app.py gives every session it frames a sandbox id. A session without one is on its
         # first page load (no click to lose), so rerunning through app.py is safe.
         if source.SANDBOX_STATE_KEY not in st.session_state:
             st.rerun()
     return source.lab_for_browser_session(st.session_state)
+
+
+def run_or_report(
+    lab: source.Lab, what: str, operation: Callable[..., Awaitable[T]], /, *, where: Any = st, **kwargs: Any
+) -> Optional[T]:
+    """Run `operation(sandbox, **kwargs)`; on a QuLabError show f"{what} {error}" and return None.
+
+    `what` says what did not happen ("User not created."); `where` is the container to show the
+    error in (a column, say). Use it where an operation's result is drawn right away.
+    """
+    try:
+        return lab.run(operation, **kwargs)
+    except source.QuLabError as error:
+        where.error(f"{what} {error}")
+        return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a kept operation gave: its result, or the message saying why it failed."""
+
+    result: Any = None
+    error: Optional[str] = None
+
+
+def run_and_keep(lab: source.Lab, key: str, what: str, operation: Callable[..., Awaitable[Any]], /, **kwargs: Any) -> None:
+    """Run an operation from a button's on_click callback and keep its Outcome under `key`.
+
+    A callback runs before the page draws, so it cannot place a message; the page calls
+    `kept_outcome(key)` where the result belongs. Example:
+    `st.button("Add", on_click=run_and_keep, args=(lab, "added", "Nothing added.", add), kwargs={...})`.
+    """
+    try:
+        st.session_state[key] = Outcome(result=lab.run(operation, **kwargs))
+    except source.QuLabError as error:
+        st.session_state[key] = Outcome(error=f"{what} {error}")
+
+
+def kept_outcome(key: str, *, where: Any = st, keep: bool = False) -> Any:
+    """The result kept under `key` (None if none or it failed, after showing the failure).
+
+    Pops the outcome so it shows once, unless `keep=True` (a result that stays on screen
+    across reruns until the next click replaces it).
+    """
+    outcome = st.session_state.get(key) if keep else st.session_state.pop(key, None)
+    if outcome is None:
+        return None
+    if outcome.error is not None:
+        where.error(outcome.error)
+        return None
+    return outcome.result
+
+
+def show_code(*code_objects: Any, label: str = "The code this ran", where: Any = st) -> None:
+    """Show the functions or classes a click ran, read from source.py as it runs, with file and line.
+
+    Like `show_code` in Streamlit's hello demos: the listing is the code that executed, so it can
+    never drift from it. Each object is one short listing (the lesson, not the hardening).
+    """
+    with where.expander(label):
+        for code_object in code_objects:
+            text = source.source_code(code_object)
+            st.caption(f"{_location(code_object)} · {text.count(chr(10))} lines")
+            st.code(text, language="python")
+
+
+def _location(code_object: Any) -> str:
+    """'source.py, line N' for a function, method or class defined in source.py."""
+    function = inspect.unwrap(getattr(code_object, "__func__", code_object))
+    code = getattr(function, "__code__", None)
+    if code is not None:
+        return f"{Path(code.co_filename).name}, line {code.co_firstlineno}"
+    module_file = Path(inspect.getsourcefile(code_object) or "source.py")
+    header = f"class {code_object.__name__}"
+    for number, line in enumerate(module_file.read_text().splitlines(), start=1):
+        if line.startswith(header) and line[len(header)] in "(:":
+            return f"{module_file.name}, line {number}"
+    return module_file.name
+
+
+SEEN_USER_IDS = "qulab_seen_user_ids"  # ids of users this browser session was shown: a later miss means removed

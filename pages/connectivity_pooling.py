@@ -32,6 +32,12 @@ st.caption(
     "Creates the tables if needed, deletes everything in your sandbox (and only yours), then adds "
     "the sample users Alex Smith and Jane Doe, all in one transaction."
 )
+backend = lab.status()  # the guide's label says in-memory SQLite; say what the button really works on here
+st.caption(
+    "Not in memory on this server: your sandbox is "
+    + (f"its own SQLite file ({backend.sandbox_location})." if backend.backend == "sqlite"
+       else f"its own schema ({backend.sandbox_location}) in the shared PostgreSQL database.")
+)
 if st.button("Initialize In-Memory SQLite Database & Create Sample Users", type="primary"):
     try:
         sample_users = lab.run(source.init_db, reset=True)

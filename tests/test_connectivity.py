@@ -1,6 +1,9 @@
 """Section 2's use cases: the engine report and the pooling experiment measure real things."""
 
+import dataclasses
+
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import source
 
@@ -10,9 +13,16 @@ async def test_describe_engine_reports_the_live_pool_and_hides_passwords(sandbox
     assert report.pool["pool_class"] == "AsyncAdaptedQueuePool"
     assert report.pool["checkedout"] == 0
     assert report.backend == sandbox.backend
-    password = sandbox.engine.url.password
-    if password:
-        assert str(password) not in report.url
+    async with sandbox.engine.connect():  # the counters are live: one connection out while this block runs
+        assert (await source.describe_engine(sandbox)).pool["checkedout"] == 1
+    # The same report for an engine whose URL carries a password (a real engine; it connects to nothing).
+    engine = create_async_engine("postgresql+asyncpg://alex:s3cr3t-p%40ss@db.example:5432/qulab")
+    try:
+        report = await source.describe_engine(dataclasses.replace(sandbox, engine=engine))
+    finally:
+        await engine.dispose()
+    assert "s3cr3t" not in report.url and "p@ss" not in report.url and "p%40ss" not in report.url
+    assert "alex" in report.url and "db.example:5432/qulab" in report.url
 
 
 async def test_pool_experiment_reuses_connections_and_nullpool_opens_one_per_query(sandbox_with_users):

@@ -108,3 +108,18 @@ async def test_scores_outside_their_range_are_refused(sandbox):
                 synergy_score=45, ci_lower=45, ci_upper=55, parameter_version="v1",
             )
     assert (await source.count_rows(sandbox))["air_scores"] == 0
+
+
+@pytest.mark.parametrize("ability", [float("nan"), float("inf"), -float("inf"), 1e308, -1e308, True])
+async def test_an_assessment_with_an_impossible_ability_is_refused_and_nothing_is_written(sandbox_with_users, ability):
+    user = (await source.list_users(sandbox_with_users))[0]
+    async with get_session(sandbox_with_users) as session:
+        with pytest.raises(source.ValidationError, match="Current ability"):
+            await AssessmentRepository(session).create(user_id=user.id, component="reading", current_ability=ability)
+    assert (await source.count_rows(sandbox_with_users))["assessments"] == 0
+
+
+@pytest.mark.parametrize("limit", [-1, True, 2.5, "10", 10**9])
+async def test_list_limits_are_validated_before_any_query(sandbox_with_users, limit):
+    with pytest.raises(source.ValidationError, match="Limit"):
+        await source.list_users(sandbox_with_users, limit=limit)

@@ -1,6 +1,7 @@
 """Runtime: one loop thread serves every caller; errors reach pages as QuLabErrors only."""
 
 import asyncio
+import dataclasses
 import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -61,16 +62,37 @@ def test_a_slow_operation_times_out_and_is_cancelled(runtime):
             cancelled.set()
             raise
 
+    async def nothing(sandbox):
+        return None
+
+    lab = runtime.lab(source.new_sandbox_id())
+    lab.run(nothing)  # the sandbox exists first: creating it (a schema on PostgreSQL) is not what times out
     with pytest.raises(source.OperationTimeoutError):
-        runtime.lab(source.new_sandbox_id()).run(slow, timeout=0.2)
+        lab.run(slow, timeout=0.2)
     assert cancelled.wait(5)
 
 
-def test_status_describes_backends(runtime):
-    status = runtime.lab(source.new_sandbox_id()).status()
-    assert status.backend in {"sqlite", "postgresql"}
-    assert status.redis_mode in {"redis", "fakeredis"}
+@pytest.mark.parametrize("configured", ["nothing", "servers"])
+def test_status_describes_backends(configured, request):
+    """Each configuration has one right answer: nothing set means SQLite files and fakeredis; a
+    PostgreSQL and a Redis URL mean those servers, each sandbox in a schema of its own."""
+    settings = source.Settings.from_environment()
+    if configured == "nothing":
+        settings = dataclasses.replace(settings, database_url=None, redis_url=None)
+        expected = ("sqlite", "fakeredis")
+    else:
+        database_url, redis_url = request.getfixturevalue("postgres_url"), request.getfixturevalue("real_redis_url")
+        settings = dataclasses.replace(settings, database_url=database_url, redis_url=redis_url)
+        expected = ("postgresql", "redis")
+    runtime = source.Runtime(settings)
+    try:
+        status = runtime.lab(source.new_sandbox_id()).status()
+    finally:
+        runtime.close()
+    assert (status.backend, status.redis_mode) == expected
     assert status.redis_reason
+    assert status.sandbox_id in status.sandbox_location  # the sandbox's own file, or its own schema
+    assert status.sandbox_location.endswith(".sqlite3") == (expected[0] == "sqlite")
 
 
 async def test_the_database_shown_in_the_status_never_carries_its_password():

@@ -63,13 +63,16 @@ def test_occupation_codes_in_soc_form_are_accepted(value):
     assert source.validate_occupation_code(value) == value
 
 
-@pytest.mark.parametrize("value", ["151252", "engineer", "15-1252.0", SQL_TEXT])
+@pytest.mark.parametrize(
+    "value",
+    ["151252", "engineer", "15-1252.0", SQL_TEXT, "١٥-١٢٥٢", "１５-１２５２.００", "15-1252.00\nx"],
+)
 def test_other_occupation_codes_are_refused(value):
     with pytest.raises(source.ValidationError, match="Occupation code"):
         source.validate_occupation_code(value)
 
 
-@pytest.mark.parametrize("value", [-1, 81, float("nan"), float("inf"), "ten"])
+@pytest.mark.parametrize("value", [-1, 81, float("nan"), float("inf"), "ten", True, False, "٣", "１０", 1e308])
 def test_years_of_experience_out_of_range_are_refused(value):
     with pytest.raises(source.ValidationError, match="Years of experience"):
         source.validate_years_experience(value)
@@ -88,3 +91,36 @@ def test_ids_are_normalised_to_canonical_uuids():
 def test_malformed_ids_are_refused(value):
     with pytest.raises(source.MalformedIdError):
         source.parse_entity_id(value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e308, -1e308, True, "1", None, 10.5])
+def test_numbers_must_be_finite_real_numbers_within_bounds(value):
+    with pytest.raises(source.ValidationError, match="Current ability"):
+        source.validate_number(value, label="Current ability", low=-10, high=10)
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, -1, "3", None])
+def test_whole_numbers_refuse_booleans_floats_and_text(value):
+    with pytest.raises(source.ValidationError, match="Reads must be a whole number from 0 to 10"):
+        source.validate_whole_number(value, label="Reads", low=0, high=10)
+
+
+@pytest.mark.parametrize("value", ["abcdefgh\n", "ABCDEFGH", "abcdefg", "abcdefgh/..", " abcdefgh", "a" * 33, "abcdefgh\x00"])
+async def test_only_the_issued_sandbox_id_form_is_accepted(registry, value):
+    with pytest.raises(source.ValidationError, match="sandbox id"):
+        await registry.acquire(value)
+    assert len(registry) == 0
+
+
+def test_schema_names_are_checked_before_they_reach_ddl():
+    assert source.quoted_schema("qulab_abcdefgh") == '"qulab_abcdefgh"'
+    for bad in ["qulab_abcdefgh\n", 'qulab_x"; DROP SCHEMA public; --', "public"]:
+        with pytest.raises(source.ValidationError):
+            source.quoted_schema(bad)
+
+
+def test_a_browser_session_ignores_a_url_id_with_a_trailing_newline(fresh_global_runtime):
+    state, url = {}, {source.SANDBOX_URL_PARAMETER: "abcdefgh\n"}
+    lab = source.lab_for_browser_session(state, url)
+    assert lab.sandbox_id != "abcdefgh\n" and source.SANDBOX_ID_PATTERN.fullmatch(lab.sandbox_id)
+    assert url[source.SANDBOX_URL_PARAMETER] == lab.sandbox_id

@@ -130,7 +130,7 @@ class AppServer:
 
         e.g. stored_rows(sandbox, "domain_events", ("event_type", "status"), order_by="created_at")
         """
-        if not source.SANDBOX_ID_PATTERN.match(sandbox_id):
+        if not source.SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
             raise ValueError(f"not a sandbox id: {sandbox_id!r}")
         for identifier in (table, *columns, order_by):
             if not re.fullmatch(r"[a-z_][a-z0-9_]*", identifier):
@@ -533,7 +533,7 @@ def sandbox_id(page: "Page") -> str:
     codes = page.locator("[data-testid='stSidebar'] [data-testid='stCode']")
     codes.first.wait_for()
     shown = codes.all_inner_texts()
-    ids = [text.strip() for text in shown if source.SANDBOX_ID_PATTERN.match(text.strip())]
+    ids = [text.strip() for text in shown if source.SANDBOX_ID_PATTERN.fullmatch(text.strip())]
     assert len(ids) == 1, f"expected one sandbox id in the sidebar, found {shown}"
     return ids[0]
 
