@@ -5,20 +5,22 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page
+from pages import kept_outcome, open_page, run_and_keep, show_code
 
 lab = open_page()
-LAST_RESULT, LAST_ERROR, EXPERIMENT = "cache_last_result", "cache_last_error", "cache_trials"
+LAST_RESULT, EXPERIMENT = "cache_last_result", "cache_trials"
 
 
 def act(what: str, operation, *, keep_as: str = LAST_RESULT, **kwargs) -> None:
-    """Run one button's operation, keep its outcome (or its error) for the rerun, and rerun so the sidebar is current."""
-    st.session_state.pop(LAST_ERROR, None)
-    try:
-        st.session_state[keep_as] = lab.run(operation, **kwargs)
-    except source.QuLabError as error:
-        st.session_state[LAST_ERROR] = f"{what} failed. {error}"
+    """Run an operation, keep its outcome (or its error) and rerun, so the sidebar and tables show its effect."""
+    run_and_keep(lab, keep_as, f"{what} failed.", operation, **kwargs)
     st.rerun()
+
+
+def button(label: str, operation, *, where=st, **kwargs) -> None:
+    """A button that runs its operation when clicked and keeps the outcome for render_result."""
+    if where.button(label, type="primary" if label.startswith("Fetch") else "secondary"):
+        act(label, operation, **kwargs)
 
 
 def render_redis(status: source.CacheStatus) -> None:
@@ -108,11 +110,8 @@ st.table(pd.DataFrame([{"demo user": demo.user_name}]))
 BUTTONS = {"Fetch User (Cached)": source.fetch_user_cached, "Fetch Latest AIRScore (Cached)": source.fetch_latest_airscore_cached,
            "Invalidate Cache for this User": source.invalidate_user_cache}
 for column, (label, operation) in zip(st.columns(3), BUTTONS.items()):
-    if column.button(label, type="secondary" if label.startswith("Invalidate") else "primary"):
-        act(label, operation, user_id=demo.user_id)
-if LAST_ERROR in st.session_state:
-    st.error(st.session_state[LAST_ERROR])
-render_result(st.session_state.get(LAST_RESULT))
+    button(label, operation, where=column, user_id=demo.user_id)
+render_result(kept_outcome(LAST_RESULT, keep=True))
 render_metrics(status.metrics)
 
 st.subheader("Write, and watch the cache let go")
@@ -122,8 +121,7 @@ with st.form("rename_demo_user"):
     new_name = st.text_input("New name for the demo user", max_chars=source.MAX_NAME_LENGTH)
     if st.form_submit_button("Rename User"):
         act("Renaming", source.rename_user, user_id=demo.user_id, name=new_name)
-if st.button("Add a New AIRScore"):
-    act("Adding a score", source.add_demo_airscore, user_id=demo.user_id)
+button("Add a New AIRScore", source.add_demo_airscore, user_id=demo.user_id)
 if status.recent_invalidations:
     st.markdown("Recent invalidations (newest first):")
     st.table(pd.DataFrame([source.invalidation_row(invalidation) for invalidation in status.recent_invalidations]))
@@ -133,10 +131,9 @@ st.markdown("The switch cuts only your sandbox off from Redis: reads keep workin
             "errors; writes made meanwhile are remembered and settled first when Redis is back.")
 if status.cut_off:
     st.warning(f"Redis is cut off for your sandbox. Writes waiting to be settled: {status.pending_invalidations}.")
-    if st.button("Reconnect Redis"):
-        act("Reconnecting", source.set_redis_outage, cut=False)
-elif st.button("Cut Redis for My Sandbox"):
-    act("Cutting Redis", source.set_redis_outage, cut=True)
+    button("Reconnect Redis", source.set_redis_outage, cut=False)
+else:
+    button("Cut Redis for My Sandbox", source.set_redis_outage, cut=True)
 
 st.subheader("Experiment: hit ratio against average time")
 st.caption("R reads of the demo user per chosen H, evicting (untimed) before the reads meant to miss; own counters.")
@@ -147,12 +144,9 @@ with st.form("cache_experiment"):
     if st.form_submit_button("Run Cache Experiment"):
         act("The experiment", source.run_cache_experiment, keep_as=EXPERIMENT, user_id=demo.user_id, reads=reads,
             hit_ratios=tuple(sorted(chosen)))
-if st.session_state.get(EXPERIMENT):
-    render_experiment(st.session_state[EXPERIMENT])
+trials = kept_outcome(EXPERIMENT, keep=True)
+if trials:
+    render_experiment(trials)
 
-with st.expander("The read-through cache, as it runs"):
-    st.code(source.source_code(source.ReadThroughCache.read), language="python")
-with st.expander("How this survives faults"):
-    st.caption("Every write, in any process, moves a fence; bulk writes a whole epoch; a hung Redis opens a breaker.")
-    for unit in source.CACHE_HARDENING:
-        st.code(source.source_code(unit), language="python")
+show_code(source.ReadThroughCache.read, source.CachedUserRepository.get_user, label="The read-through cache, as it runs")
+show_code(*source.CACHE_HARDENING, label="How this survives faults")
