@@ -16,6 +16,8 @@ Contents (each a headed section below):
 10. Data models and connectivity - the use cases behind sections 1 and 2 of the codelab
 11. N+1 and eager loading - section 3: the statements each loading strategy really issues
 12. Cache                - section 4: a Redis read-through cache with measured hits and misses
+                           (how it survives faults - epochs, fences, single flight, the Redis
+                           breaker - lives in the qulab_redis package beside this module)
 13. Outbox               - section 5: events committed with the change, published in the background
 14. Runtime              - one background event loop that owns every async resource, and the
                            small synchronous facade (Lab) that Streamlit pages call
@@ -2279,6 +2281,9 @@ async def scale_up_and_compare(
 # =============================================================================================
 # 12. Cache (codelab section 4)
 # =============================================================================================
+# The lesson is ReadThroughCache.read: GET; on a miss, read the database and SET … EX. Every
+# commit (get_session) calls invalidate_cached_changes. What keeps it right under faults and
+# across replicas is in qulab_redis/ (coherence, single flight, tracing, breaker).
 
 CACHE_TTL_SECONDS = 300
 CACHE_TTL_JITTER = 0.10  # each key lives TTL ± 10 %, so keys written together do not expire together
