@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import kept_outcome, open_page, run_and_keep, show_code
+from pages import kept_outcome, open_page, run_and_keep, show_code, show_section_progress
 
 lab = open_page()
 LAST_RESULT, EXPERIMENT = "cache_last_result", "cache_trials"
@@ -150,3 +150,5 @@ if trials:
 
 show_code(source.ReadThroughCache.read, source.CachedUserRepository.get_user, label="The read-through cache, as it runs")
 show_code(*source.CACHE_HARDENING, label="How this survives faults")
+
+show_section_progress(lab, section=4)

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page
+from pages import open_page, show_section_progress
 
 lab = open_page()
 
@@ -117,3 +117,5 @@ if trials:
     st.table(table)
     st.bar_chart(table, x="pool", y="throughput (req/s)", horizontal=True)
     st.caption("Measured just now on this server; a busy machine moves both numbers, the ratio less so.")
+
+show_section_progress(lab, section=2)

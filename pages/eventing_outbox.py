@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page
+from pages import open_page, show_section_progress
 
 lab = open_page()
 OUTAGE_KEY = "outbox_broker_outage"
@@ -258,3 +258,5 @@ with st.expander("The outbox code, read from the running source"):
         source.OutboxService,
     ):
         st.code(source.source_code(shown), language="python")
+
+show_section_progress(lab, section=5)

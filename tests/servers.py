@@ -193,7 +193,7 @@ def postgres_server() -> Iterator[str]:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off"
         subprocess.run([*pg_ctl, "-l", os.path.join(directory, "log"), "-o", options, "-w", "start"], check=True, stdout=subprocess.DEVNULL)
         try:
             yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
