@@ -24,8 +24,12 @@ navigation = st.navigation(
 
 
 @st.cache_resource(scope="session", on_release=source.BrowserSessionHold.release, show_spinner=False)
-def browser_session_hold() -> source.BrowserSessionHold:
-    """This browser session's hold on its sandbox: Streamlit releases it when the websocket goes."""
+def browser_session_hold(session_key: str) -> source.BrowserSessionHold:
+    """This browser session's hold on its sandbox: Streamlit releases it when the websocket goes.
+
+    Keyed by a token in session_state as well, because AppTest runs every test "browser" under one
+    Streamlit session id; in a real server each session has its own cache anyway.
+    """
     return source.BrowserSessionHold(source.get_runtime())
 
 
@@ -58,10 +62,10 @@ def render_status(status: source.RuntimeStatus) -> None:
         f"{status.sandbox_idle_minutes:g} minutes after that its data is deleted."
     )
     new_column, reset_column = sidebar.columns(2)
-    if new_column.button("New sandbox", help="Start over in a fresh, empty sandbox with a new link."):
+    if new_column.button("New sandbox", key="qulab_new_sandbox", help="Start over in a fresh, empty sandbox with a new link."):
         source.switch_to_new_sandbox(st.session_state, st.query_params)
         st.rerun()
-    if reset_column.button("Reset my sandbox", help="Delete every row and cached key in this sandbox; keep its link."):
+    if reset_column.button("Reset my sandbox", key="qulab_reset_sandbox", help="Delete every row and cached key in this sandbox; keep its link."):
         try:
             source.lab_for_browser_session(st.session_state).run(source.reset_sandbox)
         except source.QuLabError as error:
@@ -93,7 +97,8 @@ def render_class_full(error: source.ClassFullError) -> None:
 
 
 try:
-    lab = source.lab_for_browser_session(st.session_state, st.query_params, hold=browser_session_hold())
+    hold = browser_session_hold(st.session_state.setdefault("qulab_session_key", source.new_sandbox_id()))
+    lab = source.lab_for_browser_session(st.session_state, st.query_params, hold=hold)
     render_status(lab.status())
 except source.ClassFullError as error:
     render_class_full(error)

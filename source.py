@@ -1739,7 +1739,19 @@ class SQLiteSandboxStore:
         return mask_url(self.target.url)
 
     async def start(self, budget: ConnectionBudget) -> None:
-        """Nothing to connect to: the budget is the configured thread budget."""
+        """Nothing to connect to (the budget is the configured thread budget); with DATABASE_URL=sqlite:///path,
+        delete sandbox files beside that path nobody touched for longer than the idle limit (nothing left behind)."""
+        if self.target.kind != "sqlite-file":
+            return
+        template = self.path_for("x" * 8)
+        prefix, suffix = template.name.split("x" * 8, 1)
+        cutoff = time.time() - self.settings.sandbox_idle_seconds
+        for path in template.parent.glob(f"{prefix}*{suffix}"):
+            sandbox_id = path.name[len(prefix) : len(path.name) - len(suffix)]
+            if SANDBOX_ID_PATTERN.fullmatch(sandbox_id) and path.stat().st_mtime < cutoff:
+                for extra in ("", "-wal", "-shm", "-journal"):
+                    Path(str(path) + extra).unlink(missing_ok=True)
+                logger.info("deleted sandbox file %s, unused for longer than the idle limit", path)
 
     def path_for(self, sandbox_id: str) -> Path:
         if self.directory is not None:
@@ -5275,8 +5287,9 @@ class Runtime:
     def close(self) -> None:
         """Stop every sandbox, close Redis and stop the loop thread.
 
-        Embedded SQLite files belong to this process and are deleted; PostgreSQL schemas are
-        kept (another replica may serve their learners) and reaped once their leases expire.
+        Embedded SQLite files belong to this process and are deleted. PostgreSQL schemas are kept
+        (another replica may serve their learners) and reaped once their leases expire; files
+        beside DATABASE_URL=sqlite:///path are kept for the next start, which deletes them once idle.
         """
         if self._closed:
             return
@@ -5284,7 +5297,7 @@ class Runtime:
         async def shut_down() -> None:
             if self._lifecycle is not None:
                 self._lifecycle.cancel()
-            await self.sandboxes.close(delete_data=self.sandboxes.backend != "postgresql")
+            await self.sandboxes.close(delete_data=self.sandboxes.target.kind == "embedded")
             await self.redis.close()
 
         try:

@@ -215,3 +215,16 @@ def test_a_malformed_sandbox_id_in_the_url_is_replaced(fresh_global_runtime, bad
     url = {source.SANDBOX_URL_PARAMETER: bad}
     lab = source.lab_for_browser_session({}, url)
     assert lab.sandbox_id != bad and url[source.SANDBOX_URL_PARAMETER] == lab.sandbox_id
+
+
+def test_new_sandbox_gives_the_session_a_fresh_id_and_the_old_one_keeps_its_data(fresh_global_runtime):
+    state, url = {}, {}
+    old = source.lab_for_browser_session(state, url)
+    old.run(source.create_user, email="kept@example.com", name="Kept")
+
+    new_id = source.switch_to_new_sandbox(state, url)
+    new = source.lab_for_browser_session(state, url)
+
+    assert new.sandbox_id == new_id != old.sandbox_id and url[source.SANDBOX_URL_PARAMETER] == new_id
+    assert new.run(source.list_users) == []
+    assert [u.email for u in old.run(source.list_users)] == ["kept@example.com"]

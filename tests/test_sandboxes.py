@@ -239,3 +239,26 @@ async def test_embedded_sandbox_files_are_ram_backed_when_the_os_offers_it(sandb
     if source.RAM_BACKED_DIRECTORY.is_dir() and os.access(source.RAM_BACKED_DIRECTORY, os.W_OK):
         assert Path(sandbox.location).parent == source.RAM_BACKED_DIRECTORY
     assert Path(sandbox.location).exists()
+
+
+async def test_sqlite_file_sandboxes_are_deleted_on_release_and_stale_ones_at_start(settings, tmp_path):
+    on_file = source.Settings(**{**settings.__dict__, "database_url": f"sqlite:///{tmp_path}/qulab.db"})
+    redis_service = await source.RedisService.connect(on_file)
+    registry = source.SandboxRegistry(on_file, redis_service)
+    stale = tmp_path / "qulab-abcdefgh12345678.db"
+    stale.write_bytes(b"")
+    os.utime(stale, (0, 0))  # last touched in 1970
+    fresh_other = tmp_path / "qulab-fedcba9876543210.db"
+    fresh_other.write_bytes(b"")
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        await source.create_user(sandbox, email="a@example.com", name="A")
+        assert Path(sandbox.location).parent == tmp_path and Path(sandbox.location).exists()
+        assert not stale.exists() and fresh_other.exists()  # the start-up swept only the stale one
+
+        await registry.release(sandbox.id)
+
+        assert not Path(sandbox.location).exists() and not Path(sandbox.location + "-wal").exists()
+    finally:
+        await registry.close()
+        await redis_service.close()
