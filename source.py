@@ -731,6 +731,7 @@ def entity_relationship_dot() -> str:
 
 
 SQLITE_WAL_LIMIT_BYTES = 512 * 1024  # a checkpoint truncates the WAL back to this (RAM under /dev/shm)
+SQLITE_WAL_CHECKPOINT_PAGES = 200  # checkpoint every ~800 KB of WAL instead of SQLite's 4 MB
 
 
 def _sqlite_connection_setup(busy_timeout_seconds: float) -> Callable[[Any, Any], None]:
@@ -744,6 +745,7 @@ def _sqlite_connection_setup(busy_timeout_seconds: float) -> Callable[[Any, Any]
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
+        cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_CHECKPOINT_PAGES}")
         cursor.close()
 
     return configure
@@ -1575,9 +1577,9 @@ SANDBOX_LEASE_TABLE = "qulab_sandbox_leases"
 _LEASE_TABLE_LOCK_KEY = 0x7175_6C61_62  # pg_advisory_xact_lock key: "qulab"
 MAX_SCHEMAS_REAPED_PER_PASS = 50
 POSTGRES_RESERVED_CONNECTIONS = 3  # superuser_reserved_connections' default: never ours to spend
-# What one awake sandbox costs, measured with bench/classroom.py (README, Capacity): memory
-# beyond the process's base, and connections (SQLite: driver threads) at most.
-AWAKE_SANDBOX_MEMORY_MB = {"sqlite": 2.5, "postgresql": 1.0}
+# What one awake sandbox may cost in memory beyond the process's base. bench/sandboxes.py
+# measured 0.58 MB (SQLite) after initialize and a read; this leaves room for a burst's caches.
+AWAKE_SANDBOX_MEMORY_MB = {"sqlite": 1.0, "postgresql": 1.0}
 # The states of a sandbox. Active: a browser session or a Python holder has it open; it is never
 # released to make room. Idle: awake, nobody holds it; after the grace period it goes dormant.
 # Dormant: engine, pool, driver threads and background tasks freed; its data (SQLite file,
@@ -2456,20 +2458,36 @@ async def run_pool_experiment(
     capped = granted < max(pool_size, concurrency)
     concurrency, pool_size = min(concurrency, granted), min(pool_size, granted)
     translate = sandbox.engine.get_execution_options().get("schema_translate_map")
-    trials = []
     async with budget.reserve(granted, timeout_seconds=3 * sandbox.settings.pool_timeout_seconds) as waited:
-        for label, overrides in (
-            (f"QueuePool (pool_size={pool_size})", {"pool_size": pool_size, "max_overflow": 0}),
-            ("NullPool (no pooling)", {"poolclass": NullPool}),
-        ):
-            engine = create_engine_for(sandbox.engine.url, sandbox.settings, pool_pre_ping=False, pool_timeout=60, **overrides)
-            try:
-                trial = await _time_queries(
+        # Hundreds of queries in a burst would hold the shared loop for seconds and stall every
+        # other learner's click: the trials get a loop (and thread) of their own.
+        trials = await asyncio.to_thread(
+            asyncio.run,
+            _run_pool_trials(
+                sandbox.engine.url, sandbox.settings, translate=translate, requests=requests,
+                concurrency=concurrency, pool_size=pool_size,
+            ),
+        )  # fmt: skip
+    return [replace(trial, waited_seconds=waited, capped_by_budget=capped) for trial in trials]
+
+
+async def _run_pool_trials(
+    url: URL, settings: Settings, *, translate: Optional[dict[Any, Any]], requests: int, concurrency: int, pool_size: int
+) -> list[PoolTrial]:
+    trials = []
+    for label, overrides in (
+        (f"QueuePool (pool_size={pool_size})", {"pool_size": pool_size, "max_overflow": 0}),
+        ("NullPool (no pooling)", {"poolclass": NullPool}),
+    ):
+        engine = create_engine_for(url, settings, pool_pre_ping=False, pool_timeout=60, **overrides)
+        try:
+            trials.append(
+                await _time_queries(
                     engine, label, translate=translate, requests=requests, concurrency=concurrency, warm=pool_size
                 )
-            finally:
-                await engine.dispose()
-            trials.append(replace(trial, waited_seconds=waited, capped_by_budget=capped))
+            )
+        finally:
+            await engine.dispose()
     return trials
 
 

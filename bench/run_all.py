@@ -137,6 +137,7 @@ BENCHMARKS = (
     Benchmark("cache", rows=_cache_rows),
     Benchmark("outbox", per_backend=False, rows=_outbox_rows),
     Benchmark("pool"),
+    Benchmark("sandboxes"),  # one sandbox awake and dormant (RSS, threads, WAL), pre-ping, fairness
     Benchmark("classroom"),  # a real `streamlit run app.py` and simulated learners over its websocket
 )
 BACKENDS = ("embedded", "servers")
