@@ -48,6 +48,7 @@ def render_status(status: source.RuntimeStatus) -> None:
     redis_label = "real Redis server" if status.redis_mode == "redis" else "fakeredis (in-process Redis)"
     sidebar.markdown(f"**Redis:** {redis_label}")
     sidebar.caption(status.redis_reason)
+    sidebar.caption(f"Breaker {status.redis_breaker}.")
     if status.redis_cut_off:
         sidebar.warning("Outage switch on: your sandbox cannot reach Redis.")
     elif status.redis_degraded:

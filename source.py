@@ -17,6 +17,8 @@ Contents (each a headed section below):
 10. Data models and connectivity - the use cases behind sections 1 and 2 of the codelab
 11. N+1 and eager loading - section 3: the statements each loading strategy really issues
 12. Cache                - section 4: a Redis read-through cache with measured hits and misses
+                           (how it survives faults - epochs, fences, single flight, the Redis
+                           breaker - lives in the qulab_redis package beside this module)
 13. Outbox               - section 5: events committed with the change, published in the background
 13a. Progress            - the learner's steps, each checked against the sandbox's journal and rows,
                            and "Download my sandbox"
@@ -57,6 +59,7 @@ from urllib.parse import parse_qsl, quote, quote_plus, unquote, unquote_plus, ur
 from typing import Any, Generic, Optional, TypeVar
 
 import fakeredis
+import qulab_redis
 import redis.asyncio as redis_asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry as RedisRetry
@@ -105,6 +108,7 @@ from sqlalchemy.orm import (
     subqueryload,
 )
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import TypeDecorator
 
 from qulab_outbox import (
@@ -774,6 +778,20 @@ def create_engine_for(url: URL, settings: Settings, **overrides: Any) -> AsyncEn
     return engine
 
 
+class QuLabSyncSession(Session):
+    """The ORM session behind QuLabSession: the listeners below hear QuLab's sessions only.
+
+    Listening on SQLAlchemy's global Session class would run them for every session in the
+    process, any library's; a subclass of our own keeps them to ours.
+    """
+
+
+class QuLabSession(AsyncSession):
+    """QuLab's async session (what get_session yields); its sync_session_class carries the listeners."""
+
+    sync_session_class = QuLabSyncSession
+
+
 def engine_connection_limit(engine: AsyncEngine) -> int:
     """The most connections this engine's pool opens at once (pool size + overflow; NullPool: 0 = unbounded)."""
     pool = engine.pool
@@ -862,11 +880,13 @@ class ConnectionBudget:
 
 @dataclass
 class CommittedChanges:
-    """What one committed transaction inserted, updated and deleted (ORM objects, detached)."""
+    """What one committed transaction changed: ORM objects (detached), and tables written in bulk."""
 
     inserted: list[Any] = field(default_factory=list)
     updated: list[Any] = field(default_factory=list)
     deleted: list[Any] = field(default_factory=list)
+    # Tables a bulk INSERT/UPDATE/DELETE wrote (rows unknown to the ORM); "*" when it can't tell.
+    bulk_tables: set[str] = field(default_factory=set)
 
     def of_type(self, model: type[T]) -> list[T]:
         """Every changed object of one model class."""
@@ -876,7 +896,7 @@ class CommittedChanges:
 _CHANGES_KEY = "qulab_changes"
 
 
-@event.listens_for(Session, "after_flush")
+@event.listens_for(QuLabSyncSession, "after_flush")
 def _collect_flushed_changes(session: Session, flush_context: Any) -> None:
     # after_flush still sees the pre-flush new/dirty/deleted sets; keep them until commit so
     # the unit of work can tell caches and the outbox publisher what changed.
@@ -886,17 +906,42 @@ def _collect_flushed_changes(session: Session, flush_context: Any) -> None:
     changes.deleted.extend(session.deleted)
 
 
-@event.listens_for(Session, "after_rollback")
+@event.listens_for(QuLabSyncSession, "do_orm_execute")
+def _collect_bulk_writes(execute_state: Any) -> None:
+    # session.execute(delete(User).where(...)) and friends never pass through the flush: note
+    # the tables they write, so the commit can tell the cache (which then drops the whole epoch).
+    tables = _tables_written(execute_state.statement)
+    if tables:
+        changes: CommittedChanges = execute_state.session.info.setdefault(_CHANGES_KEY, CommittedChanges())
+        changes.bulk_tables.update(tables)
+
+
+def _tables_written(statement: Any) -> set[str]:
+    if getattr(statement, "is_dml", False):
+        return {getattr(statement.table, "name", "*")}
+    if isinstance(statement, TextClause) and not statement.text.lstrip().upper().startswith(("SELECT", "WITH", "PRAGMA")):
+        return {"*"}  # raw SQL that may write anything
+    return set()
+
+
+@event.listens_for(QuLabSyncSession, "after_rollback")
 def _forget_rolled_back_changes(session: Session) -> None:
     session.info.pop(_CHANGES_KEY, None)
+
+
+def new_session_factory(engine: AsyncEngine) -> async_sessionmaker[QuLabSession]:
+    """Sessions of QuLab's own class on this engine; objects stay readable after commit."""
+    return async_sessionmaker(engine, class_=QuLabSession, expire_on_commit=False)
 
 
 @asynccontextmanager
 async def get_session(sandbox: "Sandbox") -> AsyncIterator[AsyncSession]:
     """A unit of work: commits if the block succeeds, rolls back if it raises, always releases.
 
-    After a successful commit, the sandbox's commit listeners (cache invalidation, publisher
-    wake-up) hear what changed; they never run for a rolled-back transaction.
+    After a successful commit, the cache drops what the transaction changed (always, before
+    anyone else hears of it: the invalidation is part of the unit of work, not a listener that
+    must be installed first), then the sandbox's commit listeners (publisher wake-up) hear it.
+    Nothing runs for a rolled-back transaction.
     """
     async with sandbox.session_factory() as session:
         try:
@@ -907,6 +952,7 @@ async def get_session(sandbox: "Sandbox") -> AsyncIterator[AsyncSession]:
             raise
         changes = session.info.pop(_CHANGES_KEY, None)
     if changes is not None:
+        await invalidate_cached_changes(sandbox, changes)
         await sandbox.notify_committed(changes)
 
 
@@ -1311,7 +1357,9 @@ class AIRScoreRepository(UserOwnedRepository[AIRScore]):
 # 8. Redis
 # =============================================================================================
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+# Every way a Redis call can fail (a skipped call, while the breaker is open, is a ConnectionError).
+REDIS_ERRORS = qulab_redis.REDIS_ERRORS
+REDIS_COMMAND_TIMEOUT_SECONDS = 1.0  # a hung Redis costs a call at most this; then the breaker opens
 
 
 @dataclass
@@ -1354,6 +1402,9 @@ class RedisService:
         self.url = url
         self.client = client
         self.fake_server = fake_server
+        self.command_timeout_seconds = REDIS_COMMAND_TIMEOUT_SECONDS
+        # One breaker per server, shared by every sandbox: a frozen server is frozen for all of them.
+        self.breaker = qulab_redis.CircuitBreaker(self.client.ping)
 
     @classmethod
     async def connect(cls, settings: Settings) -> "RedisService":
@@ -1373,7 +1424,8 @@ class RedisService:
                 reason = f"REDIS_URL ({mask_url(settings.redis_url)}) did not answer ({type(error).__name__}); using fakeredis"
                 logger.warning(reason)
                 return cls._fake(reason)
-            return cls(mode="redis", reason=f"connected to {mask_url(settings.redis_url)}", url=settings.redis_url, client=client)
+            # Where, not how it is: the breaker's state says whether it answers now.
+            return cls(mode="redis", reason=f"REDIS_URL {mask_url(settings.redis_url)}", url=settings.redis_url, client=client)
         return cls._fake("REDIS_URL is not set; using fakeredis, an in-process Redis")
 
     @classmethod
@@ -1398,12 +1450,19 @@ class RedisService:
         )
 
     async def close(self) -> None:
-        """Close the client's connections."""
+        """Stop the breaker's probe and close the client's connections."""
+        await self.breaker.close()
         await self.client.aclose()
 
 
 class RedisLink:
-    """One sandbox's view of Redis: its key prefix, its health and an outage switch."""
+    """One sandbox's view of Redis: its key prefix, its health, the server's breaker and an outage switch.
+
+    execute() and execute_many() are the guarded way to call Redis: a timeout per call, the
+    breaker consulted before and told after, health recorded. The outage switch bypasses the
+    breaker (its calls fail at once by themselves), so one learner's switch never opens the
+    breaker for everyone else.
+    """
 
     def __init__(self, service: RedisService, sandbox_id: str) -> None:
         self.service = service
@@ -1419,6 +1478,43 @@ class RedisLink:
     def key(self, *parts: str) -> str:
         """A key inside this sandbox's namespace."""
         return self.prefix + ":".join(parts)
+
+    @property
+    def breaker(self) -> qulab_redis.CircuitBreaker:
+        """The server's breaker: `link.breaker.state` is 'closed', 'open' or 'half-open'; `.is_open` to skip."""
+        return self.service.breaker
+
+    async def execute(self, *command: Any) -> Any:
+        """Send one command through the breaker, with the command timeout; raises one of REDIS_ERRORS."""
+        return await self._guarded(lambda client: client.execute_command(*command))
+
+    async def execute_many(self, *commands: tuple[Any, ...], transaction: bool = False) -> list[Any]:
+        """Send several commands in one round trip (MULTI/EXEC when transaction), through the breaker."""
+
+        async def send(client: Any) -> list[Any]:
+            pipeline = client.pipeline(transaction=transaction)
+            for command in commands:
+                pipeline.execute_command(*command)
+            return await pipeline.execute()
+
+        return await self._guarded(send)
+
+    async def _guarded(self, call: Callable[[Any], Awaitable[T]], timeout_seconds: Optional[float] = None) -> T:
+        cut_off = self._unreachable is not None
+        if not cut_off and self.breaker.is_open:
+            error = qulab_redis.RedisSkipped(f"skipped: the Redis breaker is {self.breaker.state}")
+            self.health.record_failure(error)
+            raise error
+        try:
+            async with asyncio.timeout(timeout_seconds or self.service.command_timeout_seconds):
+                reply = await call(self.client)
+        except REDIS_ERRORS as error:
+            if isinstance(error, (asyncio.TimeoutError, redis.exceptions.TimeoutError)) and not cut_off:
+                self.breaker.record_timeout(error)
+            self.health.record_failure(error)
+            raise
+        self.health.record_success()
+        return reply
 
     @property
     def cut_off(self) -> bool:
@@ -1437,13 +1533,11 @@ class RedisLink:
             await unreachable.aclose()
 
     async def check(self, *, timeout_seconds: float = 1.0) -> bool:
-        """PING Redis now and record the answer in health, so the status is right at once."""
+        """PING Redis now (through the breaker) and record the answer in health, so the status is right at once."""
         try:
-            await asyncio.wait_for(self.client.ping(), timeout_seconds)
-        except REDIS_ERRORS as error:
-            self.health.record_failure(error)
+            await self._guarded(lambda client: client.ping(), timeout_seconds)
+        except REDIS_ERRORS:
             return False
-        self.health.record_success()
         return True
 
     async def switch_outage(self, *, cut: bool, timeout_seconds: float = 1.0) -> bool:
@@ -1570,7 +1664,7 @@ class Sandbox:
     def session_factory(self) -> async_sessionmaker[AsyncSession]:
         """Sessions bound to this sandbox's engine."""
         if self._session_factory is None or self._engine is None:
-            self._session_factory = async_sessionmaker(self.engine, expire_on_commit=False)
+            self._session_factory = new_session_factory(self.engine)
         return self._session_factory
 
     @property
@@ -2819,10 +2913,12 @@ async def scale_up_and_compare(
 # =============================================================================================
 # 12. Cache (codelab section 4)
 # =============================================================================================
+# The lesson is ReadThroughCache.read: GET; on a miss, read the database and SET … EX. Every
+# commit (get_session) calls invalidate_cached_changes. What keeps it right under faults and
+# across replicas is in qulab_redis/ (coherence, single flight, tracing, breaker).
 
 CACHE_TTL_SECONDS = 300
 CACHE_TTL_JITTER = 0.10  # each key lives TTL ± 10 %, so keys written together do not expire together
-CACHE_COMMAND_TIMEOUT_SECONDS = 1.0  # a hung Redis costs a read at most this, then the database answers
 CACHE_HIT, CACHE_MISS, CACHE_FALLBACK = "HIT", "MISS", "FALLBACK"  # FALLBACK: Redis failed, database answered
 CACHE_DEMO_EMAIL = "cache.demo@innovateai.example"
 MAX_CACHE_EXPERIMENT_READS = 1000
@@ -2835,13 +2931,8 @@ def cache_ttl_bounds() -> tuple[int, int]:
     return CACHE_TTL_SECONDS - spread, CACHE_TTL_SECONDS + spread
 
 
-@dataclass(slots=True)  # made on every read: slots, not frozen, keeps that cheap (frozen costs 4x)
-class RedisCommand:
-    """One command the cache sent to Redis, written as sent, with its reply and round-trip time."""
-
-    command: str
-    reply: str
-    duration_ms: float
+RedisCommand = qulab_redis.RedisCommand  # one command as sent, its reply and its round-trip time
+CacheInvalidation = qulab_redis.CacheInvalidation  # keys dropped after a write, and whether Redis took them
 
 
 @dataclass
@@ -2890,26 +2981,24 @@ class CacheMetrics:
         """T_avg as measured: total time of every read ÷ requests (includes the SETs the formula leaves out)."""
         return self.request_ms_total / self.requests if self.requests else None
 
-    def record(
-        self, outcome: str, *, total_ms: float, lookup_ms: Optional[float], database_ms: Optional[float]
-    ) -> None:
+    def record(self, read: "CacheRead") -> None:
         """Count one answered read and add its measured times."""
-        if outcome == CACHE_HIT:
+        if read.outcome == CACHE_HIT:
             self.hits += 1
-        elif outcome == CACHE_MISS:
+        elif read.outcome == CACHE_MISS:
             self.misses += 1
         else:
             self.errors += 1
-        if lookup_ms is not None:
+        if read.lookup_ms is not None:
             self.lookups += 1
-            self.lookup_ms_total += lookup_ms
-        if database_ms is not None:
+            self.lookup_ms_total += read.lookup_ms
+        if read.database_ms is not None:
             self.database_reads += 1
-            self.database_ms_total += database_ms
-        self.request_ms_total += total_ms
+            self.database_ms_total += read.database_ms
+        self.request_ms_total += read.total_ms
 
 
-@dataclass(slots=True)  # made on every read: see RedisCommand
+@dataclass(slots=True)  # made on every read: slots, not frozen, keeps that cheap (frozen costs 4x)
 class CacheRead:
     """One read through the cache: what it returned, whether Redis had it, and what it cost."""
 
@@ -2920,38 +3009,88 @@ class CacheRead:
     value: Optional[dict[str, Any]]  # the same JSON-shaped dict whether it came from Redis or the database
     total_ms: float
     lookup_ms: Optional[float]  # GET + decoding; None when Redis failed
-    database_ms: Optional[float]  # None on a hit
+    database_ms: Optional[float]  # None on a hit, and when another read's database answer was shared
     database_statements: int
     shared_database_read: bool  # waited for the same key's database read already in flight (single flight)
     redis_commands: tuple[RedisCommand, ...]
     note: str = ""
 
 
-@dataclass(frozen=True)
-class CacheInvalidation:
-    """Keys deleted after a write (or on request), the commands sent, and whether Redis took them."""
+@dataclass(slots=True)
+class DatabaseAnswer:
+    """What a miss got from the database, and what that cost (None and 0 when another read's answer was shared)."""
 
-    reason: str
-    keys: tuple[str, ...]
-    redis_commands: tuple[RedisCommand, ...]
-    applied: bool  # False: Redis failed; the keys are deleted before the cache is read again
-
-
-def _render_command_part(part: Any) -> str:
-    text_part = str(part)
-    if len(text_part) <= 120:
-        return text_part
-    return f"'{text_part[:40]}…' ({len(text_part.encode())} bytes)"
+    value: Any
+    milliseconds: Optional[float]
+    statements: int
 
 
-def _render_reply(reply: Any) -> str:
-    if reply is None:
-        return "(nil)"
-    if reply is True:
-        return "OK"
-    if isinstance(reply, str):
-        return f"{len(reply.encode())} bytes of JSON"
-    return str(reply)
+class ReadThroughCache:
+    """The read-through pattern: GET the key; on a miss, read the database, answer, and SET it with a TTL.
+
+    The steps are the lesson; how each survives faults lives in qulab_redis: `coherence` checks
+    every GET and SET against the sandbox's epoch and fence (no stale value after any write, in
+    any process), `flights` makes concurrent misses share one database read, and every command
+    goes through the sandbox's RedisLink (a timeout, and a breaker that skips a hung Redis).
+    """
+
+    def __init__(self, link: RedisLink, coherence: qulab_redis.CacheCoherence) -> None:
+        self.link = link
+        self.coherence = coherence
+        self.flights = qulab_redis.SingleFlight()
+
+    async def read(self, key: str, load: Callable[[], Awaitable[Any]], *, kind: str, user_id: str) -> CacheRead:
+        """The value under key: from Redis on a hit, else from load() (the database), then stored."""
+        trace, started = qulab_redis.CommandTrace(self.link), time.perf_counter()
+        ticket = self.flights.ticket()
+        try:
+            cached = await self.coherence.get(key, trace)  # 1. GET: does Redis have it?
+            lookup_ms: Optional[float] = (time.perf_counter() - started) * 1000
+        except REDIS_ERRORS as error:  # Redis failed or is skipped: the database answers, nothing is stored
+            answer = await self._from_database(key, ticket, load)
+            self.flights.landed(key)
+            outcome, lookup_ms = CACHE_FALLBACK, None
+            note = f"Redis failed ({type(error).__name__}); the database answered and nothing was stored."
+        else:
+            if cached.found:  # 2a. hit: answer from memory
+                answer, outcome, note = DatabaseAnswer(cached.value, None, 0), CACHE_HIT, ""
+            else:  # 2b. miss: read the database ...
+                answer, outcome = await self._from_database(key, ticket, load, since=cached), CACHE_MISS
+                try:  # 3. ... and keep a copy for the next reader: SET key value EX ttl
+                    ttl = random.randint(*cache_ttl_bounds())
+                    note = await self.coherence.set(key, answer.value, ttl=ttl, since=cached, trace=trace)
+                finally:
+                    self.flights.landed(key)
+        shared = outcome != CACHE_HIT and answer.milliseconds is None
+        if shared:
+            note = "Another read of this key went to the database; this one shared its answer."
+        return CacheRead(
+            kind=kind,
+            user_id=user_id,
+            key=key,
+            outcome=outcome,
+            value=answer.value,
+            total_ms=(time.perf_counter() - started) * 1000,
+            lookup_ms=lookup_ms,
+            database_ms=answer.milliseconds,
+            database_statements=answer.statements,
+            shared_database_read=shared,
+            redis_commands=tuple(trace.commands),
+            note=note,
+        )
+
+    async def _from_database(
+        self, key: str, ticket: int, load: Callable[[], Awaitable[Any]], *, since: Optional[Any] = None
+    ) -> DatabaseAnswer:
+        async def timed_load() -> DatabaseAnswer:
+            with capture_statements() as log:
+                load_started = time.perf_counter()
+                value = await load()
+            return DatabaseAnswer(value, (time.perf_counter() - load_started) * 1000, log.count)
+
+        generation = since.generation if since is not None else self.coherence.generation
+        answer, shared = await self.flights.load(key, generation=generation, ticket=ticket, load=timed_load)
+        return DatabaseAnswer(answer.value, None, 0) if shared else answer
 
 
 def _user_as_json(user: User) -> dict[str, Any]:
@@ -2967,83 +3106,47 @@ def _airscore_as_json(score: AIRScore) -> dict[str, Any]:
     }
 
 
-_NOT_CACHED = object()
+def user_cache_key(sandbox: Sandbox, user_id: str) -> str:
+    """The key of a user's cached profile."""
+    return sandbox.redis.key("cache", "user", user_id)
 
 
-@dataclass(eq=False)
-class _Flight:
-    generation: int
-    answer: asyncio.Future[Any]
-    finished_after: float = math.inf  # lookups started before the value was stored; inf while running
-
-
-def _decode_cached(raw: Optional[str]) -> Any:
-    """The cached JSON value, or _NOT_CACHED when the key is absent or holds something that is not ours."""
-    if raw is None:
-        return _NOT_CACHED
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return _NOT_CACHED
-    return value if value is None or isinstance(value, dict) else _NOT_CACHED
+def latest_airscore_cache_key(sandbox: Sandbox, user_id: str) -> str:
+    """The key of a user's cached latest AIRScore (a JSON null when they have none)."""
+    return sandbox.redis.key("cache", "user", user_id, "latest-airscore")
 
 
 class CachedUserRepository:
-    """Read-through cache of user profiles and latest AIRScores for one sandbox, in Redis as JSON.
-
-    A read asks Redis first (GET); on a miss it reads the database and stores the value with
-    SET … EX (TTL with jitter). Writes committed through get_session invalidate what they
-    change. Rules that keep reads correct, each one tested:
-    - a per-key generation is bumped before an invalidation is sent; a miss stores its value
-      only if the generation it started with is still current (and deletes it again if an
-      invalidation arrived while its SET was in flight), so a slow miss cannot re-cache data a
-      write has just replaced;
-    - an invalidation Redis could not take is remembered and sent before the cache is read again;
-    - concurrent misses on one key share one database read (single flight);
-    - re-initializing the sandbox moves every key to a new epoch, so nothing cached before
-      can be served after, even if Redis was down at the time;
-    - when Redis fails, the read is answered from the database and counted as an error.
-    Generations, flights and pending invalidations live in this process (the runtime's loop),
-    which is where every write of the sandbox commits.
-    """
+    """User profiles and latest AIRScores, read through the cache (what the page's buttons call)."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
+        self.cache = ReadThroughCache(sandbox.redis, cache_coherence(sandbox))
         self.metrics = CacheMetrics()
-        self.recent_invalidations: deque[CacheInvalidation] = deque(maxlen=10)
-        self._epoch = 0
-        self._generations: dict[str, int] = {}
-        self._pending_invalidations: set[str] = set()
-        self._flights: dict[str, _Flight] = {}  # the latest database read of each key
-        self._lookups_started = 0
-        sandbox.commit_listeners.append(self._invalidate_committed_changes)
-        sandbox.reset_listeners.append(self._start_new_epoch)
+        sandbox.reset_listeners.append(self._forget_everything)
 
-    # -- keys --------------------------------------------------------------------------------
     def user_key(self, user_id: str) -> str:
         """The key of a user's cached profile."""
-        return self.sandbox.redis.key("cache", f"epoch{self._epoch}", "user", user_id)
+        return user_cache_key(self.sandbox, user_id)
 
     def latest_airscore_key(self, user_id: str) -> str:
-        """The key of a user's cached latest AIRScore (JSON null when they have none)."""
-        return self.sandbox.redis.key("cache", f"epoch{self._epoch}", "user", user_id, "latest-airscore")
+        """The key of a user's cached latest AIRScore."""
+        return latest_airscore_cache_key(self.sandbox, user_id)
 
-    @property
-    def pending_invalidations(self) -> int:
-        """Keys whose invalidation Redis has not taken yet."""
-        return len(self._pending_invalidations)
-
-    # -- reads -------------------------------------------------------------------------------
     async def get_user(self, *, user_id: str, metrics: Optional[CacheMetrics] = None) -> CacheRead:
         """The user's profile, from Redis when cached; an unknown id raises UserNotFoundError."""
         user_id = parse_entity_id(user_id)
-        return await self._read("user", user_id, self.user_key(user_id), self._load_user, metrics or self.metrics)
+        read = await self.cache.read(self.user_key(user_id), lambda: self._load_user(user_id), kind="user", user_id=user_id)
+        (metrics or self.metrics).record(read)
+        return read
 
     async def get_latest_airscore(self, *, user_id: str, metrics: Optional[CacheMetrics] = None) -> CacheRead:
         """The user's most recent AIRScore (value None when they have none), from Redis when cached."""
         user_id = parse_entity_id(user_id)
         key = self.latest_airscore_key(user_id)
-        return await self._read("latest_airscore", user_id, key, self._load_latest_airscore, metrics or self.metrics)
+        read = await self.cache.read(key, lambda: self._load_latest_airscore(user_id), kind="latest_airscore", user_id=user_id)
+        (metrics or self.metrics).record(read)
+        return read
 
     async def _load_user(self, user_id: str) -> dict[str, Any]:
         async with self.sandbox.session_factory() as session:
@@ -3057,210 +3160,76 @@ class CachedUserRepository:
                 return None
             return _airscore_as_json(score)
 
-    async def _read(
-        self,
-        kind: str,
-        user_id: str,
-        key: str,
-        loader: Callable[[str], Awaitable[Any]],
-        metrics: CacheMetrics,
-    ) -> CacheRead:
-        health = self.sandbox.redis.health
-        commands: list[RedisCommand] = []
-        started = time.perf_counter()
-        self._lookups_started += 1
-        ticket = self._lookups_started  # reads are numbered in the order they asked Redis
-        try:
-            if self._pending_invalidations:
-                await self._apply_pending_invalidations(commands)
-            lookup_started = time.perf_counter()
-            cached = _decode_cached(await self._send(commands, "GET", key))
-            lookup_ms: Optional[float] = (time.perf_counter() - lookup_started) * 1000
-            health.record_success()
-        except REDIS_ERRORS as error:
-            health.record_failure(error)
-            cached, lookup_ms, outcome = _NOT_CACHED, None, CACHE_FALLBACK
-            failure = f"Redis failed ({type(error).__name__}); the database answered and nothing was stored."
-        else:
-            outcome = CACHE_HIT if cached is not _NOT_CACHED else CACHE_MISS
-        generation = self._generation(key)  # taken before the database is read: see _store
-        if outcome == CACHE_HIT:
-            value, database_ms, statements, note = cached, None, 0, ""
-        else:
-            value, database_ms, statements, note = await self._load_once(
-                key, generation, ticket, loader, user_id, commands, store=outcome == CACHE_MISS
-            )
-            if outcome == CACHE_FALLBACK:
-                note = f"{failure} {note}".strip()
-        total_ms = (time.perf_counter() - started) * 1000
-        metrics.record(outcome, total_ms=total_ms, lookup_ms=lookup_ms, database_ms=database_ms)
-        return CacheRead(
-            kind=kind,
-            user_id=user_id,
-            key=key,
-            outcome=outcome,
-            value=value,
-            total_ms=total_ms,
-            lookup_ms=lookup_ms,
-            database_ms=database_ms,
-            database_statements=statements,
-            shared_database_read=outcome != CACHE_HIT and database_ms is None,
-            redis_commands=tuple(commands),
-            note=note,
-        )
-
-    async def _load_once(
-        self,
-        key: str,
-        generation: int,
-        ticket: int,
-        loader: Callable[[str], Awaitable[Any]],
-        user_id: str,
-        commands: list[RedisCommand],
-        *,
-        store: bool,
-    ) -> tuple[Any, Optional[float], int, str]:
-        """Single flight: (value, database_ms, statements, note); database_ms is None for a shared answer.
-
-        A miss joins the key's flight while it runs, and also after it ended if this miss's GET
-        was issued before the flight's SET had landed (that GET could not have seen the value).
-        """
-        flight = self._flights.get(key)
-        if flight is not None and flight.generation == generation and ticket <= flight.finished_after:
-            try:
-                value = await asyncio.shield(flight.answer)
-            except asyncio.CancelledError:
-                if not flight.answer.cancelled():
-                    raise  # this read itself was cancelled
-            else:
-                return value, None, 0, "Another read of this key went to the database; this one shared its answer."
-        flight = _Flight(generation, asyncio.get_running_loop().create_future())
-        self._flights[key] = flight  # after an invalidation the generation differs: a new flight
-        try:
-            with capture_statements() as log:
-                started = time.perf_counter()
-                value = await loader(user_id)
-                database_ms = (time.perf_counter() - started) * 1000
-            note = await self._store(commands, key, value, generation) if store else ""
-        except Exception as error:  # e.g. UserNotFoundError: concurrent misses share it too
-            flight.answer.set_exception(error)
-            flight.answer.exception()  # retrieved, so asyncio does not warn when no one else waited
-            flight.finished_after = self._lookups_started
-            raise
-        except BaseException:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-            flight.answer.cancel()
-            raise
-        flight.answer.set_result(value)
-        flight.finished_after = self._lookups_started
-        return value, database_ms, log.count, note
-
-    async def _store(self, commands: list[RedisCommand], key: str, value: Any, generation: int) -> str:
-        if self._generation(key) != generation:
-            return "Not stored: a write committed while the database was read, so this value may be old."
-        ttl = random.randint(*cache_ttl_bounds())
-        try:
-            await self._send(commands, "SET", key, json.dumps(value, separators=(",", ":")), "EX", ttl)
-            if self._generation(key) != generation:
-                await self._send(commands, "DEL", key)
-                return "Stored, then deleted again: a write committed while the SET was on its way."
-        except REDIS_ERRORS as error:
-            self.sandbox.redis.health.record_failure(error)
-            if self._generation(key) != generation:
-                self._pending_invalidations.add(key)
-            return f"Not stored: Redis failed ({type(error).__name__})."
-        return f"Stored for {ttl} s (TTL {CACHE_TTL_SECONDS} s ± {CACHE_TTL_JITTER:.0%})."
-
-    # -- invalidation --------------------------------------------------------------------------
     async def invalidate_user(self, *, user_id: str, reason: str = "requested") -> CacheInvalidation:
         """Delete the user's cached profile and latest AIRScore."""
         user_id = parse_entity_id(user_id)
         return await self.invalidate_keys([self.user_key(user_id), self.latest_airscore_key(user_id)], reason=reason)
 
     async def invalidate_keys(self, keys: list[str], *, reason: str, remember: bool = True) -> CacheInvalidation:
-        """Delete these keys now (or, Redis failing, before the next read); misses in flight won't store them."""
-        for key in keys:  # before any await: a miss in flight must see it
-            self._generations[key] = self._generation(key) + 1
-        to_delete = sorted(set(keys) | self._pending_invalidations)
-        commands: list[RedisCommand] = []
-        try:
-            await self._send(commands, "DEL", *to_delete)
-        except REDIS_ERRORS as error:
-            self.sandbox.redis.health.record_failure(error)
-            self._pending_invalidations.update(keys)
-            applied = False
-        else:
-            self.sandbox.redis.health.record_success()
-            self._pending_invalidations.difference_update(to_delete)
-            applied = True
-        invalidation = CacheInvalidation(reason, tuple(keys), tuple(commands), applied)
-        if remember:
-            self.recent_invalidations.appendleft(invalidation)
-        return invalidation
+        """Delete these keys now (or, Redis failing, settle before the next read); misses in flight won't store them."""
+        return await self.cache.coherence.invalidate(keys, reason=reason, remember=remember)
 
-    async def _apply_pending_invalidations(self, commands: list[RedisCommand]) -> None:
-        if self._pending_invalidations:
-            keys = sorted(self._pending_invalidations)
-            await self._send(commands, "DEL", *keys)
-            self._pending_invalidations.difference_update(keys)
-            reason = "pending invalidations, sent once Redis answered again"
-            self.recent_invalidations.appendleft(CacheInvalidation(reason, tuple(keys), (commands[-1],), True))
+    @property
+    def pending_invalidations(self) -> int:
+        """Writes whose invalidation Redis has not taken yet (a new epoch settles them before the next read)."""
+        return self.cache.coherence.pending_writes
 
-    async def _invalidate_committed_changes(self, changes: CommittedChanges) -> None:
-        keys: dict[str, None] = {}  # ordered and without repeats
-        changed_or_deleted = [*changes.updated, *changes.deleted]
-        for user in changed_or_deleted:
-            if isinstance(user, User):
-                keys[self.user_key(user.id)] = None
-        for user in changes.deleted:
-            if isinstance(user, User):
-                keys[self.latest_airscore_key(user.id)] = None
-        for score in changes.of_type(AIRScore):
-            keys[self.latest_airscore_key(score.user_id)] = None
-        if keys:
-            what = sorted({type(obj).__name__ for obj in (*changed_or_deleted, *changes.inserted)})
-            await self.invalidate_keys(list(keys), reason=f"a write committed ({', '.join(what)})")
+    @property
+    def recent_invalidations(self) -> Sequence[CacheInvalidation]:
+        """The last invalidations of this sandbox, newest first."""
+        return self.cache.coherence.recent_invalidations
 
-    async def send_pending_invalidations(self) -> bool:
-        """Send the invalidations Redis missed while it was down; True when none is left."""
-        try:
-            await self._apply_pending_invalidations([])
-        except REDIS_ERRORS as error:
-            self.sandbox.redis.health.record_failure(error)
-            return False
-        return True
-
-    async def _start_new_epoch(self, sandbox: Sandbox) -> None:
-        # The sandbox was wiped with bulk deletes that no listener sees: abandon every key at once.
-        self._epoch += 1
-        self._generations.clear()
-        self._pending_invalidations.clear()
-        self._flights.clear()
+    async def _forget_everything(self, sandbox: Sandbox) -> None:
+        # The reset's bulk deletes already moved the epoch; start the counters and the history afresh.
         self.metrics = CacheMetrics()
-        self.recent_invalidations.clear()
+        self.cache.flights.clear()
+        self.cache.coherence.forget_history()
 
-    # -- plumbing -----------------------------------------------------------------------------
-    def _generation(self, key: str) -> int:
-        return self._generations.get(key, 0)
 
-    async def _send(self, commands: list[RedisCommand], *command: Any) -> Any:
-        """Send one command exactly as given, note it with its reply and time, and return the reply."""
-        shown = " ".join(_render_command_part(part) for part in command)
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(CACHE_COMMAND_TIMEOUT_SECONDS):
-                reply = await self.sandbox.redis.client.execute_command(*command)
-        except REDIS_ERRORS as error:
-            failed_ms = (time.perf_counter() - started) * 1000
-            commands.append(RedisCommand(shown, f"failed: {type(error).__name__}", failed_ms))
-            raise
-        commands.append(RedisCommand(shown, _render_reply(reply), (time.perf_counter() - started) * 1000))
-        return reply
+def cache_coherence(sandbox: Sandbox) -> qulab_redis.CacheCoherence:
+    """The sandbox's epoch, fence and pending invalidations (shared by its cache and its commits)."""
+    return sandbox.service("cache-coherence", lambda owner: qulab_redis.CacheCoherence(owner.redis))
+
+
+CACHED_TABLES = frozenset({"*", "users", "air_scores"})
+
+
+def cache_keys_changed_by(sandbox: Sandbox, changes: CommittedChanges) -> list[str]:
+    """The cache keys a committed transaction's ORM changes made stale (bulk writes are handled by epoch)."""
+    keys: dict[str, None] = {}  # ordered and without repeats
+    for user in (*changes.updated, *changes.deleted):
+        if isinstance(user, User):
+            keys[user_cache_key(sandbox, user.id)] = None
+    for user in changes.deleted:
+        if isinstance(user, User):
+            keys[latest_airscore_cache_key(sandbox, user.id)] = None
+    for score in changes.of_type(AIRScore):
+        keys[latest_airscore_cache_key(sandbox, score.user_id)] = None
+    return list(keys)
+
+
+async def invalidate_cached_changes(sandbox: Sandbox, changes: CommittedChanges) -> Optional[CacheInvalidation]:
+    """Drop what a commit made stale: its changed keys, or (after a bulk write) the whole epoch.
+
+    get_session calls this after every commit, whether or not this process has used the cache:
+    another replica may have cached what this one just changed. It never raises: the commit
+    stands, and a failed invalidation is settled before the cache is read again.
+    """
+    keys = cache_keys_changed_by(sandbox, changes)
+    bulk = sorted(changes.bulk_tables & CACHED_TABLES)
+    if not keys and not bulk:
+        return None
+    what = sorted({type(obj).__name__ for obj in (*changes.updated, *changes.deleted, *changes.inserted)})
+    reason = f"a write committed ({', '.join(what)})" if not bulk else f"a bulk write committed ({', '.join(bulk)})"
+    try:
+        return await cache_coherence(sandbox).invalidate(keys, reason=reason, everything=bool(bulk))
+    except Exception:
+        logger.exception("cache invalidation failed in sandbox %s", sandbox.id)
+        return None
 
 
 def cache_for(sandbox: Sandbox) -> CachedUserRepository:
-    """The sandbox's cache, created (and subscribed to its commits) on first use."""
+    """The sandbox's cached repository, created on first use."""
     return sandbox.service("cache", CachedUserRepository)
 
 
@@ -3284,11 +3253,13 @@ async def invalidate_user_cache(sandbox: Sandbox, *, user_id: str) -> CacheInval
 
 @dataclass(frozen=True)
 class CacheStatus:
-    """What the cache page shows besides reads: metrics, Redis mode and health, recent invalidations."""
+    """What the cache page shows besides reads: metrics, Redis mode, breaker and health, recent invalidations."""
 
     metrics: CacheMetrics
     redis_mode: str
     redis_reason: str
+    breaker_state: str  # "closed", "open" or "half-open"
+    breaker: str  # the breaker's state in one line
     cut_off: bool
     degraded: bool
     last_error: str
@@ -3304,6 +3275,8 @@ async def cache_status(sandbox: Sandbox) -> CacheStatus:
         metrics=replace(cache.metrics),
         redis_mode=link.service.mode,
         redis_reason=link.service.reason,
+        breaker_state=link.breaker.state,
+        breaker=link.breaker.describe(),
         cut_off=link.cut_off,
         degraded=link.health.degraded,
         last_error=link.health.last_error,
@@ -3313,9 +3286,49 @@ async def cache_status(sandbox: Sandbox) -> CacheStatus:
 
 
 async def set_redis_outage(sandbox: Sandbox, *, cut: bool) -> bool:
-    """Cut this sandbox off from Redis, or reconnect it; returns whether Redis answers now."""
-    answers = await sandbox.redis.switch_outage(cut=cut, timeout_seconds=CACHE_COMMAND_TIMEOUT_SECONDS)
-    return answers and await cache_for(sandbox).send_pending_invalidations()
+    """Cut this sandbox off from Redis, or reconnect it; returns whether Redis answers now (and took what it missed)."""
+    answers = await sandbox.redis.switch_outage(cut=cut, timeout_seconds=sandbox.redis.service.command_timeout_seconds)
+    return answers and await cache_coherence(sandbox).settle_pending()
+
+
+def cache_metric_rows(metrics: CacheMetrics) -> list[dict[str, str]]:
+    """The page's two rows of metrics: counts and H, then the four times."""
+
+    def milliseconds(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:.3f} ms"
+
+    hit_ratio = "n/a" if metrics.hit_ratio is None else f"{metrics.hit_ratio:.1%}"
+    return [
+        {"Hits": str(metrics.hits), "Misses": str(metrics.misses), "Errors": str(metrics.errors), "Hit ratio H": hit_ratio},
+        {
+            "T_cache (mean)": milliseconds(metrics.mean_cache_ms),
+            "T_db (mean)": milliseconds(metrics.mean_database_ms),
+            "T_avg predicted": milliseconds(metrics.predicted_average_ms),
+            "T_avg measured": milliseconds(metrics.measured_average_ms),
+        },
+    ]
+
+
+def invalidation_row(invalidation: CacheInvalidation) -> dict[str, str]:
+    """One row of the page's table of recent invalidations."""
+    return {
+        "why": invalidation.reason,
+        "commands": "; ".join(f"{c.command} -> {c.reply}" for c in invalidation.redis_commands),
+        "applied": "yes" if invalidation.applied else "no: Redis failed; settled before the next read",
+    }
+
+
+# What the cache page shows under "How this survives faults": each unit on its own, each short.
+CACHE_HARDENING: tuple[Any, ...] = (
+    invalidate_cached_changes,
+    qulab_redis.CacheCoherence.get,
+    qulab_redis.CacheCoherence.set,
+    qulab_redis.CacheCoherence.invalidate,
+    qulab_redis.SingleFlight.load,
+    RedisLink._guarded,
+    qulab_redis.CircuitBreaker.record_timeout,
+    qulab_redis.CircuitBreaker._probe_until_closed,
+)
 
 
 @dataclass(frozen=True)
@@ -3384,6 +3397,26 @@ class CacheTrial:
     outcomes: tuple[str, ...]
     latencies_ms: tuple[float, ...]
     metrics: CacheMetrics
+
+
+def cache_trial_row(trial: CacheTrial) -> dict[str, Any]:
+    """One row of the experiment's table: counts, measured H and the four times (ms, 3 decimals)."""
+
+    def rounded(value: Optional[float]) -> Optional[float]:
+        return None if value is None else round(value, 3)
+
+    metrics = trial.metrics
+    return {
+        "target H": f"{trial.target_hit_ratio:.0%}",
+        "hits": metrics.hits,
+        "misses": metrics.misses,
+        "errors": metrics.errors,
+        "measured H": rounded(metrics.hit_ratio),
+        "T_cache (ms)": rounded(metrics.mean_cache_ms),
+        "T_db (ms)": rounded(metrics.mean_database_ms),
+        "T_avg predicted (ms)": rounded(metrics.predicted_average_ms),
+        "T_avg measured (ms)": rounded(metrics.measured_average_ms),
+    }
 
 
 async def run_cache_experiment(
@@ -4664,9 +4697,9 @@ class Step:
     key: str
     section: int
     title: str
-    how: str  # what to do, with the guide's button labels
-    check: Check
-    optional: bool = False
+    how: str = field(kw_only=True)  # what to do, with the guide's button labels
+    check: Check = field(kw_only=True)
+    optional: bool = field(default=False, kw_only=True)
 
 
 def _first(journal: Sequence[JournalLine], kind: str, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> Optional[JournalLine]:
@@ -4775,45 +4808,68 @@ def _published_in_background(journal: Sequence[JournalLine]) -> Optional[str]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("create_user", 1, "Create a user", 'Enter an email and a name, then click "Create User".',
-         _recorded("user_created")),
+    # 1. Data models
+    Step("create_user", 1, "Create a user",
+         how='Enter an email and a name, then click "Create User".',
+         check=_recorded("user_created")),
+    # 2. Connectivity and pooling
     Step("initialize", 2, "Initialize and see the two sample users",
-         'Click "Initialize In-Memory SQLite Database & Create Sample Users".',
-         _recorded("initialized", lambda facts: len(facts["sample_user_ids"]) == len(SAMPLE_USERS))),
-    Step("pool_experiment", 2, "Measure pooling", 'Click "Run Pooling Experiment": a pool against a new connection per query.',
-         _recorded("pool_experiment"), optional=True),
-    Step("add_scores", 3, "Add three sample scores", 'Enter a user id, then click "Add 3 Sample Scores for User".',
-         _recorded("sample_scores_added", lambda facts: facts["count"] >= 3)),
-    Step("fetch_n_plus_one", 3, "Fetch with N+1", 'Click "Fetch User & Scores (Simulated N+1)" for a user with scores.',
-         _fetched("naive", lambda statements, scores: statements >= scores + 1)),
-    Step("fetch_eager", 3, "Fetch with eager loading", 'Click "Fetch User & Scores (Eager Loading)" for the same user.',
-         _fetched("eager", lambda statements, scores: statements <= 2)),
-    Step("compare_fetches", 3, "See the statement counts differ", "Fetch the same user both ways and compare the counts.",
-         _fetches_compared),
-    Step("scale_up", 3, "Compare the strategies at scale", 'Click "Compare Loading Strategies".',
-         _recorded("loading_strategies_compared", lambda facts: facts["identical_results"]), optional=True),
-    Step("user_miss_then_hit", 4, "User: a miss, then a hit", 'Click "Fetch User (Cached)" twice.',
-         _miss_then_hit("user")),
-    Step("score_miss_then_hit", 4, "Latest score: a miss, then a hit", 'Click "Fetch Latest AIRScore (Cached)" twice.',
-         _miss_then_hit("latest_airscore")),
-    Step("metrics_move", 4, "See the metrics count hits and misses", "Read the cache metrics after a few reads.",
-         _metrics_moved),
+         how='Click "Initialize In-Memory SQLite Database & Create Sample Users".',
+         check=_recorded("initialized", lambda facts: len(facts["sample_user_ids"]) == len(SAMPLE_USERS))),
+    Step("pool_experiment", 2, "Measure pooling", optional=True,
+         how='Click "Run Pooling Experiment": a pool against a new connection per query.',
+         check=_recorded("pool_experiment")),
+    # 3. Repository pattern and N+1: an N+1 fetch only counts with scores to fetch (N >= 1)
+    Step("add_scores", 3, "Add three sample scores",
+         how='Enter a user id, then click "Add 3 Sample Scores for User".',
+         check=_recorded("sample_scores_added", lambda facts: facts["count"] >= 3)),
+    Step("fetch_n_plus_one", 3, "Fetch with N+1",
+         how='Click "Fetch User & Scores (Simulated N+1)" for a user with scores.',
+         check=_fetched("naive", lambda statements, scores: statements >= scores + 1)),
+    Step("fetch_eager", 3, "Fetch with eager loading",
+         how='Click "Fetch User & Scores (Eager Loading)" for the same user.',
+         check=_fetched("eager", lambda statements, scores: statements <= 2)),
+    Step("compare_fetches", 3, "See the statement counts differ",
+         how="Fetch the same user both ways and compare the counts.",
+         check=_fetches_compared),
+    Step("scale_up", 3, "Compare the strategies at scale", optional=True,
+         how='Click "Compare Loading Strategies".',
+         check=_recorded("loading_strategies_compared", lambda facts: facts["identical_results"])),
+    # 4. Caching: only reads Redis answered count (a FALLBACK during an outage is neither hit nor miss)
+    Step("user_miss_then_hit", 4, "User: a miss, then a hit",
+         how='Click "Fetch User (Cached)" twice.',
+         check=_miss_then_hit("user")),
+    Step("score_miss_then_hit", 4, "Latest score: a miss, then a hit",
+         how='Click "Fetch Latest AIRScore (Cached)" twice.',
+         check=_miss_then_hit("latest_airscore")),
+    Step("metrics_move", 4, "See the metrics count hits and misses",
+         how="Read the cache metrics after a few reads.",
+         check=_metrics_moved),
     Step("invalidate_then_miss", 4, "Invalidate, then miss again",
-         'Click "Invalidate Cache for this User", then fetch again.', _invalidated_then_missed),
-    Step("redis_outage", 4, "Survive a Redis outage", "Cut Redis off, fetch (the database answers), reconnect, fetch again.",
-         _survived_redis_outage, optional=True),
+         how='Click "Invalidate Cache for this User", then fetch again.',
+         check=_invalidated_then_missed),
+    Step("redis_outage", 4, "Survive a Redis outage", optional=True,
+         how="Cut Redis off, fetch (the database answers), reconnect, fetch again.",
+         check=_survived_redis_outage),
+    # 5. Eventing: "published" is journaled by the background publisher itself, never by a click
     Step("store_airscore", 5, "Store a score with its pending event",
-         'Click "Calculate & Store AIRScore (Creates Pending Event)".',
-         _recorded("airscore_stored", lambda facts: facts["event_status"] == "pending")),
-    Step("start_publisher", 5, "Start the publisher", 'Click "Start Event Publisher (Background)".',
-         _recorded("publisher_started")),
+         how='Click "Calculate & Store AIRScore (Creates Pending Event)".',
+         check=_recorded("airscore_stored", lambda facts: facts["event_status"] == "pending")),
+    Step("start_publisher", 5, "Start the publisher",
+         how='Click "Start Event Publisher (Background)".',
+         check=_recorded("publisher_started")),
     Step("event_published", 5, "See an event published in the background",
-         'With the publisher running, store a score: it turns published with no click ("Refresh Event Status Now").',
-         _published_in_background),
-    Step("stop_publisher", 5, "Stop the publisher", 'Click "Stop Event Publisher".', _stopped_after_start),
-    Step("broker_outage", 5, "Survive a broker outage", "Cut the broker off, store a score, reconnect: it is still published.",
-         _recorded("published_after_outage"), optional=True),
-)
+         how='With the publisher running, store a score: it turns published with no click ("Refresh Event Status Now").',
+         check=_published_in_background),
+    Step("stop_publisher", 5, "Stop the publisher",
+         how='Click "Stop Event Publisher".',
+         check=_stopped_after_start),
+    Step("broker_outage", 5, "Survive a broker outage", optional=True,
+         how="Cut the broker off, store a score, reconnect: it is still published.",
+         check=_recorded("published_after_outage")),
+)  # fmt: skip
+
+# Once a section's required steps are done: one line on what the learner saw ({step key} = its evidence).
 SECTION_RECAPS: dict[int, str] = {
     1: "Your user is a row in users, its email unique whatever its letter case.",
     2: "Initialize gave your sandbox a fresh schema with Alex Smith and Jane Doe.",
@@ -5008,9 +5064,18 @@ class _PublicationWatch:
     recorded_this_run: bool = False
     outages_recorded: int = 0  # the broker circuit's outage count when a publication was last journaled
 
+    async def forget_run(self, sandbox: Sandbox) -> None:
+        """The sandbox was reset (its journal emptied): the next publication is journaled again."""
+        self.recorded_this_run = False
+
 
 def _publication_watch(sandbox: Sandbox) -> _PublicationWatch:
-    return sandbox.service("publication_watch", lambda _: _PublicationWatch())
+    def create(owner: Sandbox) -> _PublicationWatch:
+        watch = _PublicationWatch()
+        owner.reset_listeners.append(watch.forget_run)
+        return watch
+
+    return sandbox.service("publication_watch", create)
 
 
 def _publisher_switched(kind: str, verb: str) -> Callable[[Sandbox, bool, dict[str, Any]], Optional[Evidence]]:
@@ -5138,6 +5203,7 @@ class RuntimeStatus:
     redis_degraded: bool
     redis_cut_off: bool
     redis_last_error: str
+    redis_breaker: str  # the Redis breaker's state in one line (closed / open / half-open)
     sandbox_id: str
     sandbox_location: str
     sandbox_notice: Optional[str]
@@ -5368,6 +5434,7 @@ def _collect_status(runtime: Runtime, sandbox: Sandbox) -> RuntimeStatus:
         redis_degraded=sandbox.redis.health.degraded,
         redis_cut_off=sandbox.redis.cut_off,
         redis_last_error=sandbox.redis.health.last_error,
+        redis_breaker=sandbox.redis.breaker.describe(),
         sandbox_id=sandbox.id,
         sandbox_location=sandbox.location,
         sandbox_notice=notice,
