@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+import source
+
 from .browsertools import (
     AppServer,
     alerts,
@@ -356,3 +358,14 @@ def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker
 
     click(page, STOP_PUBLISHER)
     wait_for_text(page, "Stopped after finishing the current batch.")
+
+
+def test_the_walk_through_ends_with_every_step_done(learner):
+    """The sidebar's progress counts what the sandbox's journal shows: every step this walk took."""
+    page = learner.page
+    go_to_section(page, "Introduction")
+    required = sum(not step.optional for step in source.STEPS)
+    optional = len(source.STEPS) - required
+    shown = sidebar_text(page)
+    assert f"{required} of {required} steps" in shown and "Every step of the guide is done." in shown, shown
+    assert f"Beyond the guide: {optional} of {optional} optional steps." in shown, shown
