@@ -4276,7 +4276,7 @@ class OutboxService:
     async def _listen_for_other_processes(self) -> None:
         try:
             await install_notify_trigger(self.sandbox.engine, self.sandbox.location)
-            notifications = commit_notifications(self.sandbox.engine.url)
+            notifications = commit_notifications(self.sandbox.engine.url, self.sandbox.connection_budget)
             await notifications.subscribe(self.sandbox.location, self._publisher_wake.set)
         except Exception as error:  # the idle wait still finds the events, only later
             logger.warning("outbox in sandbox %s cannot LISTEN for commits: %s", self.sandbox.id, error)
