@@ -3463,6 +3463,10 @@ async def run_cache_experiment(
 # the sandbox's Redis stream in one pipeline and marks them published in one UPDATE. A downstream
 # consumer reads the stream through a consumer group and records each event id in its inbox
 # table, so a message delivered twice is recognised and counted, never applied twice.
+# What keeps it whole over a class lives beside it in qulab_outbox/ (the page lists it under "How
+# this survives faults"): a circuit that pauses the relay during a broker outage, retention that
+# trims only acknowledged entries, the broker's persistence settings, LISTEN/NOTIFY; and here,
+# PublishedEventAudit (republishes what a broker lost) and prune_delivered_events (bounded history).
 
 AIRSCORE_CALCULATED = "AIRScoreCalculated"
 AIR_PARAMETER_VERSION = "qulab-air-1.0"
