@@ -1509,8 +1509,8 @@ class RedisLink:
             async with asyncio.timeout(timeout_seconds or self.service.command_timeout_seconds):
                 reply = await call(self.client)
         except REDIS_ERRORS as error:
-            if isinstance(error, (asyncio.TimeoutError, redis.exceptions.TimeoutError)) and not cut_off:
-                self.breaker.record_timeout(error)
+            if isinstance(error, qulab_redis.breaker.SERVER_FAILURES) and not cut_off:
+                self.breaker.record_failure(error)
             self.health.record_failure(error)
             raise
         self.health.record_success()
@@ -3326,7 +3326,7 @@ CACHE_HARDENING: tuple[Any, ...] = (
     qulab_redis.CacheCoherence.invalidate,
     qulab_redis.SingleFlight.load,
     RedisLink._guarded,
-    qulab_redis.CircuitBreaker.record_timeout,
+    qulab_redis.CircuitBreaker.record_failure,
     qulab_redis.CircuitBreaker._probe_until_closed,
 )
 

@@ -329,6 +329,7 @@ async def controlled_fake_redis(settings):
 
 async def test_outage_by_a_lost_fakeredis_connection_is_survived_and_recovered(controlled_fake_redis):
     server, sandbox = controlled_fake_redis
+    sandbox.redis.breaker.cooling_seconds = 0.05  # probe soon after the connection is back
     user_id = (await source.prepare_cache_demo(sandbox)).user_id
     cache = source.cache_for(sandbox)
     assert (await cache.get_user(user_id=user_id)).outcome == CACHE_MISS
@@ -340,7 +341,11 @@ async def test_outage_by_a_lost_fakeredis_connection_is_survived_and_recovered(c
     assert (during.outcome, during.value["name"]) == (CACHE_FALLBACK, "Alex Disconnected")
     assert sandbox.redis.health.degraded
 
+    assert sandbox.redis.breaker.is_open  # a lost connection opens the breaker: later calls skip Redis
     server.connected = True  # the old profile is still stored in the server
+    deadline = asyncio.get_running_loop().time() + 20
+    while sandbox.redis.breaker.is_open and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)  # the breaker's own probe closes it
     back = await cache.get_user(user_id=user_id)
     assert (back.outcome, back.value["name"]) == (CACHE_MISS, "Alex Disconnected")
     again = await cache.get_user(user_id=user_id)

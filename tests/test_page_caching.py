@@ -135,6 +135,6 @@ def test_the_page_shows_the_lesson_and_the_hardening_on_request(app):
     listings = [code.value for code in app.code if "def " in code.value]
     assert listings[0].lstrip().startswith("async def read(") and "coherence.get" in listings[0]
     assert all(len(listing.splitlines()) <= 80 for listing in listings), [len(x.splitlines()) for x in listings]
-    assert any("def record_timeout" in listing for listing in listings[1:])
+    assert any("def record_failure" in listing for listing in listings[1:])
     assert "How this survives faults" in [e.label for e in app.expander]
     assert button(app, FETCH_USER) and button(app, FETCH_SCORE) and button(app, INVALIDATE)
