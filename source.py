@@ -3188,7 +3188,13 @@ class CachedUserRepository:
 
 def cache_coherence(sandbox: Sandbox) -> qulab_redis.CacheCoherence:
     """The sandbox's epoch, fence and pending invalidations (shared by its cache and its commits)."""
-    return sandbox.service("cache-coherence", lambda owner: qulab_redis.CacheCoherence(owner.redis))
+
+    def create(owner: Sandbox) -> qulab_redis.CacheCoherence:
+        coherence = qulab_redis.CacheCoherence(owner.redis)
+        owner.release_listeners.append(lambda released: coherence.close())
+        return coherence
+
+    return sandbox.service("cache-coherence", create)
 
 
 CACHED_TABLES = frozenset({"*", "users", "air_scores"})
