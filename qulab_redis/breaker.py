@@ -48,7 +48,7 @@ class CircuitBreaker:
         probe: Callable[[], Awaitable[object]],
         *,
         cooling_seconds: float = 5.0,
-        max_cooling_seconds: float = 30.0,
+        max_cooling_seconds: float = 10.0,
         probe_timeout_seconds: float = 1.0,
     ) -> None:
         self._probe = probe

@@ -18,7 +18,7 @@ its Redis keys, so what keeps the cache right must live in Redis too, not in one
 
 Both tokens are random (a token that expires never comes back), and both expire (one hour), as
 do the values (TTL with jitter): every key of a sandbox has bounded retention. One read is one
-round trip (MGET of epoch, fence and value).
+round trip (MGET of epoch and value); a miss adds one (GET fence) before it reads the database.
 """
 
 from __future__ import annotations
@@ -87,13 +87,20 @@ class CacheCoherence:
         self._settler: Optional[asyncio.Task[None]] = None
 
     async def get(self, key: str, trace: CommandTrace) -> CachedEntry:
-        """MGET epoch, fence and value; the value counts only if it was stored under the current epoch."""
+        """MGET epoch and value (the value counts only under the current epoch); on a miss, GET the fence too.
+
+        The fence is read before the miss goes to the database: a write that commits after
+        that moves the fence, and set() will see it. A hit never needs it, so it costs no key.
+        """
         if self.pending_writes:
             await self.invalidate([], reason=SETTLE_REASON, trace=trace, settling=True)
         generation = self.generation
-        epoch, fence, raw = await trace.send("MGET", self.epoch_key, self.fence_key, key)
+        epoch, raw = await trace.send("MGET", self.epoch_key, key)
         value = _decode(raw, epoch)
-        return CachedEntry(value is not _ABSENT, None if value is _ABSENT else value, epoch, fence, generation)
+        if value is not _ABSENT:
+            return CachedEntry(True, value, epoch, None, generation)
+        fence = await trace.send("GET", self.fence_key)
+        return CachedEntry(False, None, epoch, fence, generation)
 
     async def set(self, key: str, value: Any, *, ttl: int, since: CachedEntry, trace: CommandTrace) -> str:
         """SET the value with its epoch, unless a write landed since the GET; returns what happened."""
