@@ -86,8 +86,8 @@ def render_class_full(error: source.ClassFullError) -> None:
     """The page a newcomer sees when every place is taken: nobody else's work is touched to make room."""
     st.title("The class is full")
     st.warning(
-        f"{error.in_class} learners are working on this server right now, and it has room for {error.capacity} "
-        f"(set by {error.limited_by}). Nobody's sandbox is closed to make room for another."
+        f"The class is full: {error.in_class} learners are working on this server right now, and it has "
+        f"room for {error.capacity} (set by {error.limited_by}). Nobody's sandbox is closed to make room."
     )
     st.markdown(
         f"A place frees as soon as a learner closes their tab. Reload this page in about "

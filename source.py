@@ -3654,11 +3654,13 @@ BURST_FALLBACK_OCCUPATION = "15-1252.00"  # for users without an occupation code
 
 @dataclass(frozen=True)
 class BurstResult:
-    """How long a burst of score writes took, each its own transaction."""
+    """What a burst of score writes committed (each write its own transaction) and how long it took."""
 
-    writes: int
+    writes: int  # committed: each one a score and its event
     concurrency: int
     seconds: float
+    failed: int = 0  # writes that rolled back whole (nothing of them was stored)
+    first_error: str = ""  # why the first of them failed
 
 
 @journaled("airscore_burst")
@@ -3668,7 +3670,7 @@ async def store_airscore_burst(
     """Store `count` scores with their events, round-robin over the sandbox's users, `concurrency` at a time."""
     validate_whole_number(count, label="Burst writes", low=1, high=MAX_BURST_WRITES, field="count")
     validate_whole_number(concurrency, label="Concurrency", low=1, high=50)
-    users = await list_users(sandbox, limit=100)
+    users = await list_learner_users(sandbox) or await list_users(sandbox, limit=100)
     if not users:
         raise ValidationError("Your sandbox has no users yet: initialize it on page 2 first.", field="user_id")
     semaphore = asyncio.Semaphore(concurrency)
@@ -3683,10 +3685,53 @@ async def store_airscore_burst(
     started = time.perf_counter()
     outcomes = await asyncio.gather(*(write(number) for number in range(count)), return_exceptions=True)
     seconds = time.perf_counter() - started
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome  # each write is its own transaction: the others committed whole
-    return BurstResult(writes=count, concurrency=concurrency, seconds=seconds)
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    for error in errors:
+        if not isinstance(error, Exception):
+            raise error  # cancelled: stop here
+    # Each write is its own transaction: the ones that failed stored nothing, the others are whole.
+    first_error = f"{type(errors[0]).__name__}: {errors[0]}"[:300] if errors else ""
+    if errors and not isinstance(errors[0], QuLabError):
+        logger.error("burst writes failed in sandbox %s", sandbox.id, exc_info=errors[0])
+    return BurstResult(
+        writes=count - len(errors), concurrency=concurrency, seconds=seconds, failed=len(errors), first_error=first_error
+    )
+
+
+async def list_learner_users(sandbox: Sandbox, *, limit: int = 100) -> list[User]:
+    """The learner's own users, oldest first (the thousand scale-up users of section 3 left out)."""
+    async with get_session(sandbox) as session:
+        statement = select(User).where(~_is_scale_up_user()).order_by(User.created_at).limit(limit)
+        return list((await session.scalars(statement)).all())
+
+
+@dataclass(frozen=True)
+class EventDelivery:
+    """Where one event is now: its status, when it was published, when the consumer recorded it."""
+
+    event_id: str
+    status: str
+    created_at: datetime
+    published_at: Optional[datetime]
+    delivered_at: Optional[datetime]
+    last_error: Optional[str]
+
+
+async def event_delivery(sandbox: Sandbox, *, event_id: str) -> Optional[EventDelivery]:
+    """The event's current state (None once it is gone: pruned after delivery, or reset)."""
+    event_id = parse_entity_id(event_id, what="event")
+    async with get_session(sandbox) as session:
+        row = (
+            await session.execute(
+                select(DomainEvent, ConsumedEvent.consumed_at)
+                .outerjoin(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+                .where(DomainEvent.id == event_id)
+            )
+        ).first()
+    if row is None:
+        return None
+    event, delivered_at = row
+    return EventDelivery(event.id, event.status, event.created_at, event.published_at, delivered_at, event.last_error)
 
 
 class ConsumedEvent(Base):
@@ -3697,7 +3742,7 @@ class ConsumedEvent(Base):
     event_type: Mapped[str] = mapped_column(String(100))
     stream_message_id: Mapped[str] = mapped_column(String(40))
     consumer_name: Mapped[str] = mapped_column(String(64))
-    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, index=True)  # retention
 
 
 @dataclass(frozen=True)
@@ -3717,6 +3762,8 @@ class OutboxSettings:
     broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as an outage
     audit_interval_seconds: float = 30.0  # how often published-but-unconsumed events are checked
     audit_batch_size: int = 500
+    keep_published_events: int = 1_000  # older events, published AND consumed, are pruned (the demo keeps these)
+    inbox_retention_seconds: float = 86_400.0  # the consumer remembers an event id this long, to deduplicate
     stop_timeout_seconds: float = 10.0
 
 
@@ -3793,8 +3840,18 @@ class OutboxPublisher:
         self.sandbox = sandbox
         self.settings = settings or OutboxSettings()
         self.name = name or f"publisher-{uuid.uuid4().hex[:12]}"
+        self._autocommit_view: tuple[Any, Any] = (None, None)  # (sandbox engine, its autocommit view)
+
+    @property
+    def _autocommit(self) -> Any:
         # Each statement commits on its own (UPDATE … RETURNING is atomic): no BEGIN/COMMIT trips.
-        self._autocommit = sandbox.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Built from the sandbox's current engine: a sandbox that went dormant and woke has a new one.
+        engine, view = self._autocommit_view
+        if engine is not self.sandbox.engine:
+            engine = self.sandbox.engine
+            view = engine.execution_options(isolation_level="AUTOCOMMIT")
+            self._autocommit_view = (engine, view)
+        return view
 
     @property
     def stream_key(self) -> str:
@@ -4144,6 +4201,38 @@ class PublishedEventAudit:
             return int((await connection.execute(republish)).rowcount)
 
 
+PRUNE_BATCH = 5_000
+
+
+async def prune_delivered_events(sandbox: Sandbox, *, keep: int, inbox_retention_seconds: float) -> int:
+    """Delete events that are published AND consumed, beyond the newest `keep`; returns how many.
+
+    The outbox only needs an event until it is delivered; keeping every one makes each status
+    query slower with history. Pending, failed and unconsumed events are never touched. The
+    consumer's inbox keeps its ids longer (inbox_retention_seconds), so a late duplicate of a
+    pruned event is still recognised.
+    """
+    events = _EVENTS.c
+    newest_kept = (
+        select(events.published_at)
+        .where(events.status == "published")
+        .order_by(events.published_at.desc())
+        .offset(keep)
+        .limit(1)
+        .scalar_subquery()
+    )
+    consumed = select(ConsumedEvent.event_id).where(ConsumedEvent.event_id == events.id).exists()
+    # Strictly older: a batch shares one published_at, so the batch holding the boundary stays whole.
+    prunable = select(events.id).where(events.status == "published", events.published_at < newest_kept, consumed)
+    async with sandbox.engine.begin() as connection:
+        doomed = (await connection.execute(prunable.limit(PRUNE_BATCH))).scalars().all()
+        if doomed:
+            await connection.execute(delete(_EVENTS).where(events.id.in_(doomed)))
+        forgotten = utc_now() - timedelta(seconds=inbox_retention_seconds)
+        await connection.execute(delete(ConsumedEvent).where(ConsumedEvent.consumed_at < forgotten))
+    return len(doomed)
+
+
 class OutboxService:
     """One sandbox's outbox machinery: the publisher and consumer tasks, their wake-ups, an activity log.
 
@@ -4165,6 +4254,7 @@ class OutboxService:
         )
         self.activity: deque[str] = deque(maxlen=40)
         self.resume_on_return = False  # set when the sandbox went dormant with the publisher on
+        self.pruned_total = 0  # events published, consumed and then pruned by this service
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._publisher_wake = asyncio.Event()
@@ -4384,6 +4474,14 @@ class OutboxService:
         report = await self.audit.run()
         if report.broker_error:
             return report
+        pruned = await prune_delivered_events(
+            self.sandbox,
+            keep=self.settings.keep_published_events,
+            inbox_retention_seconds=self.settings.inbox_retention_seconds,
+        )
+        if pruned:
+            self.pruned_total += pruned
+            self._note(f"pruned {pruned} events published and consumed, beyond the newest {self.settings.keep_published_events}")
         self._audit_due_at = time.monotonic() + self.settings.audit_interval_seconds if report.checked else None
         if report.missing:
             self._note(
@@ -4562,6 +4660,7 @@ class OutboxStatus:
     p95_latency_ms: Optional[float]
     last_audit: Optional[AuditReport]
     republished_by_audits: int
+    pruned: int  # published and consumed events pruned so far (beyond the newest keep_published_events)
     durability: BrokerDurability
     pending_events: list[dict[str, Any]]
     published_events: list[dict[str, Any]]
@@ -4590,7 +4689,12 @@ def _event_row(event: DomainEvent) -> dict[str, Any]:
 async def _count_events(session: AsyncSession) -> dict[str, Any]:
     """Events by status and inbox rows: each a count over an index."""
     by_status = dict((await session.execute(select(DomainEvent.status, func.count()).group_by(DomainEvent.status))).all())
-    by_status["delivered"] = await session.scalar(select(func.count()).select_from(ConsumedEvent))
+    by_status["delivered"] = await session.scalar(  # of the events the outbox still holds
+        select(func.count())
+        .select_from(DomainEvent)
+        .join(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+        .where(DomainEvent.status == "published")
+    )
     return by_status
 
 
@@ -4675,6 +4779,7 @@ async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
         p95_latency_ms=_percentile(latencies, 0.95),
         last_audit=service.audit.last,
         republished_by_audits=service.audit.republished_total,
+        pruned=service.pruned_total,
         durability=await broker_durability(sandbox),
         pending_events=latest["pending"],
         published_events=latest["published"],
@@ -4715,9 +4820,9 @@ class Step:
     key: str
     section: int
     title: str
-    how: str  # what to do, with the guide's button labels
-    check: Check
-    optional: bool = False
+    how: str = field(kw_only=True)  # what to do, with the guide's button labels
+    check: Check = field(kw_only=True)
+    optional: bool = field(default=False, kw_only=True)
 
 
 def _first(journal: Sequence[JournalLine], kind: str, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> Optional[JournalLine]:
@@ -4826,45 +4931,68 @@ def _published_in_background(journal: Sequence[JournalLine]) -> Optional[str]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("create_user", 1, "Create a user", 'Enter an email and a name, then click "Create User".',
-         _recorded("user_created")),
+    # 1. Data models
+    Step("create_user", 1, "Create a user",
+         how='Enter an email and a name, then click "Create User".',
+         check=_recorded("user_created")),
+    # 2. Connectivity and pooling
     Step("initialize", 2, "Initialize and see the two sample users",
-         'Click "Initialize In-Memory SQLite Database & Create Sample Users".',
-         _recorded("initialized", lambda facts: len(facts["sample_user_ids"]) == len(SAMPLE_USERS))),
-    Step("pool_experiment", 2, "Measure pooling", 'Click "Run Pooling Experiment": a pool against a new connection per query.',
-         _recorded("pool_experiment"), optional=True),
-    Step("add_scores", 3, "Add three sample scores", 'Enter a user id, then click "Add 3 Sample Scores for User".',
-         _recorded("sample_scores_added", lambda facts: facts["count"] >= 3)),
-    Step("fetch_n_plus_one", 3, "Fetch with N+1", 'Click "Fetch User & Scores (Simulated N+1)" for a user with scores.',
-         _fetched("naive", lambda statements, scores: statements >= scores + 1)),
-    Step("fetch_eager", 3, "Fetch with eager loading", 'Click "Fetch User & Scores (Eager Loading)" for the same user.',
-         _fetched("eager", lambda statements, scores: statements <= 2)),
-    Step("compare_fetches", 3, "See the statement counts differ", "Fetch the same user both ways and compare the counts.",
-         _fetches_compared),
-    Step("scale_up", 3, "Compare the strategies at scale", 'Click "Compare Loading Strategies".',
-         _recorded("loading_strategies_compared", lambda facts: facts["identical_results"]), optional=True),
-    Step("user_miss_then_hit", 4, "User: a miss, then a hit", 'Click "Fetch User (Cached)" twice.',
-         _miss_then_hit("user")),
-    Step("score_miss_then_hit", 4, "Latest score: a miss, then a hit", 'Click "Fetch Latest AIRScore (Cached)" twice.',
-         _miss_then_hit("latest_airscore")),
-    Step("metrics_move", 4, "See the metrics count hits and misses", "Read the cache metrics after a few reads.",
-         _metrics_moved),
+         how='Click "Initialize In-Memory SQLite Database & Create Sample Users".',
+         check=_recorded("initialized", lambda facts: len(facts["sample_user_ids"]) == len(SAMPLE_USERS))),
+    Step("pool_experiment", 2, "Measure pooling", optional=True,
+         how='Click "Run Pooling Experiment": a pool against a new connection per query.',
+         check=_recorded("pool_experiment")),
+    # 3. Repository pattern and N+1: an N+1 fetch only counts with scores to fetch (N >= 1)
+    Step("add_scores", 3, "Add three sample scores",
+         how='Enter a user id, then click "Add 3 Sample Scores for User".',
+         check=_recorded("sample_scores_added", lambda facts: facts["count"] >= 3)),
+    Step("fetch_n_plus_one", 3, "Fetch with N+1",
+         how='Click "Fetch User & Scores (Simulated N+1)" for a user with scores.',
+         check=_fetched("naive", lambda statements, scores: statements >= scores + 1)),
+    Step("fetch_eager", 3, "Fetch with eager loading",
+         how='Click "Fetch User & Scores (Eager Loading)" for the same user.',
+         check=_fetched("eager", lambda statements, scores: statements <= 2)),
+    Step("compare_fetches", 3, "See the statement counts differ",
+         how="Fetch the same user both ways and compare the counts.",
+         check=_fetches_compared),
+    Step("scale_up", 3, "Compare the strategies at scale", optional=True,
+         how='Click "Compare Loading Strategies".',
+         check=_recorded("loading_strategies_compared", lambda facts: facts["identical_results"])),
+    # 4. Caching: only reads Redis answered count (a FALLBACK during an outage is neither hit nor miss)
+    Step("user_miss_then_hit", 4, "User: a miss, then a hit",
+         how='Click "Fetch User (Cached)" twice.',
+         check=_miss_then_hit("user")),
+    Step("score_miss_then_hit", 4, "Latest score: a miss, then a hit",
+         how='Click "Fetch Latest AIRScore (Cached)" twice.',
+         check=_miss_then_hit("latest_airscore")),
+    Step("metrics_move", 4, "See the metrics count hits and misses",
+         how="Read the cache metrics after a few reads.",
+         check=_metrics_moved),
     Step("invalidate_then_miss", 4, "Invalidate, then miss again",
-         'Click "Invalidate Cache for this User", then fetch again.', _invalidated_then_missed),
-    Step("redis_outage", 4, "Survive a Redis outage", "Cut Redis off, fetch (the database answers), reconnect, fetch again.",
-         _survived_redis_outage, optional=True),
+         how='Click "Invalidate Cache for this User", then fetch again.',
+         check=_invalidated_then_missed),
+    Step("redis_outage", 4, "Survive a Redis outage", optional=True,
+         how="Cut Redis off, fetch (the database answers), reconnect, fetch again.",
+         check=_survived_redis_outage),
+    # 5. Eventing: "published" is journaled by the background publisher itself, never by a click
     Step("store_airscore", 5, "Store a score with its pending event",
-         'Click "Calculate & Store AIRScore (Creates Pending Event)".',
-         _recorded("airscore_stored", lambda facts: facts["event_status"] == "pending")),
-    Step("start_publisher", 5, "Start the publisher", 'Click "Start Event Publisher (Background)".',
-         _recorded("publisher_started")),
+         how='Click "Calculate & Store AIRScore (Creates Pending Event)".',
+         check=_recorded("airscore_stored", lambda facts: facts["event_status"] == "pending")),
+    Step("start_publisher", 5, "Start the publisher",
+         how='Click "Start Event Publisher (Background)".',
+         check=_recorded("publisher_started")),
     Step("event_published", 5, "See an event published in the background",
-         'With the publisher running, store a score: it turns published with no click ("Refresh Event Status Now").',
-         _published_in_background),
-    Step("stop_publisher", 5, "Stop the publisher", 'Click "Stop Event Publisher".', _stopped_after_start),
-    Step("broker_outage", 5, "Survive a broker outage", "Cut the broker off, store a score, reconnect: it is still published.",
-         _recorded("published_after_outage"), optional=True),
-)
+         how='With the publisher running, store a score: it turns published with no click ("Refresh Event Status Now").',
+         check=_published_in_background),
+    Step("stop_publisher", 5, "Stop the publisher",
+         how='Click "Stop Event Publisher".',
+         check=_stopped_after_start),
+    Step("broker_outage", 5, "Survive a broker outage", optional=True,
+         how="Cut the broker off, store a score, reconnect: it is still published.",
+         check=_recorded("published_after_outage")),
+)  # fmt: skip
+
+# Once a section's required steps are done: one line on what the learner saw ({step key} = its evidence).
 SECTION_RECAPS: dict[int, str] = {
     1: "Your user is a row in users, its email unique whatever its letter case.",
     2: "Initialize gave your sandbox a fresh schema with Alex Smith and Jane Doe.",
@@ -5059,9 +5187,18 @@ class _PublicationWatch:
     recorded_this_run: bool = False
     outages_recorded: int = 0  # the broker circuit's outage count when a publication was last journaled
 
+    async def forget_run(self, sandbox: Sandbox) -> None:
+        """The sandbox was reset (its journal emptied): the next publication is journaled again."""
+        self.recorded_this_run = False
+
 
 def _publication_watch(sandbox: Sandbox) -> _PublicationWatch:
-    return sandbox.service("publication_watch", lambda _: _PublicationWatch())
+    def create(owner: Sandbox) -> _PublicationWatch:
+        watch = _PublicationWatch()
+        owner.reset_listeners.append(watch.forget_run)
+        return watch
+
+    return sandbox.service("publication_watch", create)
 
 
 def _publisher_switched(kind: str, verb: str) -> Callable[[Sandbox, bool, dict[str, Any]], Optional[Evidence]]:

@@ -217,6 +217,22 @@ async def test_progress_survives_initialize_and_goes_with_the_sandbox(backend_re
     assert await done_steps(await backend_registry.acquire(sandbox_id)) == set()
 
 
+async def test_reset_my_sandbox_empties_the_progress_and_a_running_publisher_is_journaled_again(fresh):
+    sandbox = fresh
+    await source.init_db(sandbox)
+    alex = await user_named(sandbox, "Alex Smith")
+    await source.start_event_publisher(sandbox)
+    await source.calculate_and_store_airscore(sandbox, user_id=alex, occupation_code="15-1252.00")
+    await eventually(lambda: _has(sandbox, "event_published"))
+    await source.reset_sandbox(sandbox)
+    assert await done_steps(sandbox) == set()
+    await source.init_db(sandbox)
+    alex = await user_named(sandbox, "Alex Smith")
+    await source.calculate_and_store_airscore(sandbox, user_id=alex, occupation_code="15-1252.00")
+    await eventually(lambda: _has(sandbox, "event_published"))  # the same run of the publisher
+    await source.stop_event_publisher(sandbox)
+
+
 async def test_another_replica_opening_the_sandbox_sees_the_same_progress(settings, postgres_registry, postgres_url):
     sandbox = await postgres_registry.acquire(source.new_sandbox_id())
     await source.create_user(sandbox, email="moved@example.com", name="Moved")
