@@ -2139,13 +2139,15 @@ class SandboxRegistry:
         """Active/idle -> dormant: background work stops, then the engine and its threads go; data stays."""
         if not sandbox.awake:
             return
+        # Dormant from the first await on: a learner arriving meanwhile takes acquire's locked
+        # path, so it waits for the sleep to finish and then wakes the sandbox properly.
+        sandbox.state = SANDBOX_DORMANT
         await sandbox.notify(sandbox.dormant_listeners, "dormant")
         try:
             await self.store.before_sleep(sandbox)
         except Exception:
             logger.warning("could not checkpoint sandbox %s before it went dormant", sandbox.id, exc_info=True)
         await sandbox.close_engine()
-        sandbox.state = SANDBOX_DORMANT
         await self.budget.give_back(self.store.connections_per_sandbox)
 
     async def _wake(self, sandbox: Sandbox) -> None:
