@@ -82,9 +82,11 @@ async def _overhead(sandbox: source.Sandbox, users: int, repeats: int) -> dict[s
         async with bare.connect() as connection:
             driver = (await connection.get_raw_connection()).driver_connection
             started = time.perf_counter()
-            ids = [row[0] for row in await _fetch(driver, f"SELECT id FROM {schema}users WHERE name LIKE 'Scale-up user #%' ORDER BY name, id LIMIT {users}")]
+            parent_sql = f"SELECT id FROM {schema}users WHERE name LIKE 'Scale-up user #%' ORDER BY name, id LIMIT {users}"
+            ids = [row[0] for row in await _fetch(driver, parent_sql)]
             if in_one_query:
-                await _fetch(driver, f"SELECT * FROM {schema}air_scores WHERE user_id IN ({', '.join(repr(i) for i in ids)})")
+                in_list = ", ".join(f"'{user_id}'" for user_id in ids)
+                await _fetch(driver, f"SELECT * FROM {schema}air_scores WHERE user_id IN ({in_list})")
             else:
                 for user_id in ids:
                     await _fetch(driver, f"SELECT * FROM {schema}air_scores WHERE user_id = '{user_id}'")
