@@ -57,4 +57,8 @@ except source.QuLabError as error:
     st.error(f"QuLab cannot start its data layer: {error}")
     st.stop()
 
+durability = source.lab_for_browser_session(st.session_state).run(source.broker_durability)
+if durability.restart_can_lose_events:  # the outbox's promise depends on the broker keeping its stream
+    st.sidebar.caption(f"Outbox: a broker restart could lose events. {durability.description}")
+
 navigation.run()

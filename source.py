@@ -42,6 +42,7 @@ import threading
 import time
 import unicodedata
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -63,7 +64,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     String,
+    Text,
     bindparam,
+    case,
+    cast,
     delete,
     event,
     func,
@@ -97,6 +101,17 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
+
+from qulab_outbox import (
+    BrokerCircuit,
+    BrokerDurability,
+    StreamBacklog,
+    is_broker_wide_refusal,
+    read_broker_durability,
+    read_stream_backlog,
+    trim_acknowledged_entries,
+)
+from qulab_outbox.notify import CommitNotifications, commit_notifications, install_notify_trigger
 
 logger = logging.getLogger("qulab")
 
@@ -640,7 +655,11 @@ class DomainEvent(Base, TimestampMixin):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
     claimed_by: Mapped[Optional[str]] = mapped_column(String(64))
     claimed_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    __table_args__ = (Index("ix_events_status_created", "status", "created_at"),)
+    stream_id: Mapped[Optional[str]] = mapped_column(String(40))  # the broker's entry id, once published
+    __table_args__ = (
+        Index("ix_events_status_created", "status", "created_at"),
+        Index("ix_events_status_published", "status", "published_at"),  # the panel and the audit
+    )
 
 
 MODEL_CLASSES: tuple[type[Base], ...] = (User, Assessment, AIRScore, DomainEvent)  # the guide's four
@@ -2998,16 +3017,18 @@ class OutboxSettings:
     """Limits and timings of the publisher and the consumer (tests shrink the timings)."""
 
     batch_size: int = 100
-    poll_interval_seconds: float = 1.0  # the fallback: a commit wakes the publisher at once
+    idle_wait_seconds: float = 1.0  # an idle worker's first wait; a commit wakes it at once
+    idle_wait_max_seconds: float = 60.0  # ...and each empty look doubles it up to this
     lease_seconds: float = 30.0  # a claim keeps other publishers off an event this long
-    max_attempts: int = 10
-    backoff_base_seconds: float = 0.5
-    backoff_max_seconds: float = 60.0
-    stream_max_length: int = 10_000  # XADD MAXLEN ~ keeps the stream bounded
+    outage_backoff_base_seconds: float = 0.5  # broker down: first wait before probing it again
+    outage_backoff_max_seconds: float = 30.0
+    stream_trim_above: int = 10_000  # once longer, the stream drops entries every group acknowledged
     max_message_bytes: int = 64 * 1024
     consumer_batch_size: int = 100
     consumer_reclaim_idle_seconds: float = 30.0  # XAUTOCLAIM messages left unacknowledged this long
-    broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as failed
+    broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as an outage
+    audit_interval_seconds: float = 30.0  # how often published-but-unconsumed events are checked
+    audit_batch_size: int = 500
     stop_timeout_seconds: float = 10.0
 
 
@@ -3019,9 +3040,8 @@ class ClaimedEvent:
     event_type: str
     aggregate_type: str
     aggregate_id: str
-    payload: dict[str, Any]
+    payload_json: str  # as stored: the relay passes it through, it never decodes and re-encodes it
     created_at: datetime
-    attempts: int
 
     def stream_message(self) -> dict[str, str]:
         """The stream entry's fields: the event id first, so any consumer can deduplicate."""
@@ -3031,8 +3051,18 @@ class ClaimedEvent:
             "aggregate_type": self.aggregate_type,
             "aggregate_id": self.aggregate_id,
             "occurred_at": self.created_at.isoformat(),
-            "payload": json.dumps(self.payload, separators=(",", ":"), sort_keys=True),
+            "payload": self.payload_json,
         }
+
+
+@dataclass
+class StreamDelivery:
+    """What the broker did with one batch: stream ids of the entries it took, and what it refused."""
+
+    stream_ids: dict[str, str] = field(default_factory=dict)  # event id -> stream entry id
+    rejected: dict[str, str] = field(default_factory=dict)  # event id -> why this event can never go
+    unsent: list[str] = field(default_factory=list)  # not sent because the broker is down
+    broker_error: str = ""
 
 
 @dataclass
@@ -3041,8 +3071,8 @@ class BatchReport:
 
     claimed: int = 0
     published: int = 0
-    rescheduled: int = 0  # failed this attempt, due again after a backoff
-    gave_up: int = 0  # reached the maximum attempts: now 'failed'
+    failed: int = 0  # refused by the broker for what they are (too large, say): 'failed' at once
+    released: int = 0  # not sent because the broker is down: pending again, attempts untouched
     lease_lost: int = 0  # published, but another publisher had taken the lease over meanwhile
     broker_error: str = ""
     seconds: float = 0.0
@@ -3067,30 +3097,38 @@ class OutboxPublisher:
         self.sandbox = sandbox
         self.settings = settings or OutboxSettings()
         self.name = name or f"publisher-{uuid.uuid4().hex[:12]}"
-        self.broker_down = False
-        self.earliest_retry_at: Optional[datetime] = None
-        self._random = random.Random()
+        # Each statement commits on its own (UPDATE … RETURNING is atomic): no BEGIN/COMMIT trips.
+        self._autocommit = sandbox.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def stream_key(self) -> str:
         """The Redis stream this sandbox's events go to."""
         return self.sandbox.redis.key("events")
 
-    def backoff_seconds(self, attempts: int) -> float:
-        """Exponential backoff with jitter: base·2^(attempts−1), capped, then half fixed and half random."""
-        settings = self.settings
-        delay = min(settings.backoff_max_seconds, settings.backoff_base_seconds * 2 ** min(attempts - 1, 30))
-        return delay / 2 + self._random.uniform(0, delay / 2)
+    async def publish_due_batch(self) -> BatchReport:
+        """Lease a batch, send it in one pipeline, then record what the broker did: one connection."""
+        started = time.perf_counter()
+        async with self._autocommit.connect() as connection:
+            events = await self.claim_due_events(connection)
+            report = BatchReport(claimed=len(events))
+            if events:
+                delivery = await self.send_to_stream(events)
+                if delivery.stream_ids:
+                    report.published = await self._mark_published(connection, delivery.stream_ids)
+                    report.lease_lost = len(delivery.stream_ids) - report.published
+                if delivery.rejected:
+                    report.failed = await self._mark_failed(connection, delivery.rejected)
+                if delivery.unsent:  # an outage is the broker's fault, not the events'
+                    report.released = await self._release(connection, delivery.unsent, delivery.broker_error)
+                report.broker_error = delivery.broker_error
+        report.seconds = time.perf_counter() - started
+        return report
 
-    async def claim_due_events(self) -> list[ClaimedEvent]:
-        """Lease up to batch_size due pending events, oldest first, in ONE UPDATE … RETURNING."""
+    async def claim_due_events(self, connection: Any) -> list[ClaimedEvent]:
+        """Lease up to batch_size pending events, oldest first, in ONE UPDATE … RETURNING."""
         now = utc_now()
         events = _EVENTS.c
-        claimable = (
-            events.status == "pending",
-            events.next_attempt_at <= now,
-            or_(events.claimed_until.is_(None), events.claimed_until < now),
-        )
+        claimable = (events.status == "pending", or_(events.claimed_until.is_(None), events.claimed_until < now))
         oldest_due = (
             select(events.id)
             .where(*claimable)
@@ -3104,10 +3142,9 @@ class OutboxPublisher:
         )
         claim = (
             update(_EVENTS)
-            # UPDATE … FROM: the 100 leased ids are looked up by primary key (joined as IN, PostgreSQL
-            # chose to scan the whole table on every claim). The conditions are repeated because
-            # PostgreSQL re-checks them on a row another transaction changed meanwhile, so a row is
-            # never leased twice.
+            # UPDATE … FROM: the leased ids are looked up by primary key. The conditions are
+            # repeated because PostgreSQL re-checks them on a row another transaction changed
+            # meanwhile, so a row is never leased twice.
             .where(events.id == oldest_due.c.id, *claimable)
             .values(claimed_by=self.name, claimed_until=now + timedelta(seconds=self.settings.lease_seconds))
             .returning(
@@ -3115,136 +3152,90 @@ class OutboxPublisher:
                 events.event_type,
                 events.aggregate_type,
                 events.aggregate_id,
-                events.payload,
+                cast(events.payload, Text),
                 events.created_at,
-                events.attempts,
             )
         )
-        async with self.sandbox.engine.begin() as connection:
-            rows = (await connection.execute(claim)).all()
+        rows = (await connection.execute(claim)).all()
         return sorted((ClaimedEvent(*row) for row in rows), key=lambda claimed: (claimed.created_at, claimed.id))
 
-    async def publish_due_batch(self) -> BatchReport:
-        """Claim one batch, publish it to the stream, and record per event what happened."""
-        started = time.perf_counter()
-        events = await self.claim_due_events()
-        report = BatchReport(claimed=len(events))
-        if not events:
-            return report
-        errors: dict[str, str] = {}
+    async def send_to_stream(self, events: list[ClaimedEvent]) -> StreamDelivery:
+        """XADD every event in one pipeline; sort the replies into taken, refused, and not sent."""
+        delivery = StreamDelivery()
         messages: dict[str, dict[str, str]] = {}
         for claimed in events:
             message = claimed.stream_message()
             size = sum(len(name) + len(value.encode()) for name, value in message.items())
             if size > self.settings.max_message_bytes:
-                errors[claimed.id] = f"message is {size} bytes; the broker limit is {self.settings.max_message_bytes}"
+                delivery.rejected[claimed.id] = (
+                    f"message is {size} bytes; the broker's limit is {self.settings.max_message_bytes}"
+                )
             else:
                 messages[claimed.id] = message
-        published: list[str] = []
-        if messages:
-            try:
-                pipeline = self.sandbox.redis.client.pipeline(transaction=False)
-                for message in messages.values():
-                    pipeline.xadd(
-                        self.stream_key, message, maxlen=self.settings.stream_max_length, approximate=True
-                    )
-                results = await asyncio.wait_for(
-                    pipeline.execute(raise_on_error=False), self.settings.broker_timeout_seconds
-                )
-            except REDIS_ERRORS as error:
-                self.sandbox.redis.health.record_failure(error)
-                self.broker_down = True
-                report.broker_error = f"broker unavailable: {type(error).__name__}: {error}"[:300]
-                errors.update((event_id, report.broker_error) for event_id in messages)
+        if not messages:
+            return delivery
+        redis_link = self.sandbox.redis
+        try:
+            pipeline = redis_link.client.pipeline(transaction=False)
+            for message in messages.values():
+                pipeline.xadd(self.stream_key, message)  # no MAXLEN: retention never drops unread entries
+            replies = await asyncio.wait_for(pipeline.execute(raise_on_error=False), self.settings.broker_timeout_seconds)
+        except REDIS_ERRORS as error:
+            redis_link.health.record_failure(error)
+            delivery.broker_error = f"broker unavailable: {type(error).__name__}: {error}"[:300]
+            delivery.unsent = list(messages)
+            return delivery
+        redis_link.health.record_success()
+        for event_id, reply in zip(messages, replies):
+            if not isinstance(reply, Exception):
+                delivery.stream_ids[event_id] = reply
+            elif is_broker_wide_refusal(reply):
+                delivery.unsent.append(event_id)
+                delivery.broker_error = f"broker unavailable: it refused every message: {reply}"[:300]
             else:
-                self.sandbox.redis.health.record_success()
-                for event_id, result in zip(messages, results):
-                    if isinstance(result, Exception):
-                        errors[event_id] = f"broker refused the message: {result}"[:300]
-                    else:
-                        published.append(event_id)
-        if published:
-            marked = await self._mark_published(published, published_at=utc_now())
-            report.published, report.lease_lost = marked, len(published) - marked
-        if errors:
-            report.rescheduled, report.gave_up = await self._record_failures(
-                [claimed for claimed in events if claimed.id in errors], errors
-            )
-        report.seconds = time.perf_counter() - started
-        return report
+                delivery.rejected[event_id] = f"the broker refused this event: {reply}"[:300]
+        return delivery
 
-    async def _mark_published(self, event_ids: list[str], *, published_at: datetime) -> int:
+    async def _mark_published(self, connection: Any, stream_ids: dict[str, str]) -> int:
+        events = _EVENTS.c
         mark = (
             update(_EVENTS)
-            .where(_EVENTS.c.id.in_(event_ids), _EVENTS.c.claimed_by == self.name)
-            .values(status="published", published_at=published_at, claimed_by=None, claimed_until=None)
-        )
-        async with self.sandbox.engine.begin() as connection:
-            result = await connection.execute(mark)
-        return int(result.rowcount)
-
-    async def _record_failures(self, events: list[ClaimedEvent], errors: dict[str, str]) -> tuple[int, int]:
-        now = utc_now()
-        table = _EVENTS
-        rows = []
-        for claimed in events:
-            attempts = claimed.attempts + 1
-            gave_up = attempts >= self.settings.max_attempts
-            retry_at = now if gave_up else now + timedelta(seconds=self.backoff_seconds(attempts))
-            rows.append(
-                {
-                    "event_id": claimed.id,
-                    "new_status": "failed" if gave_up else "pending",
-                    "new_attempts": attempts,
-                    "error": errors[claimed.id][:500],
-                    "retry_at": retry_at,
-                }
-            )
-            if not gave_up and (self.earliest_retry_at is None or retry_at < self.earliest_retry_at):
-                self.earliest_retry_at = retry_at
-        record = (
-            update(table)
-            .where(table.c.id == bindparam("event_id"), table.c.claimed_by == self.name)
+            .where(events.id.in_(list(stream_ids)), events.claimed_by == self.name)
             .values(
-                status=bindparam("new_status"),
-                attempts=bindparam("new_attempts"),
-                last_error=bindparam("error"),
-                next_attempt_at=bindparam("retry_at"),
+                status="published",
+                published_at=utc_now(),
+                stream_id=case(stream_ids, value=events.id),  # the audit looks for the entry by this id
                 claimed_by=None,
                 claimed_until=None,
             )
         )
-        async with self.sandbox.engine.begin() as connection:
-            await connection.execute(record, rows)
-        gave_up_count = sum(row["new_status"] == "failed" for row in rows)
-        return len(rows) - gave_up_count, gave_up_count
+        return int((await connection.execute(mark)).rowcount)
 
-    async def probe_broker(self) -> bool:
-        """After a broker failure: PING it, and when it answers make events waiting out a backoff due now."""
-        if not await self.sandbox.redis.check(timeout_seconds=self.settings.broker_timeout_seconds):
-            return False
-        self.broker_down = False
-        self.earliest_retry_at = None
-        # The backoff waited for the broker, not for these events: once it is back, none must wait on.
-        now = utc_now()
-        due_now = (
-            update(DomainEvent)
-            .where(DomainEvent.status == "pending", DomainEvent.next_attempt_at > now)
-            .values(next_attempt_at=now)
+    async def _mark_failed(self, connection: Any, reasons: dict[str, str]) -> int:
+        events = _EVENTS.c
+        record = (
+            update(_EVENTS)
+            .where(events.id == bindparam("event_id"), events.claimed_by == self.name)
+            .values(
+                status="failed",
+                attempts=events.attempts + 1,
+                last_error=bindparam("reason"),
+                claimed_by=None,
+                claimed_until=None,
+            )
         )
-        async with get_session(self.sandbox) as session:
-            await session.execute(due_now, execution_options={"synchronize_session": False})
-        return True
+        rows = [{"event_id": event_id, "reason": reason[:500]} for event_id, reason in reasons.items()]
+        await connection.execute(record, rows)
+        return len(rows)
 
-    def seconds_until_next_retry(self) -> Optional[float]:
-        """How long until the earliest backoff this publisher scheduled ends (None: none scheduled)."""
-        if self.earliest_retry_at is None:
-            return None
-        remaining = (self.earliest_retry_at - utc_now()).total_seconds()
-        if remaining <= 0:
-            self.earliest_retry_at = None
-            return 0.0
-        return remaining
+    async def _release(self, connection: Any, event_ids: list[str], error: str) -> int:
+        events = _EVENTS.c
+        release = (
+            update(_EVENTS)
+            .where(events.id.in_(event_ids), events.claimed_by == self.name)
+            .values(last_error=error[:500], claimed_by=None, claimed_until=None)  # attempts untouched
+        )
+        return int((await connection.execute(release)).rowcount)
 
 
 EVENT_CONSUMER_GROUP = "score-notifications"
@@ -3258,6 +3249,7 @@ class ConsumeReport:
     recorded: int = 0  # first delivery of an event id: handled and stored in the inbox
     duplicates: int = 0  # an event id the inbox already had: acknowledged, not handled again
     reclaimed: int = 0  # taken over with XAUTOCLAIM from a consumer that stopped acknowledging
+    group_created: bool = False  # the stream or its group was gone (a reset, or a broker restart)
 
 
 class StreamConsumer:
@@ -3278,15 +3270,17 @@ class StreamConsumer:
     async def consume_batch(self) -> ConsumeReport:
         """Read up to one batch (abandoned messages first), record new event ids in the inbox, XACK all."""
         client = self.sandbox.redis.client
+        group_created = False
         try:
             reclaimed, fresh = await self._bounded(self._read(client))
         except redis.exceptions.ResponseError:
             # NOGROUP: the stream or its group is gone (init_db wipes the namespace): recreate it.
             if not await self._bounded(self._create_group(client)):
                 raise
+            group_created = True
             reclaimed, fresh = await self._bounded(self._read(client))
         messages = reclaimed + fresh
-        report = ConsumeReport(received=len(messages), reclaimed=len(reclaimed))
+        report = ConsumeReport(received=len(messages), reclaimed=len(reclaimed), group_created=group_created)
         if not messages:
             return report
         rows: dict[str, dict[str, Any]] = {}
@@ -3351,12 +3345,95 @@ def _insert_ignoring_duplicates(backend: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class AuditReport:
+    """What one audit of published events found."""
+
+    at: datetime
+    checked: int  # published events nobody had consumed yet, looked up in the stream
+    missing: int  # of those, gone from the stream: the broker lost them
+    republished: int  # pending again, so the relay sends them once more
+    broker_error: str = ""
+
+
+class PublishedEventAudit:
+    """Finds events marked published that the broker no longer has and nobody consumed; republishes them.
+
+    A broker restarted without persistence forgets entries it had accepted: the outbox says
+    'published', the consumer never sees them. The audit looks each unconsumed published event up
+    by its stream id (one pipelined XRANGE), checks the inbox again for those missing (the consumer
+    may have acknowledged and the stream trimmed them meanwhile), and makes the rest pending again.
+    A republished event that did arrive after all is recognised by the consumer's inbox.
+    """
+
+    def __init__(self, sandbox: Sandbox, settings: OutboxSettings) -> None:
+        self.sandbox = sandbox
+        self.settings = settings
+        self.last: Optional[AuditReport] = None
+        self.republished_total = 0
+        # Events published before this moment are known consumed: each audit reads only what is newer.
+        self._checked_from = datetime.min.replace(tzinfo=timezone.utc)
+
+    async def run(self) -> AuditReport:
+        """Audit the oldest unconsumed published events (at most audit_batch_size)."""
+        started = utc_now()
+        events = _EVENTS.c
+        consumed = select(ConsumedEvent.event_id).where(ConsumedEvent.event_id == events.id).exists()
+        unconsumed = (
+            select(events.id, events.stream_id, events.published_at)
+            .where(events.status == "published", events.published_at >= self._checked_from, ~consumed)
+            .order_by(events.published_at)
+            .limit(self.settings.audit_batch_size)
+        )
+        async with self.sandbox.engine.connect() as connection:
+            candidates = [row for row in (await connection.execute(unconsumed)).all() if row.stream_id]
+        missing: list[str] = []
+        if candidates:
+            try:
+                pipeline = self.sandbox.redis.client.pipeline(transaction=False)
+                for row in candidates:
+                    pipeline.xrange(self.sandbox.redis.key("events"), row.stream_id, row.stream_id, count=1)
+                found = await asyncio.wait_for(pipeline.execute(), self.settings.broker_timeout_seconds)
+            except REDIS_ERRORS as error:
+                error_text = f"broker unavailable: {type(error).__name__}: {error}"[:300]
+                return AuditReport(at=started, checked=0, missing=0, republished=0, broker_error=error_text)
+            missing = [row.id for row, entries in zip(candidates, found) if not entries]
+        republished = await self._republish(missing) if missing else 0
+        still_waiting = [row.published_at for row in candidates if row.id not in set(missing)]
+        if still_waiting:
+            self._checked_from = min(still_waiting)
+        elif len(candidates) < self.settings.audit_batch_size:
+            # A mark commits a moment after its published_at was stamped: look back a lease's length.
+            self._checked_from = started - timedelta(seconds=self.settings.lease_seconds)
+        self.last = AuditReport(at=started, checked=len(candidates), missing=len(missing), republished=republished)
+        self.republished_total += republished
+        return self.last
+
+    async def _republish(self, event_ids: list[str]) -> int:
+        events = _EVENTS.c
+        consumed_meanwhile = select(ConsumedEvent.event_id).where(ConsumedEvent.event_id.in_(event_ids))
+        republish = (
+            update(_EVENTS)
+            .where(events.id.in_(event_ids), events.status == "published", events.id.not_in(consumed_meanwhile))
+            .values(
+                status="pending",
+                published_at=None,
+                stream_id=None,
+                last_error="republished: the broker lost it before anyone consumed it",
+            )
+        )
+        async with self.sandbox.engine.begin() as connection:
+            return int((await connection.execute(republish)).rowcount)
+
+
 class OutboxService:
     """One sandbox's outbox machinery: the publisher and consumer tasks, their wake-ups, an activity log.
 
     The tasks run on the runtime's loop, across reruns and page changes, until stop() (or the
-    sandbox's release). A commit that inserts a DomainEvent wakes the publisher; polling every
-    poll_interval_seconds is only the fallback. Each published batch wakes the consumer.
+    sandbox's release). A commit that inserts a DomainEvent wakes the publisher; with nothing to
+    do it waits longer and longer (up to idle_wait_max_seconds), so an idle sandbox costs almost
+    nothing. Each published batch wakes the consumer. While the broker is down (BrokerCircuit)
+    the relay pauses and probes with backoff; no event spends an attempt on an outage.
     """
 
     def __init__(self, sandbox: Sandbox, settings: Optional[OutboxSettings] = None) -> None:
@@ -3364,12 +3441,22 @@ class OutboxService:
         self.settings = settings or OutboxSettings()
         self.publisher = OutboxPublisher(sandbox, self.settings)
         self.consumer = StreamConsumer(sandbox, self.settings)
+        self.audit = PublishedEventAudit(sandbox, self.settings)
+        self.circuit = BrokerCircuit(
+            base_seconds=self.settings.outage_backoff_base_seconds, max_seconds=self.settings.outage_backoff_max_seconds
+        )
         self.activity: deque[str] = deque(maxlen=40)
+        self.resume_on_return = False  # set when the sandbox went dormant with the publisher on
         self._tasks: list[asyncio.Task[None]] = []
-        self._stop_requested = False
+        self._stopping = asyncio.Event()
         self._publisher_wake = asyncio.Event()
         self._consumer_wake = asyncio.Event()
-        self._last_error_noted = ""
+        self._probe_now = asyncio.Event()
+        self._broker_back = asyncio.Event()
+        self._broker_back.set()
+        self._audit_due_at: Optional[float] = None  # time.monotonic(); None: nothing to audit
+        self._errors_noted: dict[str, str] = {}
+        self._notifications: Optional[CommitNotifications] = None  # PostgreSQL: commits of other processes
         sandbox.commit_listeners.append(self._on_commit)
         sandbox.reset_listeners.append(self._on_reset)
         sandbox.release_listeners.append(self._on_release)
@@ -3383,20 +3470,32 @@ class OutboxService:
         """Start the publisher and the consumer on this loop; False if they were already running."""
         if self.running:
             return False
-        self._stop_requested = False
+        self._stopping.clear()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._run_publisher(), name=f"outbox-publisher-{self.sandbox.id}"),
             loop.create_task(self._run_consumer(), name=f"outbox-consumer-{self.sandbox.id}"),
         ]
         self._note(f"publisher {self.publisher.name} started")
+        if self.sandbox.backend == "postgresql":
+            await self._listen_for_other_processes()
         return True
+
+    async def _listen_for_other_processes(self) -> None:
+        try:
+            await install_notify_trigger(self.sandbox.engine, self.sandbox.location)
+            notifications = commit_notifications(self.sandbox.engine.url)
+            await notifications.subscribe(self.sandbox.location, self._publisher_wake.set)
+        except Exception as error:  # the idle wait still finds the events, only later
+            logger.warning("outbox in sandbox %s cannot LISTEN for commits: %s", self.sandbox.id, error)
+            return
+        self._notifications = notifications
 
     async def stop(self) -> bool:
         """Let both tasks finish their current batch, then stop; False if they were not running."""
         if not self.running:
             return False
-        self._stop_requested = True
+        self._stopping.set()
         self.wake()
         tasks = list(self._tasks)
         _, still_running = await asyncio.wait(tasks, timeout=self.settings.stop_timeout_seconds)
@@ -3404,87 +3503,195 @@ class OutboxService:
             task.cancel()  # a batch stuck longer than the timeout; its lease will expire
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
+        if self._notifications is not None:
+            notifications, self._notifications = self._notifications, None
+            await notifications.unsubscribe(self.sandbox.location, self._publisher_wake.set)
         self._note(f"publisher {self.publisher.name} stopped")
         return True
 
+    async def publish_pending_and_stop(self) -> int:
+        """Before the sandbox goes dormant: stop, then publish what is pending; returns how many went out.
+
+        Remembers whether the publisher was on, so resume() can switch it back on when the learner
+        returns. With the broker down nothing can go out: the events stay pending in the database.
+        """
+        self.resume_on_return = self.running
+        if not self.resume_on_return:
+            return 0
+        await self.stop()
+        published = 0
+        deadline = time.monotonic() + self.settings.stop_timeout_seconds
+        while not self.circuit.is_open and time.monotonic() < deadline:
+            report = await self.publisher.publish_due_batch()
+            published += report.published
+            if report.broker_error or report.claimed < self.settings.batch_size:
+                break
+        self._note(f"sandbox dormant: published {published} pending events, then stopped")
+        return published
+
+    async def resume(self) -> bool:
+        """The learner is back: start again if the publisher was on when the sandbox went dormant."""
+        if not self.resume_on_return:
+            return False
+        self.resume_on_return = False
+        return await self.start()
+
     def wake(self) -> None:
-        """Make both workers look for work now instead of at their next poll."""
+        """Make both workers look for work now instead of after their idle wait."""
         self._publisher_wake.set()
         self._consumer_wake.set()
+        self._probe_now.set()
 
     def _note(self, message: str) -> None:
         self.activity.appendleft(f"{datetime.now(timezone.utc):%H:%M:%S.%f}"[:-3] + f"  {message}")
 
     async def _run_publisher(self) -> None:
-        failures_in_a_row = 0
-        while not self._stop_requested:
+        idle_wait = self.settings.idle_wait_seconds
+        database_failures = 0
+        while not self._stopping.is_set():
             self._publisher_wake.clear()
-            try:
-                if self.publisher.broker_down and await self.publisher.probe_broker():
-                    self._note("broker answers again: events waiting out a backoff are due now")
-                report = await self.publisher.publish_due_batch()
-            except Exception as error:  # the database failed: keep running, try again later
-                failures_in_a_row += 1
-                self._note_error("publisher", error)
-                await self._sleep_unless_woken(self._publisher_wake, self.publisher.backoff_seconds(failures_in_a_row))
+            if self.circuit.is_open and not await self._probe_broker():
                 continue
-            failures_in_a_row, self._last_error_noted = 0, ""
+            try:
+                report = await self.publisher.publish_due_batch()
+                audit = await self._audit_if_due()
+            except Exception as error:  # the database failed: keep running, try again later
+                database_failures += 1
+                self._note_error("publisher", error)
+                await self._wait(self._publisher_wake, self.circuit_backoff(database_failures))
+                continue
+            database_failures = 0
+            self._errors_noted.pop("publisher", None)
             self._note_batch(report)
+            if report.broker_error or (audit is not None and audit.broker_error):
+                self._broker_failed(report.broker_error or audit.broker_error)
+                continue
             if report.published:
                 self._consumer_wake.set()
-            if report.claimed == self.settings.batch_size and not report.broker_error:
+                if self._audit_due_at is None:
+                    self._audit_due_at = time.monotonic() + self.settings.audit_interval_seconds
+            if report.claimed == self.settings.batch_size or (audit is not None and audit.republished):
                 continue  # a full batch: more events are probably due right now
-            wait = self.settings.poll_interval_seconds
-            retry_in = self.publisher.seconds_until_next_retry()
-            if retry_in is not None:
-                wait = min(wait, retry_in)
-            await self._sleep_unless_woken(self._publisher_wake, wait)
+            idle_wait = self.settings.idle_wait_seconds if report.claimed else idle_wait
+            await self._wait(self._publisher_wake, self._until_audit(idle_wait))
+            if not self._publisher_wake.is_set():
+                idle_wait = min(self.settings.idle_wait_max_seconds, idle_wait * 2)
 
     async def _run_consumer(self) -> None:
-        failures_in_a_row = 0
-        while not self._stop_requested:
+        idle_wait = self.settings.idle_wait_seconds
+        database_failures = 0
+        while not self._stopping.is_set():
             self._consumer_wake.clear()
+            if self.circuit.is_open:
+                await self._wait(self._broker_back, self.settings.idle_wait_max_seconds)
+                continue
             try:
                 report = await self.consumer.consume_batch()
-            except Exception as error:  # broker or database trouble: keep running, try again later
-                failures_in_a_row += 1
-                self._note_error("consumer", error)
-                await self._sleep_unless_woken(self._consumer_wake, self.publisher.backoff_seconds(failures_in_a_row))
+                if report.received:
+                    await asyncio.wait_for(
+                        trim_acknowledged_entries(
+                            self.sandbox.redis.client, self.consumer.stream_key, keep_at_least=self.settings.stream_trim_above
+                        ),
+                        self.settings.broker_timeout_seconds,
+                    )
+            except REDIS_ERRORS as error:
+                self._broker_failed(f"broker unavailable: {type(error).__name__}: {error}"[:300])
                 continue
-            failures_in_a_row = 0
+            except Exception as error:  # the database failed: keep running, try again later
+                database_failures += 1
+                self._note_error("consumer", error)
+                await self._wait(self._consumer_wake, self.circuit_backoff(database_failures))
+                continue
+            database_failures = 0
+            self._errors_noted.pop("consumer", None)
+            if report.group_created:
+                self._audit_due_at = time.monotonic()  # the stream was new: a restart may have lost entries
+                self._publisher_wake.set()
             if report.received:
+                idle_wait = self.settings.idle_wait_seconds
                 self._note(
                     f"consumer received {report.received}: {report.recorded} new, "
                     f"{report.duplicates} duplicates ignored"
                     + (f", {report.reclaimed} reclaimed" if report.reclaimed else "")
                 )
             if report.received < self.settings.consumer_batch_size:
-                await self._sleep_unless_woken(self._consumer_wake, self.settings.poll_interval_seconds)
+                await self._wait(self._consumer_wake, idle_wait)
+                if not self._consumer_wake.is_set():
+                    idle_wait = min(self.settings.idle_wait_max_seconds, idle_wait * 2)
 
-    @staticmethod
-    async def _sleep_unless_woken(wake: asyncio.Event, seconds: float) -> None:
+    def circuit_backoff(self, failures: int) -> float:
+        """Exponential backoff with jitter for database failures (the broker's are the circuit's)."""
+        delay = min(self.settings.outage_backoff_max_seconds, self.settings.outage_backoff_base_seconds * 2 ** min(failures - 1, 30))
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def _broker_failed(self, error: str) -> None:
+        if self.circuit.open(error):  # reported once per outage, not once per pass
+            self._broker_back.clear()
+            self._publisher_wake.set()  # the publisher probes; the consumer waits for it
+            logger.warning("outbox broker unreachable in sandbox %s (%s): relay paused", self.sandbox.id, error)
+            self._note(f"{error}: relay paused, events keep their attempts; probing with backoff")
+
+    async def _probe_broker(self) -> bool:
+        self._probe_now.clear()
+        await self._wait(self._probe_now, self.circuit.seconds_until_probe())
+        if self._stopping.is_set():
+            return False
+        if not await self.sandbox.redis.check(timeout_seconds=self.settings.broker_timeout_seconds):
+            self.circuit.probe_failed()
+            return False
+        lasted = self.circuit.close() or 0.0
+        self._broker_back.set()
+        self._consumer_wake.set()
+        self._audit_due_at = time.monotonic()  # had it restarted, it may have lost what it held
+        logger.warning("outbox broker answers again in sandbox %s after %.1f s", self.sandbox.id, lasted)
+        self._note(f"broker answers again after {lasted:.1f} s: publishing resumes")
+        return True
+
+    async def _audit_if_due(self) -> Optional[AuditReport]:
+        if self._audit_due_at is None or time.monotonic() < self._audit_due_at:
+            return None
+        report = await self.audit.run()
+        if report.broker_error:
+            return report
+        self._audit_due_at = time.monotonic() + self.settings.audit_interval_seconds if report.checked else None
+        if report.missing:
+            self._note(
+                f"audit: {report.missing} published events were gone from the stream and never consumed; "
+                f"{report.republished} republished"
+            )
+            logger.warning("outbox audit in sandbox %s republished %d lost events", self.sandbox.id, report.republished)
+        return report
+
+    def _until_audit(self, wait: float) -> float:
+        if self._audit_due_at is None:
+            return wait
+        return max(0.0, min(wait, self._audit_due_at - time.monotonic()))
+
+    async def _wait(self, wake: asyncio.Event, seconds: float) -> None:
+        """Sleep up to `seconds`, ending early when `wake` is set or the service stops."""
+        waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(self._stopping.wait())]
         try:
-            await asyncio.wait_for(wake.wait(), timeout=max(0.001, seconds))
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait(waiters, timeout=max(0.001, seconds), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     def _note_batch(self, report: BatchReport) -> None:
         if not report.claimed:
             return
         parts = [f"claimed {report.claimed}", f"published {report.published}"]
-        if report.rescheduled:
-            parts.append(f"{report.rescheduled} rescheduled with backoff")
-        if report.gave_up:
-            parts.append(f"{report.gave_up} moved to failed")
+        if report.failed:
+            parts.append(f"{report.failed} refused by the broker: failed")
+        if report.released:
+            parts.append(f"{report.released} back to pending (broker down)")
         if report.lease_lost:
             parts.append(f"{report.lease_lost} had lost their lease")
-        message = ", ".join(parts) + f" in {report.seconds * 1000:.1f} ms"
-        self._note(message + (f" ({report.broker_error})" if report.broker_error else ""))
+        self._note(", ".join(parts) + f" in {report.seconds * 1000:.1f} ms")
 
     def _note_error(self, worker: str, error: BaseException) -> None:
         description = f"{worker} error: {type(error).__name__}: {error}"[:300]
-        if description != self._last_error_noted:  # one line per new error, not one per retry
-            self._last_error_noted = description
+        if self._errors_noted.get(worker) != description:  # one line per new error, not one per retry
+            self._errors_noted[worker] = description
             logger.warning("outbox %s in sandbox %s", description, self.sandbox.id)
             self._note(description)
 
@@ -3494,6 +3701,7 @@ class OutboxService:
 
     async def _on_reset(self, sandbox: Sandbox) -> None:
         self.consumer.duplicates_ignored = 0
+        self.audit = PublishedEventAudit(sandbox, self.settings)
         self.activity.clear()
         self._note("sandbox reset: events, inbox and stream emptied")
 
@@ -3517,6 +3725,40 @@ async def start_event_publisher(sandbox: Sandbox) -> bool:
 async def stop_event_publisher(sandbox: Sandbox) -> bool:
     """Stop them after their current batch; False if they were not running."""
     return await outbox_service(sandbox).stop()
+
+
+async def publish_pending_and_stop(sandbox: Sandbox) -> int:
+    """For the sandbox going dormant: publish what is pending, stop, remember to resume; returns how many went out.
+
+    Does nothing (0) for a sandbox whose outbox never started. The runtime calls it before it
+    lets a sandbox sleep; resume_event_publisher when the learner comes back.
+    """
+    service = sandbox.services.get(OUTBOX_SERVICE_NAME)
+    return await service.publish_pending_and_stop() if service is not None else 0
+
+
+async def resume_event_publisher(sandbox: Sandbox) -> bool:
+    """For the learner's return: start the publisher again if it was on when the sandbox went dormant."""
+    service = sandbox.services.get(OUTBOX_SERVICE_NAME)
+    return await service.resume() if service is not None else False
+
+
+_broker_durability: "weakref.WeakKeyDictionary[RedisService, BrokerDurability]" = weakref.WeakKeyDictionary()
+
+
+async def broker_durability(sandbox: Sandbox) -> BrokerDurability:
+    """How the broker keeps its stream across a restart, read once per process where the server allows it."""
+    service = sandbox.redis.service
+    known = _broker_durability.get(service)
+    if known is None:
+        try:
+            known = await asyncio.wait_for(
+                read_broker_durability(service.client, in_process=service.mode == "fakeredis"), 2.0
+            )
+        except REDIS_ERRORS:
+            return BrokerDurability("unknown", "the broker did not answer, so how it persists is not known yet.")
+        _broker_durability[service] = known
+    return known
 
 
 @dataclass(frozen=True)
@@ -3544,10 +3786,13 @@ async def set_broker_outage(sandbox: Sandbox, *, cut: bool) -> bool:
     """Cut this sandbox off from the broker (connections really fail) or reconnect; True when it answers.
 
     The switch PINGs at once, so the status stops saying 'degraded' as soon as Redis answers,
-    not only after the publisher's next successful batch.
+    and a relay paused by the outage probes now instead of after its backoff.
     """
-    timeout = outbox_service(sandbox).settings.broker_timeout_seconds
-    return await sandbox.redis.switch_outage(cut=cut, timeout_seconds=timeout)
+    service = outbox_service(sandbox)
+    answers = await sandbox.redis.switch_outage(cut=cut, timeout_seconds=service.settings.broker_timeout_seconds)
+    if answers:
+        service.wake()
+    return answers
 
 
 async def retry_failed_events(sandbox: Sandbox) -> int:
@@ -3569,16 +3814,22 @@ class OutboxStatus:
 
     publisher_running: bool
     broker_cut_off: bool
+    broker_outage_seconds: Optional[float]  # how long the relay has been paused (None: not paused)
     pending: int
     published: int
     failed: int
     delivered: int
     duplicates_ignored: int
     stream_length: Optional[int]  # None while the broker cannot be reached
+    consumer_lag: Optional[int]  # entries the consumer group has not read yet
+    consumer_unacknowledged: Optional[int]  # read but not acknowledged yet
     events_per_second: float  # published during the last RATE_WINDOW_SECONDS, per second
     oldest_pending_age_seconds: Optional[float]
     median_latency_ms: Optional[float]  # commit-to-publish, over the latest published events
     p95_latency_ms: Optional[float]
+    last_audit: Optional[AuditReport]
+    republished_by_audits: int
+    durability: BrokerDurability
     pending_events: list[dict[str, Any]]
     published_events: list[dict[str, Any]]
     failed_events: list[dict[str, Any]]
@@ -3603,73 +3854,98 @@ def _event_row(event: DomainEvent) -> dict[str, Any]:
     }
 
 
+async def _count_events(session: AsyncSession) -> dict[str, Any]:
+    """Events by status and inbox rows: each a count over an index."""
+    by_status = dict((await session.execute(select(DomainEvent.status, func.count()).group_by(DomainEvent.status))).all())
+    by_status["delivered"] = await session.scalar(select(func.count()).select_from(ConsumedEvent))
+    return by_status
+
+
+async def _publishing_pace(session: AsyncSession, now: datetime) -> tuple[int, Optional[datetime], list[float]]:
+    """Events published in the rate window, the oldest pending event's time, the latest latencies (ms)."""
+    recently_published = await session.scalar(
+        select(func.count())
+        .select_from(DomainEvent)
+        .where(DomainEvent.status == "published", DomainEvent.published_at >= now - timedelta(seconds=RATE_WINDOW_SECONDS))
+    )
+    oldest_pending = await session.scalar(
+        select(DomainEvent.created_at).where(DomainEvent.status == "pending").order_by(DomainEvent.created_at).limit(1)
+    )
+    latency_sample = await session.execute(
+        select(DomainEvent.created_at, DomainEvent.published_at)
+        .where(DomainEvent.status == "published")
+        .order_by(DomainEvent.published_at.desc())
+        .limit(LATENCY_SAMPLE_SIZE)
+    )
+    # Latency runs from created_at, stamped inside the writing transaction just before its commit,
+    # so it slightly overstates commit-to-publish, never understates it.
+    latencies = sorted((published - created).total_seconds() * 1000 for created, published in latency_sample)
+    return int(recently_published or 0), oldest_pending, latencies
+
+
+async def _latest_events(session: AsyncSession, *, limit: int) -> dict[str, list[dict[str, Any]]]:
+    """The oldest pending and failed events and the latest published ones (with their delivery time)."""
+    latest: dict[str, list[dict[str, Any]]] = {}
+    for status in ("pending", "failed"):
+        statement = select(DomainEvent).where(DomainEvent.status == status).order_by(DomainEvent.created_at).limit(limit)
+        latest[status] = [_event_row(event) for event in (await session.scalars(statement)).all()]
+    published = await session.execute(
+        select(DomainEvent, ConsumedEvent.consumed_at)
+        .outerjoin(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+        .where(DomainEvent.status == "published")
+        .order_by(DomainEvent.published_at.desc(), DomainEvent.created_at.desc())
+        .limit(limit)
+    )
+    latest["published"] = [{**_event_row(event), "delivered_at": delivered_at} for event, delivered_at in published]
+    return latest
+
+
+async def _stream_backlog(sandbox: Sandbox, timeout_seconds: float) -> Optional[StreamBacklog]:
+    try:
+        return await asyncio.wait_for(
+            read_stream_backlog(sandbox.redis.client, sandbox.redis.key("events"), EVENT_CONSUMER_GROUP), timeout_seconds
+        )
+    except REDIS_ERRORS:
+        return None  # the broker cannot be reached
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> Optional[float]:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
+
+
 async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
     """Count events by status, measure rate, backlog age and latency, and list the latest of each kind."""
     service = outbox_service(sandbox)
     now = utc_now()
     async with get_session(sandbox) as session:
-        by_status = select(DomainEvent.status, func.count()).group_by(DomainEvent.status)
-        counts = dict((await session.execute(by_status)).all())
-        oldest_pending = await session.scalar(
-            select(func.min(DomainEvent.created_at)).where(DomainEvent.status == "pending")
-        )
-        recently_published = await session.scalar(
-            select(func.count())
-            .select_from(DomainEvent)
-            .where(DomainEvent.published_at >= now - timedelta(seconds=RATE_WINDOW_SECONDS))
-        )
-        latency_sample = (
-            await session.execute(
-                select(DomainEvent.created_at, DomainEvent.published_at)
-                .where(DomainEvent.status == "published")
-                .order_by(DomainEvent.published_at.desc())
-                .limit(LATENCY_SAMPLE_SIZE)
-            )
-        ).all()
-        delivered = await session.scalar(select(func.count()).select_from(ConsumedEvent))
-
-        async def latest(status: str, order: Any) -> list[DomainEvent]:
-            statement = select(DomainEvent).where(DomainEvent.status == status).order_by(order).limit(limit)
-            return list((await session.scalars(statement)).all())
-
-        pending_events = await latest("pending", DomainEvent.created_at)
-        failed_events = await latest("failed", DomainEvent.created_at)
-        published_rows = (
-            await session.execute(
-                select(DomainEvent, ConsumedEvent.consumed_at)
-                .outerjoin(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
-                .where(DomainEvent.status == "published")
-                .order_by(DomainEvent.published_at.desc(), DomainEvent.created_at.desc())
-                .limit(limit)
-            )
-        ).all()
-    try:
-        stream_length: Optional[int] = await asyncio.wait_for(
-            sandbox.redis.client.xlen(sandbox.redis.key("events")), service.settings.broker_timeout_seconds
-        )
-    except REDIS_ERRORS:
-        stream_length = None
-    # Latency runs from created_at, stamped inside the writing transaction just before its commit,
-    # so it slightly overstates commit-to-publish, never understates it.
-    latencies = sorted((published - created).total_seconds() * 1000 for created, published in latency_sample)
+        counts = await _count_events(session)
+        recently_published, oldest_pending, latencies = await _publishing_pace(session, now)
+        latest = await _latest_events(session, limit=limit)
+    backlog = await _stream_backlog(sandbox, service.settings.broker_timeout_seconds)
     return OutboxStatus(
         publisher_running=service.running,
         broker_cut_off=sandbox.redis.cut_off,
+        broker_outage_seconds=service.circuit.seconds_open() if service.circuit.is_open else None,
         pending=int(counts.get("pending", 0)),
         published=int(counts.get("published", 0)),
         failed=int(counts.get("failed", 0)),
-        delivered=int(delivered or 0),
+        delivered=int(counts.get("delivered") or 0),
         duplicates_ignored=service.consumer.duplicates_ignored,
-        stream_length=stream_length,
-        events_per_second=int(recently_published or 0) / RATE_WINDOW_SECONDS,
+        stream_length=None if backlog is None else backlog.length,
+        consumer_lag=None if backlog is None else backlog.lag,
+        consumer_unacknowledged=None if backlog is None else backlog.pending,
+        events_per_second=recently_published / RATE_WINDOW_SECONDS,
         oldest_pending_age_seconds=(now - oldest_pending).total_seconds() if oldest_pending else None,
         median_latency_ms=statistics.median(latencies) if latencies else None,
-        p95_latency_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))] if latencies else None,
-        pending_events=[_event_row(event) for event in pending_events],
-        published_events=[
-            {**_event_row(event), "delivered_at": delivered_at} for event, delivered_at in published_rows
-        ],
-        failed_events=[_event_row(event) for event in failed_events],
+        p95_latency_ms=_percentile(latencies, 0.95),
+        last_audit=service.audit.last,
+        republished_by_audits=service.audit.republished_total,
+        durability=await broker_durability(sandbox),
+        pending_events=latest["pending"],
+        published_events=latest["published"],
+        failed_events=latest["failed"],
         activity=list(service.activity),
     )
 

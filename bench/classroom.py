@@ -63,6 +63,8 @@ INITIALIZE = "Initialize In-Memory SQLite Database & Create Sample Users"
 CREATE_USER = "Create User"
 FETCH_USER = "Fetch User (Cached)"
 STORE_SCORE = "Calculate & Store AIRScore (Creates Pending Event)"
+COMPARE_STRATEGIES = "Compare Loading Strategies"
+RUN_POOL_EXPERIMENT = "Run Pooling Experiment"
 CLICK_TIMEOUT_SECONDS = 60.0
 SERVER_START_SECONDS = 60.0
 _DONE = (ForwardMsg.FINISHED_SUCCESSFULLY, ForwardMsg.FINISHED_WITH_COMPILE_ERROR)
@@ -151,6 +153,7 @@ class RunOutcome:
     seconds: float
     buttons: dict[str, str] = field(default_factory=dict)  # label -> widget id
     text_inputs: dict[str, str] = field(default_factory=dict)  # label -> widget id
+    sliders: dict[str, float] = field(default_factory=dict)  # widget id -> its maximum
     errors: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
 
@@ -166,6 +169,7 @@ class LearnerReport:
     stores: int = 0
     email: str = ""
     moved: bool = False
+    heavy: bool = False  # runs the long experiments over and over instead of walking the guide
 
 
 class SimulatedLearner:
@@ -195,7 +199,10 @@ class SimulatedLearner:
         for widget_id, kind, value in widget_states:
             state = message.rerun_script.widget_states.widgets.add()
             state.id = widget_id
-            setattr(state, kind, value)
+            if kind == "double_array_value":
+                state.double_array_value.data.extend(value)
+            else:
+                setattr(state, kind, value)
         started = time.perf_counter()
         await self.socket.send(message.SerializeToString())
         outcome = RunOutcome(seconds=0.0)
@@ -237,11 +244,17 @@ class SimulatedLearner:
         self.report.clicks.append(outcome.seconds)
         return outcome
 
-    async def press(self, page: RunOutcome, label: str, inputs: Optional[dict[str, str]] = None) -> RunOutcome:
+    async def press(
+        self, page: RunOutcome, label: str, inputs: Optional[dict[str, str]] = None, *, sliders_at_maximum: bool = False
+    ) -> RunOutcome:
         if label not in page.buttons:
             self.report.errors.append(f"no button {label!r} on the page")
             return page
-        states = [(page.text_inputs[name], "string_value", value) for name, value in (inputs or {}).items()]
+        states: list[tuple[str, str, Any]] = [
+            (page.text_inputs[name], "string_value", value) for name, value in (inputs or {}).items()
+        ]
+        if sliders_at_maximum:
+            states += [(widget_id, "double_array_value", [maximum]) for widget_id, maximum in page.sliders.items()]
         states.append((page.buttons[label], "trigger_value", True))
         outcome = await self.rerun(tuple(states))
         self.report.clicks.append(outcome.seconds)
@@ -291,6 +304,24 @@ class SimulatedLearner:
             if self.socket is not None:
                 await self.socket.close()
 
+    async def experiment_until(self, done: asyncio.Event) -> None:
+        """The heavy learner: strategy comparisons and pool experiments at their maximum, back to back."""
+        self.report.heavy = True
+        try:
+            await self.open()
+            page = await self.go_to("connectivity_pooling")
+            await self.press(page, INITIALIZE)
+            while not done.is_set():
+                page = await self.go_to("repository_n_plus_one")
+                await self.press(page, COMPARE_STRATEGIES)
+                page = await self.go_to("connectivity_pooling")
+                await self.press(page, RUN_POOL_EXPERIMENT, sliders_at_maximum=True)
+        except (TimeoutError, OSError, websockets.WebSocketException, KeyError) as error:
+            self.report.errors.append(f"{type(error).__name__}: {error}")
+        finally:
+            if self.socket is not None:
+                await self.socket.close()
+
 
 def _read_element(element: Any, outcome: RunOutcome) -> None:
     kind = element.WhichOneof("type")
@@ -298,6 +329,8 @@ def _read_element(element: Any, outcome: RunOutcome) -> None:
         outcome.buttons[element.button.label] = element.button.id
     elif kind == "text_input":
         outcome.text_inputs[element.text_input.label] = element.text_input.id
+    elif kind == "slider":
+        outcome.sliders[element.slider.id] = element.slider.max
     elif kind == "exception":
         outcome.errors.append(f"exception: {element.exception.type}: {element.exception.message}")
     elif kind == "alert":
@@ -436,8 +469,12 @@ class ClassReport:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
 
+    def walking_click_p95(self) -> Optional[float]:
+        """p95 click round trip of the learners walking the guide (the heavy ones left out)."""
+        return self.percentile([c for r in self.reports if r.number >= 0 and not r.heavy for c in r.clicks], 0.95)
+
     def rows(self, label: str) -> list[dict[str, Any]]:
-        simulated = [r for r in self.reports if r.number >= 0]
+        simulated = [r for r in self.reports if r.number >= 0 and not r.heavy]
         clicks = [c for r in simulated for c in r.clicks]
         every_click = len(clicks) + sum(len(r.clicks) + 1 for r in self.reports if r.number < 0) + len(simulated)
         renders = [r.first_render for r in simulated if r.first_render is not None]
@@ -477,6 +514,7 @@ async def run_class(
     ramp_seconds: float,
     move_share: float,
     browsers: int,
+    heavy: int,
     database_url: Optional[str],
     sandbox_directory: Path,
     seed: int = 7,
@@ -509,7 +547,13 @@ async def run_class(
         other = replicas[(learner.report.number + 1) % len(replicas)] if moves else None
         await learner.walk(think_seconds=think_seconds, other_replica=other, rng=random.Random(rng.random()))
 
+    walks_done = asyncio.Event()
+    heavy_learners = [SimulatedLearner(learners + number, replicas[0]) for number in range(heavy)]
+    experiments = [asyncio.create_task(learner.experiment_until(walks_done)) for learner in heavy_learners]
     await asyncio.gather(*(start(learner, ramp_seconds * i / max(1, learners)) for i, learner in enumerate(simulated)))
+    walks_done.set()
+    await asyncio.gather(*experiments)
+    simulated += heavy_learners
     if browsers:
         await asyncio.to_thread(browser_thread.join, 600)
     seconds = time.perf_counter() - started
@@ -545,6 +589,7 @@ def measure(
     ramp_seconds: Optional[float] = None,
     move_share: float = 0.0,
     browsers: int = 0,
+    heavy: int = 0,
     streamlit_flags: tuple[str, ...] = (),
     extra_environment: Optional[dict[str, str]] = None,
 ) -> ClassReport:
@@ -567,6 +612,7 @@ def measure(
                 ramp_seconds=learners / 10 if ramp_seconds is None else ramp_seconds,
                 move_share=move_share,
                 browsers=browsers,
+                heavy=heavy,
                 database_url=database_url,
                 sandbox_directory=sandbox_directory,
             )
@@ -577,11 +623,22 @@ def measure(
         shutil.rmtree(workspace, ignore_errors=True)
 
 
+def fairness(*, learners: int = 10, heavy: int = 1) -> dict[str, Any]:
+    """Walking learners' click p95 with `heavy` learners running long experiments ÷ without them."""
+    quiet = measure(learners=learners).walking_click_p95() or 0.0
+    loaded = measure(learners=learners, heavy=heavy).walking_click_p95() or 0.0
+    return result(
+        "classroom", f"{learners} learners' click p95 with {heavy} running experiments ÷ without",
+        loaded / quiet if quiet else float("inf"), target="≤ 2×", met=bool(quiet) and loaded / quiet <= 2,
+    )  # fmt: skip
+
+
 def main() -> list[dict[str, Any]]:
     """For bench/run_all.py: 30 and 100 learners on one process; two replicas on PostgreSQL."""
     rows: list[dict[str, Any]] = []
     for learners in (30, 100):
         rows += measure(learners=learners, browsers=2 if learners == 30 else 0).rows(f"{learners} learners")
+    rows.append(fairness())
     if source.resolve_database_target(os.environ.get("DATABASE_URL", "").strip() or None).kind == "postgresql":
         rows += measure(learners=60, replicas=2, move_share=0.3).rows("60 learners, 2 replicas, 30% moved")
     print_table(rows)
@@ -596,8 +653,13 @@ if __name__ == "__main__":
     parser.add_argument("--ramp", type=float, default=None, help="seconds over which learners arrive (default N/10)")
     parser.add_argument("--move", type=float, default=0.0, help="share of learners moved to the other replica")
     parser.add_argument("--browsers", type=int, default=0, help="real Chromium learners walking at the same time")
+    parser.add_argument("--heavy", type=int, default=0, help="learners running the long experiments meanwhile")
+    parser.add_argument("--fairness", action="store_true", help="measure walking learners' p95 with and without --heavy")
     parser.add_argument("--flag", action="append", default=[], help="extra `streamlit run` flag, e.g. --flag=--runner.postScriptGC=true")
     arguments = parser.parse_args()
+    if arguments.fairness:
+        print_table([fairness(learners=arguments.learners, heavy=max(1, arguments.heavy))])
+        raise SystemExit(0)
     report = measure(
         learners=arguments.learners,
         replicas=arguments.replicas,
@@ -605,6 +667,7 @@ if __name__ == "__main__":
         ramp_seconds=arguments.ramp,
         move_share=arguments.move,
         browsers=arguments.browsers,
+        heavy=arguments.heavy,
         streamlit_flags=tuple(arguments.flag),
     )
     print_table(report.rows(f"{arguments.learners} learners"))

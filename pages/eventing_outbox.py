@@ -126,11 +126,12 @@ explanation.markdown(
     f"""
 This publisher is real, not a stand-in that runs a few rounds. It is a background task on QuLab's
 server loop and keeps running across reruns and page changes until you stop it (your sandbox's
-release stops it too). A commit that adds an event wakes it at once; otherwise it looks every
-{settings.poll_interval_seconds:g} s. Each round it leases up to {settings.batch_size} due events,
-oldest first, adds them to the stream in one pipeline and marks them published in one statement.
-A consumer group on the stream plays the downstream service. **Stop** lets both finish the batch
-in hand.
+release stops it too). A commit that adds an event wakes it at once; with nothing to do it looks
+again after {settings.idle_wait_seconds:g} s, then less and less often (at most every
+{settings.idle_wait_max_seconds:g} s), so an idle publisher costs almost nothing. Each round it
+leases up to {settings.batch_size} events, oldest first, adds them to the stream in one pipeline
+and marks them published in one statement. A consumer group on the stream plays the downstream
+service. **Stop** lets both finish the batch in hand.
 """
 )
 st.session_state[OUTAGE_KEY] = publisher.broker_cut_off  # the switch shows the real state
@@ -139,10 +140,11 @@ if message := st.session_state.pop("outbox_outage_error", None):
     st.error(f"The outage switch failed. {message}")
 if publisher.broker_cut_off:
     st.warning(
-        "Broker outage: your sandbox's connections to Redis really fail now. New events stay pending, "
-        "their attempts and last error grow, and retries back off. Turn the switch off: they all go out. "
-        f"An event still failing after {settings.max_attempts} attempts (a few minutes) is marked failed "
-        "until you retry it."
+        "Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and "
+        "checks the broker again with growing waits (at most "
+        f"{settings.outage_backoff_max_seconds:g} s); new events stay pending and keep their attempts, because "
+        "the outage is the broker's fault, not theirs. Turn the switch off: they all go out, with no retry needed. "
+        "Only an event the broker refuses for itself (too large, say) is marked failed, at once, with the reason."
     )
 
 st.subheader("Burst: many scores at once")
@@ -206,8 +208,15 @@ def event_status_panel() -> None:
     median = status.median_latency_ms
     rates[2].metric("Commit-to-publish (median)", "n/a" if median is None else f"{median:,.1f} ms")
     rates[3].metric("Duplicates ignored", status.duplicates_ignored)
+    if status.broker_outage_seconds is not None:
+        st.warning(f"Broker unreachable for {status.broker_outage_seconds:,.0f} s: relay paused, no event loses an attempt.")
+    if status.durability.restart_can_lose_events:
+        st.warning(f"A broker restart could lose events: {status.durability.description}")
+    lag = "unknown" if status.consumer_lag is None else f"{status.consumer_lag:,}"
     st.caption(
-        f"Stream length: {'unreachable' if status.stream_length is None else status.stream_length}. "
+        f"Stream length: {'unreachable' if status.stream_length is None else f'{status.stream_length:,}'}; "
+        f"consumer lag: {lag} unread, {status.consumer_unacknowledged or 0:,} read but not acknowledged. "
+        "The stream is trimmed only of entries the consumer group acknowledged. "
         "Latency runs from the event's created_at, stamped in its transaction just before the commit, so "
         "events written while the publisher was stopped or the broker cut off count that wait too; "
         f"p95: {'n/a' if status.p95_latency_ms is None else f'{status.p95_latency_ms:,.1f} ms'}."
@@ -227,6 +236,13 @@ def event_status_panel() -> None:
     show_table(
         "Failed Events", status.failed_events, ["id", "event_type", "attempts", "last_error"], status.failed
     )
+    if status.last_audit is not None:
+        audit = status.last_audit
+        st.caption(
+            f"Audit at {audit.at:%H:%M:%S} UTC: {audit.checked} published events not yet consumed were looked up "
+            f"in the stream, {audit.missing} were gone (the broker lost them) and {audit.republished} were "
+            f"republished; {status.republished_by_audits} republished so far."
+        )
     if status.activity:
         st.markdown("**Publisher and consumer activity** (newest first)")
         st.code("\n".join(status.activity[:15]), language=None)

@@ -90,7 +90,7 @@ def redis_server() -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="qulab-redis-") as directory:
         process = subprocess.Popen(
-            [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory],
+            [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir", directory],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -100,6 +100,54 @@ def redis_server() -> Iterator[str]:
         finally:
             process.terminate()
             process.wait(10)
+
+
+class RedisProcess:
+    """A redis-server on loopback that a fault test can stop and start again on the same port.
+
+    persistent=False runs it as a cache would (--save '' --appendonly no): a restart forgets
+    every stream. Start, stop and restart are bounded in time; close() always stops it.
+    """
+
+    def __init__(self, *, persistent: bool) -> None:
+        program = shutil.which("redis-server")
+        if program is None:
+            unavailable("redis-server is not installed (apt-get install redis-server)")
+        self.program = program
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.persistent = persistent
+        self.directory = tempfile.mkdtemp(prefix="qulab-redis-fault-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "RedisProcess":
+        """Start the server and wait until it accepts connections."""
+        appendonly = "yes" if self.persistent else "no"
+        self.process = subprocess.Popen(
+            [self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly,
+             "--dir", self.directory],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server at once (SIGKILL: nothing is saved on the way out)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def restart(self) -> None:
+        """Kill the server and start a new one on the same port."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and delete its directory."""
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _postgres_bin() -> Path | None:

@@ -21,12 +21,12 @@ from source import AIRScore, ConsumedEvent, DomainEvent, OutboxPublisher, Stream
 
 FAST = source.OutboxSettings(
     batch_size=50,
-    poll_interval_seconds=0.02,
-    max_attempts=1000,
-    backoff_base_seconds=0.005,
-    backoff_max_seconds=0.02,
+    idle_wait_seconds=0.02,
+    idle_wait_max_seconds=0.2,
+    outage_backoff_base_seconds=0.005,
+    outage_backoff_max_seconds=0.02,
     consumer_reclaim_idle_seconds=0.05,
-    broker_timeout_seconds=0.3,  # a cut real Redis retries for seconds before it gives up
+    broker_timeout_seconds=3.0,  # a loaded machine can take a while; the outage switch fails at once
     stop_timeout_seconds=5,
 )
 
@@ -256,7 +256,7 @@ async def test_each_stream_message_carries_the_event_id_and_its_payload(sandbox_
 
 
 async def test_the_running_publisher_is_woken_by_the_commit_not_the_poll(sandbox_with_users):
-    service = source.outbox_service(sandbox_with_users, replace(FAST, poll_interval_seconds=60))
+    service = source.outbox_service(sandbox_with_users, replace(FAST, idle_wait_seconds=60, idle_wait_max_seconds=60))
     assert await service.start()
     user = (await source.list_users(sandbox_with_users))[0]
     stored = await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="15-1252")
@@ -301,10 +301,10 @@ class GatedPublisher(OutboxPublisher):
         self.reached_marking = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def _mark_published(self, event_ids, *, published_at):
+    async def _mark_published(self, connection, stream_ids):
         self.reached_marking.set()
         await self.gate.wait()
-        return await super()._mark_published(event_ids, published_at=published_at)
+        return await super()._mark_published(connection, stream_ids)
 
 
 async def test_stop_lets_the_current_batch_finish(sandbox):
@@ -386,18 +386,16 @@ async def test_broker_outage_during_a_burst_delays_but_loses_nothing(sandbox_wit
     await source.set_broker_outage(sandbox, cut=True)
     burst = asyncio.create_task(source.store_airscore_burst(sandbox, count=60))
 
-    async def failed_attempts_recorded() -> bool:
-        async with get_session(sandbox) as session:
-            statement = select(func.count()).where(
-                DomainEvent.attempts >= 1, DomainEvent.last_error.like("broker unavailable%")
-            )
-            return bool(await session.scalar(statement))
+    async def relay_paused() -> bool:
+        return service.circuit.is_open
 
-    await eventually(failed_attempts_recorded)
+    await eventually(relay_paused)
     await burst
     assert await stream_event_ids(sandbox) == []
     assert (await counts_by_status(sandbox)) == {"pending": 60}
-    assert sandbox.redis.health.degraded
+    assert sandbox.redis.health.degraded and service.circuit.is_open
+    async with get_session(sandbox) as session:  # the outage spent no event's attempts
+        assert await session.scalar(select(func.max(DomainEvent.attempts))) == 0
 
     await source.set_broker_outage(sandbox, cut=False)
     async with get_session(sandbox) as session:
@@ -409,26 +407,21 @@ async def test_broker_outage_during_a_burst_delays_but_loses_nothing(sandbox_wit
     await service.stop()
 
 
-async def test_a_poison_event_fails_after_the_maximum_attempts_without_blocking_the_rest(sandbox):
-    settings = replace(FAST, max_message_bytes=2000, max_attempts=3)
+async def test_an_oversized_event_fails_at_once_with_its_reason_without_blocking_the_rest(sandbox):
+    settings = replace(FAST, max_message_bytes=2000)
     async with get_session(sandbox) as session:
         poison = DomainEvent(event_type="Huge", aggregate_type="Test", aggregate_id=source._new_id(), payload={"x": "y" * 5000})
         session.add(poison)
     good = await add_pending_events(sandbox, 5)  # all younger than the poison event
     publisher = OutboxPublisher(sandbox, settings)
     first = await publisher.publish_due_batch()
-    assert (first.claimed, first.published, first.rescheduled) == (6, 5, 1)
+    assert (first.claimed, first.published, first.failed, first.released) == (6, 5, 1, 0)
     assert await stream_event_ids(sandbox) == good
-
-    async def poison_gave_up() -> bool:
-        await publisher.publish_due_batch()
-        return (await counts_by_status(sandbox)).get("failed") == 1
-
-    await eventually(poison_gave_up)
     async with get_session(sandbox) as session:
         failed = await session.get(DomainEvent, poison.id)
-    assert failed.status == "failed" and failed.attempts == 3 and "bytes" in failed.last_error
-    assert await stream_event_ids(sandbox) == good
+    assert failed.status == "failed" and failed.attempts == 1
+    assert failed.last_error.startswith("message is ") and "limit is 2000" in failed.last_error
+    assert (await publisher.publish_due_batch()).claimed == 0  # never retried on its own
 
     # the operator raises the limit, then retries the failed event: it gets a fresh set of attempts
     assert await source.retry_failed_events(sandbox) == 1
@@ -440,14 +433,18 @@ async def test_a_poison_event_fails_after_the_maximum_attempts_without_blocking_
     assert await counts_by_status(sandbox) == {"published": 6}
 
 
-def test_backoff_grows_exponentially_with_bounded_jitter():
-    publisher = OutboxPublisher.__new__(OutboxPublisher)
-    publisher.settings = replace(FAST, backoff_base_seconds=1, backoff_max_seconds=8)
-    publisher._random = source.random.Random(7)
-    for attempts, full_delay in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (40, 8)]:
-        delays = [publisher.backoff_seconds(attempts) for _ in range(50)]
+def test_the_broker_circuit_opens_once_and_probes_with_growing_jittered_backoff():
+    circuit = source.BrokerCircuit(base_seconds=1, max_seconds=8)
+    circuit._random = source.random.Random(7)
+    assert circuit.open(ConnectionError("refused")) is True
+    assert circuit.open(ConnectionError("refused again")) is False, "one outage, reported once"
+    for failed_probes, full_delay in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 8), (40, 8)]:
+        circuit.probes_failed = failed_probes
+        delays = [circuit.seconds_until_probe() for _ in range(50)]
         assert all(full_delay / 2 <= delay <= full_delay for delay in delays)
-        assert len(set(delays)) > 1, "jitter spreads retries"
+        assert len(set(delays)) > 1, "jitter spreads the probes"
+    assert circuit.close() is not None and not circuit.is_open and circuit.close() is None
+    assert circuit.outages == 1
 
 
 # --- the consumer --------------------------------------------------------------------------

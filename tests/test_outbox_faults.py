@@ -1,0 +1,270 @@
+"""The outbox over a whole class: lagging consumers, outages, lost stream entries, dormant sandboxes.
+
+Each fault is real where it can be: fakeredis's own outage switch, a real redis-server stopped and
+started again, entries really gone from the stream. Timings are shrunk through OutboxSettings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sqlalchemy import func, select
+
+import servers
+import source
+from source import DomainEvent, OutboxPublisher, StreamConsumer, get_session
+from test_outbox import FAST, add_pending_events, counts_by_status, drain, drain_consumer, eventually, inbox_event_ids, stream_event_ids
+
+
+async def test_retention_never_trims_entries_the_consumer_group_has_not_acknowledged(sandbox):
+    settings = replace(FAST, batch_size=100, stream_trim_above=50, consumer_batch_size=40)
+    consumer = StreamConsumer(sandbox, settings)
+    await consumer.consume_batch()  # the group exists before anything is published
+    ids = await add_pending_events(sandbox, 300)
+    await drain(OutboxPublisher(sandbox, settings))  # the consumer is 300 behind
+    client, stream = sandbox.redis.client, sandbox.redis.key("events")
+    assert await source.trim_acknowledged_entries(client, stream, keep_at_least=50) == 0, "nothing was read yet"
+    await consumer.consume_batch()  # reads 40 (acknowledged)
+    await client.xreadgroup(source.EVENT_CONSUMER_GROUP, "slow", {stream: ">"}, count=10)  # read, never acknowledged
+    assert await source.trim_acknowledged_entries(client, stream, keep_at_least=50) == 40
+    assert await client.xlen(stream) == 260  # 10 unacknowledged + 250 unread stay
+    async def everything_recorded() -> bool:  # the rest, and the 10 reclaimed from "slow" once idle
+        await drain_consumer(consumer)
+        return sorted(await inbox_event_ids(sandbox)) == sorted(ids)
+
+    await eventually(everything_recorded)
+    backlog = await source.read_stream_backlog(client, stream, source.EVENT_CONSUMER_GROUP)
+    assert backlog.lag == 0
+
+
+async def test_a_consumer_far_behind_gets_every_event_once(sandbox):
+    settings = replace(FAST, batch_size=100, stream_trim_above=100, consumer_batch_size=100)
+    service = source.outbox_service(sandbox, settings)
+    await service.consumer.consume_batch()  # the group exists, then the consumer falls behind
+    ids = await add_pending_events(sandbox, 1200)
+    await drain(service.publisher)
+    assert set(await stream_event_ids(sandbox)) == set(ids), "retention dropped unread entries"
+    await service.start()
+    await eventually(lambda: _all_delivered(sandbox, ids), timeout=30)
+    await service.stop()
+    assert Counter(await inbox_event_ids(sandbox)) == Counter(ids)
+    assert await counts_by_status(sandbox) == {"published": 1200}
+    assert len(await stream_event_ids(sandbox)) <= 100 + settings.consumer_batch_size  # read entries were trimmed
+
+
+async def _all_delivered(sandbox: source.Sandbox, ids: list[str]) -> bool:
+    return len(await inbox_event_ids(sandbox)) == len(ids)
+
+
+async def test_an_outage_pauses_the_relay_is_logged_once_and_spends_no_attempts(sandbox, caplog):
+    service = source.outbox_service(sandbox, replace(FAST, outage_backoff_base_seconds=0.01, outage_backoff_max_seconds=0.03))
+    await service.start()
+    await source.set_broker_outage(sandbox, cut=True)
+    ids = await add_pending_events(sandbox, 30)
+    with caplog.at_level(logging.WARNING, logger="qulab"):
+        await eventually(lambda: _circuit_probed(service, 10))  # ten failed probes: ten passes at least
+    paused_lines = [line for line in service.activity if "relay paused" in line]
+    warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(paused_lines) == 1 and len(warnings) == 1, (paused_lines, [r.getMessage() for r in warnings])
+    async with get_session(sandbox) as session:
+        assert await session.scalar(select(func.max(DomainEvent.attempts))) == 0
+    assert await counts_by_status(sandbox) == {"pending": 30}
+
+    await source.set_broker_outage(sandbox, cut=False)  # recovery: no retry button, no manual step
+    await eventually(lambda: _all_delivered(sandbox, ids))
+    assert await counts_by_status(sandbox) == {"published": 30}
+    assert sum("answers again" in line for line in service.activity) == 1
+    await service.stop()
+
+
+async def _circuit_probed(service: source.OutboxService, probes: int) -> bool:
+    return service.circuit.probes_failed >= probes
+
+
+async def test_a_broker_wide_refusal_pauses_like_an_outage_and_a_message_refusal_fails_the_event():
+    import redis.exceptions
+
+    assert source.is_broker_wide_refusal(redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'"))
+    assert source.is_broker_wide_refusal(redis.exceptions.ResponseError("LOADING Redis is loading the dataset in memory"))
+    assert source.is_broker_wide_refusal(redis.exceptions.ConnectionError("reset by peer"))
+    assert not source.is_broker_wide_refusal(redis.exceptions.ResponseError("ERR value is not a valid float"))
+
+
+async def test_the_audit_republishes_published_events_the_broker_lost_and_each_is_applied_once(sandbox):
+    settings = replace(FAST, audit_interval_seconds=0.05)
+    service = source.outbox_service(sandbox, settings)
+    consumed_first = await add_pending_events(sandbox, 20)
+    await service.start()
+    await eventually(lambda: _all_delivered(sandbox, consumed_first))
+    await service.stop()
+    lost = await add_pending_events(sandbox, 30)
+    await drain(service.publisher)  # published, then the broker forgets them before anyone reads them
+    await sandbox.redis.client.delete(sandbox.redis.key("events"))
+    assert await counts_by_status(sandbox) == {"published": 50}
+
+    await service.start()
+    everything = consumed_first + lost
+    await eventually(lambda: _all_delivered(sandbox, everything))
+    await service.stop()
+    assert Counter(await inbox_event_ids(sandbox)) == Counter(everything)  # each applied exactly once
+    assert service.audit.republished_total == 30 and service.audit.last is not None
+    status = await source.outbox_status(sandbox)
+    assert status.republished_by_audits == 30 and status.published == 50 and status.delivered == 50
+
+
+async def test_the_audit_leaves_events_that_are_only_unread_alone(sandbox):
+    await StreamConsumer(sandbox, FAST).consume_batch()
+    await add_pending_events(sandbox, 10)
+    await drain(OutboxPublisher(sandbox, FAST))
+    report = await source.PublishedEventAudit(sandbox, FAST).run()
+    assert (report.checked, report.missing, report.republished) == (10, 0, 0)
+    assert await counts_by_status(sandbox) == {"published": 10}
+
+
+async def test_a_dormant_sandbox_publishes_what_is_pending_then_stops_and_resumes_on_return(sandbox):
+    service = source.outbox_service(sandbox, replace(FAST, batch_size=100, idle_wait_seconds=60, idle_wait_max_seconds=60))
+    first_pass = asyncio.Event()
+    publish = service.publisher.publish_due_batch
+
+    async def publish_and_tell():
+        report = await publish()
+        first_pass.set()
+        return report
+
+    service.publisher.publish_due_batch = publish_and_tell
+    await service.consumer.consume_batch()  # creates the group now: its creation would wake the publisher
+    await service.start()
+    await asyncio.wait_for(first_pass.wait(), 10)  # now idle for a minute
+    rows = [{"event_type": "T", "aggregate_type": "T", "aggregate_id": source._new_id(), "payload": {"n": n}} for n in range(250)]
+    async with sandbox.engine.begin() as connection:  # written by another process: no wake-up here
+        await connection.execute(source.insert(DomainEvent), rows)
+    flushed = await source.publish_pending_and_stop(sandbox)
+    assert flushed == 250, list(service.activity)
+    assert not service.running and service.resume_on_return
+    assert await counts_by_status(sandbox) == {"published": 250}
+    assert len(set(await stream_event_ids(sandbox))) == 250
+    assert await source.resume_event_publisher(sandbox) is True and service.running
+    assert await source.resume_event_publisher(sandbox) is False
+    await service.stop()
+
+
+async def test_a_sandbox_whose_publisher_was_off_stays_off_after_it_wakes(sandbox):
+    source.outbox_service(sandbox, FAST)
+    assert await source.publish_pending_and_stop(sandbox) == 0
+    assert await source.resume_event_publisher(sandbox) is False
+    assert not source.outbox_service(sandbox).running
+
+
+async def test_fakeredis_says_its_stream_lives_in_the_process(sandbox):
+    durability = await source.broker_durability(sandbox)
+    if sandbox.redis.service.mode == "fakeredis":
+        assert durability.kind == "in-process" and durability.restart_can_lose_events
+    else:
+        assert durability.kind in {"aof", "snapshots", "none", "unknown"}
+
+
+INSERT_FROM_ANOTHER_PROCESS = """
+import asyncio, json, sys, uuid, datetime
+import asyncpg
+
+async def main(dsn, schema, count):
+    connection = await asyncpg.connect(dsn)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    await connection.executemany(
+        f'INSERT INTO "{schema}".domain_events (id, event_type, aggregate_type, aggregate_id, payload, status,'
+        ' attempts, next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7, $7)',
+        [(event_id, "Remote", "Test", str(uuid.uuid4()), json.dumps({"from": "another process"}), "pending", now) for event_id in ids],
+    )
+    await connection.close()
+    print(" ".join(ids))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_a_commit_in_another_process_wakes_the_publisher_through_listen_notify(postgres_registry):
+    sandbox = await postgres_registry.acquire(source.new_sandbox_id())
+    service = source.outbox_service(sandbox, replace(FAST, idle_wait_seconds=120, idle_wait_max_seconds=120))
+    await service.consumer.consume_batch()  # the group exists: nothing else wakes the publisher
+    await service.start()
+    await asyncio.sleep(0.2)  # let both workers settle into their two-minute idle wait
+    dsn = sandbox.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", INSERT_FROM_ANOTHER_PROCESS, dsn, sandbox.location, "3", stdout=asyncio.subprocess.PIPE
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0
+    ids = output.decode().split()
+    # Only the notification can wake it this soon: its idle wait is two minutes.
+    await eventually(lambda: _published(sandbox, 3), timeout=20)
+    assert sorted(await stream_event_ids(sandbox)) == sorted(ids)
+    assert service._notifications is not None and service._notifications.received >= 1
+    await service.stop()
+    assert not service._notifications
+
+
+async def _published(sandbox: source.Sandbox, count: int) -> bool:
+    return (await counts_by_status(sandbox)).get("published") == count
+
+
+@pytest.fixture
+def restartable_redis() -> Iterator[servers.RedisProcess]:
+    """A real redis-server without persistence that the test may kill and start again."""
+    redis_process = servers.RedisProcess(persistent=False).start()
+    try:
+        yield redis_process
+    finally:
+        redis_process.close()
+
+
+async def test_a_broker_restart_without_persistence_is_caught_by_the_audit(settings, restartable_redis):
+    on_redis = replace(settings, redis_url=restartable_redis.url)
+    redis_service = await source.RedisService.connect(on_redis)
+    registry = source.SandboxRegistry(on_redis, redis_service)
+    try:
+        assert redis_service.mode == "redis"
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        assert (await source.broker_durability(sandbox)).kind == "none"
+        service = source.outbox_service(sandbox, replace(FAST, audit_interval_seconds=0.1))
+        await service.start()
+        delivered_before = await add_pending_events(sandbox, 20)
+        await eventually(lambda: _all_delivered(sandbox, delivered_before))
+        await service.stop()
+        sent_not_read = await add_pending_events(sandbox, 200)
+        await drain(service.publisher)  # in the stream, marked published, read by nobody yet
+        restartable_redis.restart()  # killed: the stream and its consumer group are gone
+
+        await service.start()
+        everything = delivered_before + sent_not_read
+        await eventually(lambda: _all_delivered(sandbox, everything), timeout=30)
+        await service.stop()
+        assert Counter(await inbox_event_ids(sandbox)) == Counter(everything)  # each applied exactly once
+        assert service.audit.republished_total == 200
+        assert await counts_by_status(sandbox) == {"published": 220}
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
+def test_ci_and_the_fixtures_run_redis_with_an_append_only_file():
+    root = Path(__file__).resolve().parent.parent
+    assert "--appendonly yes" in (root / ".ci" / "run").read_text()
+    assert '"--appendonly", "yes"' in (root / "tests" / "servers.py").read_text()
+
+
+async def test_a_redis_with_an_append_only_file_says_so(real_redis_url):
+    client = source.redis_asyncio.from_url(real_redis_url, decode_responses=True)
+    try:
+        durability = await source.read_broker_durability(client, in_process=False)
+    finally:
+        await client.aclose()
+    assert durability.kind == "aof" and not durability.restart_can_lose_events
