@@ -7,8 +7,9 @@ source.py, where the whole data layer lives.
 import streamlit as st
 
 import source
+from pages.progress import render_progress
 
-st.set_page_config(page_title="QuLab: Data Architecture & Persistence", page_icon=":material/science:", layout="wide")
+st.set_page_config(page_title="QuLab: Data Architecture & Persistence", page_icon="🧪", layout="wide")
 
 navigation = st.navigation(
     [
@@ -22,8 +23,18 @@ navigation = st.navigation(
 )
 
 
+@st.cache_resource(scope="session", on_release=source.BrowserSessionHold.release, show_spinner=False)
+def browser_session_hold(session_key: str) -> source.BrowserSessionHold:
+    """This browser session's hold on its sandbox: Streamlit releases it when the websocket goes.
+
+    Keyed by a token in session_state as well, because AppTest runs every test "browser" under one
+    Streamlit session id; in a real server each session has its own cache anyway.
+    """
+    return source.BrowserSessionHold(source.get_runtime())
+
+
 def render_status(status: source.RuntimeStatus) -> None:
-    """The sidebar panel: where the data lives, how it is pooled, which Redis answers."""
+    """The sidebar panel: where the data lives, how it is pooled, which Redis answers, the class."""
     sidebar = st.sidebar
     sidebar.subheader("Status")
     sidebar.markdown(f"**Database:** {'PostgreSQL' if status.backend == 'postgresql' else 'SQLite'}")
@@ -32,11 +43,12 @@ def render_status(status: source.RuntimeStatus) -> None:
         sidebar.caption(f"Note: {status.database_note}.")
     sidebar.caption(
         f"Pool: {status.pool_size} connections + {status.max_overflow} overflow, "
-        f"{status.pool_timeout_seconds:g} s checkout timeout, pre-ping on."
+        f"{status.pool_timeout_seconds:g} s checkout timeout, pre-ping {'on' if status.pool_pre_ping else 'off'}."
     )
     redis_label = "real Redis server" if status.redis_mode == "redis" else "fakeredis (in-process Redis)"
     sidebar.markdown(f"**Redis:** {redis_label}")
     sidebar.caption(status.redis_reason)
+    sidebar.caption(f"Breaker {status.redis_breaker}.")
     if status.redis_cut_off:
         sidebar.warning("Outage switch on: your sandbox cannot reach Redis.")
     elif status.redis_degraded:
@@ -44,15 +56,53 @@ def render_status(status: source.RuntimeStatus) -> None:
     sidebar.markdown("**Your sandbox**")
     sidebar.code(status.sandbox_id, language=None)
     sidebar.caption(
-        f"Private to this browser tab's session; released after {status.sandbox_idle_minutes:g} minutes "
-        f"idle. Sandboxes live on this server: {status.live_sandboxes}."
+        "The link in your address bar (?sandbox=…) is the key to this sandbox: bookmark it to come back, "
+        "and anyone you give it to sees and changes the same data. While your tab is open it stays active; "
+        f"{status.sandbox_grace_seconds:g} s after you close it, it goes dormant (data kept), and "
+        f"{status.sandbox_idle_minutes:g} minutes after that its data is deleted."
+    )
+    new_column, reset_column = sidebar.columns(2)
+    if new_column.button("New sandbox", key="qulab_new_sandbox", help="Start over in a fresh, empty sandbox with a new link."):
+        source.switch_to_new_sandbox(st.session_state, st.query_params)
+        st.rerun()
+    if reset_column.button("Reset my sandbox", key="qulab_reset_sandbox", help="Delete every row and cached key in this sandbox; keep its link."):
+        try:
+            source.lab_for_browser_session(st.session_state).run(source.reset_sandbox)
+        except source.QuLabError as error:
+            sidebar.error(f"Reset failed; nothing was changed. {error}")
+        else:
+            sidebar.success("Your sandbox is empty again.")
+    states = status.sandbox_states
+    sidebar.caption(
+        f"Class on this server: {states['active']} active, {states['idle']} idle, {states['dormant']} dormant; "
+        f"room for {status.capacity} awake (set by {status.capacity_limited_by}). "
+        f"Connections: {status.connections_in_use} of {status.connection_budget} in use."
     )
     if status.sandbox_notice:
         st.info(status.sandbox_notice)
 
 
+def render_class_full(error: source.ClassFullError) -> None:
+    """The page a newcomer sees when every place is taken: nobody else's work is touched to make room."""
+    st.title("The class is full")
+    st.warning(
+        f"The class is full: {error.in_class} learners are working on this server right now, and it has "
+        f"room for {error.capacity} (set by {error.limited_by}). Nobody's sandbox is closed to make room."
+    )
+    st.markdown(
+        f"A place frees as soon as a learner closes their tab. Reload this page in about "
+        f"{max(1, round(error.retry_after_seconds / 60))} minute(s). If you had a sandbox link (?sandbox=…), keep "
+        "it: your data is still there."
+    )
+
+
 try:
-    render_status(source.lab_for_browser_session(st.session_state, st.query_params).status())
+    hold = browser_session_hold(st.session_state.setdefault("qulab_session_key", source.new_sandbox_id()))
+    lab = source.lab_for_browser_session(st.session_state, st.query_params, hold=hold)
+    render_status(lab.status())
+except source.ClassFullError as error:
+    render_class_full(error)
+    st.stop()
 except source.QuLabError as error:
     st.error(f"QuLab cannot start its data layer: {error}")
     st.stop()
@@ -62,3 +112,4 @@ if durability.restart_can_lose_events:  # the outbox's promise depends on the br
     st.sidebar.caption(f"Outbox: a broker restart could lose events. {durability.description}")
 
 navigation.run()
+render_progress(source.lab_for_browser_session(st.session_state))  # after the page: counts this click too

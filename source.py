@@ -10,13 +10,18 @@ Contents (each a headed section below):
  4. Models               - User, Assessment, AIRScore, DomainEvent
  5. Engine and sessions  - one async engine per database, get_session() as the unit of work
  6. Statement log        - records the SQL that really ran, for the pages to show and count
+ 6a. Learning journal   - what each demo measured, written by the demo into the sandbox's database
  7. Repositories         - UserRepository, AssessmentRepository, AIRScoreRepository
  8. Redis                - a real server or fakeredis, one namespaced link per sandbox
  9. Sandboxes            - each browser session gets its own database and Redis namespace
 10. Data models and connectivity - the use cases behind sections 1 and 2 of the codelab
 11. N+1 and eager loading - section 3: the statements each loading strategy really issues
 12. Cache                - section 4: a Redis read-through cache with measured hits and misses
+                           (how it survives faults - epochs, fences, single flight, the Redis
+                           breaker - lives in the qulab_redis package beside this module)
 13. Outbox               - section 5: events committed with the change, published in the background
+13a. Progress            - the learner's steps, each checked against the sandbox's journal and rows,
+                           and "Download my sandbox"
 14. Runtime              - one background event loop that owns every async resource, and the
                            small synchronous facade (Lab) that Streamlit pages call
 """
@@ -27,6 +32,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import functools
 import hashlib
 import inspect
 import json
@@ -45,7 +51,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -53,12 +59,14 @@ from urllib.parse import parse_qsl, quote, quote_plus, unquote, unquote_plus, ur
 from typing import Any, Generic, Optional, TypeVar
 
 import fakeredis
+import qulab_redis
 import redis.asyncio as redis_asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from sqlalchemy import (
     JSON,
+    any_,
     DateTime,
     Float,
     ForeignKey,
@@ -66,12 +74,12 @@ from sqlalchemy import (
     String,
     Text,
     bindparam,
-    case,
     cast,
     delete,
     event,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -100,6 +108,7 @@ from sqlalchemy.orm import (
     subqueryload,
 )
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import TypeDecorator
 
 from qulab_outbox import (
@@ -112,6 +121,8 @@ from qulab_outbox import (
     trim_acknowledged_entries,
 )
 from qulab_outbox.notify import CommitNotifications, commit_notifications, install_notify_trigger
+
+import sandbox_export
 
 logger = logging.getLogger("qulab")
 
@@ -135,8 +146,14 @@ class Settings:
     max_overflow: int = 10
     pool_timeout_seconds: float = 30.0
     sqlite_busy_timeout_seconds: float = 30.0
-    sandbox_idle_seconds: float = 1800.0
-    max_sandboxes: int = 200
+    sandbox_idle_seconds: float = 1800.0  # a sandbox nobody holds is deleted after this long
+    sandbox_grace_seconds: float = 60.0  # ... and goes dormant (data kept) after this long
+    max_sandboxes: int = 200  # at most this many awake sandboxes, whatever the budget allows
+    memory_budget_mb: float = 1024.0  # memory this process may spend on awake sandboxes
+    connection_budget: int = 800  # connections (SQLite: driver threads) this process may open
+    replicas: int = 1  # app processes sharing one PostgreSQL: each takes 1/replicas of max_connections
+    sqlite_pool_size: int = 1  # one learner's sandbox: one connection kept, a few more in a burst
+    sqlite_max_overflow: int = 2
     sandbox_directory: Optional[str] = None  # None: /dev/shm when writable, else the temp dir
     redis_connect_timeout_seconds: float = 1.0
 
@@ -171,7 +188,13 @@ class Settings:
                 "QULAB_SQLITE_BUSY_TIMEOUT", cls.sqlite_busy_timeout_seconds, minimum=0.1
             ),
             sandbox_idle_seconds=number("QULAB_SANDBOX_IDLE_SECONDS", cls.sandbox_idle_seconds, minimum=1),
+            sandbox_grace_seconds=number("QULAB_SANDBOX_GRACE_SECONDS", cls.sandbox_grace_seconds, minimum=0),
             max_sandboxes=int(number("QULAB_MAX_SANDBOXES", cls.max_sandboxes, minimum=1)),
+            memory_budget_mb=number("QULAB_MEMORY_BUDGET_MB", cls.memory_budget_mb, minimum=16),
+            connection_budget=int(number("QULAB_CONNECTION_BUDGET", cls.connection_budget, minimum=4)),
+            replicas=int(number("QULAB_REPLICAS", cls.replicas, minimum=1)),
+            sqlite_pool_size=int(number("QULAB_SQLITE_POOL_SIZE", cls.sqlite_pool_size, minimum=1)),
+            sqlite_max_overflow=int(number("QULAB_SQLITE_MAX_OVERFLOW", cls.sqlite_max_overflow, minimum=0)),
             sandbox_directory=environ.get("QULAB_SANDBOX_DIR", "").strip() or None,
         )
 
@@ -707,33 +730,45 @@ def entity_relationship_dot() -> str:
 # =============================================================================================
 
 
+SQLITE_WAL_LIMIT_BYTES = 512 * 1024  # a checkpoint truncates the WAL back to this (RAM under /dev/shm)
+SQLITE_WAL_CHECKPOINT_PAGES = 200  # checkpoint every ~800 KB of WAL instead of SQLite's 4 MB
+
+
 def _sqlite_connection_setup(busy_timeout_seconds: float) -> Callable[[Any, Any], None]:
     def configure(dbapi_connection: Any, connection_record: Any) -> None:
         # WAL lets readers run beside one writer; the busy timeout makes writers queue instead
-        # of failing; SQLite ignores foreign keys unless each connection asks for them.
+        # of failing; SQLite ignores foreign keys unless each connection asks for them; the
+        # journal size limit keeps a burst's WAL from staying in RAM after its checkpoint.
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
+        cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_CHECKPOINT_PAGES}")
         cursor.close()
 
     return configure
 
 
 def create_engine_for(url: URL, settings: Settings, **overrides: Any) -> AsyncEngine:
-    """An async engine with explicit pool settings; SQLite gets WAL, a busy timeout and foreign keys."""
+    """An async engine with explicit pool settings; SQLite gets WAL, a busy timeout and foreign keys.
+
+    A SQLite sandbox serves one learner: a pool of one connection (each is a driver thread) and
+    no pre-ping (a local file does not drop connections). PostgreSQL's shared pool pre-pings,
+    because a server restart or a network cut does kill pooled connections.
+    """
+    is_sqlite = url.get_backend_name() == "sqlite"
     options: dict[str, Any] = {
-        "pool_size": settings.pool_size,
-        "max_overflow": settings.max_overflow,
+        "pool_size": settings.sqlite_pool_size if is_sqlite else settings.pool_size,
+        "max_overflow": settings.sqlite_max_overflow if is_sqlite else settings.max_overflow,
         "pool_timeout": settings.pool_timeout_seconds,
-        "pool_pre_ping": True,
+        "pool_pre_ping": not is_sqlite,
     }
     options.update(overrides)
     if options.get("poolclass") is NullPool:
         for pool_only in ("pool_size", "max_overflow", "pool_timeout"):
             options.pop(pool_only, None)
-    is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         options.setdefault("connect_args", {"timeout": settings.sqlite_busy_timeout_seconds})
     engine = create_async_engine(url, **options)
@@ -743,13 +778,115 @@ def create_engine_for(url: URL, settings: Settings, **overrides: Any) -> AsyncEn
     return engine
 
 
+class QuLabSyncSession(Session):
+    """The ORM session behind QuLabSession: the listeners below hear QuLab's sessions only.
+
+    Listening on SQLAlchemy's global Session class would run them for every session in the
+    process, any library's; a subclass of our own keeps them to ours.
+    """
+
+
+class QuLabSession(AsyncSession):
+    """QuLab's async session (what get_session yields); its sync_session_class carries the listeners."""
+
+    sync_session_class = QuLabSyncSession
+
+
+def engine_connection_limit(engine: AsyncEngine) -> int:
+    """The most connections this engine's pool opens at once (pool size + overflow; NullPool: 0 = unbounded)."""
+    pool = engine.pool
+    size, overflow = getattr(pool, "size", None), getattr(pool, "_max_overflow", 0)
+    return int(size()) + max(0, int(overflow)) if callable(size) else 0
+
+
+def engine_pre_pings(engine: AsyncEngine) -> bool:
+    """Whether the engine's pool tests each connection before lending it out."""
+    return bool(getattr(engine.pool, "_pre_ping", False))
+
+
+class ConnectionBudget:
+    """The connections this process may hold open at once, shared by every engine it builds.
+
+    On PostgreSQL it is this replica's share of max_connections; on SQLite, where each
+    connection is a driver thread, a thread budget. Sandbox pools take their share when they
+    wake (capacity admits them); experiments reserve theirs and wait while the class is busy.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.in_use = 0
+        self.taken = 0  # of in_use: held without waiting (pools), as opposed to reservations
+        self.waiting = 0
+        self.waited_in_total = 0.0  # seconds reservations spent waiting, summed
+        self.reservations_that_waited = 0
+        self.peak_in_use = 0
+        self._changed: Optional[asyncio.Condition] = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    @property
+    def available(self) -> int:
+        """Connections nobody holds right now."""
+        return max(0, self.total - self.in_use)
+
+    def take(self, count: int) -> None:
+        """Hold connections without waiting (a sandbox pool the capacity check admitted)."""
+        self.in_use += count
+        self.taken += count
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+
+    @property
+    def most_one_reservation_gets(self) -> int:
+        """The largest reservation that can ever be granted: what the pools leave."""
+        return max(1, self.total - self.taken)
+
+    async def give_back(self, count: int, *, taken: bool = True) -> None:
+        """Return connections and wake whoever waits for them."""
+        self.in_use = max(0, self.in_use - count)
+        if taken:
+            self.taken = max(0, self.taken - count)
+        condition = self._condition()
+        async with condition:
+            condition.notify_all()
+
+    @asynccontextmanager
+    async def reserve(self, count: int, *, timeout_seconds: float) -> AsyncIterator[float]:
+        """Hold `count` connections for a block, waiting while the budget is spent; yields seconds waited."""
+        started = time.monotonic()
+        condition = self._condition()
+        self.waiting += 1
+        try:
+            async with condition:
+                if self.in_use + count > self.total:
+                    self.reservations_that_waited += 1
+                await asyncio.wait_for(condition.wait_for(lambda: self.in_use + count <= self.total), timeout_seconds)
+                self.in_use += count  # still under the lock: nobody else can count these as free
+                self.peak_in_use = max(self.peak_in_use, self.in_use)
+        except asyncio.TimeoutError:
+            raise BackendUnavailableError(
+                f"The class's connection budget stayed busy for {timeout_seconds:g} s; try again in a moment."
+            ) from None
+        finally:
+            self.waiting -= 1
+        self.waited_in_total += time.monotonic() - started
+        try:
+            yield time.monotonic() - started
+        finally:
+            await self.give_back(count, taken=False)
+
+
 @dataclass
 class CommittedChanges:
-    """What one committed transaction inserted, updated and deleted (ORM objects, detached)."""
+    """What one committed transaction changed: ORM objects (detached), and tables written in bulk."""
 
     inserted: list[Any] = field(default_factory=list)
     updated: list[Any] = field(default_factory=list)
     deleted: list[Any] = field(default_factory=list)
+    # Tables a bulk INSERT/UPDATE/DELETE wrote (rows unknown to the ORM); "*" when it can't tell.
+    bulk_tables: set[str] = field(default_factory=set)
 
     def of_type(self, model: type[T]) -> list[T]:
         """Every changed object of one model class."""
@@ -759,7 +896,7 @@ class CommittedChanges:
 _CHANGES_KEY = "qulab_changes"
 
 
-@event.listens_for(Session, "after_flush")
+@event.listens_for(QuLabSyncSession, "after_flush")
 def _collect_flushed_changes(session: Session, flush_context: Any) -> None:
     # after_flush still sees the pre-flush new/dirty/deleted sets; keep them until commit so
     # the unit of work can tell caches and the outbox publisher what changed.
@@ -769,17 +906,42 @@ def _collect_flushed_changes(session: Session, flush_context: Any) -> None:
     changes.deleted.extend(session.deleted)
 
 
-@event.listens_for(Session, "after_rollback")
+@event.listens_for(QuLabSyncSession, "do_orm_execute")
+def _collect_bulk_writes(execute_state: Any) -> None:
+    # session.execute(delete(User).where(...)) and friends never pass through the flush: note
+    # the tables they write, so the commit can tell the cache (which then drops the whole epoch).
+    tables = _tables_written(execute_state.statement)
+    if tables:
+        changes: CommittedChanges = execute_state.session.info.setdefault(_CHANGES_KEY, CommittedChanges())
+        changes.bulk_tables.update(tables)
+
+
+def _tables_written(statement: Any) -> set[str]:
+    if getattr(statement, "is_dml", False):
+        return {getattr(statement.table, "name", "*")}
+    if isinstance(statement, TextClause) and not statement.text.lstrip().upper().startswith(("SELECT", "WITH", "PRAGMA")):
+        return {"*"}  # raw SQL that may write anything
+    return set()
+
+
+@event.listens_for(QuLabSyncSession, "after_rollback")
 def _forget_rolled_back_changes(session: Session) -> None:
     session.info.pop(_CHANGES_KEY, None)
+
+
+def new_session_factory(engine: AsyncEngine) -> async_sessionmaker[QuLabSession]:
+    """Sessions of QuLab's own class on this engine; objects stay readable after commit."""
+    return async_sessionmaker(engine, class_=QuLabSession, expire_on_commit=False)
 
 
 @asynccontextmanager
 async def get_session(sandbox: "Sandbox") -> AsyncIterator[AsyncSession]:
     """A unit of work: commits if the block succeeds, rolls back if it raises, always releases.
 
-    After a successful commit, the sandbox's commit listeners (cache invalidation, publisher
-    wake-up) hear what changed; they never run for a rolled-back transaction.
+    After a successful commit, the cache drops what the transaction changed (always, before
+    anyone else hears of it: the invalidation is part of the unit of work, not a listener that
+    must be installed first), then the sandbox's commit listeners (publisher wake-up) hear it.
+    Nothing runs for a rolled-back transaction.
     """
     async with sandbox.session_factory() as session:
         try:
@@ -790,6 +952,7 @@ async def get_session(sandbox: "Sandbox") -> AsyncIterator[AsyncSession]:
             raise
         changes = session.info.pop(_CHANGES_KEY, None)
     if changes is not None:
+        await invalidate_cached_changes(sandbox, changes)
         await sandbox.notify_committed(changes)
 
 
@@ -892,6 +1055,101 @@ def install_statement_log(engine: AsyncEngine) -> None:
         event.listen(sync_engine, "before_cursor_execute", _before_cursor_execute)
         event.listen(sync_engine, "after_cursor_execute", _after_cursor_execute)
         event.listen(sync_engine, "handle_error", _forget_failed_statement)
+
+
+# =============================================================================================
+# 6a. Learning journal
+# =============================================================================================
+#
+# What each demo measured ("N+1 fetch: 5 statements for N = 3"), written by the demo itself into
+# the sandbox's own database, so the Progress section (13a) can tell which steps a learner has
+# really done, across reloads and replicas. An entry is written after the operation returned:
+# outside every capture_statements block and off every timed path, so the counts and times a page
+# shows are exactly what they would be without it.
+
+
+class JournalEntry(Base):
+    """What a demo measured in this sandbox, for the progress checks (QuLab's own; kept by initialize)."""
+
+    __tablename__ = "lab_journal"
+    __table_args__ = {"info": {"kept_by_initialize": True}}
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    kind: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[str] = mapped_column(String(300))
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one operation measured: a kind the checks look for, a sentence, and the numbers."""
+
+    kind: str
+    detail: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+_inside_journaled_operation: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "qulab_inside_journaled_operation", default=False
+)
+_journal_muted: contextvars.ContextVar[bool] = contextvars.ContextVar("qulab_journal_muted", default=False)
+OperationT = TypeVar("OperationT", bound=Callable[..., Awaitable[Any]])
+
+
+def journaled(kind: str) -> Callable[[OperationT], OperationT]:
+    """Decorator: once the operation has returned, journal what it measured (see describe_evidence).
+
+    Only the outermost journaled operation writes: a burst of 200 stored scores is one entry.
+    """
+
+    def decorate(operation: OperationT) -> OperationT:
+        @functools.wraps(operation)
+        async def run_then_record(sandbox: "Sandbox", *args: Any, **kwargs: Any) -> Any:
+            if _inside_journaled_operation.get():
+                return await operation(sandbox, *args, **kwargs)
+            token = _inside_journaled_operation.set(True)
+            try:
+                result = await operation(sandbox, *args, **kwargs)
+            finally:
+                _inside_journaled_operation.reset(token)
+            await record_evidence(sandbox, describe_evidence(kind, sandbox, result, kwargs))
+            return result
+
+        return run_then_record  # type: ignore[return-value]
+
+    return decorate
+
+
+def tables_emptied_by_initialize() -> list[Any]:
+    """Every table initialize empties, children first: all but the learning journal."""
+    return [table for table in reversed(Base.metadata.sorted_tables) if not table.info.get("kept_by_initialize")]
+
+
+@contextmanager
+def journal_muted() -> Iterator[None]:
+    """Write no journal entries in this block (benchmarks time the operations bare)."""
+    token = _journal_muted.set(True)
+    try:
+        yield
+    finally:
+        _journal_muted.reset(token)
+
+
+async def record_evidence(sandbox: "Sandbox", evidence: Optional[Evidence]) -> None:
+    """Append one entry to the sandbox's journal; never counted by a statement log, never raises."""
+    if evidence is None or _journal_muted.get():
+        return
+    hidden = _active_statement_logs.set(())
+    try:
+        async with sandbox.engine.begin() as connection:
+            await connection.execute(
+                insert(JournalEntry.__table__),
+                {"recorded_at": utc_now(), "kind": evidence.kind, "detail": evidence.detail[:300], "facts": evidence.facts},
+            )
+    except Exception:  # the demo already succeeded; a lost journal line must not undo it
+        logger.warning("could not journal %s in sandbox %s", evidence.kind, sandbox.id, exc_info=True)
+    finally:
+        _active_statement_logs.reset(hidden)
 
 
 # =============================================================================================
@@ -1099,7 +1357,9 @@ class AIRScoreRepository(UserOwnedRepository[AIRScore]):
 # 8. Redis
 # =============================================================================================
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+# Every way a Redis call can fail (a skipped call, while the breaker is open, is a ConnectionError).
+REDIS_ERRORS = qulab_redis.REDIS_ERRORS
+REDIS_COMMAND_TIMEOUT_SECONDS = 1.0  # a hung Redis costs a call at most this; then the breaker opens
 
 
 @dataclass
@@ -1142,6 +1402,9 @@ class RedisService:
         self.url = url
         self.client = client
         self.fake_server = fake_server
+        self.command_timeout_seconds = REDIS_COMMAND_TIMEOUT_SECONDS
+        # One breaker per server, shared by every sandbox: a frozen server is frozen for all of them.
+        self.breaker = qulab_redis.CircuitBreaker(self.client.ping)
 
     @classmethod
     async def connect(cls, settings: Settings) -> "RedisService":
@@ -1161,7 +1424,8 @@ class RedisService:
                 reason = f"REDIS_URL ({mask_url(settings.redis_url)}) did not answer ({type(error).__name__}); using fakeredis"
                 logger.warning(reason)
                 return cls._fake(reason)
-            return cls(mode="redis", reason=f"connected to {mask_url(settings.redis_url)}", url=settings.redis_url, client=client)
+            # Where, not how it is: the breaker's state says whether it answers now.
+            return cls(mode="redis", reason=f"REDIS_URL {mask_url(settings.redis_url)}", url=settings.redis_url, client=client)
         return cls._fake("REDIS_URL is not set; using fakeredis, an in-process Redis")
 
     @classmethod
@@ -1186,12 +1450,19 @@ class RedisService:
         )
 
     async def close(self) -> None:
-        """Close the client's connections."""
+        """Stop the breaker's probe and close the client's connections."""
+        await self.breaker.close()
         await self.client.aclose()
 
 
 class RedisLink:
-    """One sandbox's view of Redis: its key prefix, its health and an outage switch."""
+    """One sandbox's view of Redis: its key prefix, its health, the server's breaker and an outage switch.
+
+    execute() and execute_many() are the guarded way to call Redis: a timeout per call, the
+    breaker consulted before and told after, health recorded. The outage switch bypasses the
+    breaker (its calls fail at once by themselves), so one learner's switch never opens the
+    breaker for everyone else.
+    """
 
     def __init__(self, service: RedisService, sandbox_id: str) -> None:
         self.service = service
@@ -1207,6 +1478,43 @@ class RedisLink:
     def key(self, *parts: str) -> str:
         """A key inside this sandbox's namespace."""
         return self.prefix + ":".join(parts)
+
+    @property
+    def breaker(self) -> qulab_redis.CircuitBreaker:
+        """The server's breaker: `link.breaker.state` is 'closed', 'open' or 'half-open'; `.is_open` to skip."""
+        return self.service.breaker
+
+    async def execute(self, *command: Any) -> Any:
+        """Send one command through the breaker, with the command timeout; raises one of REDIS_ERRORS."""
+        return await self._guarded(lambda client: client.execute_command(*command))
+
+    async def execute_many(self, *commands: tuple[Any, ...], transaction: bool = False) -> list[Any]:
+        """Send several commands in one round trip (MULTI/EXEC when transaction), through the breaker."""
+
+        async def send(client: Any) -> list[Any]:
+            pipeline = client.pipeline(transaction=transaction)
+            for command in commands:
+                pipeline.execute_command(*command)
+            return await pipeline.execute()
+
+        return await self._guarded(send)
+
+    async def _guarded(self, call: Callable[[Any], Awaitable[T]], timeout_seconds: Optional[float] = None) -> T:
+        cut_off = self._unreachable is not None
+        if not cut_off and self.breaker.is_open:
+            error = qulab_redis.RedisSkipped(f"skipped: the Redis breaker is {self.breaker.state}")
+            self.health.record_failure(error)
+            raise error
+        try:
+            async with asyncio.timeout(timeout_seconds or self.service.command_timeout_seconds):
+                reply = await call(self.client)
+        except REDIS_ERRORS as error:
+            if isinstance(error, (asyncio.TimeoutError, redis.exceptions.TimeoutError)) and not cut_off:
+                self.breaker.record_timeout(error)
+            self.health.record_failure(error)
+            raise
+        self.health.record_success()
+        return reply
 
     @property
     def cut_off(self) -> bool:
@@ -1225,13 +1533,11 @@ class RedisLink:
             await unreachable.aclose()
 
     async def check(self, *, timeout_seconds: float = 1.0) -> bool:
-        """PING Redis now and record the answer in health, so the status is right at once."""
+        """PING Redis now (through the breaker) and record the answer in health, so the status is right at once."""
         try:
-            await asyncio.wait_for(self.client.ping(), timeout_seconds)
-        except REDIS_ERRORS as error:
-            self.health.record_failure(error)
+            await self._guarded(lambda client: client.ping(), timeout_seconds)
+        except REDIS_ERRORS:
             return False
-        self.health.record_success()
         return True
 
     async def switch_outage(self, *, cut: bool, timeout_seconds: float = 1.0) -> bool:
@@ -1264,14 +1570,38 @@ class RedisLink:
 SANDBOX_ID_PATTERN = re.compile(r"[a-z0-9]{8,32}")
 # PostgreSQL sandboxes are schemas named qulab_<sandbox id>. Each has a row in this table saying
 # when it was last used (the database's clock, so replicas agree); a live sandbox renews it at
-# most once a minute. A process that dies cannot drop its schemas, so every replica's idle reaper
-# also drops schemas whose lease expired, whoever created them (reap_abandoned_schemas).
+# most once per renewal interval. A process that dies cannot drop its schemas, so every replica's
+# reaper also drops schemas whose lease expired, whoever created them (reap_abandoned_schemas).
 SANDBOX_SCHEMA_PATTERN = re.compile(r"qulab_[a-z0-9]{8,32}")
 SANDBOX_LEASE_TABLE = "qulab_sandbox_leases"
 _LEASE_TABLE_LOCK_KEY = 0x7175_6C61_62  # pg_advisory_xact_lock key: "qulab"
 MAX_SCHEMAS_REAPED_PER_PASS = 50
+POSTGRES_RESERVED_CONNECTIONS = 3  # superuser_reserved_connections' default: never ours to spend
+# What one awake sandbox may cost in memory beyond the process's base. bench/sandboxes.py
+# measured 0.58 MB (SQLite) after initialize and a read; this leaves room for a burst's caches.
+AWAKE_SANDBOX_MEMORY_MB = {"sqlite": 1.0, "postgresql": 1.0}
+# The states of a sandbox. Active: a browser session or a Python holder has it open; it is never
+# released to make room. Idle: awake, nobody holds it; after the grace period it goes dormant.
+# Dormant: engine, pool, driver threads and background tasks freed; its data (SQLite file,
+# PostgreSQL schema, Redis keys) kept, and the next use wakes it. Deleted after the idle limit.
+SANDBOX_ACTIVE, SANDBOX_IDLE, SANDBOX_DORMANT = "active", "idle", "dormant"
 CommitListener = Callable[[CommittedChanges], Awaitable[None]]
 SandboxListener = Callable[["Sandbox"], Awaitable[None]]
+
+
+class ClassFullError(QuLabError):
+    """Every place in the class is taken by a connected learner; nobody's sandbox is released for a newcomer."""
+
+    def __init__(self, *, in_class: int, capacity: int, limited_by: str, retry_after_seconds: float) -> None:
+        super().__init__(
+            f"The class is full: {in_class} learners are working here (room for {capacity}, set by "
+            f"{limited_by}). A place frees as soon as a learner closes their tab; try again in about "
+            f"{max(1, round(retry_after_seconds / 60))} minute(s)."
+        )
+        self.in_class = in_class
+        self.capacity = capacity
+        self.limited_by = limited_by
+        self.retry_after_seconds = retry_after_seconds
 
 
 def quoted_schema(schema: str) -> str:
@@ -1288,27 +1618,62 @@ def new_sandbox_id() -> str:
 
 @dataclass(eq=False)
 class Sandbox:
-    """One learner's private world: a database (file or schema), an engine view and a Redis namespace."""
+    """One learner's private world: a database (file or schema), an engine view and a Redis namespace.
+
+    Listeners let other parts react to its life: commit (what changed), reset (emptied),
+    dormant (stop background work and flush: the engine is about to go), wake (awake again),
+    release (data about to be deleted).
+    """
 
     id: str
     backend: str  # "sqlite" or "postgresql"
-    engine: AsyncEngine
-    session_factory: async_sessionmaker[AsyncSession]
     redis: RedisLink
     settings: Settings
     location: str  # the SQLite file, or the PostgreSQL schema
-    owns_engine: bool  # SQLite sandboxes own their engine; PostgreSQL ones share the runtime's
+    open_engine: Callable[[], AsyncEngine]  # builds the engine (view) when the sandbox wakes
+    owns_engine: bool  # SQLite sandboxes own their engine and pool; PostgreSQL ones share the store's
+    state: str = SANDBOX_IDLE
+    holders: set[str] = field(default_factory=set)  # browser sessions and Labs that have it open
+    operations_in_flight: int = 0
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    unheld_since: float = field(default_factory=time.monotonic)
     commit_listeners: list[CommitListener] = field(default_factory=list)
     reset_listeners: list[SandboxListener] = field(default_factory=list)
+    dormant_listeners: list[SandboxListener] = field(default_factory=list)
+    wake_listeners: list[SandboxListener] = field(default_factory=list)
     release_listeners: list[SandboxListener] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
     notice: Optional[str] = None  # set when this id had a sandbox before that was released
     lease_renewed_at: float = field(default_factory=time.monotonic)  # PostgreSQL: last lease write
+    connection_budget: Optional["ConnectionBudget"] = None  # the process's; experiments reserve from it
+    _engine: Optional[AsyncEngine] = None
+    _session_factory: Optional[async_sessionmaker[AsyncSession]] = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """This sandbox's engine; a dormant sandbox builds it again (and logs it: a wake hook was missed)."""
+        if self._engine is None:
+            if self.state == SANDBOX_DORMANT:
+                logger.warning("sandbox %s used while dormant; reopening its engine", self.id)
+            self._engine = self.open_engine()
+            self._session_factory = None
+        return self._engine
+
+    @property
+    def session_factory(self) -> async_sessionmaker[AsyncSession]:
+        """Sessions bound to this sandbox's engine."""
+        if self._session_factory is None or self._engine is None:
+            self._session_factory = new_session_factory(self.engine)
+        return self._session_factory
+
+    @property
+    def awake(self) -> bool:
+        """True unless dormant."""
+        return self.state != SANDBOX_DORMANT
 
     def touch(self) -> None:
-        """Mark the sandbox as in use now (idle release counts from here)."""
+        """Mark the sandbox as in use now (idle time counts from here)."""
         self.last_used = time.monotonic()
 
     def service(self, name: str, factory: Callable[["Sandbox"], T]) -> T:
@@ -1325,183 +1690,531 @@ class Sandbox:
             except Exception:  # the commit stands whatever a listener does
                 logger.exception("commit listener failed in sandbox %s", self.id)
 
+    async def notify(self, listeners: list[SandboxListener], what: str) -> None:
+        """Call lifecycle listeners in order; one that fails is logged and the rest still run."""
+        for listener in list(listeners):
+            try:
+                await listener(self)
+            except Exception:
+                logger.exception("%s listener failed in sandbox %s", what, self.id)
+
+    async def close_engine(self) -> None:
+        """Dispose the engine this sandbox owns (connections and driver threads go); a view is just dropped."""
+        engine, self._engine, self._session_factory = self._engine, None, None
+        if engine is not None and self.owns_engine:
+            await engine.dispose()
+
+
+@dataclass(frozen=True)
+class SandboxCapacity:
+    """How many sandboxes may be awake at once, and which budget sets it."""
+
+    limits: dict[str, int]  # budget name -> awake sandboxes it allows
+    memory_mb_per_sandbox: float
+    connections_per_sandbox: int
+
+    @property
+    def sandboxes(self) -> int:
+        """The smallest of the limits."""
+        return max(1, min(self.limits.values()))
+
+    @property
+    def limited_by(self) -> str:
+        """The budget that sets the capacity."""
+        return min(self.limits, key=lambda name: self.limits[name])
+
+
+class SQLiteSandboxStore:
+    """Sandboxes as SQLite files in WAL mode: one file, one small engine and pool per awake sandbox."""
+
+    backend = "sqlite"
+
+    def __init__(self, settings: Settings, target: DatabaseTarget) -> None:
+        self.settings = settings
+        self.target = target
+        self.directory = _sandbox_directory(settings) if target.kind == "embedded" else None
+        self.connections_per_sandbox = settings.sqlite_pool_size + settings.sqlite_max_overflow
+
+    def describe(self) -> str:
+        if self.target.kind == "embedded":
+            return f"embedded SQLite, one WAL file per sandbox in {self.directory}"
+        return mask_url(self.target.url)
+
+    async def start(self, budget: ConnectionBudget) -> None:
+        """Nothing to connect to (the budget is the configured thread budget); with DATABASE_URL=sqlite:///path,
+        delete sandbox files beside that path nobody touched for longer than the idle limit (nothing left behind)."""
+        if self.target.kind != "sqlite-file":
+            return
+        template = self.path_for("x" * 8)
+        prefix, suffix = template.name.split("x" * 8, 1)
+        cutoff = time.time() - self.settings.sandbox_idle_seconds
+        for path in template.parent.glob(f"{prefix}*{suffix}"):
+            sandbox_id = path.name[len(prefix) : len(path.name) - len(suffix)]
+            if SANDBOX_ID_PATTERN.fullmatch(sandbox_id) and path.stat().st_mtime < cutoff:
+                for extra in ("", "-wal", "-shm", "-journal"):
+                    Path(str(path) + extra).unlink(missing_ok=True)
+                logger.info("deleted sandbox file %s, unused for longer than the idle limit", path)
+
+    def path_for(self, sandbox_id: str) -> Path:
+        if self.directory is not None:
+            return self.directory / f"qulab-{os.getpid()}-{sandbox_id}.sqlite3"
+        assert self.target.url is not None and self.target.url.database
+        given = Path(self.target.url.database)
+        return given.with_name(f"{given.stem}-{sandbox_id}{given.suffix or '.sqlite3'}")
+
+    async def open(self, sandbox_id: str) -> tuple[str, Callable[[], AsyncEngine]]:
+        url = URL.create("sqlite+aiosqlite", database=str(self.path_for(sandbox_id)))
+        return url.database or "", lambda: create_engine_for(url, self.settings)
+
+    async def renew_lease(self, sandbox: Sandbox) -> bool:
+        return True
+
+    async def before_sleep(self, sandbox: Sandbox) -> None:
+        """Fold the WAL back into the database and truncate it, so a dormant sandbox holds no RAM for it."""
+        if sandbox._engine is None:
+            return
+        async with sandbox._engine.connect() as connection:
+            await connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    async def delete(self, sandbox: Sandbox, *, only_if_expired: bool) -> bool:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(sandbox.location + suffix).unlink(missing_ok=True)
+        return True
+
+    async def reap_abandoned_schemas(self, *, expired_after_seconds: float, live: list[str]) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        """Nothing shared to close."""
+
+
+class SchemaLeases:
+    """The lease table: which sandbox schemas exist and when any replica last used each."""
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+
+    async def create_table(self, connection: Any) -> None:
+        # Replicas may start together; CREATE TABLE IF NOT EXISTS alone can still collide.
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LEASE_TABLE_LOCK_KEY})
+        await connection.execute(
+            text(
+                f"CREATE TABLE IF NOT EXISTS {SANDBOX_LEASE_TABLE} ("
+                "schema_name text PRIMARY KEY, last_used timestamptz NOT NULL, holder text NOT NULL)"
+            )
+        )
+
+    async def take(self, connection: Any, schema: str) -> None:
+        await connection.execute(
+            text(
+                f"INSERT INTO {SANDBOX_LEASE_TABLE} (schema_name, last_used, holder) VALUES (:schema, now(), :holder) "
+                "ON CONFLICT (schema_name) DO UPDATE SET last_used = now(), holder = excluded.holder"
+            ),
+            {"schema": schema, "holder": self.holder},
+        )
+
+    async def renew(self, connection: Any, schema: str) -> bool:
+        renewed = await connection.execute(
+            text(f"UPDATE {SANDBOX_LEASE_TABLE} SET last_used = now(), holder = :holder WHERE schema_name = :schema"),
+            {"schema": schema, "holder": self.holder},
+        )
+        return renewed.rowcount == 1
+
+    async def end(self, connection: Any, schema: str, *, only_if_unused_for: Optional[float]) -> bool:
+        """Delete the lease; with only_if_unused_for, only when no replica used the schema for that long."""
+        condition = "" if only_if_unused_for is None else " AND last_used < now() - make_interval(secs => :seconds)"
+        ended = await connection.execute(
+            text(f"DELETE FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = :schema{condition}"),
+            {"schema": schema, "seconds": float(only_if_unused_for or 0)},
+        )
+        return ended.rowcount == 1
+
+    async def lease_orphans(self, connection: Any) -> None:
+        """Give schemas without a lease (made before leases existed) one, so they go one idle period later."""
+        await connection.execute(
+            text(
+                f"INSERT INTO {SANDBOX_LEASE_TABLE} (schema_name, last_used, holder) "
+                "SELECT nspname, now(), :holder FROM pg_catalog.pg_namespace WHERE nspname ~ :pattern "
+                "ORDER BY nspname ON CONFLICT (schema_name) DO NOTHING"
+            ),
+            {"holder": f"{self.holder} (found without a lease)", "pattern": f"^{SANDBOX_SCHEMA_PATTERN.pattern}$"},
+        )
+
+    async def claim_expired(self, connection: Any, *, seconds: float, live: list[str]) -> list[str]:
+        """Expired leases not live here; FOR UPDATE SKIP LOCKED gives each to one replica."""
+        expired = await connection.execute(
+            text(
+                f"SELECT schema_name FROM {SANDBOX_LEASE_TABLE} "
+                "WHERE last_used < now() - make_interval(secs => :seconds) AND NOT (schema_name = ANY(:live)) "
+                "ORDER BY last_used LIMIT :limit FOR UPDATE SKIP LOCKED"
+            ),
+            {"seconds": float(seconds), "live": live, "limit": MAX_SCHEMAS_REAPED_PER_PASS},
+        )
+        return list(expired.scalars().all())
+
+
+class PostgresSandboxStore:
+    """Sandboxes as schemas of one PostgreSQL database, all through one shared engine and pool."""
+
+    backend = "postgresql"
+
+    def __init__(self, settings: Settings, target: DatabaseTarget, redis_service: RedisService) -> None:
+        self.settings = settings
+        self.target = target
+        self.redis_service = redis_service
+        self.leases = SchemaLeases(f"{os.uname().nodename}:{os.getpid()}")
+        self.shared_engine: Optional[AsyncEngine] = None
+        self.connections_per_sandbox = 0  # sandboxes share the pool
+        self.max_connections: Optional[int] = None
+        self._start_lock = asyncio.Lock()
+
+    def describe(self) -> str:
+        return mask_url(self.target.url)
+
+    async def start(self, budget: ConnectionBudget) -> None:
+        """Create the shared engine and the lease table; size the budget from max_connections ÷ replicas."""
+        async with self._start_lock:
+            if self.shared_engine is not None:
+                return
+            assert self.target.url is not None
+            engine = create_engine_for(self.target.url, self.settings)
+            try:
+                async with engine.begin() as connection:
+                    await self.leases.create_table(connection)
+                    self.max_connections = int(await connection.scalar(text("SHOW max_connections")))
+            except BaseException:
+                await engine.dispose()
+                raise
+            share = (self.max_connections - POSTGRES_RESERVED_CONNECTIONS) // self.settings.replicas
+            budget.total = max(1, min(self.settings.connection_budget, share))
+            budget.take(engine_connection_limit(engine))
+            self.shared_engine = engine
+
+    async def engine(self) -> AsyncEngine:
+        if self.shared_engine is None:
+            raise RuntimeError("the PostgreSQL sandbox store was not started")
+        return self.shared_engine
+
+    async def open(self, sandbox_id: str) -> tuple[str, Callable[[], AsyncEngine]]:
+        shared = await self.engine()
+        schema = f"qulab_{sandbox_id}"
+        async with shared.begin() as connection:  # schema and lease appear together
+            await connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quoted_schema(schema)}"))
+            await self.leases.take(connection, schema)
+        return schema, lambda: shared.execution_options(schema_translate_map={None: schema})
+
+    async def renew_lease(self, sandbox: Sandbox) -> bool:
+        async with (await self.engine()).begin() as connection:
+            return await self.leases.renew(connection, sandbox.location)
+
+    async def before_sleep(self, sandbox: Sandbox) -> None:
+        """Nothing: the schema's connections belong to the shared pool."""
+
+    async def delete(self, sandbox: Sandbox, *, only_if_expired: bool) -> bool:
+        """Drop the schema with its lease; only_if_expired keeps it when another replica used it lately."""
+        only_if_unused_for = self.settings.sandbox_idle_seconds if only_if_expired else None
+        async with (await self.engine()).begin() as connection:
+            if not await self.leases.end(connection, sandbox.location, only_if_unused_for=only_if_unused_for):
+                if only_if_expired:
+                    return False
+            await connection.execute(text(f"DROP SCHEMA IF EXISTS {quoted_schema(sandbox.location)} CASCADE"))
+        return True
+
+    async def reap_abandoned_schemas(self, *, expired_after_seconds: float, live: list[str]) -> list[str]:
+        """Drop schemas (and their Redis keys) whose lease expired and that are not live here."""
+        engine = await self.engine()
+        async with engine.begin() as connection:
+            await self.leases.lease_orphans(connection)
+        async with engine.begin() as connection:
+            expired = await self.leases.claim_expired(connection, seconds=expired_after_seconds, live=live)
+            reaped = [schema for schema in expired if SANDBOX_SCHEMA_PATTERN.fullmatch(schema)]
+            for schema in reaped:
+                await connection.execute(text(f"DROP SCHEMA IF EXISTS {quoted_schema(schema)} CASCADE"))
+            if expired:
+                await connection.execute(
+                    text(f"DELETE FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = ANY(:expired)"), {"expired": expired}
+                )
+        for schema in reaped:  # nothing left behind: the sandbox's Redis keys go with its schema
+            try:
+                await RedisLink(self.redis_service, schema.removeprefix("qulab_")).delete_namespace()
+            except REDIS_ERRORS:
+                logger.warning("could not delete the Redis keys of reaped schema %s", schema)
+        return reaped
+
+    async def close(self) -> None:
+        if self.shared_engine is not None:
+            await self.shared_engine.dispose()
+            self.shared_engine = None
+
 
 class SandboxRegistry:
-    """Creates sandboxes on first use, finds them again, and releases idle ones.
+    """Every sandbox of this process and its lifecycle: active, idle, dormant, deleted.
 
-    Embedded SQLite: one WAL file per sandbox (RAM-backed under /dev/shm when available), its
-    own engine and pool, deleted on release. PostgreSQL: one engine and pool for the process,
-    one schema per sandbox selected with schema_translate_map, dropped on release, and a lease
-    row so that another replica can drop it if this process dies first.
+    A sandbox is held while a browser session (or a Lab) has it open; a held sandbox is never
+    put to sleep or deleted. When its last holder goes, it stays awake for a grace period (a
+    reload comes back at once), then goes dormant: its engine, pool, driver threads and
+    background tasks are freed, its data kept. Any use wakes it. Only after the idle limit is its
+    data deleted (on PostgreSQL, only if no replica used the schema meanwhile). At capacity the
+    registry puts unheld sandboxes to sleep to make room; when all are held, the newcomer gets
+    ClassFullError and nobody's data is touched.
     """
 
     def __init__(self, settings: Settings, redis_service: RedisService) -> None:
         self.settings = settings
         self.redis_service = redis_service
         self.target = resolve_database_target(settings.database_url)
+        self.store: SQLiteSandboxStore | PostgresSandboxStore = (
+            PostgresSandboxStore(settings, self.target, redis_service)
+            if self.target.kind == "postgresql"
+            else SQLiteSandboxStore(settings, self.target)
+        )
+        self.budget = ConnectionBudget(settings.connection_budget)
         self._sandboxes: dict[str, Sandbox] = {}
-        self._released: dict[str, str] = {}  # sandbox id -> why it was released (bounded)
+        self._holder_sandbox: dict[str, str] = {}  # holder -> the sandbox id it holds
+        self._released: dict[str, str] = {}  # sandbox id -> why it was deleted (bounded)
         self._lock = asyncio.Lock()
-        self._shared_engine: Optional[AsyncEngine] = None
-        self._directory = _sandbox_directory(settings) if self.target.kind == "embedded" else None
-        self._lease_holder = f"{os.uname().nodename}:{os.getpid()}"
+        self._started = False
         # Renew often enough that a lease never looks expired while its sandbox is in use.
         self.lease_renewal_seconds = min(60.0, settings.sandbox_idle_seconds / 4)
 
     @property
     def backend(self) -> str:
         """'postgresql' or 'sqlite'."""
-        return "postgresql" if self.target.kind == "postgresql" else "sqlite"
+        return self.store.backend
+
+    @property
+    def _shared_engine(self) -> Optional[AsyncEngine]:
+        return getattr(self.store, "shared_engine", None)
+
+    async def _postgres_engine(self) -> AsyncEngine:
+        await self._start()
+        assert isinstance(self.store, PostgresSandboxStore)
+        return await self.store.engine()
 
     def describe_database(self) -> str:
         """A one-line, password-free description of where sandboxes live."""
-        if self.target.kind == "embedded":
-            return f"embedded SQLite, one WAL file per sandbox in {self._directory}"
-        return mask_url(self.target.url)
+        return self.store.describe()
 
     def __len__(self) -> int:
-        return len(self._sandboxes)
+        return sum(1 for sandbox in self._sandboxes.values() if sandbox.awake)
+
+    def counts(self) -> dict[str, int]:
+        """How many sandboxes are in each state."""
+        counted = {SANDBOX_ACTIVE: 0, SANDBOX_IDLE: 0, SANDBOX_DORMANT: 0}
+        for sandbox in self._sandboxes.values():
+            counted[sandbox.state] += 1
+        return counted
+
+    def capacity(self) -> SandboxCapacity:
+        """Awake sandboxes this process can afford: the smallest of its memory, connection and count limits."""
+        memory_each = AWAKE_SANDBOX_MEMORY_MB[self.backend]
+        connections_each = self.store.connections_per_sandbox
+        limits = {
+            "the memory budget": int(self.settings.memory_budget_mb // memory_each),
+            "QULAB_MAX_SANDBOXES": self.settings.max_sandboxes,
+        }
+        if connections_each:  # keep room for one pool experiment at its maximum
+            spare = self.budget.total - MAX_POOL_EXPERIMENT_CONCURRENCY
+            limits["the connection budget"] = max(1, spare // connections_each)
+        return SandboxCapacity(limits, memory_each, connections_each)
 
     def get_existing(self, sandbox_id: str) -> Optional[Sandbox]:
-        """The live sandbox with this id, or None."""
+        """The sandbox with this id if this process knows it (awake or dormant), or None."""
         return self._sandboxes.get(sandbox_id)
 
-    async def acquire(self, sandbox_id: str) -> Sandbox:
-        """The sandbox with this id, created (with its schema) on first use."""
+    async def _start(self) -> None:
+        if not self._started:
+            await self.store.start(self.budget)
+            self._started = True
+
+    async def acquire(self, sandbox_id: str, *, holder: Optional[str] = None) -> Sandbox:
+        """The sandbox with this id, awake: created on first use, woken if dormant; `holder` takes a hold.
+
+        Raises ClassFullError when it would have to wake and every awake sandbox is held.
+        """
         if not isinstance(sandbox_id, str) or not SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
             raise ValidationError("Malformed sandbox id.", field="sandbox_id")
         sandbox = self._sandboxes.get(sandbox_id)
-        if sandbox is None:
+        if sandbox is None or not sandbox.awake:
             async with self._lock:
+                await self._start()
                 sandbox = self._sandboxes.get(sandbox_id)
                 if sandbox is None:
-                    await self._evict_beyond_limit()
+                    await self._make_room()
                     sandbox = await self._create(sandbox_id)
                     reason = self._released.pop(sandbox_id, None)
                     if reason:
                         sandbox.notice = f"Your previous sandbox was released because {reason}; this one starts empty."
                     self._sandboxes[sandbox_id] = sandbox
+                elif not sandbox.awake:
+                    await self._make_room()
+                    await self._wake(sandbox)
+        if holder is not None:
+            self._hold(sandbox, holder)
         sandbox.touch()
         if sandbox.backend == "postgresql" and time.monotonic() - sandbox.lease_renewed_at >= self.lease_renewal_seconds:
             sandbox.lease_renewed_at = time.monotonic()
-            if not await self._renew_lease(sandbox):
+            if not await self.store.renew_lease(sandbox):
                 # Another replica found the lease expired and dropped the schema: start afresh.
                 await self.release(sandbox_id, "its storage was reclaimed after it sat idle")
-                return await self.acquire(sandbox_id)
+                return await self.acquire(sandbox_id, holder=holder)
         return sandbox
 
-    async def _evict_beyond_limit(self) -> None:
-        while len(self._sandboxes) >= self.settings.max_sandboxes:
-            oldest = min(self._sandboxes.values(), key=lambda sandbox: sandbox.last_used)
-            await self._release_unlocked(oldest.id, "the server reached its sandbox limit")
+    @asynccontextmanager
+    async def using(self, sandbox_id: str, *, holder: Optional[str] = None) -> AsyncIterator[Sandbox]:
+        """The awake sandbox for the length of one operation: it cannot go dormant meanwhile."""
+        sandbox = await self.acquire(sandbox_id, holder=holder)
+        sandbox.operations_in_flight += 1
+        try:
+            yield sandbox
+        finally:
+            sandbox.operations_in_flight -= 1
+            sandbox.touch()
+
+    def _hold(self, sandbox: Sandbox, holder: str) -> None:
+        previous = self._holder_sandbox.get(holder)
+        if previous != sandbox.id:
+            if previous is not None:
+                self._drop_hold(holder)
+            self._holder_sandbox[holder] = sandbox.id
+        sandbox.holders.add(holder)
+        sandbox.state = SANDBOX_ACTIVE
+
+    def _drop_hold(self, holder: str) -> None:
+        sandbox = self._sandboxes.get(self._holder_sandbox.pop(holder, ""))
+        if sandbox is not None and holder in sandbox.holders:
+            sandbox.holders.discard(holder)
+            if not sandbox.holders:
+                sandbox.state = SANDBOX_IDLE
+                sandbox.unheld_since = time.monotonic()
+                sandbox.touch()  # idle time counts from the moment the last holder left
+
+    def release_holder(self, holder: str) -> None:
+        """A browser session ended or a Lab was closed: its sandbox is no longer held by it (call on the loop)."""
+        self._drop_hold(holder)
+
+    async def _make_room(self) -> None:
+        capacity = self.capacity().sandboxes
+        awake = [sandbox for sandbox in self._sandboxes.values() if sandbox.awake]
+        if len(awake) < capacity:
+            return
+        sleepers = sorted(
+            (sandbox for sandbox in awake if not sandbox.holders and not sandbox.operations_in_flight),
+            key=lambda sandbox: sandbox.last_used,
+        )
+        for sandbox in sleepers[: len(awake) - capacity + 1]:
+            await self._sleep(sandbox)
+        if len(awake) - len(sleepers) >= capacity:
+            capacity_now = self.capacity()
+            raise ClassFullError(
+                in_class=len(awake),
+                capacity=capacity_now.sandboxes,
+                limited_by=capacity_now.limited_by,
+                retry_after_seconds=max(60.0, self.settings.sandbox_grace_seconds),
+            )
 
     async def _create(self, sandbox_id: str) -> Sandbox:
-        redis_link = RedisLink(self.redis_service, sandbox_id)
-        if self.target.kind == "postgresql":
-            shared_engine = await self._postgres_engine()
-            schema = f"qulab_{sandbox_id}"
-            engine = shared_engine.execution_options(schema_translate_map={None: schema})
-            async with shared_engine.begin() as connection:  # schema and lease appear together
-                await connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quoted_schema(schema)}"))
-                await connection.execute(
-                    text(
-                        f"INSERT INTO {SANDBOX_LEASE_TABLE} (schema_name, last_used, holder) "
-                        "VALUES (:schema, now(), :holder) "
-                        "ON CONFLICT (schema_name) DO UPDATE SET last_used = now(), holder = excluded.holder"
-                    ),
-                    {"schema": schema, "holder": self._lease_holder},
-                )
-            location, owns_engine = schema, False
-        else:
-            if self.target.kind == "embedded":
-                assert self._directory is not None
-                path = self._directory / f"qulab-{os.getpid()}-{sandbox_id}.sqlite3"
-            else:
-                assert self.target.url is not None and self.target.url.database
-                given = Path(self.target.url.database)
-                path = given.with_name(f"{given.stem}-{sandbox_id}{given.suffix or '.sqlite3'}")
-            url = URL.create("sqlite+aiosqlite", database=str(path))
-            engine = create_engine_for(url, self.settings)
-            location, owns_engine = str(path), True
+        location, open_engine = await self.store.open(sandbox_id)
         sandbox = Sandbox(
             id=sandbox_id,
             backend=self.backend,
-            engine=engine,
-            session_factory=async_sessionmaker(engine, expire_on_commit=False),
-            redis=redis_link,
+            redis=RedisLink(self.redis_service, sandbox_id),
             settings=self.settings,
             location=location,
-            owns_engine=owns_engine,
+            open_engine=open_engine,
+            owns_engine=self.backend == "sqlite",
+            connection_budget=self.budget,
         )
+        self.budget.take(self.store.connections_per_sandbox)
         try:
             await create_schema(sandbox)
         except BaseException:
-            await self._dispose_storage(sandbox)
+            await sandbox.close_engine()
+            await self.budget.give_back(self.store.connections_per_sandbox)
+            await self.store.delete(sandbox, only_if_expired=False)
             raise
         return sandbox
 
-    async def release(self, sandbox_id: str, reason: str = "released") -> bool:
-        """Release a sandbox: stop its workers, dispose its engine, delete its data and keys."""
-        async with self._lock:
-            return await self._release_unlocked(sandbox_id, reason)
+    async def _sleep(self, sandbox: Sandbox) -> None:
+        """Active/idle -> dormant: background work stops, then the engine and its threads go; data stays."""
+        if not sandbox.awake:
+            return
+        await sandbox.notify(sandbox.dormant_listeners, "dormant")
+        try:
+            await self.store.before_sleep(sandbox)
+        except Exception:
+            logger.warning("could not checkpoint sandbox %s before it went dormant", sandbox.id, exc_info=True)
+        await sandbox.close_engine()
+        sandbox.state = SANDBOX_DORMANT
+        await self.budget.give_back(self.store.connections_per_sandbox)
 
-    async def _release_unlocked(self, sandbox_id: str, reason: str) -> bool:
-        sandbox = self._sandboxes.pop(sandbox_id, None)
-        if sandbox is None:
-            return False
-        self._released[sandbox_id] = reason
+    async def _wake(self, sandbox: Sandbox) -> None:
+        """Dormant -> idle (the caller's hold makes it active); on PostgreSQL the lease is renewed first."""
+        if sandbox.backend == "postgresql":
+            sandbox.lease_renewed_at = 0.0  # acquire renews the lease (or finds the schema reaped)
+        self.budget.take(self.store.connections_per_sandbox)
+        sandbox.state = SANDBOX_IDLE
+        sandbox.unheld_since = time.monotonic()
+        await sandbox.notify(sandbox.wake_listeners, "wake")
+
+    async def sweep(self) -> dict[str, list[str]]:
+        """One pass of the lifecycle: idle past the grace period -> dormant; unused past the idle limit -> deleted."""
+        now = time.monotonic()
+        slept, deleted, kept_for_another_replica = [], [], []
+        async with self._lock:
+            for sandbox in list(self._sandboxes.values()):
+                if sandbox.holders or sandbox.operations_in_flight:
+                    if sandbox.backend == "postgresql" and now - sandbox.lease_renewed_at >= self.lease_renewal_seconds:
+                        sandbox.lease_renewed_at = now  # a connected learner keeps the lease without clicking
+                        await self.store.renew_lease(sandbox)
+                    continue
+                if now - sandbox.last_used > self.settings.sandbox_idle_seconds:
+                    minutes = self.settings.sandbox_idle_seconds / 60
+                    if await self._delete(sandbox, f"it was idle for more than {minutes:g} minutes", only_if_expired=True):
+                        deleted.append(sandbox.id)
+                    else:
+                        kept_for_another_replica.append(sandbox.id)
+                elif sandbox.awake and now - sandbox.unheld_since >= self.settings.sandbox_grace_seconds:
+                    await self._sleep(sandbox)
+                    slept.append(sandbox.id)
+        return {"dormant": slept, "deleted": deleted, "kept": kept_for_another_replica}
+
+    async def release(self, sandbox_id: str, reason: str = "released") -> bool:
+        """Delete a sandbox now, whoever holds it: stop its workers, free its engine, delete its data and keys."""
+        async with self._lock:
+            sandbox = self._sandboxes.get(sandbox_id)
+            return sandbox is not None and await self._delete(sandbox, reason, only_if_expired=False)
+
+    async def _delete(self, sandbox: Sandbox, reason: str, *, only_if_expired: bool) -> bool:
+        await self._sleep(sandbox)
+        self._sandboxes.pop(sandbox.id, None)
+        for holder in list(sandbox.holders):
+            self._holder_sandbox.pop(holder, None)
+        if not await self.store.delete(sandbox, only_if_expired=only_if_expired):
+            return False  # another replica used it lately: its data stays for that replica
+        await sandbox.notify(sandbox.release_listeners, "release")
+        self._released[sandbox.id] = reason
         while len(self._released) > 10_000:
             self._released.pop(next(iter(self._released)))
-        for listener in list(sandbox.release_listeners):
-            try:
-                await listener(sandbox)
-            except Exception:
-                logger.exception("release listener failed in sandbox %s", sandbox_id)
         try:
             await sandbox.redis.restore()
             await sandbox.redis.delete_namespace()
         except REDIS_ERRORS:
-            logger.warning("could not delete Redis keys of released sandbox %s", sandbox_id)
-        await self._dispose_storage(sandbox)
+            logger.warning("could not delete Redis keys of released sandbox %s", sandbox.id)
         return True
 
-    async def _dispose_storage(self, sandbox: Sandbox) -> None:
-        if sandbox.owns_engine:
-            await sandbox.engine.dispose()
-            if self.target.kind == "embedded":
-                for suffix in ("", "-wal", "-shm", "-journal"):
-                    Path(sandbox.location + suffix).unlink(missing_ok=True)
-        elif self._shared_engine is not None:
-            async with self._shared_engine.begin() as connection:
-                await connection.execute(text(f"DROP SCHEMA IF EXISTS {quoted_schema(sandbox.location)} CASCADE"))
-                await connection.execute(
-                    text(f"DELETE FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = :schema"), {"schema": sandbox.location}
-                )
-
-    async def _postgres_engine(self) -> AsyncEngine:
-        if self._shared_engine is None:
-            assert self.target.url is not None
-            engine = create_engine_for(self.target.url, self.settings)
-            async with engine.begin() as connection:
-                # Replicas may start together; CREATE TABLE IF NOT EXISTS alone can still collide.
-                await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LEASE_TABLE_LOCK_KEY})
-                await connection.execute(
-                    text(
-                        f"CREATE TABLE IF NOT EXISTS {SANDBOX_LEASE_TABLE} ("
-                        "schema_name text PRIMARY KEY, last_used timestamptz NOT NULL, holder text NOT NULL)"
-                    )
-                )
-            self._shared_engine = engine
-        return self._shared_engine
-
-    async def _renew_lease(self, sandbox: Sandbox) -> bool:
-        engine = await self._postgres_engine()
-        async with engine.begin() as connection:
-            renewed = await connection.execute(
-                text(f"UPDATE {SANDBOX_LEASE_TABLE} SET last_used = now(), holder = :holder WHERE schema_name = :schema"),
-                {"schema": sandbox.location, "holder": self._lease_holder},
-            )
-        return renewed.rowcount == 1
+    async def release_idle(self, *, idle_seconds: Optional[float] = None) -> list[str]:
+        """Delete every unheld sandbox unused for longer than the idle limit; returns their ids."""
+        limit = self.settings.sandbox_idle_seconds if idle_seconds is None else idle_seconds
+        now = time.monotonic()
+        released = []
+        async with self._lock:
+            for sandbox in list(self._sandboxes.values()):
+                if not sandbox.holders and not sandbox.operations_in_flight and now - sandbox.last_used > limit:
+                    reason = f"it was idle for more than {limit / 60:g} minutes"
+                    if await self._delete(sandbox, reason, only_if_expired=idle_seconds is None):
+                        released.append(sandbox.id)
+        return released
 
     async def reap_abandoned_schemas(self, *, expired_after_seconds: Optional[float] = None) -> list[str]:
         """Drop sandbox schemas nobody used for longer than the idle limit (PostgreSQL); returns them.
@@ -1509,69 +2222,32 @@ class SandboxRegistry:
         Covers schemas left by a process that died, on this replica or any other. A schema with
         no lease (made before leases existed) is given one now, so it goes one idle period later.
         Replicas reaping at once share the work: FOR UPDATE SKIP LOCKED gives each row to one.
+        Each reaped schema's Redis keys (qulab:<id>:) are deleted too.
         """
-        if self.target.kind != "postgresql":
+        if self.backend != "postgresql":
             return []
         if expired_after_seconds is None:
             expired_after_seconds = self.settings.sandbox_idle_seconds + self.lease_renewal_seconds
         async with self._lock:
-            engine = await self._postgres_engine()
-            async with engine.begin() as connection:
-                await connection.execute(
-                    text(
-                        f"INSERT INTO {SANDBOX_LEASE_TABLE} (schema_name, last_used, holder) "
-                        "SELECT nspname, now(), :holder FROM pg_catalog.pg_namespace WHERE nspname ~ :pattern "
-                        "ORDER BY nspname ON CONFLICT (schema_name) DO NOTHING"
-                    ),
-                    {"holder": f"{self._lease_holder} (found without a lease)", "pattern": f"^{SANDBOX_SCHEMA_PATTERN.pattern}$"},
-                )
-            async with engine.begin() as connection:
-                expired = (
-                    await connection.execute(
-                        text(
-                            f"SELECT schema_name FROM {SANDBOX_LEASE_TABLE} "
-                            "WHERE last_used < now() - make_interval(secs => :seconds) "
-                            "AND NOT (schema_name = ANY(:live)) "
-                            "ORDER BY last_used LIMIT :limit FOR UPDATE SKIP LOCKED"
-                        ),
-                        {
-                            "seconds": float(expired_after_seconds),
-                            "live": [sandbox.location for sandbox in self._sandboxes.values()],
-                            "limit": MAX_SCHEMAS_REAPED_PER_PASS,
-                        },
-                    )
-                ).scalars().all()
-                reaped = [schema for schema in expired if SANDBOX_SCHEMA_PATTERN.fullmatch(schema)]
-                for schema in reaped:
-                    await connection.execute(text(f"DROP SCHEMA IF EXISTS {quoted_schema(schema)} CASCADE"))
-                if expired:
-                    await connection.execute(
-                        text(f"DELETE FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = ANY(:expired)"), {"expired": list(expired)}
-                    )
+            await self._start()
+            live = [sandbox.location for sandbox in self._sandboxes.values()]
+            reaped = await self.store.reap_abandoned_schemas(expired_after_seconds=expired_after_seconds, live=live)
         if reaped:
             logger.info("dropped %d abandoned sandbox schemas: %s", len(reaped), ", ".join(reaped))
         return reaped
 
-    async def release_idle(self, *, idle_seconds: Optional[float] = None) -> list[str]:
-        """Release every sandbox unused for longer than the idle limit; returns their ids."""
-        limit = self.settings.sandbox_idle_seconds if idle_seconds is None else idle_seconds
-        now = time.monotonic()
-        released = []
+    async def close(self, *, delete_data: bool = True) -> None:
+        """Stop every sandbox; delete their data too unless told to keep it (PostgreSQL leases then expire)."""
         async with self._lock:
             for sandbox in list(self._sandboxes.values()):
-                if now - sandbox.last_used > limit:
-                    await self._release_unlocked(sandbox.id, f"it was idle for more than {limit / 60:g} minutes")
-                    released.append(sandbox.id)
-        return released
-
-    async def close(self) -> None:
-        """Release every sandbox and dispose the shared engine."""
-        async with self._lock:
-            for sandbox_id in list(self._sandboxes):
-                await self._release_unlocked(sandbox_id, "the server shut down")
-        if self._shared_engine is not None:
-            await self._shared_engine.dispose()
-            self._shared_engine = None
+                if delete_data:
+                    await self._delete(sandbox, "the server shut down", only_if_expired=False)
+                else:
+                    await self._sleep(sandbox)
+            self._sandboxes.clear()
+            self._holder_sandbox.clear()
+            await self.store.close()
+            self._started = False
 
 
 async def create_schema(sandbox: Sandbox) -> None:
@@ -1615,6 +2291,7 @@ def user_as_row(user: User) -> dict[str, Any]:
     }
 
 
+@journaled("user_created")
 async def create_user(
     sandbox: Sandbox,
     *,
@@ -1657,6 +2334,7 @@ async def count_rows(sandbox: Sandbox) -> dict[str, int]:
         }
 
 
+@journaled("initialized")
 async def init_db(sandbox: Sandbox, *, reset: bool = True) -> list[User]:
     """Create the schema; with reset, empty this sandbox and create the sample users.
 
@@ -1667,10 +2345,29 @@ async def init_db(sandbox: Sandbox, *, reset: bool = True) -> list[User]:
     if not reset:
         return []
     async with get_session(sandbox) as session:
-        for table in reversed(Base.metadata.sorted_tables):
+        for table in tables_emptied_by_initialize():
             await session.execute(delete(table))
         repository = UserRepository(session)
         users = [await repository.create(**sample) for sample in SAMPLE_USERS]
+    await _after_reset(sandbox)
+    return users
+
+
+async def reset_sandbox(sandbox: Sandbox) -> dict[str, int]:
+    """Empty this sandbox (every row, its Redis keys) and keep its id: the sidebar's Reset my sandbox."""
+    await create_schema(sandbox)
+    async with get_session(sandbox) as session:
+        await _delete_every_row(session)
+    await _after_reset(sandbox)
+    return await count_rows(sandbox)
+
+
+async def _delete_every_row(session: AsyncSession) -> None:
+    for table in reversed(Base.metadata.sorted_tables):
+        await session.execute(delete(table))
+
+
+async def _after_reset(sandbox: Sandbox) -> None:
     for listener in list(sandbox.reset_listeners):
         await listener(sandbox)
     try:
@@ -1678,7 +2375,6 @@ async def init_db(sandbox: Sandbox, *, reset: bool = True) -> list[User]:
         sandbox.redis.health.record_success()
     except REDIS_ERRORS as error:
         sandbox.redis.health.record_failure(error)
-    return users
 
 
 @dataclass(frozen=True)
@@ -1697,16 +2393,17 @@ class EngineReport:
 
 async def describe_engine(sandbox: Sandbox) -> EngineReport:
     """The engine URL (password hidden), pool class and live pool counters of this sandbox."""
-    settings = sandbox.settings
+    engine = sandbox.engine
+    pool = pool_status(engine)
     return EngineReport(
         backend=sandbox.backend,
-        url=mask_url(sandbox.engine.url),
+        url=mask_url(engine.url),
         location=sandbox.location,
-        pool=pool_status(sandbox.engine),
-        configured_pool_size=settings.pool_size,
-        configured_max_overflow=settings.max_overflow,
-        pool_timeout_seconds=settings.pool_timeout_seconds,
-        pool_pre_ping=True,
+        pool=pool,
+        configured_pool_size=int(pool.get("size", 0)),
+        configured_max_overflow=max(0, engine_connection_limit(engine) - int(pool.get("size", 0))),
+        pool_timeout_seconds=float(pool.get("timeout_seconds", sandbox.settings.pool_timeout_seconds)),
+        pool_pre_ping=engine_pre_pings(engine),
     )
 
 
@@ -1721,6 +2418,8 @@ class PoolTrial:
     seconds: float
     connections_opened: int
     latencies_ms: tuple[float, ...]
+    waited_seconds: float = 0.0  # waiting for the class's connection budget before it started
+    capped_by_budget: bool = False  # C and P were lowered to what the budget can ever grant
 
     @property
     def throughput(self) -> float:
@@ -1737,6 +2436,7 @@ MAX_POOL_EXPERIMENT_REQUESTS = 2000
 MAX_POOL_EXPERIMENT_CONCURRENCY = 50
 
 
+@journaled("pool_experiment")
 async def run_pool_experiment(
     sandbox: Sandbox, *, requests: int = 200, concurrency: int = 20, pool_size: int = 5
 ) -> list[PoolTrial]:
@@ -1744,6 +2444,8 @@ async def run_pool_experiment(
 
     Each trial uses a fresh engine on this sandbox's database (so it never starves the pages'
     own pool); the pooled engine is warmed with P connections first, as a running app's is.
+    Both engines draw from the process's connection budget: when other learners' experiments
+    hold it, this one waits its turn instead of failing with "too many clients".
     """
     for label, value, upper in (
         ("Requests", requests, MAX_POOL_EXPERIMENT_REQUESTS),
@@ -1751,13 +2453,33 @@ async def run_pool_experiment(
         ("Pool size", pool_size, MAX_POOL_EXPERIMENT_CONCURRENCY),
     ):
         validate_whole_number(value, label=label, low=1, high=upper)
+    budget = sandbox.connection_budget or ConnectionBudget(MAX_POOL_EXPERIMENT_CONCURRENCY)
+    granted = min(max(pool_size, concurrency), budget.most_one_reservation_gets)
+    capped = granted < max(pool_size, concurrency)
+    concurrency, pool_size = min(concurrency, granted), min(pool_size, granted)
     translate = sandbox.engine.get_execution_options().get("schema_translate_map")
+    async with budget.reserve(granted, timeout_seconds=3 * sandbox.settings.pool_timeout_seconds) as waited:
+        # Hundreds of queries in a burst would hold the shared loop for seconds and stall every
+        # other learner's click: the trials get a loop (and thread) of their own.
+        trials = await asyncio.to_thread(
+            asyncio.run,
+            _run_pool_trials(
+                sandbox.engine.url, sandbox.settings, translate=translate, requests=requests,
+                concurrency=concurrency, pool_size=pool_size,
+            ),
+        )  # fmt: skip
+    return [replace(trial, waited_seconds=waited, capped_by_budget=capped) for trial in trials]
+
+
+async def _run_pool_trials(
+    url: URL, settings: Settings, *, translate: Optional[dict[Any, Any]], requests: int, concurrency: int, pool_size: int
+) -> list[PoolTrial]:
     trials = []
     for label, overrides in (
         (f"QueuePool (pool_size={pool_size})", {"pool_size": pool_size, "max_overflow": 0}),
         ("NullPool (no pooling)", {"poolclass": NullPool}),
     ):
-        engine = create_engine_for(sandbox.engine.url, sandbox.settings, pool_pre_ping=False, pool_timeout=60, **overrides)
+        engine = create_engine_for(url, settings, pool_pre_ping=False, pool_timeout=60, **overrides)
         try:
             trials.append(
                 await _time_queries(
@@ -1862,6 +2584,7 @@ def score_as_row(score: AIRScore) -> dict[str, Any]:
     }
 
 
+@journaled("sample_scores_added")
 async def add_sample_scores(sandbox: Sandbox, *, user_id: str, count: int = SAMPLE_SCORES_PER_CLICK) -> list[AIRScore]:
     """Add `count` valid sample scores for an existing user in one transaction; an unknown user writes nothing."""
     _whole_number(count, label="Scores to add", low=1, high=MAX_SAMPLE_SCORES_PER_CALL)
@@ -1925,6 +2648,7 @@ class UserScoresFetch:
         )
 
 
+@journaled("user_and_scores_fetched")
 async def fetch_user_and_scores_naive(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
     """The N+1 path: the user (1), the ids of their scores (1), then each score by its id (N).
 
@@ -1940,6 +2664,7 @@ async def fetch_user_and_scores_naive(sandbox: Sandbox, *, user_id: str) -> User
     return UserScoresFetch("naive", user, scores, measurement.statements, measurement.elapsed_ms)
 
 
+@journaled("user_and_scores_fetched")
 async def fetch_user_and_scores_eager(sandbox: Sandbox, *, user_id: str) -> UserScoresFetch:
     """The eager path: UserRepository.get_user_with_scores_eager, 2 statements however many scores there are."""
     with measure() as measurement:
@@ -2149,6 +2874,7 @@ class StrategyComparison:
         ]
 
 
+@journaled("loading_strategies_compared")
 async def compare_loading_strategies(
     sandbox: Sandbox, *, sizes: Sequence[int], repeats: int = COMPARISON_REPEATS
 ) -> StrategyComparison:
@@ -2187,10 +2913,12 @@ async def scale_up_and_compare(
 # =============================================================================================
 # 12. Cache (codelab section 4)
 # =============================================================================================
+# The lesson is ReadThroughCache.read: GET; on a miss, read the database and SET … EX. Every
+# commit (get_session) calls invalidate_cached_changes. What keeps it right under faults and
+# across replicas is in qulab_redis/ (coherence, single flight, tracing, breaker).
 
 CACHE_TTL_SECONDS = 300
 CACHE_TTL_JITTER = 0.10  # each key lives TTL ± 10 %, so keys written together do not expire together
-CACHE_COMMAND_TIMEOUT_SECONDS = 1.0  # a hung Redis costs a read at most this, then the database answers
 CACHE_HIT, CACHE_MISS, CACHE_FALLBACK = "HIT", "MISS", "FALLBACK"  # FALLBACK: Redis failed, database answered
 CACHE_DEMO_EMAIL = "cache.demo@innovateai.example"
 MAX_CACHE_EXPERIMENT_READS = 1000
@@ -2203,13 +2931,8 @@ def cache_ttl_bounds() -> tuple[int, int]:
     return CACHE_TTL_SECONDS - spread, CACHE_TTL_SECONDS + spread
 
 
-@dataclass(slots=True)  # made on every read: slots, not frozen, keeps that cheap (frozen costs 4x)
-class RedisCommand:
-    """One command the cache sent to Redis, written as sent, with its reply and round-trip time."""
-
-    command: str
-    reply: str
-    duration_ms: float
+RedisCommand = qulab_redis.RedisCommand  # one command as sent, its reply and its round-trip time
+CacheInvalidation = qulab_redis.CacheInvalidation  # keys dropped after a write, and whether Redis took them
 
 
 @dataclass
@@ -2258,26 +2981,24 @@ class CacheMetrics:
         """T_avg as measured: total time of every read ÷ requests (includes the SETs the formula leaves out)."""
         return self.request_ms_total / self.requests if self.requests else None
 
-    def record(
-        self, outcome: str, *, total_ms: float, lookup_ms: Optional[float], database_ms: Optional[float]
-    ) -> None:
+    def record(self, read: "CacheRead") -> None:
         """Count one answered read and add its measured times."""
-        if outcome == CACHE_HIT:
+        if read.outcome == CACHE_HIT:
             self.hits += 1
-        elif outcome == CACHE_MISS:
+        elif read.outcome == CACHE_MISS:
             self.misses += 1
         else:
             self.errors += 1
-        if lookup_ms is not None:
+        if read.lookup_ms is not None:
             self.lookups += 1
-            self.lookup_ms_total += lookup_ms
-        if database_ms is not None:
+            self.lookup_ms_total += read.lookup_ms
+        if read.database_ms is not None:
             self.database_reads += 1
-            self.database_ms_total += database_ms
-        self.request_ms_total += total_ms
+            self.database_ms_total += read.database_ms
+        self.request_ms_total += read.total_ms
 
 
-@dataclass(slots=True)  # made on every read: see RedisCommand
+@dataclass(slots=True)  # made on every read: slots, not frozen, keeps that cheap (frozen costs 4x)
 class CacheRead:
     """One read through the cache: what it returned, whether Redis had it, and what it cost."""
 
@@ -2288,38 +3009,88 @@ class CacheRead:
     value: Optional[dict[str, Any]]  # the same JSON-shaped dict whether it came from Redis or the database
     total_ms: float
     lookup_ms: Optional[float]  # GET + decoding; None when Redis failed
-    database_ms: Optional[float]  # None on a hit
+    database_ms: Optional[float]  # None on a hit, and when another read's database answer was shared
     database_statements: int
     shared_database_read: bool  # waited for the same key's database read already in flight (single flight)
     redis_commands: tuple[RedisCommand, ...]
     note: str = ""
 
 
-@dataclass(frozen=True)
-class CacheInvalidation:
-    """Keys deleted after a write (or on request), the commands sent, and whether Redis took them."""
+@dataclass(slots=True)
+class DatabaseAnswer:
+    """What a miss got from the database, and what that cost (None and 0 when another read's answer was shared)."""
 
-    reason: str
-    keys: tuple[str, ...]
-    redis_commands: tuple[RedisCommand, ...]
-    applied: bool  # False: Redis failed; the keys are deleted before the cache is read again
-
-
-def _render_command_part(part: Any) -> str:
-    text_part = str(part)
-    if len(text_part) <= 120:
-        return text_part
-    return f"'{text_part[:40]}…' ({len(text_part.encode())} bytes)"
+    value: Any
+    milliseconds: Optional[float]
+    statements: int
 
 
-def _render_reply(reply: Any) -> str:
-    if reply is None:
-        return "(nil)"
-    if reply is True:
-        return "OK"
-    if isinstance(reply, str):
-        return f"{len(reply.encode())} bytes of JSON"
-    return str(reply)
+class ReadThroughCache:
+    """The read-through pattern: GET the key; on a miss, read the database, answer, and SET it with a TTL.
+
+    The steps are the lesson; how each survives faults lives in qulab_redis: `coherence` checks
+    every GET and SET against the sandbox's epoch and fence (no stale value after any write, in
+    any process), `flights` makes concurrent misses share one database read, and every command
+    goes through the sandbox's RedisLink (a timeout, and a breaker that skips a hung Redis).
+    """
+
+    def __init__(self, link: RedisLink, coherence: qulab_redis.CacheCoherence) -> None:
+        self.link = link
+        self.coherence = coherence
+        self.flights = qulab_redis.SingleFlight()
+
+    async def read(self, key: str, load: Callable[[], Awaitable[Any]], *, kind: str, user_id: str) -> CacheRead:
+        """The value under key: from Redis on a hit, else from load() (the database), then stored."""
+        trace, started = qulab_redis.CommandTrace(self.link), time.perf_counter()
+        ticket = self.flights.ticket()
+        try:
+            cached = await self.coherence.get(key, trace)  # 1. GET: does Redis have it?
+            lookup_ms: Optional[float] = (time.perf_counter() - started) * 1000
+        except REDIS_ERRORS as error:  # Redis failed or is skipped: the database answers, nothing is stored
+            answer = await self._from_database(key, ticket, load)
+            self.flights.landed(key)
+            outcome, lookup_ms = CACHE_FALLBACK, None
+            note = f"Redis failed ({type(error).__name__}); the database answered and nothing was stored."
+        else:
+            if cached.found:  # 2a. hit: answer from memory
+                answer, outcome, note = DatabaseAnswer(cached.value, None, 0), CACHE_HIT, ""
+            else:  # 2b. miss: read the database ...
+                answer, outcome = await self._from_database(key, ticket, load, since=cached), CACHE_MISS
+                try:  # 3. ... and keep a copy for the next reader: SET key value EX ttl
+                    ttl = random.randint(*cache_ttl_bounds())
+                    note = await self.coherence.set(key, answer.value, ttl=ttl, since=cached, trace=trace)
+                finally:
+                    self.flights.landed(key)
+        shared = outcome != CACHE_HIT and answer.milliseconds is None
+        if shared:
+            note = "Another read of this key went to the database; this one shared its answer."
+        return CacheRead(
+            kind=kind,
+            user_id=user_id,
+            key=key,
+            outcome=outcome,
+            value=answer.value,
+            total_ms=(time.perf_counter() - started) * 1000,
+            lookup_ms=lookup_ms,
+            database_ms=answer.milliseconds,
+            database_statements=answer.statements,
+            shared_database_read=shared,
+            redis_commands=tuple(trace.commands),
+            note=note,
+        )
+
+    async def _from_database(
+        self, key: str, ticket: int, load: Callable[[], Awaitable[Any]], *, since: Optional[Any] = None
+    ) -> DatabaseAnswer:
+        async def timed_load() -> DatabaseAnswer:
+            with capture_statements() as log:
+                load_started = time.perf_counter()
+                value = await load()
+            return DatabaseAnswer(value, (time.perf_counter() - load_started) * 1000, log.count)
+
+        generation = since.generation if since is not None else self.coherence.generation
+        answer, shared = await self.flights.load(key, generation=generation, ticket=ticket, load=timed_load)
+        return DatabaseAnswer(answer.value, None, 0) if shared else answer
 
 
 def _user_as_json(user: User) -> dict[str, Any]:
@@ -2335,83 +3106,47 @@ def _airscore_as_json(score: AIRScore) -> dict[str, Any]:
     }
 
 
-_NOT_CACHED = object()
+def user_cache_key(sandbox: Sandbox, user_id: str) -> str:
+    """The key of a user's cached profile."""
+    return sandbox.redis.key("cache", "user", user_id)
 
 
-@dataclass(eq=False)
-class _Flight:
-    generation: int
-    answer: asyncio.Future[Any]
-    finished_after: float = math.inf  # lookups started before the value was stored; inf while running
-
-
-def _decode_cached(raw: Optional[str]) -> Any:
-    """The cached JSON value, or _NOT_CACHED when the key is absent or holds something that is not ours."""
-    if raw is None:
-        return _NOT_CACHED
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return _NOT_CACHED
-    return value if value is None or isinstance(value, dict) else _NOT_CACHED
+def latest_airscore_cache_key(sandbox: Sandbox, user_id: str) -> str:
+    """The key of a user's cached latest AIRScore (a JSON null when they have none)."""
+    return sandbox.redis.key("cache", "user", user_id, "latest-airscore")
 
 
 class CachedUserRepository:
-    """Read-through cache of user profiles and latest AIRScores for one sandbox, in Redis as JSON.
-
-    A read asks Redis first (GET); on a miss it reads the database and stores the value with
-    SET … EX (TTL with jitter). Writes committed through get_session invalidate what they
-    change. Rules that keep reads correct, each one tested:
-    - a per-key generation is bumped before an invalidation is sent; a miss stores its value
-      only if the generation it started with is still current (and deletes it again if an
-      invalidation arrived while its SET was in flight), so a slow miss cannot re-cache data a
-      write has just replaced;
-    - an invalidation Redis could not take is remembered and sent before the cache is read again;
-    - concurrent misses on one key share one database read (single flight);
-    - re-initializing the sandbox moves every key to a new epoch, so nothing cached before
-      can be served after, even if Redis was down at the time;
-    - when Redis fails, the read is answered from the database and counted as an error.
-    Generations, flights and pending invalidations live in this process (the runtime's loop),
-    which is where every write of the sandbox commits.
-    """
+    """User profiles and latest AIRScores, read through the cache (what the page's buttons call)."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
+        self.cache = ReadThroughCache(sandbox.redis, cache_coherence(sandbox))
         self.metrics = CacheMetrics()
-        self.recent_invalidations: deque[CacheInvalidation] = deque(maxlen=10)
-        self._epoch = 0
-        self._generations: dict[str, int] = {}
-        self._pending_invalidations: set[str] = set()
-        self._flights: dict[str, _Flight] = {}  # the latest database read of each key
-        self._lookups_started = 0
-        sandbox.commit_listeners.append(self._invalidate_committed_changes)
-        sandbox.reset_listeners.append(self._start_new_epoch)
+        sandbox.reset_listeners.append(self._forget_everything)
 
-    # -- keys --------------------------------------------------------------------------------
     def user_key(self, user_id: str) -> str:
         """The key of a user's cached profile."""
-        return self.sandbox.redis.key("cache", f"epoch{self._epoch}", "user", user_id)
+        return user_cache_key(self.sandbox, user_id)
 
     def latest_airscore_key(self, user_id: str) -> str:
-        """The key of a user's cached latest AIRScore (JSON null when they have none)."""
-        return self.sandbox.redis.key("cache", f"epoch{self._epoch}", "user", user_id, "latest-airscore")
+        """The key of a user's cached latest AIRScore."""
+        return latest_airscore_cache_key(self.sandbox, user_id)
 
-    @property
-    def pending_invalidations(self) -> int:
-        """Keys whose invalidation Redis has not taken yet."""
-        return len(self._pending_invalidations)
-
-    # -- reads -------------------------------------------------------------------------------
     async def get_user(self, *, user_id: str, metrics: Optional[CacheMetrics] = None) -> CacheRead:
         """The user's profile, from Redis when cached; an unknown id raises UserNotFoundError."""
         user_id = parse_entity_id(user_id)
-        return await self._read("user", user_id, self.user_key(user_id), self._load_user, metrics or self.metrics)
+        read = await self.cache.read(self.user_key(user_id), lambda: self._load_user(user_id), kind="user", user_id=user_id)
+        (metrics or self.metrics).record(read)
+        return read
 
     async def get_latest_airscore(self, *, user_id: str, metrics: Optional[CacheMetrics] = None) -> CacheRead:
         """The user's most recent AIRScore (value None when they have none), from Redis when cached."""
         user_id = parse_entity_id(user_id)
         key = self.latest_airscore_key(user_id)
-        return await self._read("latest_airscore", user_id, key, self._load_latest_airscore, metrics or self.metrics)
+        read = await self.cache.read(key, lambda: self._load_latest_airscore(user_id), kind="latest_airscore", user_id=user_id)
+        (metrics or self.metrics).record(read)
+        return read
 
     async def _load_user(self, user_id: str) -> dict[str, Any]:
         async with self.sandbox.session_factory() as session:
@@ -2425,223 +3160,92 @@ class CachedUserRepository:
                 return None
             return _airscore_as_json(score)
 
-    async def _read(
-        self,
-        kind: str,
-        user_id: str,
-        key: str,
-        loader: Callable[[str], Awaitable[Any]],
-        metrics: CacheMetrics,
-    ) -> CacheRead:
-        health = self.sandbox.redis.health
-        commands: list[RedisCommand] = []
-        started = time.perf_counter()
-        self._lookups_started += 1
-        ticket = self._lookups_started  # reads are numbered in the order they asked Redis
-        try:
-            if self._pending_invalidations:
-                await self._apply_pending_invalidations(commands)
-            lookup_started = time.perf_counter()
-            cached = _decode_cached(await self._send(commands, "GET", key))
-            lookup_ms: Optional[float] = (time.perf_counter() - lookup_started) * 1000
-            health.record_success()
-        except REDIS_ERRORS as error:
-            health.record_failure(error)
-            cached, lookup_ms, outcome = _NOT_CACHED, None, CACHE_FALLBACK
-            failure = f"Redis failed ({type(error).__name__}); the database answered and nothing was stored."
-        else:
-            outcome = CACHE_HIT if cached is not _NOT_CACHED else CACHE_MISS
-        generation = self._generation(key)  # taken before the database is read: see _store
-        if outcome == CACHE_HIT:
-            value, database_ms, statements, note = cached, None, 0, ""
-        else:
-            value, database_ms, statements, note = await self._load_once(
-                key, generation, ticket, loader, user_id, commands, store=outcome == CACHE_MISS
-            )
-            if outcome == CACHE_FALLBACK:
-                note = f"{failure} {note}".strip()
-        total_ms = (time.perf_counter() - started) * 1000
-        metrics.record(outcome, total_ms=total_ms, lookup_ms=lookup_ms, database_ms=database_ms)
-        return CacheRead(
-            kind=kind,
-            user_id=user_id,
-            key=key,
-            outcome=outcome,
-            value=value,
-            total_ms=total_ms,
-            lookup_ms=lookup_ms,
-            database_ms=database_ms,
-            database_statements=statements,
-            shared_database_read=outcome != CACHE_HIT and database_ms is None,
-            redis_commands=tuple(commands),
-            note=note,
-        )
-
-    async def _load_once(
-        self,
-        key: str,
-        generation: int,
-        ticket: int,
-        loader: Callable[[str], Awaitable[Any]],
-        user_id: str,
-        commands: list[RedisCommand],
-        *,
-        store: bool,
-    ) -> tuple[Any, Optional[float], int, str]:
-        """Single flight: (value, database_ms, statements, note); database_ms is None for a shared answer.
-
-        A miss joins the key's flight while it runs, and also after it ended if this miss's GET
-        was issued before the flight's SET had landed (that GET could not have seen the value).
-        """
-        flight = self._flights.get(key)
-        if flight is not None and flight.generation == generation and ticket <= flight.finished_after:
-            try:
-                value = await asyncio.shield(flight.answer)
-            except asyncio.CancelledError:
-                if not flight.answer.cancelled():
-                    raise  # this read itself was cancelled
-            else:
-                return value, None, 0, "Another read of this key went to the database; this one shared its answer."
-        flight = _Flight(generation, asyncio.get_running_loop().create_future())
-        self._flights[key] = flight  # after an invalidation the generation differs: a new flight
-        try:
-            with capture_statements() as log:
-                started = time.perf_counter()
-                value = await loader(user_id)
-                database_ms = (time.perf_counter() - started) * 1000
-            note = await self._store(commands, key, value, generation) if store else ""
-        except Exception as error:  # e.g. UserNotFoundError: concurrent misses share it too
-            flight.answer.set_exception(error)
-            flight.answer.exception()  # retrieved, so asyncio does not warn when no one else waited
-            flight.finished_after = self._lookups_started
-            raise
-        except BaseException:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-            flight.answer.cancel()
-            raise
-        flight.answer.set_result(value)
-        flight.finished_after = self._lookups_started
-        return value, database_ms, log.count, note
-
-    async def _store(self, commands: list[RedisCommand], key: str, value: Any, generation: int) -> str:
-        if self._generation(key) != generation:
-            return "Not stored: a write committed while the database was read, so this value may be old."
-        ttl = random.randint(*cache_ttl_bounds())
-        try:
-            await self._send(commands, "SET", key, json.dumps(value, separators=(",", ":")), "EX", ttl)
-            if self._generation(key) != generation:
-                await self._send(commands, "DEL", key)
-                return "Stored, then deleted again: a write committed while the SET was on its way."
-        except REDIS_ERRORS as error:
-            self.sandbox.redis.health.record_failure(error)
-            if self._generation(key) != generation:
-                self._pending_invalidations.add(key)
-            return f"Not stored: Redis failed ({type(error).__name__})."
-        return f"Stored for {ttl} s (TTL {CACHE_TTL_SECONDS} s ± {CACHE_TTL_JITTER:.0%})."
-
-    # -- invalidation --------------------------------------------------------------------------
     async def invalidate_user(self, *, user_id: str, reason: str = "requested") -> CacheInvalidation:
         """Delete the user's cached profile and latest AIRScore."""
         user_id = parse_entity_id(user_id)
         return await self.invalidate_keys([self.user_key(user_id), self.latest_airscore_key(user_id)], reason=reason)
 
     async def invalidate_keys(self, keys: list[str], *, reason: str, remember: bool = True) -> CacheInvalidation:
-        """Delete these keys now (or, Redis failing, before the next read); misses in flight won't store them."""
-        for key in keys:  # before any await: a miss in flight must see it
-            self._generations[key] = self._generation(key) + 1
-        to_delete = sorted(set(keys) | self._pending_invalidations)
-        commands: list[RedisCommand] = []
-        try:
-            await self._send(commands, "DEL", *to_delete)
-        except REDIS_ERRORS as error:
-            self.sandbox.redis.health.record_failure(error)
-            self._pending_invalidations.update(keys)
-            applied = False
-        else:
-            self.sandbox.redis.health.record_success()
-            self._pending_invalidations.difference_update(to_delete)
-            applied = True
-        invalidation = CacheInvalidation(reason, tuple(keys), tuple(commands), applied)
-        if remember:
-            self.recent_invalidations.appendleft(invalidation)
-        return invalidation
+        """Delete these keys now (or, Redis failing, settle before the next read); misses in flight won't store them."""
+        return await self.cache.coherence.invalidate(keys, reason=reason, remember=remember)
 
-    async def _apply_pending_invalidations(self, commands: list[RedisCommand]) -> None:
-        if self._pending_invalidations:
-            keys = sorted(self._pending_invalidations)
-            await self._send(commands, "DEL", *keys)
-            self._pending_invalidations.difference_update(keys)
-            reason = "pending invalidations, sent once Redis answered again"
-            self.recent_invalidations.appendleft(CacheInvalidation(reason, tuple(keys), (commands[-1],), True))
+    @property
+    def pending_invalidations(self) -> int:
+        """Writes whose invalidation Redis has not taken yet (a new epoch settles them before the next read)."""
+        return self.cache.coherence.pending_writes
 
-    async def _invalidate_committed_changes(self, changes: CommittedChanges) -> None:
-        keys: dict[str, None] = {}  # ordered and without repeats
-        changed_or_deleted = [*changes.updated, *changes.deleted]
-        for user in changed_or_deleted:
-            if isinstance(user, User):
-                keys[self.user_key(user.id)] = None
-        for user in changes.deleted:
-            if isinstance(user, User):
-                keys[self.latest_airscore_key(user.id)] = None
-        for score in changes.of_type(AIRScore):
-            keys[self.latest_airscore_key(score.user_id)] = None
-        if keys:
-            what = sorted({type(obj).__name__ for obj in (*changed_or_deleted, *changes.inserted)})
-            await self.invalidate_keys(list(keys), reason=f"a write committed ({', '.join(what)})")
+    @property
+    def recent_invalidations(self) -> Sequence[CacheInvalidation]:
+        """The last invalidations of this sandbox, newest first."""
+        return self.cache.coherence.recent_invalidations
 
-    async def send_pending_invalidations(self) -> bool:
-        """Send the invalidations Redis missed while it was down; True when none is left."""
-        try:
-            await self._apply_pending_invalidations([])
-        except REDIS_ERRORS as error:
-            self.sandbox.redis.health.record_failure(error)
-            return False
-        return True
-
-    async def _start_new_epoch(self, sandbox: Sandbox) -> None:
-        # The sandbox was wiped with bulk deletes that no listener sees: abandon every key at once.
-        self._epoch += 1
-        self._generations.clear()
-        self._pending_invalidations.clear()
-        self._flights.clear()
+    async def _forget_everything(self, sandbox: Sandbox) -> None:
+        # The reset's bulk deletes already moved the epoch; start the counters and the history afresh.
         self.metrics = CacheMetrics()
-        self.recent_invalidations.clear()
+        self.cache.flights.clear()
+        self.cache.coherence.forget_history()
 
-    # -- plumbing -----------------------------------------------------------------------------
-    def _generation(self, key: str) -> int:
-        return self._generations.get(key, 0)
 
-    async def _send(self, commands: list[RedisCommand], *command: Any) -> Any:
-        """Send one command exactly as given, note it with its reply and time, and return the reply."""
-        shown = " ".join(_render_command_part(part) for part in command)
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(CACHE_COMMAND_TIMEOUT_SECONDS):
-                reply = await self.sandbox.redis.client.execute_command(*command)
-        except REDIS_ERRORS as error:
-            failed_ms = (time.perf_counter() - started) * 1000
-            commands.append(RedisCommand(shown, f"failed: {type(error).__name__}", failed_ms))
-            raise
-        commands.append(RedisCommand(shown, _render_reply(reply), (time.perf_counter() - started) * 1000))
-        return reply
+def cache_coherence(sandbox: Sandbox) -> qulab_redis.CacheCoherence:
+    """The sandbox's epoch, fence and pending invalidations (shared by its cache and its commits)."""
+    return sandbox.service("cache-coherence", lambda owner: qulab_redis.CacheCoherence(owner.redis))
+
+
+CACHED_TABLES = frozenset({"*", "users", "air_scores"})
+
+
+def cache_keys_changed_by(sandbox: Sandbox, changes: CommittedChanges) -> list[str]:
+    """The cache keys a committed transaction's ORM changes made stale (bulk writes are handled by epoch)."""
+    keys: dict[str, None] = {}  # ordered and without repeats
+    for user in (*changes.updated, *changes.deleted):
+        if isinstance(user, User):
+            keys[user_cache_key(sandbox, user.id)] = None
+    for user in changes.deleted:
+        if isinstance(user, User):
+            keys[latest_airscore_cache_key(sandbox, user.id)] = None
+    for score in changes.of_type(AIRScore):
+        keys[latest_airscore_cache_key(sandbox, score.user_id)] = None
+    return list(keys)
+
+
+async def invalidate_cached_changes(sandbox: Sandbox, changes: CommittedChanges) -> Optional[CacheInvalidation]:
+    """Drop what a commit made stale: its changed keys, or (after a bulk write) the whole epoch.
+
+    get_session calls this after every commit, whether or not this process has used the cache:
+    another replica may have cached what this one just changed. It never raises: the commit
+    stands, and a failed invalidation is settled before the cache is read again.
+    """
+    keys = cache_keys_changed_by(sandbox, changes)
+    bulk = sorted(changes.bulk_tables & CACHED_TABLES)
+    if not keys and not bulk:
+        return None
+    what = sorted({type(obj).__name__ for obj in (*changes.updated, *changes.deleted, *changes.inserted)})
+    reason = f"a write committed ({', '.join(what)})" if not bulk else f"a bulk write committed ({', '.join(bulk)})"
+    try:
+        return await cache_coherence(sandbox).invalidate(keys, reason=reason, everything=bool(bulk))
+    except Exception:
+        logger.exception("cache invalidation failed in sandbox %s", sandbox.id)
+        return None
 
 
 def cache_for(sandbox: Sandbox) -> CachedUserRepository:
-    """The sandbox's cache, created (and subscribed to its commits) on first use."""
+    """The sandbox's cached repository, created on first use."""
     return sandbox.service("cache", CachedUserRepository)
 
 
+@journaled("cache_read")
 async def fetch_user_cached(sandbox: Sandbox, *, user_id: str) -> CacheRead:
     """Read a user's profile through the cache (the Fetch User (Cached) button)."""
     return await cache_for(sandbox).get_user(user_id=user_id)
 
 
+@journaled("cache_read")
 async def fetch_latest_airscore_cached(sandbox: Sandbox, *, user_id: str) -> CacheRead:
     """Read a user's latest AIRScore through the cache (the Fetch Latest AIRScore (Cached) button)."""
     return await cache_for(sandbox).get_latest_airscore(user_id=user_id)
 
 
+@journaled("cache_invalidated")
 async def invalidate_user_cache(sandbox: Sandbox, *, user_id: str) -> CacheInvalidation:
     """Delete a user's cached entries (the Invalidate Cache for this User button)."""
     return await cache_for(sandbox).invalidate_user(user_id=user_id, reason="requested on the page")
@@ -2649,11 +3253,13 @@ async def invalidate_user_cache(sandbox: Sandbox, *, user_id: str) -> CacheInval
 
 @dataclass(frozen=True)
 class CacheStatus:
-    """What the cache page shows besides reads: metrics, Redis mode and health, recent invalidations."""
+    """What the cache page shows besides reads: metrics, Redis mode, breaker and health, recent invalidations."""
 
     metrics: CacheMetrics
     redis_mode: str
     redis_reason: str
+    breaker_state: str  # "closed", "open" or "half-open"
+    breaker: str  # the breaker's state in one line
     cut_off: bool
     degraded: bool
     last_error: str
@@ -2669,6 +3275,8 @@ async def cache_status(sandbox: Sandbox) -> CacheStatus:
         metrics=replace(cache.metrics),
         redis_mode=link.service.mode,
         redis_reason=link.service.reason,
+        breaker_state=link.breaker.state,
+        breaker=link.breaker.describe(),
         cut_off=link.cut_off,
         degraded=link.health.degraded,
         last_error=link.health.last_error,
@@ -2678,9 +3286,49 @@ async def cache_status(sandbox: Sandbox) -> CacheStatus:
 
 
 async def set_redis_outage(sandbox: Sandbox, *, cut: bool) -> bool:
-    """Cut this sandbox off from Redis, or reconnect it; returns whether Redis answers now."""
-    answers = await sandbox.redis.switch_outage(cut=cut, timeout_seconds=CACHE_COMMAND_TIMEOUT_SECONDS)
-    return answers and await cache_for(sandbox).send_pending_invalidations()
+    """Cut this sandbox off from Redis, or reconnect it; returns whether Redis answers now (and took what it missed)."""
+    answers = await sandbox.redis.switch_outage(cut=cut, timeout_seconds=sandbox.redis.service.command_timeout_seconds)
+    return answers and await cache_coherence(sandbox).settle_pending()
+
+
+def cache_metric_rows(metrics: CacheMetrics) -> list[dict[str, str]]:
+    """The page's two rows of metrics: counts and H, then the four times."""
+
+    def milliseconds(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:.3f} ms"
+
+    hit_ratio = "n/a" if metrics.hit_ratio is None else f"{metrics.hit_ratio:.1%}"
+    return [
+        {"Hits": str(metrics.hits), "Misses": str(metrics.misses), "Errors": str(metrics.errors), "Hit ratio H": hit_ratio},
+        {
+            "T_cache (mean)": milliseconds(metrics.mean_cache_ms),
+            "T_db (mean)": milliseconds(metrics.mean_database_ms),
+            "T_avg predicted": milliseconds(metrics.predicted_average_ms),
+            "T_avg measured": milliseconds(metrics.measured_average_ms),
+        },
+    ]
+
+
+def invalidation_row(invalidation: CacheInvalidation) -> dict[str, str]:
+    """One row of the page's table of recent invalidations."""
+    return {
+        "why": invalidation.reason,
+        "commands": "; ".join(f"{c.command} -> {c.reply}" for c in invalidation.redis_commands),
+        "applied": "yes" if invalidation.applied else "no: Redis failed; settled before the next read",
+    }
+
+
+# What the cache page shows under "How this survives faults": each unit on its own, each short.
+CACHE_HARDENING: tuple[Any, ...] = (
+    invalidate_cached_changes,
+    qulab_redis.CacheCoherence.get,
+    qulab_redis.CacheCoherence.set,
+    qulab_redis.CacheCoherence.invalidate,
+    qulab_redis.SingleFlight.load,
+    RedisLink._guarded,
+    qulab_redis.CircuitBreaker.record_timeout,
+    qulab_redis.CircuitBreaker._probe_until_closed,
+)
 
 
 @dataclass(frozen=True)
@@ -2749,6 +3397,26 @@ class CacheTrial:
     outcomes: tuple[str, ...]
     latencies_ms: tuple[float, ...]
     metrics: CacheMetrics
+
+
+def cache_trial_row(trial: CacheTrial) -> dict[str, Any]:
+    """One row of the experiment's table: counts, measured H and the four times (ms, 3 decimals)."""
+
+    def rounded(value: Optional[float]) -> Optional[float]:
+        return None if value is None else round(value, 3)
+
+    metrics = trial.metrics
+    return {
+        "target H": f"{trial.target_hit_ratio:.0%}",
+        "hits": metrics.hits,
+        "misses": metrics.misses,
+        "errors": metrics.errors,
+        "measured H": rounded(metrics.hit_ratio),
+        "T_cache (ms)": rounded(metrics.mean_cache_ms),
+        "T_db (ms)": rounded(metrics.mean_database_ms),
+        "T_avg predicted (ms)": rounded(metrics.predicted_average_ms),
+        "T_avg measured (ms)": rounded(metrics.measured_average_ms),
+    }
 
 
 async def run_cache_experiment(
@@ -2947,6 +3615,7 @@ class StoredAIRScore:
     event: DomainEvent
 
 
+@journaled("airscore_stored")
 async def calculate_and_store_airscore(sandbox: Sandbox, *, user_id: str, occupation_code: str) -> StoredAIRScore:
     """Calculate and store a user's AIRScore and its AIRScoreCalculated event in ONE transaction.
 
@@ -2967,20 +3636,23 @@ BURST_FALLBACK_OCCUPATION = "15-1252.00"  # for users without an occupation code
 
 @dataclass(frozen=True)
 class BurstResult:
-    """How long a burst of score writes took, each its own transaction."""
+    """What a burst of score writes committed (each write its own transaction) and how long it took."""
 
-    writes: int
+    writes: int  # committed: each one a score and its event
     concurrency: int
     seconds: float
+    failed: int = 0  # writes that rolled back whole (nothing of them was stored)
+    first_error: str = ""  # why the first of them failed
 
 
+@journaled("airscore_burst")
 async def store_airscore_burst(
     sandbox: Sandbox, *, count: int, concurrency: int = BURST_CONCURRENCY
 ) -> BurstResult:
     """Store `count` scores with their events, round-robin over the sandbox's users, `concurrency` at a time."""
     validate_whole_number(count, label="Burst writes", low=1, high=MAX_BURST_WRITES, field="count")
     validate_whole_number(concurrency, label="Concurrency", low=1, high=50)
-    users = await list_users(sandbox, limit=100)
+    users = await list_learner_users(sandbox) or await list_users(sandbox, limit=100)
     if not users:
         raise ValidationError("Your sandbox has no users yet: initialize it on page 2 first.", field="user_id")
     semaphore = asyncio.Semaphore(concurrency)
@@ -2995,10 +3667,53 @@ async def store_airscore_burst(
     started = time.perf_counter()
     outcomes = await asyncio.gather(*(write(number) for number in range(count)), return_exceptions=True)
     seconds = time.perf_counter() - started
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome  # each write is its own transaction: the others committed whole
-    return BurstResult(writes=count, concurrency=concurrency, seconds=seconds)
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    for error in errors:
+        if not isinstance(error, Exception):
+            raise error  # cancelled: stop here
+    # Each write is its own transaction: the ones that failed stored nothing, the others are whole.
+    first_error = f"{type(errors[0]).__name__}: {errors[0]}"[:300] if errors else ""
+    if errors and not isinstance(errors[0], QuLabError):
+        logger.error("burst writes failed in sandbox %s", sandbox.id, exc_info=errors[0])
+    return BurstResult(
+        writes=count - len(errors), concurrency=concurrency, seconds=seconds, failed=len(errors), first_error=first_error
+    )
+
+
+async def list_learner_users(sandbox: Sandbox, *, limit: int = 100) -> list[User]:
+    """The learner's own users, oldest first (the thousand scale-up users of section 3 left out)."""
+    async with get_session(sandbox) as session:
+        statement = select(User).where(~_is_scale_up_user()).order_by(User.created_at).limit(limit)
+        return list((await session.scalars(statement)).all())
+
+
+@dataclass(frozen=True)
+class EventDelivery:
+    """Where one event is now: its status, when it was published, when the consumer recorded it."""
+
+    event_id: str
+    status: str
+    created_at: datetime
+    published_at: Optional[datetime]
+    delivered_at: Optional[datetime]
+    last_error: Optional[str]
+
+
+async def event_delivery(sandbox: Sandbox, *, event_id: str) -> Optional[EventDelivery]:
+    """The event's current state (None once it is gone: pruned after delivery, or reset)."""
+    event_id = parse_entity_id(event_id, what="event")
+    async with get_session(sandbox) as session:
+        row = (
+            await session.execute(
+                select(DomainEvent, ConsumedEvent.consumed_at)
+                .outerjoin(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+                .where(DomainEvent.id == event_id)
+            )
+        ).first()
+    if row is None:
+        return None
+    event, delivered_at = row
+    return EventDelivery(event.id, event.status, event.created_at, event.published_at, delivered_at, event.last_error)
 
 
 class ConsumedEvent(Base):
@@ -3009,7 +3724,7 @@ class ConsumedEvent(Base):
     event_type: Mapped[str] = mapped_column(String(100))
     stream_message_id: Mapped[str] = mapped_column(String(40))
     consumer_name: Mapped[str] = mapped_column(String(64))
-    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, index=True)  # retention
 
 
 @dataclass(frozen=True)
@@ -3029,6 +3744,8 @@ class OutboxSettings:
     broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as an outage
     audit_interval_seconds: float = 30.0  # how often published-but-unconsumed events are checked
     audit_batch_size: int = 500
+    keep_published_events: int = 1_000  # older events, published AND consumed, are pruned (the demo keeps these)
+    inbox_retention_seconds: float = 86_400.0  # the consumer remembers an event id this long, to deduplicate
     stop_timeout_seconds: float = 10.0
 
 
@@ -3083,6 +3800,14 @@ class BatchReport:
 _EVENTS = DomainEvent.__table__
 
 
+def _stream_id_of(event_id: Any, backend: str) -> Any:
+    """SQL that reads an event's stream id from the JSON object bound as :stream_ids (event id -> id)."""
+    stream_ids = bindparam("stream_ids", type_=String)
+    if backend == "postgresql":
+        return func.json_extract_path_text(cast(stream_ids, JSON), event_id)
+    return func.json_extract(stream_ids, literal('$."') + event_id + literal('"'))
+
+
 class OutboxPublisher:
     """The outbox relay: leases due events oldest first, XADDs them in one pipeline, marks them published.
 
@@ -3097,32 +3822,53 @@ class OutboxPublisher:
         self.sandbox = sandbox
         self.settings = settings or OutboxSettings()
         self.name = name or f"publisher-{uuid.uuid4().hex[:12]}"
+        self._autocommit_view: tuple[Any, Any] = (None, None)  # (sandbox engine, its autocommit view)
+
+    @property
+    def _autocommit(self) -> Any:
         # Each statement commits on its own (UPDATE … RETURNING is atomic): no BEGIN/COMMIT trips.
-        self._autocommit = sandbox.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Built from the sandbox's current engine: a sandbox that went dormant and woke has a new one.
+        engine, view = self._autocommit_view
+        if engine is not self.sandbox.engine:
+            engine = self.sandbox.engine
+            view = engine.execution_options(isolation_level="AUTOCOMMIT")
+            self._autocommit_view = (engine, view)
+        return view
 
     @property
     def stream_key(self) -> str:
         """The Redis stream this sandbox's events go to."""
         return self.sandbox.redis.key("events")
 
-    async def publish_due_batch(self) -> BatchReport:
+    async def publish_due_batch(self, connection: Any = None) -> BatchReport:
         """Lease a batch, send it in one pipeline, then record what the broker did: one connection."""
+        if connection is None:
+            async with self._autocommit.connect() as connection:
+                return await self.publish_due_batch(connection)
         started = time.perf_counter()
-        async with self._autocommit.connect() as connection:
-            events = await self.claim_due_events(connection)
-            report = BatchReport(claimed=len(events))
-            if events:
-                delivery = await self.send_to_stream(events)
-                if delivery.stream_ids:
-                    report.published = await self._mark_published(connection, delivery.stream_ids)
-                    report.lease_lost = len(delivery.stream_ids) - report.published
-                if delivery.rejected:
-                    report.failed = await self._mark_failed(connection, delivery.rejected)
-                if delivery.unsent:  # an outage is the broker's fault, not the events'
-                    report.released = await self._release(connection, delivery.unsent, delivery.broker_error)
-                report.broker_error = delivery.broker_error
+        events = await self.claim_due_events(connection)
+        report = BatchReport(claimed=len(events))
+        if events:
+            delivery = await self.send_to_stream(events)
+            if delivery.stream_ids:
+                report.published = await self._mark_published(connection, delivery.stream_ids)
+                report.lease_lost = len(delivery.stream_ids) - report.published
+            if delivery.rejected:
+                report.failed = await self._mark_failed(connection, delivery.rejected)
+            if delivery.unsent:  # an outage is the broker's fault, not the events'
+                report.released = await self._release(connection, delivery.unsent, delivery.broker_error)
+            report.broker_error = delivery.broker_error
         report.seconds = time.perf_counter() - started
         return report
+
+    async def publish_backlog(self) -> AsyncIterator[BatchReport]:
+        """Batch after batch on ONE connection while they come back full: a backlog drains in one checkout."""
+        async with self._autocommit.connect() as connection:
+            while True:
+                report = await self.publish_due_batch(connection)
+                yield report
+                if report.claimed < self.settings.batch_size or report.broker_error:
+                    return
 
     async def claim_due_events(self, connection: Any) -> list[ClaimedEvent]:
         """Lease up to batch_size pending events, oldest first, in ONE UPDATE … RETURNING."""
@@ -3140,12 +3886,18 @@ class OutboxPublisher:
             .cte("oldest_due")
             .prefix_with("MATERIALIZED", dialect="postgresql")
         )
+        if self.sandbox.backend == "postgresql":
+            # id = ANY(ARRAY(SELECT …)) and nothing else: the ids are collected once, then looked
+            # up by primary key whatever the planner believes about the table (a join planned on
+            # stale statistics, right after a burst, compared every pending row with every leased
+            # id: 200 ms a batch). The CTE's FOR UPDATE already locked each row as claimable, so
+            # no other transaction can change it before this UPDATE.
+            leased = (events.id == any_(func.array(select(oldest_due.c.id).scalar_subquery())),)
+        else:
+            leased = (events.id == oldest_due.c.id, *claimable)  # UPDATE … FROM, under SQLite's one writer
         claim = (
             update(_EVENTS)
-            # UPDATE … FROM: the leased ids are looked up by primary key. The conditions are
-            # repeated because PostgreSQL re-checks them on a row another transaction changed
-            # meanwhile, so a row is never leased twice.
-            .where(events.id == oldest_due.c.id, *claimable)
+            .where(*leased)
             .values(claimed_by=self.name, claimed_until=now + timedelta(seconds=self.settings.lease_seconds))
             .returning(
                 events.id,
@@ -3200,16 +3952,21 @@ class OutboxPublisher:
         events = _EVENTS.c
         mark = (
             update(_EVENTS)
-            .where(events.id.in_(list(stream_ids)), events.claimed_by == self.name)
+            .where(events.id.in_(bindparam("event_ids", expanding=True)), events.claimed_by == self.name)
             .values(
                 status="published",
-                published_at=utc_now(),
-                stream_id=case(stream_ids, value=events.id),  # the audit looks for the entry by this id
+                published_at=bindparam("published_at"),
+                stream_id=_stream_id_of(events.id, self.sandbox.backend),  # the audit looks entries up by it
                 claimed_by=None,
                 claimed_until=None,
             )
         )
-        return int((await connection.execute(mark)).rowcount)
+        parameters = {
+            "event_ids": list(stream_ids),
+            "published_at": utc_now(),
+            "stream_ids": json.dumps(stream_ids),  # one parameter for the whole batch
+        }
+        return int((await connection.execute(mark, parameters)).rowcount)
 
     async def _mark_failed(self, connection: Any, reasons: dict[str, str]) -> int:
         events = _EVENTS.c
@@ -3426,6 +4183,38 @@ class PublishedEventAudit:
             return int((await connection.execute(republish)).rowcount)
 
 
+PRUNE_BATCH = 5_000
+
+
+async def prune_delivered_events(sandbox: Sandbox, *, keep: int, inbox_retention_seconds: float) -> int:
+    """Delete events that are published AND consumed, beyond the newest `keep`; returns how many.
+
+    The outbox only needs an event until it is delivered; keeping every one makes each status
+    query slower with history. Pending, failed and unconsumed events are never touched. The
+    consumer's inbox keeps its ids longer (inbox_retention_seconds), so a late duplicate of a
+    pruned event is still recognised.
+    """
+    events = _EVENTS.c
+    newest_kept = (
+        select(events.published_at)
+        .where(events.status == "published")
+        .order_by(events.published_at.desc())
+        .offset(keep)
+        .limit(1)
+        .scalar_subquery()
+    )
+    consumed = select(ConsumedEvent.event_id).where(ConsumedEvent.event_id == events.id).exists()
+    # Strictly older: a batch shares one published_at, so the batch holding the boundary stays whole.
+    prunable = select(events.id).where(events.status == "published", events.published_at < newest_kept, consumed)
+    async with sandbox.engine.begin() as connection:
+        doomed = (await connection.execute(prunable.limit(PRUNE_BATCH))).scalars().all()
+        if doomed:
+            await connection.execute(delete(_EVENTS).where(events.id.in_(doomed)))
+        forgotten = utc_now() - timedelta(seconds=inbox_retention_seconds)
+        await connection.execute(delete(ConsumedEvent).where(ConsumedEvent.consumed_at < forgotten))
+    return len(doomed)
+
+
 class OutboxService:
     """One sandbox's outbox machinery: the publisher and consumer tasks, their wake-ups, an activity log.
 
@@ -3447,6 +4236,7 @@ class OutboxService:
         )
         self.activity: deque[str] = deque(maxlen=40)
         self.resume_on_return = False  # set when the sandbox went dormant with the publisher on
+        self.pruned_total = 0  # events published, consumed and then pruned by this service
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._publisher_wake = asyncio.Event()
@@ -3460,6 +4250,8 @@ class OutboxService:
         sandbox.commit_listeners.append(self._on_commit)
         sandbox.reset_listeners.append(self._on_reset)
         sandbox.release_listeners.append(self._on_release)
+        sandbox.dormant_listeners.append(publish_pending_and_stop)  # a dormant sandbox runs no background tasks
+        sandbox.wake_listeners.append(resume_event_publisher)
 
     @property
     def running(self) -> bool:
@@ -3553,7 +4345,7 @@ class OutboxService:
             if self.circuit.is_open and not await self._probe_broker():
                 continue
             try:
-                report = await self.publisher.publish_due_batch()
+                report, claimed = await self._publish_backlog()
                 audit = await self._audit_if_due()
             except Exception as error:  # the database failed: keep running, try again later
                 database_failures += 1
@@ -3562,20 +4354,31 @@ class OutboxService:
                 continue
             database_failures = 0
             self._errors_noted.pop("publisher", None)
-            self._note_batch(report)
             if report.broker_error or (audit is not None and audit.broker_error):
                 self._broker_failed(report.broker_error or audit.broker_error)
                 continue
-            if report.published:
-                self._consumer_wake.set()
-                if self._audit_due_at is None:
-                    self._audit_due_at = time.monotonic() + self.settings.audit_interval_seconds
             if report.claimed == self.settings.batch_size or (audit is not None and audit.republished):
-                continue  # a full batch: more events are probably due right now
-            idle_wait = self.settings.idle_wait_seconds if report.claimed else idle_wait
+                continue  # stopped after a full batch, or the audit made events pending again
+            idle_wait = self.settings.idle_wait_seconds if claimed else idle_wait
             await self._wait(self._publisher_wake, self._until_audit(idle_wait))
             if not self._publisher_wake.is_set():
                 idle_wait = min(self.settings.idle_wait_max_seconds, idle_wait * 2)
+
+    async def _publish_backlog(self) -> tuple[BatchReport, int]:
+        """Publish until a batch comes back short; returns the last batch's report and all events claimed."""
+        claimed, report = 0, BatchReport()
+        async with aclosing(self.publisher.publish_backlog()) as batches:
+            async for report in batches:
+                claimed += report.claimed
+                self._note_batch(report)
+                await journal_background_publication(self.sandbox, publisher=self.publisher.name, report=report)
+                if report.published:
+                    self._consumer_wake.set()  # consuming overlaps the rest of the backlog
+                    if self._audit_due_at is None:
+                        self._audit_due_at = time.monotonic() + self.settings.audit_interval_seconds
+                if self._stopping.is_set():
+                    break
+        return report, claimed
 
     async def _run_consumer(self) -> None:
         idle_wait = self.settings.idle_wait_seconds
@@ -3653,6 +4456,14 @@ class OutboxService:
         report = await self.audit.run()
         if report.broker_error:
             return report
+        pruned = await prune_delivered_events(
+            self.sandbox,
+            keep=self.settings.keep_published_events,
+            inbox_retention_seconds=self.settings.inbox_retention_seconds,
+        )
+        if pruned:
+            self.pruned_total += pruned
+            self._note(f"pruned {pruned} events published and consumed, beyond the newest {self.settings.keep_published_events}")
         self._audit_due_at = time.monotonic() + self.settings.audit_interval_seconds if report.checked else None
         if report.missing:
             self._note(
@@ -3717,11 +4528,13 @@ def outbox_service(sandbox: Sandbox, settings: Optional[OutboxSettings] = None) 
     return sandbox.service(OUTBOX_SERVICE_NAME, lambda owner: OutboxService(owner, settings))
 
 
+@journaled("publisher_started")
 async def start_event_publisher(sandbox: Sandbox) -> bool:
     """Start the sandbox's publisher and consumer in the background; False if already running."""
     return await outbox_service(sandbox).start()
 
 
+@journaled("publisher_stopped")
 async def stop_event_publisher(sandbox: Sandbox) -> bool:
     """Stop them after their current batch; False if they were not running."""
     return await outbox_service(sandbox).stop()
@@ -3829,6 +4642,7 @@ class OutboxStatus:
     p95_latency_ms: Optional[float]
     last_audit: Optional[AuditReport]
     republished_by_audits: int
+    pruned: int  # published and consumed events pruned so far (beyond the newest keep_published_events)
     durability: BrokerDurability
     pending_events: list[dict[str, Any]]
     published_events: list[dict[str, Any]]
@@ -3857,7 +4671,12 @@ def _event_row(event: DomainEvent) -> dict[str, Any]:
 async def _count_events(session: AsyncSession) -> dict[str, Any]:
     """Events by status and inbox rows: each a count over an index."""
     by_status = dict((await session.execute(select(DomainEvent.status, func.count()).group_by(DomainEvent.status))).all())
-    by_status["delivered"] = await session.scalar(select(func.count()).select_from(ConsumedEvent))
+    by_status["delivered"] = await session.scalar(  # of the events the outbox still holds
+        select(func.count())
+        .select_from(DomainEvent)
+        .join(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+        .where(DomainEvent.status == "published")
+    )
     return by_status
 
 
@@ -3942,6 +4761,7 @@ async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
         p95_latency_ms=_percentile(latencies, 0.95),
         last_audit=service.audit.last,
         republished_by_audits=service.audit.republished_total,
+        pruned=service.pruned_total,
         durability=await broker_durability(sandbox),
         pending_events=latest["pending"],
         published_events=latest["published"],
@@ -3951,13 +4771,530 @@ async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
 
 
 # =============================================================================================
+# 13a. Progress
+# =============================================================================================
+#
+# The learner's path: one Step per thing the user guide asks them to do and see, in the guide's
+# order, plus optional steps QuLab goes beyond the guide with. A step is done when what it teaches
+# has happened in this sandbox, which its check reads from the journal the demos wrote (6a):
+# clicking a button proves nothing; "N+1 fetch: 5 statements for N = 3" does. Progress lives in
+# the sandbox's database, so it survives reloads and replicas and goes when the sandbox goes.
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    """One journal entry as the checks read it."""
+
+    id: int
+    recorded_at: datetime
+    kind: str
+    detail: str
+    facts: dict[str, Any]
+
+
+Check = Callable[[Sequence[JournalLine]], Optional[str]]  # the evidence when done, None when not yet
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing to do and see; its check says whether this sandbox shows it happened."""
+
+    key: str
+    section: int
+    title: str
+    how: str = field(kw_only=True)  # what to do, with the guide's button labels
+    check: Check = field(kw_only=True)
+    optional: bool = field(default=False, kw_only=True)
+
+
+def _first(journal: Sequence[JournalLine], kind: str, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> Optional[JournalLine]:
+    return next((line for line in journal if line.kind == kind and where(line.facts)), None)
+
+
+def _recorded(kind: str, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> Check:
+    """Done when the journal holds an entry of this kind (that satisfies `where`)."""
+
+    def check(journal: Sequence[JournalLine]) -> Optional[str]:
+        line = _first(journal, kind, where)
+        return line.detail if line else None
+
+    return check
+
+
+def _fetched(path: str, enough_statements: Callable[[int, int], bool]) -> Check:
+    """Done when a fetch along this path loaded at least one score with the statement count it teaches."""
+    return _recorded(
+        "user_and_scores_fetched",
+        lambda facts: facts["path"] == path and facts["scores"] >= 1 and enough_statements(facts["statements"], facts["scores"]),
+    )
+
+
+def _fetches_compared(journal: Sequence[JournalLine]) -> Optional[str]:
+    """The same user with the same N fetched both ways, and the statement counts differ."""
+    fetches = [line.facts for line in journal if line.kind == "user_and_scores_fetched" and line.facts["scores"] >= 1]
+    for naive in (facts for facts in fetches if facts["path"] == "naive"):
+        for eager in (facts for facts in fetches if facts["path"] == "eager"):
+            same_data = (naive["user_id"], naive["scores"]) == (eager["user_id"], eager["scores"])
+            if same_data and naive["statements"] != eager["statements"]:
+                return (
+                    f"Same user, N = {naive['scores']}: N+1 ran {naive['statements']} statements, "
+                    f"eager loading {eager['statements']}."
+                )
+    return None
+
+
+def _cache_reads(journal: Sequence[JournalLine], read: Optional[str] = None) -> list[JournalLine]:
+    return [line for line in journal if line.kind == "cache_read" and read in (None, line.facts["read"])]
+
+
+def _miss_then_hit(read: str) -> Check:
+    """A MISS that stored the value, then a HIT that served it: same key, in that order."""
+
+    def check(journal: Sequence[JournalLine]) -> Optional[str]:
+        missed: dict[str, JournalLine] = {}
+        for line in _cache_reads(journal, read):
+            if line.facts["outcome"] == CACHE_MISS:
+                missed.setdefault(line.facts["key"], line)
+            elif line.facts["outcome"] == CACHE_HIT and line.facts["key"] in missed:
+                miss = missed[line.facts["key"]]
+                return f"MISS at {miss.recorded_at:%H:%M:%S}, then HIT at {line.recorded_at:%H:%M:%S} on {line.facts['key']}."
+        return None
+
+    return check
+
+
+def _metrics_moved(journal: Sequence[JournalLine]) -> Optional[str]:
+    """The cache's counters hold hits and misses both, so H is measured, not 0 or 1 by default."""
+    for line in _cache_reads(journal):
+        facts = line.facts
+        if facts["hits"] >= 1 and facts["misses"] >= 1:
+            return f"H = {facts['hits']} hits ÷ {facts['requests']} requests = {facts['hits'] / facts['requests']:.2f}."
+    return None
+
+
+def _invalidated_then_missed(journal: Sequence[JournalLine]) -> Optional[str]:
+    """A key was read (so cached), invalidated on request, then read again as a MISS."""
+    read_before: set[str] = set()
+    invalidated: dict[str, JournalLine] = {}
+    for line in journal:
+        if line.kind == "cache_invalidated" and line.facts["applied"]:
+            for key in line.facts["keys"]:
+                if key in read_before:
+                    invalidated[key] = line
+        elif line.kind == "cache_read" and line.facts["outcome"] in (CACHE_HIT, CACHE_MISS):
+            key = line.facts["key"]
+            if line.facts["outcome"] == CACHE_MISS and key in invalidated:
+                return f"Invalidated at {invalidated[key].recorded_at:%H:%M:%S}, then MISS at {line.recorded_at:%H:%M:%S}."
+            read_before.add(key)
+            invalidated.pop(key, None)
+    return None
+
+
+def _survived_redis_outage(journal: Sequence[JournalLine]) -> Optional[str]:
+    """A read the database answered while Redis failed, then a normal read once it answered again."""
+    fallback: Optional[JournalLine] = None
+    for line in _cache_reads(journal):
+        if line.facts["outcome"] == CACHE_FALLBACK:
+            fallback = fallback or line
+        elif fallback is not None:
+            return f"FALLBACK at {fallback.recorded_at:%H:%M:%S} (database answered), then {line.facts['outcome']} at {line.recorded_at:%H:%M:%S}."
+    return None
+
+
+def _stopped_after_start(journal: Sequence[JournalLine]) -> Optional[str]:
+    started = _first(journal, "publisher_started")
+    stopped = started and next((line for line in journal if line.kind == "publisher_stopped" and line.id > started.id), None)
+    return stopped.detail if stopped else None
+
+
+def _published_in_background(journal: Sequence[JournalLine]) -> Optional[str]:
+    line = next((line for line in journal if line.kind in ("events_published", "published_after_outage")), None)
+    return line.detail if line else None
+
+
+STEPS: tuple[Step, ...] = (
+    # 1. Data models
+    Step("create_user", 1, "Create a user",
+         how='Enter an email and a name, then click "Create User".',
+         check=_recorded("user_created")),
+    # 2. Connectivity and pooling
+    Step("initialize", 2, "Initialize and see the two sample users",
+         how='Click "Initialize In-Memory SQLite Database & Create Sample Users".',
+         check=_recorded("initialized", lambda facts: len(facts["sample_user_ids"]) == len(SAMPLE_USERS))),
+    Step("pool_experiment", 2, "Measure pooling", optional=True,
+         how='Click "Run Pooling Experiment": a pool against a new connection per query.',
+         check=_recorded("pool_experiment")),
+    # 3. Repository pattern and N+1: an N+1 fetch only counts with scores to fetch (N >= 1)
+    Step("add_scores", 3, "Add three sample scores",
+         how='Enter a user id, then click "Add 3 Sample Scores for User".',
+         check=_recorded("sample_scores_added", lambda facts: facts["count"] >= 3)),
+    Step("fetch_n_plus_one", 3, "Fetch with N+1",
+         how='Click "Fetch User & Scores (Simulated N+1)" for a user with scores.',
+         check=_fetched("naive", lambda statements, scores: statements >= scores + 1)),
+    Step("fetch_eager", 3, "Fetch with eager loading",
+         how='Click "Fetch User & Scores (Eager Loading)" for the same user.',
+         check=_fetched("eager", lambda statements, scores: statements <= 2)),
+    Step("compare_fetches", 3, "See the statement counts differ",
+         how="Fetch the same user both ways and compare the counts.",
+         check=_fetches_compared),
+    Step("scale_up", 3, "Compare the strategies at scale", optional=True,
+         how='Click "Compare Loading Strategies".',
+         check=_recorded("loading_strategies_compared", lambda facts: facts["identical_results"])),
+    # 4. Caching: only reads Redis answered count (a FALLBACK during an outage is neither hit nor miss)
+    Step("user_miss_then_hit", 4, "User: a miss, then a hit",
+         how='Click "Fetch User (Cached)" twice.',
+         check=_miss_then_hit("user")),
+    Step("score_miss_then_hit", 4, "Latest score: a miss, then a hit",
+         how='Click "Fetch Latest AIRScore (Cached)" twice.',
+         check=_miss_then_hit("latest_airscore")),
+    Step("metrics_move", 4, "See the metrics count hits and misses",
+         how="Read the cache metrics after a few reads.",
+         check=_metrics_moved),
+    Step("invalidate_then_miss", 4, "Invalidate, then miss again",
+         how='Click "Invalidate Cache for this User", then fetch again.',
+         check=_invalidated_then_missed),
+    Step("redis_outage", 4, "Survive a Redis outage", optional=True,
+         how="Cut Redis off, fetch (the database answers), reconnect, fetch again.",
+         check=_survived_redis_outage),
+    # 5. Eventing: "published" is journaled by the background publisher itself, never by a click
+    Step("store_airscore", 5, "Store a score with its pending event",
+         how='Click "Calculate & Store AIRScore (Creates Pending Event)".',
+         check=_recorded("airscore_stored", lambda facts: facts["event_status"] == "pending")),
+    Step("start_publisher", 5, "Start the publisher",
+         how='Click "Start Event Publisher (Background)".',
+         check=_recorded("publisher_started")),
+    Step("event_published", 5, "See an event published in the background",
+         how='With the publisher running, store a score: it turns published with no click ("Refresh Event Status Now").',
+         check=_published_in_background),
+    Step("stop_publisher", 5, "Stop the publisher",
+         how='Click "Stop Event Publisher".',
+         check=_stopped_after_start),
+    Step("broker_outage", 5, "Survive a broker outage", optional=True,
+         how="Cut the broker off, store a score, reconnect: it is still published.",
+         check=_recorded("published_after_outage")),
+)  # fmt: skip
+
+# Once a section's required steps are done: one line on what the learner saw ({step key} = its evidence).
+SECTION_RECAPS: dict[int, str] = {
+    1: "Your user is a row in users, its email unique whatever its letter case.",
+    2: "Initialize gave your sandbox a fresh schema with Alex Smith and Jane Doe.",
+    3: "{compare_fetches}",
+    4: "Read-through: a miss stores, the next read hits, an invalidation makes it miss again. {metrics_move}",
+    5: "The score and its event committed together; the background publisher published it with no click.",
+}
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    """A step and, when it is done, the evidence this sandbox shows for it."""
+
+    step: Step
+    evidence: Optional[str]
+
+    @property
+    def done(self) -> bool:
+        """True when the sandbox shows the step happened."""
+        return self.evidence is not None
+
+
+@dataclass(frozen=True)
+class LearnerProgress:
+    """Every step with its status, and the journal they were read from (newest last)."""
+
+    steps: tuple[StepStatus, ...]
+    journal: tuple[JournalLine, ...]
+
+    def in_section(self, section: int) -> tuple[StepStatus, ...]:
+        """One section's steps, required ones first, in the guide's order."""
+        return tuple(status for status in self.steps if status.step.section == section)
+
+    @property
+    def required(self) -> tuple[StepStatus, ...]:
+        """The steps the guide asks for."""
+        return tuple(status for status in self.steps if not status.step.optional)
+
+    @property
+    def optional(self) -> tuple[StepStatus, ...]:
+        """The steps beyond the guide."""
+        return tuple(status for status in self.steps if status.step.optional)
+
+    def next_step(self, section: Optional[int] = None) -> Optional[StepStatus]:
+        """The first required step not done yet (in one section, or anywhere)."""
+        return next(
+            (status for status in self.required if not status.done and section in (None, status.step.section)), None
+        )
+
+    def recap(self, section: int) -> Optional[str]:
+        """One line on what the learner saw in a section, once its required steps are all done."""
+        statuses = self.in_section(section)
+        if not all(status.done for status in statuses if not status.step.optional):
+            return None
+        return SECTION_RECAPS[section].format(**{status.step.key: status.evidence for status in statuses})
+
+
+MAX_JOURNAL_LINES_READ = 5000
+
+
+async def learner_progress(sandbox: Sandbox) -> LearnerProgress:
+    """Read the sandbox's journal once and run every step's check on it."""
+    hidden = _active_statement_logs.set(())
+    try:
+        newest_first = select(JournalEntry.__table__).order_by(JournalEntry.id.desc()).limit(MAX_JOURNAL_LINES_READ)
+        async with sandbox.engine.connect() as connection:
+            rows = (await connection.execute(newest_first)).all()
+    finally:
+        _active_statement_logs.reset(hidden)
+    journal = tuple(
+        JournalLine(row.id, row.recorded_at, row.kind, row.detail, row.facts or {}) for row in reversed(rows)
+    )
+    return LearnerProgress(tuple(StepStatus(step, _run_check(step, journal)) for step in STEPS), journal)
+
+
+def _run_check(step: Step, journal: Sequence[JournalLine]) -> Optional[str]:
+    try:
+        return step.check(journal)
+    except (KeyError, TypeError, ValueError):  # an entry written by an older QuLab: it proves nothing
+        logger.warning("check %s could not read the journal", step.key, exc_info=True)
+        return None
+
+
+# -- evidence: what each journaled operation measured, in the journal's words -------------------
+
+
+def _user_created(sandbox: Sandbox, user: User, arguments: dict[str, Any]) -> Evidence:
+    return Evidence("user_created", f"User {user.id} created: a new row in users.", {"user_id": user.id})
+
+
+def _initialized(sandbox: Sandbox, users: list[User], arguments: dict[str, Any]) -> Optional[Evidence]:
+    if not users:  # reset=False only created missing tables
+        return None
+    names = " and ".join(user.name for user in users)
+    return Evidence(
+        "initialized",
+        f"Initialized: schema ready, data cleared, {len(users)} sample users ({names}).",
+        {"sample_user_ids": [user.id for user in users]},
+    )
+
+
+def _pool_experiment(sandbox: Sandbox, trials: list[PoolTrial], arguments: dict[str, Any]) -> Evidence:
+    pooled, unpooled = trials[0], trials[-1]
+    return Evidence(
+        "pool_experiment",
+        f"Pool experiment, {pooled.requests} queries {pooled.concurrency} at a time: the pool opened "
+        f"{pooled.connections_opened} connections ({pooled.throughput:,.0f}/s), NullPool "
+        f"{unpooled.connections_opened} ({unpooled.throughput:,.0f}/s).",
+        {"pooled_connections": pooled.connections_opened, "unpooled_connections": unpooled.connections_opened},
+    )
+
+
+def _sample_scores_added(sandbox: Sandbox, scores: list[AIRScore], arguments: dict[str, Any]) -> Evidence:
+    user_id = scores[0].user_id if scores else ""
+    return Evidence(
+        "sample_scores_added",
+        f"{len(scores)} sample scores added for user {user_id}.",
+        {"user_id": user_id, "count": len(scores)},
+    )
+
+
+def _user_and_scores_fetched(sandbox: Sandbox, fetch: UserScoresFetch, arguments: dict[str, Any]) -> Evidence:
+    label = "N+1 fetch" if fetch.path == "naive" else "Eager fetch"
+    return Evidence(
+        "user_and_scores_fetched",
+        f"{label}: {fetch.statements.count} statements for N = {len(fetch.scores)} (user {fetch.user.id}).",
+        {"path": fetch.path, "user_id": fetch.user.id, "scores": len(fetch.scores), "statements": fetch.statements.count},
+    )
+
+
+def _loading_strategies_compared(
+    sandbox: Sandbox, comparison: StrategyComparison, arguments: dict[str, Any]
+) -> Evidence:
+    largest = comparison.sizes[-1]
+    runs = comparison.at(largest)
+    counts = ", ".join(f"{strategy} {run.statements}" for strategy, run in runs.items())
+    return Evidence(
+        "loading_strategies_compared",
+        f"Strategies compared up to N = {largest:,} users; statements at that N: {counts}.",
+        {"sizes": comparison.sizes, "identical_results": comparison.identical_results},
+    )
+
+
+def _cache_read(sandbox: Sandbox, read: CacheRead, arguments: dict[str, Any]) -> Evidence:
+    metrics = cache_for(sandbox).metrics
+    what = "user" if read.kind == "user" else "latest AIRScore"
+    return Evidence(
+        "cache_read",
+        f"Cache read ({what}): {read.outcome} on key {read.key}; {metrics.hits} hits of {metrics.requests} reads.",
+        {
+            "read": read.kind,
+            "outcome": read.outcome,
+            "key": read.key,
+            "user_id": read.user_id,
+            "hits": metrics.hits,
+            "misses": metrics.misses,
+            "requests": metrics.requests,
+        },
+    )
+
+
+def _cache_invalidated(sandbox: Sandbox, invalidation: CacheInvalidation, arguments: dict[str, Any]) -> Evidence:
+    outcome = "deleted" if invalidation.applied else "pending (Redis did not answer)"
+    return Evidence(
+        "cache_invalidated",
+        f"Cache invalidated on request: {len(invalidation.keys)} keys {outcome}.",
+        {"keys": list(invalidation.keys), "applied": invalidation.applied},
+    )
+
+
+def _airscore_stored(sandbox: Sandbox, stored: StoredAIRScore, arguments: dict[str, Any]) -> Evidence:
+    return Evidence(
+        "airscore_stored",
+        f"AIRScore {stored.score.id} and its {stored.event.event_type} event {stored.event.id} "
+        f"committed in one transaction, the event {stored.event.status}.",
+        {"score_id": stored.score.id, "event_id": stored.event.id, "event_status": stored.event.status},
+    )
+
+
+def _airscore_burst(sandbox: Sandbox, burst: BurstResult, arguments: dict[str, Any]) -> Evidence:
+    return Evidence(
+        "airscore_burst",
+        f"Burst: {burst.writes:,} scores with their events, {burst.concurrency} at a time, in {burst.seconds:.2f} s.",
+        {"writes": burst.writes},
+    )
+
+
+@dataclass
+class _PublicationWatch:
+    """Per sandbox: whether this run of the publisher journaled a publication, and the broker outages then."""
+
+    recorded_this_run: bool = False
+    outages_recorded: int = 0  # the broker circuit's outage count when a publication was last journaled
+
+    async def forget_run(self, sandbox: Sandbox) -> None:
+        """The sandbox was reset (its journal emptied): the next publication is journaled again."""
+        self.recorded_this_run = False
+
+
+def _publication_watch(sandbox: Sandbox) -> _PublicationWatch:
+    def create(owner: Sandbox) -> _PublicationWatch:
+        watch = _PublicationWatch()
+        owner.reset_listeners.append(watch.forget_run)
+        return watch
+
+    return sandbox.service("publication_watch", create)
+
+
+def _publisher_switched(kind: str, verb: str) -> Callable[[Sandbox, bool, dict[str, Any]], Optional[Evidence]]:
+    def describe(sandbox: Sandbox, switched: bool, arguments: dict[str, Any]) -> Optional[Evidence]:
+        if not switched:  # it already was running (or stopped): nothing happened
+            return None
+        service = outbox_service(sandbox)
+        watch = _publication_watch(sandbox)
+        # An outage still going on counts: the events it holds back are published in this run.
+        watch.recorded_this_run = False
+        watch.outages_recorded = service.circuit.outages - (1 if service.circuit.is_open else 0)
+        name = service.publisher.name
+        return Evidence(kind, f"Publisher {name} {verb} at {utc_now():%H:%M:%S}.", {"publisher": name})
+
+    return describe
+
+
+_EVIDENCE: dict[str, Callable[[Sandbox, Any, dict[str, Any]], Optional[Evidence]]] = {
+    "user_created": _user_created,
+    "initialized": _initialized,
+    "pool_experiment": _pool_experiment,
+    "sample_scores_added": _sample_scores_added,
+    "user_and_scores_fetched": _user_and_scores_fetched,
+    "loading_strategies_compared": _loading_strategies_compared,
+    "cache_read": _cache_read,
+    "cache_invalidated": _cache_invalidated,
+    "airscore_stored": _airscore_stored,
+    "airscore_burst": _airscore_burst,
+    "publisher_started": _publisher_switched("publisher_started", "started in the background"),
+    "publisher_stopped": _publisher_switched("publisher_stopped", "stopped"),
+}
+
+
+def describe_evidence(kind: str, sandbox: Sandbox, result: Any, arguments: dict[str, Any]) -> Optional[Evidence]:
+    """What a journaled operation measured, from what it returned (None: nothing worth a line)."""
+    try:
+        return _EVIDENCE[kind](sandbox, result, arguments)
+    except Exception:  # a describer's bug must not fail the operation that already succeeded
+        logger.exception("could not describe %s in sandbox %s", kind, sandbox.id)
+        return None
+
+
+async def journal_background_publication(sandbox: Sandbox, *, publisher: str, report: BatchReport) -> None:
+    """From the publisher's own loop: journal the first events it publishes in a run, and after an outage."""
+    watch = _publication_watch(sandbox)
+    outages = outbox_service(sandbox).circuit.outages
+    after_outage = outages > watch.outages_recorded
+    if not report.published or (watch.recorded_this_run and not after_outage):
+        return  # one line per run (and per outage survived), not one per batch
+    watch.recorded_this_run, watch.outages_recorded = True, outages
+    newest = (
+        select(DomainEvent.id, DomainEvent.published_at)
+        .where(DomainEvent.status == "published")
+        .order_by(DomainEvent.published_at.desc())
+        .limit(1)
+    )
+    hidden = _active_statement_logs.set(())
+    try:
+        async with sandbox.engine.connect() as connection:
+            event_id, published_at = (await connection.execute(newest)).one()
+    except Exception:
+        logger.warning("could not read the published event in sandbox %s", sandbox.id, exc_info=True)
+        return
+    finally:
+        _active_statement_logs.reset(hidden)
+    survived = ", once the broker answered again after an outage" if after_outage else ""
+    await record_evidence(
+        sandbox,
+        Evidence(
+            "published_after_outage" if after_outage else "events_published",
+            f"Event {event_id} published at {published_at:%H:%M:%S} by the background publisher {publisher}"
+            f"{survived} ({report.published} in that batch).",
+            {"event_id": event_id, "publisher": publisher, "batch": report.published},
+        ),
+    )
+
+
+# -- Download my sandbox ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SandboxExport:
+    """The learner's sandbox as one file to take home."""
+
+    file_name: str
+    mime: str
+    content: bytes
+
+
+def export_file_name(*, backend: str, sandbox_id: str) -> tuple[str, str]:
+    """The download's file name and MIME type: the SQLite file itself, or a zip of CSV files."""
+    if backend == "sqlite":
+        return f"qulab-sandbox-{sandbox_id}.sqlite3", "application/vnd.sqlite3"
+    return f"qulab-sandbox-{sandbox_id}.zip", "application/zip"
+
+
+async def export_sandbox(sandbox: Sandbox) -> SandboxExport:
+    """A consistent copy of every table: SQLite's online backup of the file, or one CSV per table in a zip."""
+    file_name, mime = export_file_name(backend=sandbox.backend, sandbox_id=sandbox.id)
+    if sandbox.backend == "sqlite":
+        content = await asyncio.to_thread(sandbox_export.sqlite_snapshot, sandbox.location)
+    else:
+        content = await sandbox_export.csv_zip(sandbox.engine, Base.metadata.sorted_tables)
+    return SandboxExport(file_name, mime, content)
+
+
+# =============================================================================================
 # 14. Runtime
 # =============================================================================================
 
 
 @dataclass(frozen=True)
 class RuntimeStatus:
-    """What the sidebar shows: backends, pool settings, Redis mode and this session's sandbox."""
+    """What the sidebar shows: backends, pool settings, Redis mode, this session's sandbox and the class."""
 
     database: str
     backend: str
@@ -3965,16 +5302,41 @@ class RuntimeStatus:
     pool_size: int
     max_overflow: int
     pool_timeout_seconds: float
+    pool_pre_ping: bool
     redis_mode: str
     redis_reason: str
     redis_degraded: bool
     redis_cut_off: bool
     redis_last_error: str
+    redis_breaker: str  # the Redis breaker's state in one line (closed / open / half-open)
     sandbox_id: str
     sandbox_location: str
     sandbox_notice: Optional[str]
-    live_sandboxes: int
+    live_sandboxes: int  # awake (active + idle)
+    sandbox_states: dict[str, int]
+    capacity: int
+    capacity_limited_by: str
+    connections_in_use: int
+    connection_budget: int
     sandbox_idle_minutes: float
+    sandbox_grace_seconds: float
+
+
+def _as_qulab_error(error: Exception, what: str, settings: Settings) -> QuLabError:
+    """Turn any failure into an error a page may show: QuLabErrors as they are, the rest logged and named."""
+    if isinstance(error, QuLabError):
+        return error
+    if isinstance(error, (OperationalError, PoolTimeoutError, OSError)):
+        logger.exception("database unavailable in %s", what)
+        where = mask_url(settings.database_url) if settings.database_url else "the embedded SQLite files"
+        return BackendUnavailableError(
+            f"The database ({where}) did not answer ({type(error).__name__}); nothing was changed. "
+            "Check that it is running and that DATABASE_URL is right, then try again."
+        )
+    logger.exception("unexpected error in %s", what)
+    return UnexpectedError(
+        f"Something went wrong ({type(error).__name__}); nothing was changed. The details are in the server log."
+    )
 
 
 class Runtime:
@@ -3982,7 +5344,7 @@ class Runtime:
 
     Streamlit runs each rerun on a script thread; async engines and Redis clients belong to the
     loop that created them. So nothing async is created per rerun: pages hand coroutines to
-    this loop (run) and wait for the result.
+    this loop (run) and wait for the result. A background task runs the sandboxes' lifecycle.
     """
 
     def __init__(self, settings: Optional[Settings] = None) -> None:
@@ -3993,7 +5355,7 @@ class Runtime:
         self._closed = False
         self.redis: RedisService
         self.sandboxes: SandboxRegistry
-        self._reaper: Optional[asyncio.Task[None]] = None
+        self._lifecycle: Optional[asyncio.Task[None]] = None
         self._thread.start()
         try:
             self.run(self._start())
@@ -4008,22 +5370,32 @@ class Runtime:
     async def _start(self) -> None:
         self.redis = await RedisService.connect(self.settings)
         self.sandboxes = SandboxRegistry(self.settings, self.redis)
-        self._reaper = asyncio.get_running_loop().create_task(self._release_idle_sandboxes())
+        self._lifecycle = asyncio.get_running_loop().create_task(self._run_sandbox_lifecycle())
 
-    async def _release_idle_sandboxes(self) -> None:
-        interval = min(60.0, max(0.5, self.settings.sandbox_idle_seconds / 4))
+    @property
+    def lifecycle_interval_seconds(self) -> float:
+        """How often idle sandboxes are checked: a fraction of the grace period and the idle limit."""
+        settings = self.settings
+        return max(0.2, min(30.0, settings.sandbox_grace_seconds / 4 or 0.2, settings.sandbox_idle_seconds / 4))
+
+    async def _run_sandbox_lifecycle(self) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.lifecycle_interval_seconds)
             try:
-                await self.sandboxes.release_idle()
+                await self.sandboxes.sweep()
                 await self.sandboxes.reap_abandoned_schemas()
             except Exception:
-                logger.exception("releasing idle sandboxes failed")
+                logger.exception("the sandbox lifecycle pass failed")
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The runtime's event loop (for tests and workers; pages use run())."""
         return self._loop
+
+    @property
+    def closed(self) -> bool:
+        """True once close() ran (or start-up failed)."""
+        return self._closed
 
     def run(self, coroutine: Awaitable[T], *, timeout: Optional[float] = 120.0) -> T:
         """Run a coroutine on the runtime's loop from any other thread and return its result."""
@@ -4044,22 +5416,43 @@ class Runtime:
             ) from None
 
     def lab(self, sandbox_id: str) -> "Lab":
-        """The synchronous facade for one sandbox."""
-        return Lab(self, sandbox_id)
+        """Open a sandbox from Python: it is held (never put to sleep or deleted) until lab.close() or close().
 
-    async def sandbox(self, sandbox_id: str) -> Sandbox:
-        """The sandbox with this id, created on first use (call on the runtime's loop)."""
-        return await self.sandboxes.acquire(sandbox_id)
+        Raises ClassFullError if the class is full, like a browser would.
+        """
+        lab = Lab(self, sandbox_id, holder=f"lab:{uuid.uuid4().hex}")
+        try:
+            self.run(self.sandboxes.acquire(sandbox_id, holder=lab.holder))
+        except Exception as error:
+            raise _as_qulab_error(error, "Runtime.lab", self.settings) from error
+        return lab
+
+    async def sandbox(self, sandbox_id: str, *, holder: Optional[str] = None) -> Sandbox:
+        """The awake sandbox with this id, created on first use (call on the runtime's loop)."""
+        return await self.sandboxes.acquire(sandbox_id, holder=holder)
+
+    def release_holder(self, holder: str) -> None:
+        """Drop a hold from any thread (a browser session's end); a closed runtime has nothing to drop."""
+        if not self._closed:
+            try:
+                self._loop.call_soon_threadsafe(self.sandboxes.release_holder, holder)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
 
     def close(self) -> None:
-        """Release every sandbox, close Redis and stop the loop thread."""
+        """Stop every sandbox, close Redis and stop the loop thread.
+
+        Embedded SQLite files belong to this process and are deleted. PostgreSQL schemas are kept
+        (another replica may serve their learners) and reaped once their leases expire; files
+        beside DATABASE_URL=sqlite:///path are kept for the next start, which deletes them once idle.
+        """
         if self._closed:
             return
 
         async def shut_down() -> None:
-            if self._reaper is not None:
-                self._reaper.cancel()
-            await self.sandboxes.close()
+            if self._lifecycle is not None:
+                self._lifecycle.cancel()
+            await self.sandboxes.close(delete_data=self.sandboxes.target.kind == "embedded")
             await self.redis.close()
 
         try:
@@ -4074,73 +5467,97 @@ class Runtime:
 
 
 class Lab:
-    """What a page holds: one sandbox plus the runtime that runs its coroutines.
+    """What a page or a script holds: one sandbox plus the runtime that runs its coroutines.
 
     `lab.run(create_user, email=…, name=…)` calls `create_user(sandbox, email=…, name=…)` on the
     runtime's loop and returns its result. QuLabError subclasses pass through unchanged; any
     other failure is logged with its traceback and re-raised as a QuLabError with a short
-    message, so a page never shows a traceback.
+    message, so a page never shows a traceback. Every call renews the holder's hold.
     """
 
-    def __init__(self, runtime: Runtime, sandbox_id: str) -> None:
+    def __init__(self, runtime: Runtime, sandbox_id: str, *, holder: Optional[str] = None) -> None:
         self.runtime = runtime
         self.sandbox_id = sandbox_id
+        self.holder = holder
 
     def run(self, operation: Callable[..., Awaitable[T]], /, *, timeout: Optional[float] = 120.0, **kwargs: Any) -> T:
         """Run `operation(sandbox, **kwargs)` in this lab's sandbox and return what it returns."""
 
         async def call() -> T:
-            sandbox = await self.runtime.sandbox(self.sandbox_id)
-            return await operation(sandbox, **kwargs)
+            async with self.runtime.sandboxes.using(self.sandbox_id, holder=self.holder) as sandbox:
+                return await operation(sandbox, **kwargs)
 
         try:
             return self.runtime.run(call(), timeout=timeout)
-        except QuLabError:
-            raise
-        except (OperationalError, PoolTimeoutError, OSError) as error:
-            logger.exception("database unavailable in %s", getattr(operation, "__name__", operation))
-            raise BackendUnavailableError(
-                f"The database did not answer ({type(error).__name__}); nothing was changed. Try again in a moment."
-            ) from error
         except Exception as error:
-            logger.exception("unexpected error in %s", getattr(operation, "__name__", operation))
-            raise UnexpectedError(
-                f"Something went wrong ({type(error).__name__}); nothing was changed. The details are in the server log."
-            ) from error
+            converted = _as_qulab_error(error, getattr(operation, "__name__", str(operation)), self.runtime.settings)
+            if converted is error:
+                raise
+            raise converted from error
+
+    def close(self) -> None:
+        """Let go of the sandbox: it may go dormant after the grace period, and is deleted after the idle limit."""
+        if self.holder is not None:
+            self.runtime.release_holder(self.holder)
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def status(self) -> RuntimeStatus:
         """The sidebar's status panel for this sandbox."""
+        runtime = self.runtime
 
-        async def collect() -> RuntimeStatus:
-            sandbox = await self.runtime.sandbox(self.sandbox_id)
-            registry = self.runtime.sandboxes
-            settings = self.runtime.settings
-            notice, sandbox.notice = sandbox.notice, None  # shown once
-            return RuntimeStatus(
-                database=registry.describe_database(),
-                backend=registry.backend,
-                database_note=registry.target.note,
-                pool_size=settings.pool_size,
-                max_overflow=settings.max_overflow,
-                pool_timeout_seconds=settings.pool_timeout_seconds,
-                redis_mode=self.runtime.redis.mode,
-                redis_reason=self.runtime.redis.reason,
-                redis_degraded=sandbox.redis.health.degraded,
-                redis_cut_off=sandbox.redis.cut_off,
-                redis_last_error=sandbox.redis.health.last_error,
-                sandbox_id=sandbox.id,
-                sandbox_location=sandbox.location,
-                sandbox_notice=notice,
-                live_sandboxes=len(registry),
-                sandbox_idle_minutes=settings.sandbox_idle_seconds / 60,
-            )
+        async def collect(sandbox: Sandbox) -> RuntimeStatus:
+            return _collect_status(runtime, sandbox)
 
-        return self.runtime.run(collect())
+        return self.run(collect, timeout=30)
+
+
+def _collect_status(runtime: Runtime, sandbox: Sandbox) -> RuntimeStatus:
+    registry, settings = runtime.sandboxes, runtime.settings
+    capacity = registry.capacity()
+    counts = registry.counts()
+    notice, sandbox.notice = sandbox.notice, None  # shown once
+    pool_size, max_overflow = (
+        (settings.sqlite_pool_size, settings.sqlite_max_overflow)
+        if registry.backend == "sqlite"
+        else (settings.pool_size, settings.max_overflow)
+    )
+    return RuntimeStatus(
+        database=registry.describe_database(),
+        backend=registry.backend,
+        database_note=registry.target.note,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout_seconds=settings.pool_timeout_seconds,
+        pool_pre_ping=engine_pre_pings(sandbox.engine),
+        redis_mode=runtime.redis.mode,
+        redis_reason=runtime.redis.reason,
+        redis_degraded=sandbox.redis.health.degraded,
+        redis_cut_off=sandbox.redis.cut_off,
+        redis_last_error=sandbox.redis.health.last_error,
+        redis_breaker=sandbox.redis.breaker.describe(),
+        sandbox_id=sandbox.id,
+        sandbox_location=sandbox.location,
+        sandbox_notice=notice,
+        live_sandboxes=len(registry),
+        sandbox_states=counts,
+        capacity=capacity.sandboxes,
+        capacity_limited_by=capacity.limited_by,
+        connections_in_use=registry.budget.in_use,
+        connection_budget=registry.budget.total,
+        sandbox_idle_minutes=settings.sandbox_idle_seconds / 60,
+        sandbox_grace_seconds=settings.sandbox_grace_seconds,
+    )
 
 
 _runtime: Optional[Runtime] = None
 _runtime_lock = threading.Lock()
 SANDBOX_STATE_KEY = "qulab_sandbox_id"
+SANDBOX_HOLDER_KEY = "qulab_sandbox_holder"
 SANDBOX_URL_PARAMETER = "sandbox"
 
 
@@ -4182,14 +5599,40 @@ def source_code(code_object: Any) -> str:
         return _source_code_cache[code_object]
 
 
+class BrowserSessionHold:
+    """A browser session's hold on its sandbox, released when Streamlit says the session ended.
+
+    app.py keeps one per session in `st.cache_resource(scope="session", on_release=...)`.
+    Streamlit clears a session's session-scoped resources, calling on_release, the moment its
+    websocket disconnects (AppSession.clear_session_caches, from disconnect_session and from
+    shutdown), and builds the resource again on the session's next run if it reconnects. We
+    chose it over a heartbeat fragment (browser-timed, so it only stops when the tab is gone,
+    and costs a rerun per tick per learner) and over polling Streamlit's session manager
+    (internal API): it is the hook the maintainers point to (streamlit #8545, #13482). A
+    reconnect or reload within the grace period finds the sandbox still awake.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.holder = f"browser:{uuid.uuid4().hex}"
+
+    def release(self) -> None:
+        """Called by Streamlit (on its own thread) when the session's websocket goes."""
+        self.runtime.release_holder(self.holder)
+
+
 def lab_for_browser_session(
-    state: MutableMapping[str, Any], url_parameters: Optional[MutableMapping[str, Any]] = None
+    state: MutableMapping[str, Any],
+    url_parameters: Optional[MutableMapping[str, Any]] = None,
+    *,
+    hold: Optional[BrowserSessionHold] = None,
 ) -> Lab:
     """The Lab of one browser session: its sandbox id lives in the session state and in the URL.
 
     A browser reload starts a new Streamlit session with empty state; the id in the URL
     (?sandbox=…) brings the learner back to their sandbox. A fresh visit gets a new random id,
-    so two learners never share a sandbox unless one hands the other the URL.
+    so two learners never share a sandbox unless one hands the other the URL. The session's
+    hold (from app.py) keeps the sandbox active while the browser is connected.
     """
     sandbox_id = state.get(SANDBOX_STATE_KEY)
     if not isinstance(sandbox_id, str) or not SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
@@ -4199,4 +5642,15 @@ def lab_for_browser_session(
         state[SANDBOX_STATE_KEY] = sandbox_id
     if url_parameters is not None and url_parameters.get(SANDBOX_URL_PARAMETER) != sandbox_id:
         url_parameters[SANDBOX_URL_PARAMETER] = sandbox_id
-    return get_runtime().lab(sandbox_id)
+    if hold is not None:
+        state[SANDBOX_HOLDER_KEY] = hold.holder
+    holder = state.get(SANDBOX_HOLDER_KEY)
+    return Lab(get_runtime(), sandbox_id, holder=holder if isinstance(holder, str) else None)
+
+
+def switch_to_new_sandbox(state: MutableMapping[str, Any], url_parameters: MutableMapping[str, Any]) -> str:
+    """Give this browser session a fresh sandbox id (the old sandbox stays reachable by its link)."""
+    sandbox_id = new_sandbox_id()
+    state[SANDBOX_STATE_KEY] = sandbox_id
+    url_parameters[SANDBOX_URL_PARAMETER] = sandbox_id
+    return sandbox_id

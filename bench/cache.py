@@ -4,7 +4,10 @@ Two ratios, each the median over rounds of one round's ratio (the variants run b
 every round, in rotating order, so drift on a shared machine cancels out):
 - uncached read (a new session per request, the primary-key lookup) ÷ cache hit: target >= 5;
 - cache hit (CachedUserRepository.get_user) ÷ a bare redis.asyncio GET + json.loads of the
-  same key: target <= 1.3.
+  same key: target <= 1.3;
+- while Redis hangs (a redis-server of its own, frozen with SIGSTOP), after the first timeout:
+  a cached read ÷ an uncached read: target <= 1.5 (the breaker skips Redis); then SIGCONT, and
+  the seconds until a read is answered by Redis again, with no restart.
 Measured against a real Redis (REDIS_URL, else a redis-server started here when installed)
 and against fakeredis. The database is DATABASE_URL's, else the embedded SQLite.
 
@@ -17,6 +20,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -35,6 +39,8 @@ ROUNDS = 40
 CALLS_PER_ROUND = 40
 HIT_SPEEDUP_TARGET = 5.0
 HIT_OVERHEAD_TARGET = 1.3
+HUNG_READ_TARGET = 1.5
+HUNG_ROUNDS = 20
 
 
 async def _mean_ms(operation: Callable[[], Awaitable[Any]], calls: int) -> float:
@@ -95,6 +101,68 @@ async def measure(settings: source.Settings, *, rounds: int = ROUNDS, calls: int
         await redis_service.close()
 
 
+async def measure_hung_redis(settings: source.Settings, redis_url: str, process: Any, *, rounds: int = HUNG_ROUNDS) -> dict[str, Any]:
+    """Freeze the Redis at redis_url (SIGSTOP): the first read's cost, then cached ÷ uncached reads, then recovery."""
+    hung = replace(settings, redis_url=redis_url)
+    redis_service = await source.RedisService.connect(hung)
+    registry = source.SandboxRegistry(hung, redis_service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        user_id = (await source.prepare_cache_demo(sandbox)).user_id
+        cache = source.cache_for(sandbox)
+        await cache.get_user(user_id=user_id)  # cached
+
+        async def uncached_read() -> None:
+            async with sandbox.session_factory() as session:
+                await source.UserRepository(session).get(user_id)
+
+        async def cached_read_while_hung() -> None:
+            if (await cache.get_user(user_id=user_id)).outcome != source.CACHE_FALLBACK:
+                raise RuntimeError("expected the database to answer while Redis hangs")
+
+        process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.perf_counter()
+            await cached_read_while_hung()  # waits one command timeout; the breaker opens
+            first_ms = (time.perf_counter() - started) * 1000
+            samples: dict[str, list[float]] = {"uncached": [], "hung": []}
+            for round_number in range(rounds):
+                pairs = [("uncached", uncached_read), ("hung", cached_read_while_hung)]
+                for name, operation in pairs if round_number % 2 else reversed(pairs):
+                    samples[name].append(await _mean_ms(operation, CALLS_PER_ROUND))
+            trips = redis_service.breaker.trips
+        finally:
+            process.send_signal(signal.SIGCONT)
+        thawed = time.monotonic()
+        while (await cache.get_user(user_id=user_id)).outcome == source.CACHE_FALLBACK:
+            if time.monotonic() - thawed > 120:
+                raise RuntimeError("Redis answers again but the cache did not recover within 120 s")
+            await asyncio.sleep(0.05)
+        return {
+            "first read while hung (ms)": first_ms,
+            "uncached read (ms)": statistics.median(samples["uncached"]),
+            "cached read while hung (ms)": statistics.median(samples["hung"]),
+            "hung ÷ uncached": statistics.median(h / u for h, u in zip(samples["hung"], samples["uncached"])),
+            "breaker trips": trips,
+            "recovery (s)": time.monotonic() - thawed,
+            "cooling (s)": redis_service.breaker.cooling_seconds,
+        }
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
+def _print_hung(result: dict[str, Any]) -> None:
+    ratio = result["hung ÷ uncached"]
+    print(
+        f"Redis frozen (SIGSTOP): first read {result['first read while hung (ms)']:.0f} ms (one timeout), then a cached "
+        f"read {result['cached read while hung (ms)']:.3f} ms vs uncached {result['uncached read (ms)']:.3f} ms: "
+        f"{ratio:.2f}× (≤ {HUNG_READ_TARGET:g}×: {'yes' if ratio <= HUNG_READ_TARGET else 'NO'}); "
+        f"breaker opened {result['breaker trips']}×; after SIGCONT Redis answered reads again in "
+        f"{result['recovery (s)']:.1f} s (cooling {result['cooling (s)']:g} s), no restart"
+    )
+
+
 def _print_table(results: list[dict[str, Any]]) -> None:
     columns = [
         ("redis", "{}"),
@@ -139,6 +207,13 @@ def main() -> list[dict[str, Any]]:
             results.append(real)
     results.append(asyncio.run(measure(replace(base, redis_url=None))))
     _print_table(results)
+    if shutil.which("redis-server"):  # a server of our own: we freeze it, never REDIS_URL's
+        import servers
+
+        with servers.redis_server_process() as (url, process):
+            hung = asyncio.run(measure_hung_redis(base, url, process))
+        _print_hung(hung)
+        results.append({"redis": "redis (frozen)", "hung": hung})
     return results
 
 

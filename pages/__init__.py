@@ -125,3 +125,6 @@ def _location(code_object: Any) -> str:
 
 
 SEEN_USER_IDS = "qulab_seen_user_ids"  # ids of users this browser session was shown: a later miss means removed
+
+# Each section's progress panel (pages/progress is a folder, so Streamlit never lists it as a page).
+from pages.progress import show_section_progress  # noqa: E402,F401

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page
+from pages import open_page, show_section_progress
 
 lab = open_page()
 
@@ -55,11 +55,11 @@ except source.QuLabError as error:
     st.stop()
 st.code(report.url, language=None)
 pool = report.pool
-columns = st.columns(4)
-columns[0].metric("Pool class", pool["pool_class"])
-columns[1].metric("Pool size", pool.get("size", "n/a"))
-columns[2].metric("Checked out now", pool.get("checkedout", "n/a"))
-columns[3].metric("Overflow in use", max(0, pool.get("overflow", 0)))
+st.markdown(f"**Pool class:** `{pool['pool_class']}`")  # a long name: a metric tile would cut it off
+columns = st.columns(3)
+columns[0].metric("Pool size", pool.get("size", "n/a"))
+columns[1].metric("Checked out now", pool.get("checkedout", "n/a"))
+columns[2].metric("Overflow in use", max(0, pool.get("overflow", 0)))
 st.caption(
     f"Configured: pool_size={report.configured_pool_size}, max_overflow={report.configured_max_overflow}, "
     f"pool_timeout={report.pool_timeout_seconds:g} s, pool_pre_ping={report.pool_pre_ping}. "
@@ -78,7 +78,9 @@ st.subheader("Experiment: pooled connections against a new connection per query"
 st.markdown(
     "Run the same R queries, C at a time, twice: through a pool of P connections, then through "
     "`NullPool`, which opens and closes a connection for every query. Both use fresh engines on your "
-    "sandbox's database; the pool is warmed first, as a running application's would be."
+    "sandbox's database; the pool is warmed first, as a running application's would be. Every learner's "
+    "experiment draws from this server's one connection budget: when others are using it, yours waits its "
+    "turn (it does not fail), and the wait is shown below."
 )
 with st.form("pool_experiment"):
     left, middle, right = st.columns(3)
@@ -87,9 +89,10 @@ with st.form("pool_experiment"):
     pool_size = right.slider("Pool size (P)", 1, source.MAX_POOL_EXPERIMENT_CONCURRENCY, 5)
     if st.form_submit_button("Run Pooling Experiment"):
         try:
-            st.session_state["pool_trials"] = lab.run(
-                source.run_pool_experiment, requests=requests, concurrency=concurrency, pool_size=pool_size
-            )
+            with st.spinner("Running; if other learners' experiments hold the connection budget, waiting for them…"):
+                st.session_state["pool_trials"] = lab.run(
+                    source.run_pool_experiment, requests=requests, concurrency=concurrency, pool_size=pool_size
+                )
         except source.QuLabError as error:
             st.error(f"The experiment did not run. {error}")
 
@@ -117,3 +120,12 @@ if trials:
     st.table(table)
     st.bar_chart(table, x="pool", y="throughput (req/s)", horizontal=True)
     st.caption("Measured just now on this server; a busy machine moves both numbers, the ratio less so.")
+    if pooled.waited_seconds >= 0.05:
+        st.info(f"Your experiment waited {pooled.waited_seconds:.1f} s for other learners' experiments to give back connections.")
+    if pooled.capped_by_budget:
+        st.info(
+            f"This server's connection budget allows {pooled.concurrency} connections for one experiment, so C and P "
+            "were lowered to that."
+        )
+
+show_section_progress(lab, section=2)

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import SEEN_USER_IDS, open_page, run_or_report
+from pages import SEEN_USER_IDS, open_page, run_or_report, show_section_progress
 
 lab = open_page()
 MODELS = source.all_models()  # the guide's four, the consumer's inbox, and any table added later
@@ -26,6 +26,7 @@ def render_models() -> None:
         "the published events writes down each event id it has handled, so an event delivered twice is "
         "acted on once."
     )
+    st.caption("`lab_journal` is QuLab's own: what each demo measured in your sandbox, which the progress checks read.")
     st.caption("The code below is read from source.py with inspect.getsource: it is the code the app executes.")
     shown = [source.Base, source.TimestampMixin, *MODELS]
     for tab, model in zip(st.tabs([model.__name__ for model in shown]), shown):
@@ -103,3 +104,4 @@ st.latex(r"\pi_{\text{Assessment.*}}\left(\text{Users} \bowtie_{\text{Users.id} 
 render_models()
 render_create_user()
 render_users()
+show_section_progress(lab, section=1)

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import SEEN_USER_IDS, kept_outcome, open_page, run_and_keep, run_or_report, show_code
+from pages import SEEN_USER_IDS, kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
 
 lab = open_page()
 USER_ID, PICK, ADDED = "n_plus_one_user_id", "n_plus_one_pick", "n_plus_one_added"
@@ -147,3 +147,4 @@ need; in a loop it is 1 + N. **selectinload** is the usual choice for collection
 repeats each parent's columns per child and needs `.unique()`. **subqueryload** is the older way: `selectinload`
 does its job with a simpler second query.
 """)
+show_section_progress(lab, section=3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -36,7 +37,9 @@ def unavailable(reason: str) -> None:
 
 
 # Tests that use one of these fixtures, or carry the e2e marker, need a server or the browser.
-SERVER_FIXTURES = frozenset({"real_redis_url", "postgres_url", "postgres_registry", "browser", "app_server"})
+SERVER_FIXTURES = frozenset(
+    {"real_redis_url", "freezable_redis", "postgres_url", "postgres_registry", "browser", "app_server"}
+)
 
 
 def needs_a_server(item: pytest.Item) -> bool:
@@ -84,6 +87,13 @@ def _wait_for_port(port: int, seconds: float = 15.0) -> None:
 @contextmanager
 def redis_server() -> Iterator[str]:
     """Start redis-server on a free loopback port; yields its URL, shuts it down afterwards."""
+    with redis_server_process() as (url, _process):
+        yield url
+
+
+@contextmanager
+def redis_server_process() -> Iterator[tuple[str, subprocess.Popen]]:
+    """Like redis_server, also yielding the process (fault tests freeze it with SIGSTOP)."""
     program = shutil.which("redis-server")
     if program is None:
         unavailable("redis-server is not installed (apt-get install redis-server)")
@@ -96,8 +106,9 @@ def redis_server() -> Iterator[str]:
         )
         try:
             _wait_for_port(port)
-            yield f"redis://127.0.0.1:{port}/0"
+            yield f"redis://127.0.0.1:{port}/0", process
         finally:
+            process.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
             process.terminate()
             process.wait(10)
 
@@ -182,7 +193,7 @@ def postgres_server() -> Iterator[str]:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off"
         subprocess.run([*pg_ctl, "-l", os.path.join(directory, "log"), "-o", options, "-w", "start"], check=True, stdout=subprocess.DEVNULL)
         try:
             yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"

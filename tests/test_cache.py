@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pickle
+import sys
 import uuid
+from pathlib import Path
 
 import fakeredis
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 import pytest
+from sqlalchemy import delete, event, update
 
+import qulab_redis.coherence
 import source
 from source import CACHE_FALLBACK, CACHE_HIT, CACHE_MISS, capture_statements, get_session
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -25,7 +32,22 @@ async def demo(sandbox_with_users) -> tuple[source.Sandbox, str]:
 
 
 async def cache_keys(sandbox: source.Sandbox) -> list[str]:
-    return sorted([key async for key in sandbox.redis.client.scan_iter(match=sandbox.redis.prefix + "*")])
+    """The sandbox's cached values (not its epoch and fence tokens)."""
+    return sorted([key async for key in sandbox.redis.client.scan_iter(match=sandbox.redis.key("cache", "user") + "*")])
+
+
+async def stored_value(sandbox: source.Sandbox, key: str):
+    """What Redis holds under a cache key, unwrapped from its {"epoch", "value"} envelope."""
+    return json.loads(await sandbox.redis.client.get(key))["value"]
+
+
+def sent(read) -> list[str]:
+    """The names of the Redis commands a read or invalidation sent, in order."""
+    return [command.command.split()[0] for command in read.redis_commands]
+
+
+MISS_COMMANDS = ["MGET", "SET", "GET"]  # GET epoch+fence+value; SET … EX and re-read the fence in one trip
+FIRST_MISS_COMMANDS = ["MGET", "SET", "GET", "SET", "GET"]  # the epoch's first value starts the epoch first
 
 
 async def test_a_scripted_sequence_gives_exact_hits_misses_and_database_reads(demo):
@@ -48,8 +70,9 @@ async def test_a_scripted_sequence_gives_exact_hits_misses_and_database_reads(de
         if expected is not None:
             assert result.outcome == expected
             assert result.database_statements == log.count == (1 if expected == CACHE_MISS else 0)
-            assert [c.command.split()[0] for c in result.redis_commands] == (
-                ["GET", "SET"] if expected == CACHE_MISS else ["GET"]
+            first_miss = expected == CACHE_MISS and cache.metrics.misses == 1
+            assert sent(result) == (
+                (FIRST_MISS_COMMANDS if first_miss else MISS_COMMANDS) if expected == CACHE_MISS else ["MGET"]
             )
     metrics = cache.metrics
     assert (metrics.hits, metrics.misses, metrics.errors, metrics.requests) == (4, 4, 0, 8)
@@ -88,6 +111,12 @@ async def test_every_key_has_a_ttl_within_the_jitter_bounds(sandbox_with_users):
     ttls = [await sandbox.redis.client.ttl(key) for key in keys]
     assert all(shortest - 1 <= ttl <= longest for ttl in ttls), ttls
     assert len(set(ttls)) > 1, "jitter spreads the expiry times"
+    await source.rename_user(sandbox, user_id=user_ids[0], name="Now With A Fence")
+    coherence = source.cache_coherence(sandbox)
+    for token in (coherence.epoch_key, coherence.fence_key):  # the tokens expire too
+        assert 0 < await sandbox.redis.client.ttl(token) <= qulab_redis.coherence.TOKEN_TTL_SECONDS
+    every_key = [key async for key in sandbox.redis.client.scan_iter(match=sandbox.redis.prefix + "cache:*")]
+    assert all([await sandbox.redis.client.ttl(key) > 0 for key in every_key]) and len(every_key) == len(keys) - 1 + 2  # the rename dropped one
 
 
 async def test_explicit_invalidation_deletes_both_keys_and_the_next_reads_miss(demo):
@@ -99,7 +128,8 @@ async def test_explicit_invalidation_deletes_both_keys_and_the_next_reads_miss(d
 
     invalidation = await source.invalidate_user_cache(sandbox, user_id=user_id)
 
-    assert invalidation.applied and invalidation.redis_commands[0].reply == "2"
+    assert invalidation.applied and sent(invalidation) == ["MULTI", "SET", "DEL", "EXEC"]
+    assert invalidation.redis_commands[2].reply == "2"
     assert await cache_keys(sandbox) == []
     assert (await cache.get_user(user_id=user_id)).outcome == CACHE_MISS
     assert (await cache.get_latest_airscore(user_id=user_id)).outcome == CACHE_MISS
@@ -137,7 +167,7 @@ async def test_a_user_without_scores_caches_null_until_a_score_is_added(sandbox_
     jane = next(u for u in await source.list_users(sandbox) if u.name == "Jane Doe")
     first, second = await cache.get_latest_airscore(user_id=jane.id), await cache.get_latest_airscore(user_id=jane.id)
     assert (first.outcome, first.value, second.outcome, second.value) == (CACHE_MISS, None, CACHE_HIT, None)
-    assert await sandbox.redis.client.get(first.key) == "null"
+    assert await stored_value(sandbox, first.key) is None
     score = await source.add_demo_airscore(sandbox, user_id=jane.id)
     assert (await cache.get_latest_airscore(user_id=jane.id)).value["id"] == score.id
 
@@ -147,10 +177,11 @@ class PausingCache(source.CachedUserRepository):
 
     def __init__(self, sandbox: source.Sandbox, *, pause_before_set: bool = False) -> None:
         super().__init__(sandbox)
-        self.pause_before_set = pause_before_set
         self.paused = asyncio.Event()
         self.resume = asyncio.Event()
         self._armed = True
+        if pause_before_set:
+            self.cache.link = PausingLink(sandbox.redis, self._pause)
 
     async def _pause(self) -> None:
         if self._armed:
@@ -160,14 +191,24 @@ class PausingCache(source.CachedUserRepository):
 
     async def _load_user(self, user_id):
         value = await super()._load_user(user_id)
-        if not self.pause_before_set:
+        if not isinstance(self.cache.link, PausingLink):
             await self._pause()
         return value
 
-    async def _send(self, commands, *command):
-        if self.pause_before_set and command[0] == "SET":
-            await self._pause()
-        return await super()._send(commands, *command)
+
+class PausingLink:
+    """The sandbox's real RedisLink, pausing once just before a miss's SET goes out."""
+
+    def __init__(self, link: source.RedisLink, pause) -> None:
+        self.link, self.pause = link, pause
+
+    async def execute(self, *command):
+        return await self.link.execute(*command)
+
+    async def execute_many(self, *commands, transaction=False):
+        if commands[0][0] == "SET" and ":cache:user:" in commands[0][1] and not commands[0][1].endswith("airscore"):
+            await self.pause()
+        return await self.link.execute_many(*commands, transaction=transaction)
 
 
 async def test_a_miss_that_read_before_a_write_does_not_store_the_old_value(demo):
@@ -183,9 +224,9 @@ async def test_a_miss_that_read_before_a_write_does_not_store_the_old_value(demo
     old = await slow
 
     assert old.value["name"] == "Alex Smith" and "Not stored" in old.note
-    assert [c.command.split()[0] for c in old.redis_commands] == ["GET"]
+    assert sent(old) == ["MGET"]
     assert (fresh.outcome, fresh.value["name"], fresh.shared_database_read) == (CACHE_MISS, "Alex After", False)
-    assert json.loads(await sandbox.redis.client.get(cache.user_key(user_id)))["name"] == "Alex After"
+    assert (await stored_value(sandbox, cache.user_key(user_id)))["name"] == "Alex After"
     after = await cache.get_user(user_id=user_id)
     assert (after.outcome, after.value["name"]) == (CACHE_HIT, "Alex After")
 
@@ -193,6 +234,7 @@ async def test_a_miss_that_read_before_a_write_does_not_store_the_old_value(demo
 async def test_an_invalidation_during_the_set_is_followed_by_a_delete(demo):
     sandbox, user_id = demo
     cache = sandbox.services["cache"] = PausingCache(sandbox, pause_before_set=True)
+    await cache.get_latest_airscore(user_id=user_id)  # the epoch exists: the miss below sends one SET
     slow = asyncio.create_task(cache.get_user(user_id=user_id))
     await cache.paused.wait()  # the generation check passed; the SET is about to go out
 
@@ -200,7 +242,7 @@ async def test_an_invalidation_during_the_set_is_followed_by_a_delete(demo):
     cache.resume.set()
     old = await slow
 
-    assert [c.command.split()[0] for c in old.redis_commands] == ["GET", "SET", "DEL"]
+    assert sent(old) == ["MGET", "SET", "GET", "DEL"]
     assert await sandbox.redis.client.get(cache.user_key(user_id)) is None
     assert (await cache.get_user(user_id=user_id)).value["name"] == "Alex During"
 
@@ -257,8 +299,10 @@ async def test_outage_by_cut_every_read_answered_and_no_stale_value_after_recove
 
     await sandbox.redis.restore()
     back = await cache.get_user(user_id=user_id)
-    assert back.redis_commands[0].command.startswith("DEL ")  # the pending invalidations go first
-    assert cache.recent_invalidations[0].reason.startswith("pending invalidations")
+    # What Redis missed is settled first: a new fence and a new epoch, so no value from before counts.
+    assert sent(back)[:4] == ["MULTI", "SET", "SET", "EXEC"] and sent(back)[4] == "MGET"
+    assert cache.recent_invalidations[0].reason.startswith("writes Redis missed")
+    assert cache.recent_invalidations[0].everything
     assert (back.outcome, back.value["name"]) == (CACHE_MISS, "Alex Offline")
     assert not sandbox.redis.health.degraded and cache.pending_invalidations == 0
     assert (await cache.get_latest_airscore(user_id=user_id)).value["id"] == new_score.id
@@ -324,7 +368,7 @@ async def test_reinitializing_resets_metrics_and_never_serves_keys_from_before(d
     assert cache.metrics.requests == 0
     with pytest.raises(source.UserNotFoundError):  # the wiped user, although its key is still in Redis
         await cache.get_user(user_id=user_id)
-    assert len(await cache_keys(sandbox)) == 1
+    assert await cache_keys(sandbox) == [cache.user_key(user_id)]
 
 
 async def test_a_corrupt_or_pickled_value_in_redis_is_replaced_not_served(demo):
@@ -335,7 +379,7 @@ async def test_a_corrupt_or_pickled_value_in_redis_is_replaced_not_served(demo):
         await sandbox.redis.client.set(key, planted)
         read = await cache.get_user(user_id=user_id)
         assert (read.outcome, read.value["name"]) == (CACHE_MISS, "Alex Smith")
-        assert json.loads(await sandbox.redis.client.get(key))["name"] == "Alex Smith"
+        assert (await stored_value(sandbox, key))["name"] == "Alex Smith"
 
 
 async def test_every_cached_value_is_json(demo):
@@ -421,7 +465,7 @@ async def test_a_redis_that_accepts_but_never_answers_costs_a_read_one_cache_tim
     )
     service = source.RedisService(mode="redis", reason="test: a silent server", url=None, client=client)
     registry = source.SandboxRegistry(settings, service)
-    monkeypatch.setattr(source, "CACHE_COMMAND_TIMEOUT_SECONDS", 0.2)
+    service.command_timeout_seconds = 0.2
     try:
         sandbox = await registry.acquire(source.new_sandbox_id())
         user = await source.create_user(sandbox, email="hung@example.com", name="Hung Redis")
@@ -434,4 +478,182 @@ async def test_a_redis_that_accepts_but_never_answers_costs_a_read_one_cache_tim
             writer.close()
         silent.close()
         await registry.close()
-        await client.aclose()
+        await service.close()
+
+
+async def test_no_stale_read_after_bulk_writes_the_orm_never_flushed(sandbox_with_users):
+    sandbox = sandbox_with_users
+    cache = source.cache_for(sandbox)
+    await source.grow_scale_up_users(sandbox, target_users=3, scores_per_user=1)
+    scale_up = [u for u in await source.list_users(sandbox) if u.name.startswith(source.SCALE_UP_NAME_PREFIX)]
+    jane = next(u for u in await source.list_users(sandbox) if u.name == "Jane Doe")
+    for user in (*scale_up, jane):
+        await cache.get_user(user_id=user.id)
+        assert (await cache.get_user(user_id=user.id)).outcome == CACHE_HIT
+
+    assert await source.remove_scale_up_users(sandbox) == 3  # one bulk delete(User)
+    for user in scale_up:
+        with pytest.raises(source.UserNotFoundError):
+            await cache.get_user(user_id=user.id)
+    assert cache.recent_invalidations[0].everything and "bulk" in cache.recent_invalidations[0].reason
+
+    await cache.get_user(user_id=jane.id)
+    async with get_session(sandbox) as session:  # an ORM-enabled bulk UPDATE
+        await session.execute(update(source.User).where(source.User.id == jane.id).values(name="Jane Bulk"))
+    assert (await cache.get_user(user_id=jane.id)).value["name"] == "Jane Bulk"
+    await cache.get_user(user_id=jane.id)
+    async with get_session(sandbox) as session:  # a Core UPDATE on the table, no ORM entity
+        users = source.User.__table__
+        await session.execute(update(users).where(users.c.id == jane.id).values(name="Jane Core"))
+    assert (await cache.get_user(user_id=jane.id)).value["name"] == "Jane Core"
+    # A bulk write to a table the cache does not hold leaves the cache alone.
+    await cache.get_user(user_id=jane.id)
+    async with get_session(sandbox) as session:
+        await session.execute(delete(source.DomainEvent))
+    assert (await cache.get_user(user_id=jane.id)).outcome == CACHE_HIT
+
+
+async def test_session_listeners_hear_qulab_sessions_only(sandbox_with_users):
+    from sqlalchemy.orm import Session
+
+    assert source.QuLabSession.sync_session_class is source.QuLabSyncSession
+    with Session() as foreign:  # some other library's session in the same process
+        foreign.info.clear()
+        foreign.flush()
+    assert event.contains(source.QuLabSyncSession, "after_flush", source._collect_flushed_changes)
+    assert not event.contains(Session, "after_flush", source._collect_flushed_changes)
+    async with get_session(sandbox_with_users) as session:
+        assert isinstance(session, source.QuLabSession)
+
+
+@pytest.fixture
+async def two_replicas(settings):
+    """Two registries (two replicas of QuLab) opening the same sandbox id on shared storage and Redis."""
+    if settings.redis_url:
+        services = [await source.RedisService.connect(settings) for _ in range(2)]
+    else:
+        server = fakeredis.FakeServer()
+        services = [
+            source.RedisService(
+                mode="fakeredis", reason="test", url=None, fake_server=server,
+                client=fakeredis.FakeAsyncRedis(server=server, decode_responses=True),
+            )
+            for _ in range(2)
+        ]
+    registries = [source.SandboxRegistry(settings, service) for service in services]
+    sandbox_id = source.new_sandbox_id()
+    try:
+        first = await registries[0].acquire(sandbox_id)
+        await source.init_db(first, reset=True)
+        second = await registries[1].acquire(sandbox_id)  # same SQLite file (same process) or schema
+        yield first, second
+    finally:
+        for registry, service in zip(reversed(registries), reversed(services)):
+            await registry.close()
+            await service.close()
+
+
+async def test_a_write_on_another_replica_is_never_served_stale(two_replicas):
+    here, there = two_replicas
+    alex = (await source.prepare_cache_demo(here)).user_id
+    jane = next(u for u in await source.list_users(here) if u.name == "Jane Doe").id
+    cache = source.cache_for(here)
+    for user_id in (alex, jane):
+        await cache.get_user(user_id=user_id)
+        await cache.get_latest_airscore(user_id=user_id)
+    assert (await cache.get_user(user_id=alex)).outcome == CACHE_HIT
+    assert "cache" not in there.services  # the other replica never used its cache
+
+    await source.rename_user(there, user_id=alex, name="Alex Elsewhere")
+    score = await source.add_demo_airscore(there, user_id=jane)
+    assert (await cache.get_user(user_id=alex)).value["name"] == "Alex Elsewhere"
+    assert (await cache.get_latest_airscore(user_id=jane)).value["id"] == score.id
+    async with get_session(there) as session:
+        await session.execute(delete(source.User).where(source.User.id == jane))
+    with pytest.raises(source.UserNotFoundError):
+        await cache.get_user(user_id=jane)
+
+
+async def test_a_miss_racing_a_write_on_another_replica_does_not_keep_the_old_value(two_replicas):
+    here, there = two_replicas
+    user_id = (await source.prepare_cache_demo(here)).user_id
+    cache = here.services["cache"] = PausingCache(here)
+    await cache.get_latest_airscore(user_id=user_id)  # the epoch exists
+    slow = asyncio.create_task(cache.get_user(user_id=user_id))
+    await cache.paused.wait()  # read the old name from the database, not stored yet
+
+    await source.rename_user(there, user_id=user_id, name="Alex Raced")  # this process hears nothing
+    cache.resume.set()
+    old = await slow
+
+    assert old.value["name"] == "Alex Smith" and "deleted again" in old.note
+    assert sent(old) == ["MGET", "SET", "GET", "DEL"]
+    fresh = await cache.get_user(user_id=user_id)
+    assert (fresh.outcome, fresh.value["name"]) == (CACHE_MISS, "Alex Raced")
+
+
+REPLICA_SCRIPT = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import source
+
+async def main(sandbox_id, alex, jane):
+    settings = source.Settings.from_environment()
+    service = await source.RedisService.connect(settings)
+    assert service.mode == "redis", service.reason
+    registry = source.SandboxRegistry(settings, service)
+    sandbox = await registry.acquire(sandbox_id)  # the same schema; never released here (that would drop it)
+    await source.rename_user(sandbox, user_id=alex, name="Alex From Another Process")
+    await source.add_demo_airscore(sandbox, user_id=alex)
+    print(await source.remove_scale_up_users(sandbox))
+    await sandbox.engine.dispose()
+    await service.close()
+
+asyncio.run(main(*sys.argv[2:]))
+"""
+
+
+async def test_a_write_from_another_process_on_postgresql_and_redis_is_never_served_stale(
+    settings, postgres_url, real_redis_url
+):
+    shared = source.Settings(**{**settings.__dict__, "database_url": postgres_url, "redis_url": real_redis_url})
+    service = await source.RedisService.connect(shared)
+    registry = source.SandboxRegistry(shared, service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        await source.init_db(sandbox, reset=True)
+        alex = (await source.prepare_cache_demo(sandbox)).user_id
+        await source.grow_scale_up_users(sandbox, target_users=2, scores_per_user=1)
+        doomed = [u.id for u in await source.list_users(sandbox) if u.name.startswith(source.SCALE_UP_NAME_PREFIX)]
+        cache = source.cache_for(sandbox)
+        for user_id in (alex, *doomed):
+            await cache.get_user(user_id=user_id)
+        before = (await cache.get_latest_airscore(user_id=alex)).value
+        assert (await cache.get_user(user_id=alex)).outcome == CACHE_HIT
+
+        environment = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": real_redis_url}
+        replica = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", REPLICA_SCRIPT, str(PROJECT_ROOT), sandbox.id, alex, doomed[0],
+            env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(replica.communicate(), 120)
+        assert replica.returncode == 0, err.decode()[-2000:]
+        assert out.decode().strip() == "2"
+
+        assert (await cache.get_user(user_id=alex)).value["name"] == "Alex From Another Process"
+        assert (await cache.get_latest_airscore(user_id=alex)).value["id"] != before["id"]
+        for user_id in doomed:
+            with pytest.raises(source.UserNotFoundError):
+                await cache.get_user(user_id=user_id)
+    finally:
+        await registry.close()
+        await service.close()
+
+
+def test_raw_sql_that_may_write_counts_as_a_bulk_write_of_anything():
+    from sqlalchemy import select, text
+
+    assert source._tables_written(text("UPDATE users SET name = 'x'")) == {"*"}
+    assert source._tables_written(text("  select 1")) == set()
+    assert source._tables_written(delete(source.User)) == {"users"}
+    assert source._tables_written(select(source.User)) == set()

@@ -1,5 +1,6 @@
 """Section 2's use cases: the engine report and the pooling experiment measure real things."""
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -18,7 +19,7 @@ async def test_describe_engine_reports_the_live_pool_and_hides_passwords(sandbox
     # The same report for an engine whose URL carries a password (a real engine; it connects to nothing).
     engine = create_async_engine("postgresql+asyncpg://alex:s3cr3t-p%40ss@db.example:5432/qulab")
     try:
-        report = await source.describe_engine(dataclasses.replace(sandbox, engine=engine))
+        report = await source.describe_engine(dataclasses.replace(sandbox, _engine=engine, owns_engine=False))
     finally:
         await engine.dispose()
     assert "s3cr3t" not in report.url and "p@ss" not in report.url and "p%40ss" not in report.url
@@ -46,3 +47,62 @@ async def test_pool_experiment_does_not_touch_the_sandbox_pool(sandbox_with_user
 async def test_pool_experiment_refuses_out_of_range_settings(sandbox, arguments):
     with pytest.raises(source.ValidationError):
         await source.run_pool_experiment(sandbox, **arguments)
+
+
+async def test_the_connection_budget_makes_a_second_reservation_wait_for_the_first():
+    budget = source.ConnectionBudget(10)
+    first_done = asyncio.Event()
+    order = []
+
+    async def first():
+        async with budget.reserve(8, timeout_seconds=30):
+            order.append("first in")
+            await first_done.wait()
+        order.append("first out")
+
+    async def second():
+        async with budget.reserve(8, timeout_seconds=30) as waited:
+            order.append("second in")
+            return waited
+
+    first_task = asyncio.create_task(first())
+    for _ in range(100):
+        if order:
+            break
+        await asyncio.sleep(0)
+    second_task = asyncio.create_task(second())
+    for _ in range(100):
+        await asyncio.sleep(0)
+    try:
+        assert budget.waiting == 1 and budget.in_use == 8 and order == ["first in"]
+    finally:
+        first_done.set()
+        await asyncio.gather(first_task, second_task)
+    assert order == ["first in", "first out", "second in"] and budget.in_use == 0
+
+
+async def test_five_learners_at_the_experiment_maximum_share_default_max_connections(postgres_registry):
+    learners = [await postgres_registry.acquire(source.new_sandbox_id()) for _ in range(5)]
+    assert postgres_registry.store.max_connections <= 100  # the default: nothing raised to hide a leak
+    budget = postgres_registry.budget
+    assert budget.total <= postgres_registry.store.max_connections - source.POSTGRES_RESERVED_CONNECTIONS
+
+    results = await asyncio.gather(
+        *(
+            source.run_pool_experiment(
+                sandbox,
+                requests=100,
+                concurrency=source.MAX_POOL_EXPERIMENT_CONCURRENCY,
+                pool_size=source.MAX_POOL_EXPERIMENT_CONCURRENCY,
+            )
+            for sandbox in learners
+        ),
+        return_exceptions=True,
+    )
+
+    failures = [result for result in results if isinstance(result, BaseException)]
+    assert failures == []  # no "sorry, too many clients already"
+    assert all(unpooled.connections_opened == 100 for _, unpooled in results)
+    assert budget.reservations_that_waited >= 1  # they took turns...
+    assert budget.peak_in_use <= budget.total  # ...and together never went over the budget
+    assert budget.in_use == budget.taken

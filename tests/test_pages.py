@@ -132,7 +132,7 @@ def test_page_one_names_and_explains_every_table_its_diagram_draws(app):
     open_page(app, "pages/data_models.py")
     listed = app.table[0].value.to_dict("records")
     assert [row["table"] for row in listed] == [
-        "users", "assessments", "air_scores", "domain_events", "consumed_events"
+        "users", "assessments", "air_scores", "domain_events", "consumed_events", "lab_journal"
     ]
     assert all(row["what it holds"].strip() for row in listed)
     diagram = app.get("graphviz_chart")[0].proto.spec

@@ -188,3 +188,35 @@ async def test_another_replica_serving_the_same_sandbox_id_finds_its_data(postgr
 
     assert there is not here and there.location == here.location
     assert [u.id for u in await source.list_users(there)] == [user.id]
+
+
+async def test_an_idle_sandbox_another_replica_now_serves_is_never_dropped(postgres_registry, other_replica):
+    sandbox_id = source.new_sandbox_id()
+    here = await postgres_registry.acquire(sandbox_id, holder="tab-here")
+    user = await source.create_user(here, email="moved@example.com", name="Moved Over")
+    postgres_registry.release_holder("tab-here")  # the learner reloads on the other replica
+    there = await other_replica.acquire(sandbox_id, holder="tab-there")
+    here.last_used -= 2 * AN_HOUR  # to this replica, the sandbox looks long idle
+
+    report = await postgres_registry.sweep()
+
+    assert sandbox_id in report["kept"] and sandbox_id not in report["deleted"]
+    assert postgres_registry.get_existing(sandbox_id) is None  # forgotten here...
+    assert await schema_exists(postgres_registry, here.location)  # ...but its data stays for the other
+    assert [u.id for u in await source.list_users(there)] == [user.id]
+
+
+async def test_reaping_a_schema_also_deletes_its_redis_keys(postgres_registry, other_replica):
+    abandoned = await other_replica.acquire(source.new_sandbox_id())
+    kept = await postgres_registry.acquire(source.new_sandbox_id())
+    shared_redis = postgres_registry.redis_service  # replicas share one Redis (here: this registry's)
+    left_behind = source.RedisLink(shared_redis, abandoned.id)
+    await left_behind.client.set(left_behind.key("cache", "x"), "1")
+    await kept.redis.client.set(kept.redis.key("cache", "x"), "1")
+    await die(other_replica)
+    await age_lease(postgres_registry, abandoned.location, seconds=2 * AN_HOUR)
+
+    assert abandoned.location in await postgres_registry.reap_abandoned_schemas(expired_after_seconds=AN_HOUR)
+
+    assert await shared_redis.client.get(left_behind.key("cache", "x")) is None
+    assert await shared_redis.client.get(kept.redis.key("cache", "x")) == "1"

@@ -1,6 +1,8 @@
 """Sandboxes: each learner's data is private, and idle sandboxes give their storage back."""
 
+import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,46 @@ async def test_malformed_sandbox_ids_are_refused(registry, sandbox_id):
         await registry.acquire(sandbox_id)
 
 
+async def age(registry, sandbox, *, seconds: float) -> None:
+    """Pretend nobody used the sandbox for this long (here, and in its PostgreSQL lease)."""
+    sandbox.last_used -= seconds
+    sandbox.unheld_since -= seconds
+    if sandbox.backend == "postgresql":
+        engine = await registry._postgres_engine()
+        async with engine.begin() as connection:
+            await connection.execute(
+                text(
+                    f"UPDATE {source.SANDBOX_LEASE_TABLE} SET last_used = now() - make_interval(secs => :seconds) "
+                    "WHERE schema_name = :schema"
+                ),
+                {"schema": sandbox.location, "seconds": seconds},
+            )
+
+
+async def storage_exists(registry, sandbox) -> bool:
+    if sandbox.backend == "sqlite":
+        return Path(sandbox.location).exists()
+    engine = await registry._postgres_engine()
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :name"), {"name": sandbox.location}
+        )
+        return found.first() is not None
+
+
+@pytest.fixture
+async def small_class(settings):
+    """A registry with room for two awake sandboxes and no grace period."""
+    limited = source.Settings(**{**settings.__dict__, "max_sandboxes": 2, "sandbox_grace_seconds": 0})
+    redis_service = await source.RedisService.connect(limited)
+    registry = source.SandboxRegistry(limited, redis_service)
+    try:
+        yield registry
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
 async def test_idle_sandboxes_are_released_with_their_storage_and_keys(registry):
     idle = await registry.acquire(source.new_sandbox_id())
     busy = await registry.acquire(source.new_sandbox_id())
@@ -62,15 +104,9 @@ async def test_idle_sandboxes_are_released_with_their_storage_and_keys(registry)
 
     assert registry.get_existing(idle.id) is None and registry.get_existing(busy.id) is busy
     assert await idle.redis.client.get(idle.redis.key("k")) is None
+    assert not await storage_exists(registry, idle)
     if idle.backend == "sqlite":
-        assert not Path(idle.location).exists()
         assert not Path(idle.location + "-wal").exists()
-    else:
-        async with busy.engine.connect() as connection:
-            found = await connection.execute(
-                text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :name"), {"name": idle.location}
-            )
-            assert found.first() is None
 
 
 async def test_a_released_sandbox_comes_back_empty_with_a_notice(registry):
@@ -86,21 +122,115 @@ async def test_a_released_sandbox_comes_back_empty_with_a_notice(registry):
     assert "idle for more than 30 minutes" in again.notice
 
 
-async def test_the_sandbox_limit_releases_the_least_recently_used(settings):
-    limited = source.Settings(**{**settings.__dict__, "max_sandboxes": 2})
-    redis_service = await source.RedisService.connect(limited)
-    registry = source.SandboxRegistry(limited, redis_service)
-    try:
-        oldest = await registry.acquire(source.new_sandbox_id())
-        oldest.last_used -= 100
-        newer = await registry.acquire(source.new_sandbox_id())
-        newest = await registry.acquire(source.new_sandbox_id())
-        assert len(registry) == 2
-        assert registry.get_existing(oldest.id) is None
-        assert registry.get_existing(newer.id) is newer and registry.get_existing(newest.id) is newest
-    finally:
-        await registry.close()
-        await redis_service.close()
+async def test_at_capacity_an_unheld_sandbox_goes_dormant_with_its_data_kept(small_class):
+    oldest = await small_class.acquire(source.new_sandbox_id())
+    await source.create_user(oldest, email="kept@example.com", name="Kept")
+    oldest.last_used -= 100
+    newer = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    newest = await small_class.acquire(source.new_sandbox_id(), holder="tab-2")
+
+    assert oldest.state == source.SANDBOX_DORMANT and oldest._engine is None
+    assert len(small_class) == 2 and newer.awake and newest.awake
+    assert await storage_exists(small_class, oldest)
+
+
+async def test_connected_learners_are_never_released_and_a_newcomer_gets_class_full(small_class):
+    first = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    second = await small_class.acquire(source.new_sandbox_id(), holder="tab-2")
+    await source.create_user(first, email="first@example.com", name="First")
+    await source.create_user(second, email="second@example.com", name="Second")
+    first.last_used -= 3600  # connected but quiet for an hour: still in class
+
+    with pytest.raises(source.ClassFullError) as full:
+        await small_class.acquire(source.new_sandbox_id(), holder="tab-3")
+
+    assert full.value.in_class == 2 and full.value.capacity == 2
+    assert "class is full" in str(full.value)
+    assert [u.email for u in await source.list_users(first)] == ["first@example.com"]
+    assert [u.email for u in await source.list_users(second)] == ["second@example.com"]
+    assert first.state == second.state == source.SANDBOX_ACTIVE
+
+
+async def test_a_page_load_that_leaves_frees_its_place_for_the_next(small_class):
+    await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    await small_class.acquire(source.new_sandbox_id(), holder="tab-2")
+    small_class.release_holder("tab-2")  # that browser tab was closed
+
+    newcomer = await small_class.acquire(source.new_sandbox_id(), holder="tab-3")
+
+    assert newcomer.state == source.SANDBOX_ACTIVE
+    assert small_class.counts() == {"active": 2, "idle": 0, "dormant": 1}
+
+
+async def settled_thread_count() -> int:
+    """Threads now, after closed connections' worker threads have had a moment to finish."""
+    for _ in range(50):
+        count = threading.active_count()
+        await asyncio.sleep(0.02)
+        if threading.active_count() == count:
+            return count
+    return threading.active_count()
+
+
+async def test_a_disconnected_sandbox_goes_dormant_after_the_grace_period_and_wakes_with_its_data(small_class):
+    before = await settled_thread_count()
+    sandbox = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    await source.create_user(sandbox, email="back@example.com", name="Comes Back")
+    await sandbox.redis.client.set(sandbox.redis.key("note"), "kept")
+    dormant_calls, wake_calls = [], []
+    sandbox.dormant_listeners.append(lambda s: _record(dormant_calls, s))
+    sandbox.wake_listeners.append(lambda s: _record(wake_calls, s))
+
+    assert (await small_class.sweep())["dormant"] == []  # held: stays active
+    small_class.release_holder("tab-1")
+    assert sandbox.id in (await small_class.sweep())["dormant"]
+
+    assert sandbox.state == source.SANDBOX_DORMANT and sandbox._engine is None and dormant_calls == [sandbox.id]
+    if sandbox.backend == "sqlite":
+        assert await settled_thread_count() <= before  # its driver threads are gone
+        assert Path(sandbox.location).exists()
+        wal = Path(sandbox.location + "-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+    assert await sandbox.redis.client.get(sandbox.redis.key("note")) == "kept"
+
+    again = await small_class.acquire(sandbox.id, holder="tab-after-reload")
+    assert again is sandbox and again.state == source.SANDBOX_ACTIVE and wake_calls == [sandbox.id]
+    assert [u.email for u in await source.list_users(again)] == ["back@example.com"]
+
+
+async def _record(calls, sandbox):
+    calls.append(sandbox.id)
+
+
+async def test_after_the_idle_limit_its_data_and_redis_keys_are_deleted(small_class):
+    sandbox = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    await source.create_user(sandbox, email="gone@example.com", name="Gone")
+    await sandbox.redis.client.set(sandbox.redis.key("note"), "x")
+    small_class.release_holder("tab-1")
+    await small_class.sweep()
+    await age(small_class, sandbox, seconds=small_class.settings.sandbox_idle_seconds + 60)
+
+    assert sandbox.id in (await small_class.sweep())["deleted"]
+
+    assert small_class.get_existing(sandbox.id) is None
+    assert not await storage_exists(small_class, sandbox)
+    assert await sandbox.redis.client.get(sandbox.redis.key("note")) is None
+
+
+async def test_a_held_sandbox_is_never_deleted_however_long_it_sits(small_class):
+    sandbox = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    await age(small_class, sandbox, seconds=10 * small_class.settings.sandbox_idle_seconds)
+    report = await small_class.sweep()
+    assert sandbox.id not in report["deleted"] + report["dormant"]
+    assert sandbox.state == source.SANDBOX_ACTIVE and await storage_exists(small_class, sandbox)
+
+
+async def test_reset_sandbox_empties_it_and_keeps_its_id(sandbox_with_users):
+    await sandbox_with_users.redis.client.set(sandbox_with_users.redis.key("k"), "v")
+    counts = await source.reset_sandbox(sandbox_with_users)
+    assert set(counts.values()) == {0}
+    assert await sandbox_with_users.redis.client.get(sandbox_with_users.redis.key("k")) is None
+    assert await source.list_users(sandbox_with_users) == []
 
 
 async def test_embedded_sandbox_files_are_ram_backed_when_the_os_offers_it(sandbox):
@@ -109,3 +239,26 @@ async def test_embedded_sandbox_files_are_ram_backed_when_the_os_offers_it(sandb
     if source.RAM_BACKED_DIRECTORY.is_dir() and os.access(source.RAM_BACKED_DIRECTORY, os.W_OK):
         assert Path(sandbox.location).parent == source.RAM_BACKED_DIRECTORY
     assert Path(sandbox.location).exists()
+
+
+async def test_sqlite_file_sandboxes_are_deleted_on_release_and_stale_ones_at_start(settings, tmp_path):
+    on_file = source.Settings(**{**settings.__dict__, "database_url": f"sqlite:///{tmp_path}/qulab.db"})
+    redis_service = await source.RedisService.connect(on_file)
+    registry = source.SandboxRegistry(on_file, redis_service)
+    stale = tmp_path / "qulab-abcdefgh12345678.db"
+    stale.write_bytes(b"")
+    os.utime(stale, (0, 0))  # last touched in 1970
+    fresh_other = tmp_path / "qulab-fedcba9876543210.db"
+    fresh_other.write_bytes(b"")
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        await source.create_user(sandbox, email="a@example.com", name="A")
+        assert Path(sandbox.location).parent == tmp_path and Path(sandbox.location).exists()
+        assert not stale.exists() and fresh_other.exists()  # the start-up swept only the stale one
+
+        await registry.release(sandbox.id)
+
+        assert not Path(sandbox.location).exists() and not Path(sandbox.location + "-wal").exists()
+    finally:
+        await registry.close()
+        await redis_service.close()

@@ -86,9 +86,16 @@ async def test_sqlite_sandboxes_use_wal_and_enforce_foreign_keys(sandbox):
         assert (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
         assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
         assert (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar() > 0
+        assert (await connection.exec_driver_sql("PRAGMA journal_size_limit")).scalar() == source.SQLITE_WAL_LIMIT_BYTES
 
 
 async def test_engines_use_a_real_queue_pool_with_the_configured_size(sandbox, settings):
     status = source.pool_status(sandbox.engine)
     assert status["pool_class"] == "AsyncAdaptedQueuePool"
-    assert status["size"] == settings.pool_size
+    if sandbox.backend == "sqlite":  # one learner's file: a small pool, no pre-ping
+        assert status["size"] == settings.sqlite_pool_size
+        assert source.engine_connection_limit(sandbox.engine) == settings.sqlite_pool_size + settings.sqlite_max_overflow
+        assert not source.engine_pre_pings(sandbox.engine)
+    else:  # the shared PostgreSQL pool, pre-pinged: server restarts do kill connections
+        assert status["size"] == settings.pool_size
+        assert source.engine_pre_pings(sandbox.engine)

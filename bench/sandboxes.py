@@ -1,0 +1,198 @@
+"""What one sandbox costs awake and dormant, and whether one learner's experiment stalls another's clicks.
+
+Measured in this process, on the backend DATABASE_URL names (embedded SQLite by default):
+
+- RSS and threads per sandbox: N learners (Labs) initialize their sandboxes and read once; then
+  they close their Labs and the lifecycle puts every sandbox to sleep. Per sandbox =
+  (value with N − value with 0) ÷ N, after a full garbage collection.
+- The WAL a 500-write burst leaves in RAM (/dev/shm), and what is left once the sandbox went
+  dormant (its checkpoint truncates the WAL).
+- pool_pre_ping on a SQLite sandbox: one checkout + SELECT 1 with pre-ping ÷ without.
+- Fairness: one learner's list_users p95 while another runs the pool experiment at its maximum,
+  ÷ the same p95 with nobody else busy; once with the trials on their own loop (as QuLab runs
+  them), once on the shared loop (as before), in the same run.
+
+    python3 bench/sandboxes.py [--learners 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchtools import print_table, result
+
+import source
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mb() -> float:
+    """Resident memory of this process, in MB (from /proc)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE_SIZE / 1e6
+
+
+def settled() -> tuple[float, int]:
+    """(RSS MB, threads) once collections and closing driver threads have settled."""
+    for _ in range(3):
+        gc.collect()
+        time.sleep(0.2)
+    return rss_mb(), threading.active_count()
+
+
+def wait_until(condition: Any, *, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def footprint(runtime: source.Runtime, learners: int) -> list[dict[str, Any]]:
+    warm = runtime.lab(source.new_sandbox_id())  # imports, compiled statements and caches: not per sandbox
+    warm.run(source.init_db, reset=True)
+    warm.run(source.list_users)
+    rss_0, threads_0 = settled()
+    labs = [runtime.lab(source.new_sandbox_id()) for _ in range(learners)]
+    for lab in labs:
+        lab.run(source.init_db, reset=True)
+        lab.run(source.list_users)
+    rss_awake, threads_awake = settled()
+    for lab in labs:
+        lab.close()
+    registry = runtime.sandboxes
+    wait_until(lambda: all(not registry.get_existing(lab.sandbox_id).awake for lab in labs))
+    rss_dormant, threads_dormant = settled()
+    backend = registry.backend
+    return [
+        result("sandboxes", f"RSS per awake sandbox ({learners}, {backend})", (rss_awake - rss_0) / learners, unit="MB"),
+        result("sandboxes", f"threads per awake sandbox ({backend})", (threads_awake - threads_0) / learners, unit=""),
+        result(
+            "sandboxes", f"RSS per dormant sandbox ({learners}, {backend})", (rss_dormant - rss_0) / learners,
+            unit="MB", target="≤ 1 MB", met=(rss_dormant - rss_0) / learners <= 1,
+        ),
+        result(
+            "sandboxes", f"threads per dormant sandbox ({backend})", (threads_dormant - threads_0) / learners,
+            unit="", target="0", met=threads_dormant <= threads_0,
+        ),
+    ]  # fmt: skip
+
+
+def wal_after_burst(runtime: source.Runtime) -> list[dict[str, Any]]:
+    if runtime.sandboxes.backend != "sqlite":
+        return []
+    lab = runtime.lab(source.new_sandbox_id())
+    lab.run(source.init_db, reset=True)
+    for number in range(500):
+        lab.run(source.create_user, email=f"burst{number}@example.com", name=f"Burst {number}")
+    wal = Path(runtime.sandboxes.get_existing(lab.sandbox_id).location + "-wal")
+    awake_mb = wal.stat().st_size / 1e6 if wal.exists() else 0.0
+    lab.close()
+    wait_until(lambda: not runtime.sandboxes.get_existing(lab.sandbox_id).awake)
+    dormant_mb = wal.stat().st_size / 1e6 if wal.exists() else 0.0
+    return [
+        result("sandboxes", "WAL after a 500-write burst, awake", awake_mb, unit="MB"),
+        result("sandboxes", "WAL after the burst, dormant (checkpointed)", dormant_mb, unit="MB", target="≤ 1 MB", met=dormant_mb <= 1),
+    ]
+
+
+def pre_ping_cost(runtime: source.Runtime) -> list[dict[str, Any]]:
+    if runtime.sandboxes.backend != "sqlite":
+        return []
+    lab = runtime.lab(source.new_sandbox_id())
+
+    async def checkouts(sandbox: source.Sandbox, *, pre_ping: bool) -> float:
+        engine = source.create_engine_for(sandbox.engine.url, sandbox.settings, pool_pre_ping=pre_ping)
+        try:
+            async with engine.connect() as connection:
+                await connection.exec_driver_sql("SELECT 1")
+            started = time.perf_counter()
+            for _ in range(1000):
+                async with engine.connect() as connection:
+                    await connection.exec_driver_sql("SELECT 1")
+            return time.perf_counter() - started
+        finally:
+            await engine.dispose()
+
+    without = lab.run(checkouts, pre_ping=False)
+    with_ping = lab.run(checkouts, pre_ping=True)
+    return [result("sandboxes", "SQLite checkout + SELECT 1: pre-ping ÷ none", with_ping / without)]
+
+
+def fairness(runtime: source.Runtime) -> list[dict[str, Any]]:
+    walker, heavy = runtime.lab(source.new_sandbox_id()), runtime.lab(source.new_sandbox_id())
+    walker.run(source.init_db, reset=True)
+    heavy.run(source.init_db, reset=True)
+    maximum = {"requests": source.MAX_POOL_EXPERIMENT_REQUESTS, "concurrency": 50, "pool_size": 50}
+
+    def walker_p95(seconds: float) -> float:
+        latencies = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            walker.run(source.list_users)
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.01)
+        return statistics.quantiles(latencies, n=20)[-1]
+
+    async def trials_on_the_shared_loop(sandbox: source.Sandbox) -> None:  # how it ran before
+        translate = sandbox.engine.get_execution_options().get("schema_translate_map")
+        await source._run_pool_trials(sandbox.engine.url, sandbox.settings, translate=translate, **maximum)
+
+    def while_running(experiment: Any, **kwargs: Any) -> float:
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.is_set():
+                heavy.run(experiment, **kwargs)
+
+        worker = threading.Thread(target=loop)
+        worker.start()
+        try:
+            time.sleep(0.5)
+            return walker_p95(8.0)
+        finally:
+            done.set()
+            worker.join()
+
+    quiet = walker_p95(5.0)
+    own_loop = while_running(source.run_pool_experiment, **maximum)
+    shared_loop = while_running(trials_on_the_shared_loop)
+    return [
+        result("sandboxes", "list_users p95 quiet", quiet * 1000, unit="ms"),
+        result(
+            "sandboxes", "list_users p95 beside a max pool experiment ÷ quiet", own_loop / quiet,
+            target="≤ 2×", met=own_loop / quiet <= 2,
+        ),
+        result("sandboxes", "same, experiment on the shared loop (before) ÷ quiet", shared_loop / quiet),
+    ]  # fmt: skip
+
+
+def main(learners: int = 50) -> list[dict[str, Any]]:
+    """For bench/run_all.py: footprint, WAL, pre-ping and fairness on the configured backend."""
+    settings = source.Settings.from_environment()
+    settings = source.Settings(**{**settings.__dict__, "sandbox_grace_seconds": 0, "max_sandboxes": max(200, learners + 10)})
+    runtime = source.Runtime(settings)
+    try:
+        rows = footprint(runtime, learners) + wal_after_burst(runtime) + pre_ping_cost(runtime) + fairness(runtime)
+    finally:
+        runtime.close()
+    load = os.getloadavg()[0]
+    rows.append(result("sandboxes", "machine load (1-min average) during the run", load, unit=""))
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--learners", type=int, default=50)
+    main(parser.parse_args().learners)

@@ -1,0 +1,166 @@
+"""No stale read after any write, in any process: two small tokens per sandbox, kept in Redis.
+
+Every process serving a sandbox (replicas behind a load balancer, a restarted server) shares
+its Redis keys, so what keeps the cache right must live in Redis too, not in one process:
+
+- the **epoch** (`…:cache:epoch`): every cached value is stored with the epoch it was read
+  under, and counts as a hit only while that epoch is current. A write whose rows are unknown
+  (a bulk `delete(User)`, `update(...)` over many rows, a reset, or writes Redis missed during an
+  outage) sets a new epoch: one command drops every value of the sandbox at once, atomically,
+  for every process. No epoch in Redis (never set, expired, evicted) means nothing is a hit.
+- the **fence** (`…:cache:fence`): every invalidation sets a new fence in the same MULTI as
+  its DELs. A miss remembers the fence it saw with its GET, and after its SET reads the fence
+  again (same round trip): if it moved, a write landed while the miss was at the database, and
+  the miss deletes what it just stored. Either the write's DEL came after the SET (and removed
+  it) or the fence moved before it: an old value never stays, whichever process wrote.
+- in this process, a generation counter moves synchronously with each invalidation, so a miss
+  that started before it does not even send its SET.
+
+Both tokens are random (a token that expires never comes back), and both expire (one hour), as
+do the values (TTL with jitter): every key of a sandbox has bounded retention. One read is one
+round trip (MGET of epoch, fence and value).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from qulab_redis.breaker import REDIS_ERRORS
+from qulab_redis.tracing import CommandTrace, RedisCommand
+
+TOKEN_TTL_SECONDS = 3600  # longer than any value's TTL, so a value never outlives the epoch it was read under
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class CacheInvalidation:
+    """Keys deleted after a write (or on request), the commands sent, and whether Redis took them."""
+
+    reason: str
+    keys: tuple[str, ...]
+    redis_commands: tuple[RedisCommand, ...]
+    applied: bool  # False: Redis failed or was skipped; a new epoch is set before the cache is read again
+    everything: bool = False  # a new epoch: every value of the sandbox was dropped
+
+    @property
+    def deleted(self) -> Optional[int]:
+        """How many keys Redis said its DEL removed (None when no DEL was answered)."""
+        for command in self.redis_commands:
+            if command.command.startswith("DEL ") and command.reply.isdigit():
+                return int(command.reply)
+        return None
+
+
+@dataclass(slots=True)
+class CachedEntry:
+    """What one GET found: the value (when current), and the tokens a later SET is checked against."""
+
+    found: bool
+    value: Any
+    epoch: Optional[str]
+    fence: Optional[str]
+    generation: int  # this process's invalidation count when the GET went out
+
+
+def _new_token() -> str:
+    return secrets.token_hex(6)
+
+
+class CacheCoherence:
+    """Epoch- and fence-checked GET and SET for one sandbox's cache keys, and their invalidation."""
+
+    def __init__(self, link: Any, *, recent: int = 10) -> None:
+        self.link = link
+        self.epoch_key = link.key("cache", "epoch")
+        self.fence_key = link.key("cache", "fence")
+        self.generation = 0
+        self.pending_writes = 0  # invalidations Redis did not take; a new epoch settles them all
+        self.recent_invalidations: deque[CacheInvalidation] = deque(maxlen=recent)
+
+    async def get(self, key: str, trace: CommandTrace) -> CachedEntry:
+        """MGET epoch, fence and value; the value counts only if it was stored under the current epoch."""
+        if self.pending_writes:
+            await self.invalidate([], reason="writes Redis missed, settled once it answered again", trace=trace)
+        generation = self.generation
+        epoch, fence, raw = await trace.send("MGET", self.epoch_key, self.fence_key, key)
+        value = _decode(raw, epoch)
+        return CachedEntry(value is not _ABSENT, None if value is _ABSENT else value, epoch, fence, generation)
+
+    async def set(self, key: str, value: Any, *, ttl: int, since: CachedEntry, trace: CommandTrace) -> str:
+        """SET the value with its epoch, unless a write landed since the GET; returns what happened."""
+        if self.generation != since.generation:
+            return "Not stored: a write committed while the database was read, so this value may be old."
+        try:
+            epoch = since.epoch
+            if epoch is None:  # the first value of an epoch starts it (NX: another process may be first)
+                _, epoch = await trace.send_together(
+                    ("SET", self.epoch_key, _new_token(), "NX", "EX", TOKEN_TTL_SECONDS), ("GET", self.epoch_key)
+                )
+            stored = json.dumps({"epoch": epoch, "value": value}, separators=(",", ":"))
+            _, fence = await trace.send_together(("SET", key, stored, "EX", ttl), ("GET", self.fence_key))
+            if fence != since.fence or self.generation != since.generation:
+                await trace.send("DEL", key)
+                return "Stored, then deleted again: a write committed while the SET was on its way."
+        except REDIS_ERRORS as error:
+            self.pending_writes += 1  # the SET may have landed next to a write: settle with a new epoch
+            return f"Not stored: Redis failed ({type(error).__name__})."
+        return f"Stored for {ttl} s."
+
+    async def invalidate(
+        self, keys: list[str], *, reason: str, everything: bool = False, remember: bool = True, trace: Optional[CommandTrace] = None
+    ) -> CacheInvalidation:
+        """Delete these keys (or, with everything, start a new epoch) and move the fence, in one MULTI.
+
+        If Redis fails or is skipped, the write is remembered: before the cache is read again a
+        new epoch is set, which drops these keys and any other value a missed write made stale.
+        """
+        self.generation += 1  # before any await: a miss in flight here must see it
+        pending = self.pending_writes
+        everything = everything or pending > 0
+        commands: list[tuple[Any, ...]] = [("SET", self.fence_key, _new_token(), "EX", TOKEN_TTL_SECONDS)]
+        if everything:
+            commands.append(("SET", self.epoch_key, _new_token(), "EX", TOKEN_TTL_SECONDS))
+        if keys:
+            commands.append(("DEL", *keys))
+        trace = trace or CommandTrace(self.link)
+        already = len(trace.commands)
+        try:
+            await trace.send_together(*commands, transaction=True)
+        except REDIS_ERRORS:
+            self.pending_writes += 1
+            applied = False
+        else:
+            self.pending_writes -= pending
+            applied = True
+        invalidation = CacheInvalidation(reason, tuple(keys), tuple(trace.commands[already:]), applied, everything)
+        if remember:
+            self.recent_invalidations.appendleft(invalidation)
+        return invalidation
+
+    async def settle_pending(self) -> bool:
+        """Send what Redis missed (a new epoch) now; True when nothing is left pending."""
+        if self.pending_writes:
+            await self.invalidate([], reason="writes Redis missed, settled once it answered again")
+        return self.pending_writes == 0
+
+    def forget_history(self) -> None:
+        """Clear the list of recent invalidations (the sandbox was reset)."""
+        self.recent_invalidations.clear()
+
+
+def _decode(raw: Optional[str], epoch: Optional[str]) -> Any:
+    """The cached value if raw is ours and of the current epoch, else _ABSENT (never unpickled, never trusted)."""
+    if raw is None or epoch is None:
+        return _ABSENT
+    try:
+        stored = json.loads(raw)
+    except ValueError:
+        return _ABSENT
+    if not isinstance(stored, dict) or stored.get("epoch") != epoch:
+        return _ABSENT
+    value = stored.get("value", _ABSENT)
+    return value if value is None or isinstance(value, dict) else _ABSENT
