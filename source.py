@@ -3638,11 +3638,13 @@ BURST_FALLBACK_OCCUPATION = "15-1252.00"  # for users without an occupation code
 
 @dataclass(frozen=True)
 class BurstResult:
-    """How long a burst of score writes took, each its own transaction."""
+    """What a burst of score writes committed (each write its own transaction) and how long it took."""
 
-    writes: int
+    writes: int  # committed: each one a score and its event
     concurrency: int
     seconds: float
+    failed: int = 0  # writes that rolled back whole (nothing of them was stored)
+    first_error: str = ""  # why the first of them failed
 
 
 @journaled("airscore_burst")
@@ -3652,7 +3654,7 @@ async def store_airscore_burst(
     """Store `count` scores with their events, round-robin over the sandbox's users, `concurrency` at a time."""
     validate_whole_number(count, label="Burst writes", low=1, high=MAX_BURST_WRITES, field="count")
     validate_whole_number(concurrency, label="Concurrency", low=1, high=50)
-    users = await list_users(sandbox, limit=100)
+    users = await list_learner_users(sandbox) or await list_users(sandbox, limit=100)
     if not users:
         raise ValidationError("Your sandbox has no users yet: initialize it on page 2 first.", field="user_id")
     semaphore = asyncio.Semaphore(concurrency)
@@ -3667,10 +3669,53 @@ async def store_airscore_burst(
     started = time.perf_counter()
     outcomes = await asyncio.gather(*(write(number) for number in range(count)), return_exceptions=True)
     seconds = time.perf_counter() - started
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome  # each write is its own transaction: the others committed whole
-    return BurstResult(writes=count, concurrency=concurrency, seconds=seconds)
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    for error in errors:
+        if not isinstance(error, Exception):
+            raise error  # cancelled: stop here
+    # Each write is its own transaction: the ones that failed stored nothing, the others are whole.
+    first_error = f"{type(errors[0]).__name__}: {errors[0]}"[:300] if errors else ""
+    if errors and not isinstance(errors[0], QuLabError):
+        logger.error("burst writes failed in sandbox %s", sandbox.id, exc_info=errors[0])
+    return BurstResult(
+        writes=count - len(errors), concurrency=concurrency, seconds=seconds, failed=len(errors), first_error=first_error
+    )
+
+
+async def list_learner_users(sandbox: Sandbox, *, limit: int = 100) -> list[User]:
+    """The learner's own users, oldest first (the thousand scale-up users of section 3 left out)."""
+    async with get_session(sandbox) as session:
+        statement = select(User).where(~_is_scale_up_user()).order_by(User.created_at).limit(limit)
+        return list((await session.scalars(statement)).all())
+
+
+@dataclass(frozen=True)
+class EventDelivery:
+    """Where one event is now: its status, when it was published, when the consumer recorded it."""
+
+    event_id: str
+    status: str
+    created_at: datetime
+    published_at: Optional[datetime]
+    delivered_at: Optional[datetime]
+    last_error: Optional[str]
+
+
+async def event_delivery(sandbox: Sandbox, *, event_id: str) -> Optional[EventDelivery]:
+    """The event's current state (None once it is gone: pruned after delivery, or reset)."""
+    event_id = parse_entity_id(event_id, what="event")
+    async with get_session(sandbox) as session:
+        row = (
+            await session.execute(
+                select(DomainEvent, ConsumedEvent.consumed_at)
+                .outerjoin(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+                .where(DomainEvent.id == event_id)
+            )
+        ).first()
+    if row is None:
+        return None
+    event, delivered_at = row
+    return EventDelivery(event.id, event.status, event.created_at, event.published_at, delivered_at, event.last_error)
 
 
 class ConsumedEvent(Base):
@@ -3681,7 +3726,7 @@ class ConsumedEvent(Base):
     event_type: Mapped[str] = mapped_column(String(100))
     stream_message_id: Mapped[str] = mapped_column(String(40))
     consumer_name: Mapped[str] = mapped_column(String(64))
-    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, index=True)  # retention
 
 
 @dataclass(frozen=True)
@@ -3701,6 +3746,8 @@ class OutboxSettings:
     broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as an outage
     audit_interval_seconds: float = 30.0  # how often published-but-unconsumed events are checked
     audit_batch_size: int = 500
+    keep_published_events: int = 1_000  # older events, published AND consumed, are pruned (the demo keeps these)
+    inbox_retention_seconds: float = 86_400.0  # the consumer remembers an event id this long, to deduplicate
     stop_timeout_seconds: float = 10.0
 
 
@@ -3777,8 +3824,18 @@ class OutboxPublisher:
         self.sandbox = sandbox
         self.settings = settings or OutboxSettings()
         self.name = name or f"publisher-{uuid.uuid4().hex[:12]}"
+        self._autocommit_view: tuple[Any, Any] = (None, None)  # (sandbox engine, its autocommit view)
+
+    @property
+    def _autocommit(self) -> Any:
         # Each statement commits on its own (UPDATE … RETURNING is atomic): no BEGIN/COMMIT trips.
-        self._autocommit = sandbox.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Built from the sandbox's current engine: a sandbox that went dormant and woke has a new one.
+        engine, view = self._autocommit_view
+        if engine is not self.sandbox.engine:
+            engine = self.sandbox.engine
+            view = engine.execution_options(isolation_level="AUTOCOMMIT")
+            self._autocommit_view = (engine, view)
+        return view
 
     @property
     def stream_key(self) -> str:
@@ -4128,6 +4185,38 @@ class PublishedEventAudit:
             return int((await connection.execute(republish)).rowcount)
 
 
+PRUNE_BATCH = 5_000
+
+
+async def prune_delivered_events(sandbox: Sandbox, *, keep: int, inbox_retention_seconds: float) -> int:
+    """Delete events that are published AND consumed, beyond the newest `keep`; returns how many.
+
+    The outbox only needs an event until it is delivered; keeping every one makes each status
+    query slower with history. Pending, failed and unconsumed events are never touched. The
+    consumer's inbox keeps its ids longer (inbox_retention_seconds), so a late duplicate of a
+    pruned event is still recognised.
+    """
+    events = _EVENTS.c
+    newest_kept = (
+        select(events.published_at)
+        .where(events.status == "published")
+        .order_by(events.published_at.desc())
+        .offset(keep)
+        .limit(1)
+        .scalar_subquery()
+    )
+    consumed = select(ConsumedEvent.event_id).where(ConsumedEvent.event_id == events.id).exists()
+    # Strictly older: a batch shares one published_at, so the batch holding the boundary stays whole.
+    prunable = select(events.id).where(events.status == "published", events.published_at < newest_kept, consumed)
+    async with sandbox.engine.begin() as connection:
+        doomed = (await connection.execute(prunable.limit(PRUNE_BATCH))).scalars().all()
+        if doomed:
+            await connection.execute(delete(_EVENTS).where(events.id.in_(doomed)))
+        forgotten = utc_now() - timedelta(seconds=inbox_retention_seconds)
+        await connection.execute(delete(ConsumedEvent).where(ConsumedEvent.consumed_at < forgotten))
+    return len(doomed)
+
+
 class OutboxService:
     """One sandbox's outbox machinery: the publisher and consumer tasks, their wake-ups, an activity log.
 
@@ -4149,6 +4238,7 @@ class OutboxService:
         )
         self.activity: deque[str] = deque(maxlen=40)
         self.resume_on_return = False  # set when the sandbox went dormant with the publisher on
+        self.pruned_total = 0  # events published, consumed and then pruned by this service
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._publisher_wake = asyncio.Event()
@@ -4368,6 +4458,14 @@ class OutboxService:
         report = await self.audit.run()
         if report.broker_error:
             return report
+        pruned = await prune_delivered_events(
+            self.sandbox,
+            keep=self.settings.keep_published_events,
+            inbox_retention_seconds=self.settings.inbox_retention_seconds,
+        )
+        if pruned:
+            self.pruned_total += pruned
+            self._note(f"pruned {pruned} events published and consumed, beyond the newest {self.settings.keep_published_events}")
         self._audit_due_at = time.monotonic() + self.settings.audit_interval_seconds if report.checked else None
         if report.missing:
             self._note(
@@ -4546,6 +4644,7 @@ class OutboxStatus:
     p95_latency_ms: Optional[float]
     last_audit: Optional[AuditReport]
     republished_by_audits: int
+    pruned: int  # published and consumed events pruned so far (beyond the newest keep_published_events)
     durability: BrokerDurability
     pending_events: list[dict[str, Any]]
     published_events: list[dict[str, Any]]
@@ -4574,7 +4673,12 @@ def _event_row(event: DomainEvent) -> dict[str, Any]:
 async def _count_events(session: AsyncSession) -> dict[str, Any]:
     """Events by status and inbox rows: each a count over an index."""
     by_status = dict((await session.execute(select(DomainEvent.status, func.count()).group_by(DomainEvent.status))).all())
-    by_status["delivered"] = await session.scalar(select(func.count()).select_from(ConsumedEvent))
+    by_status["delivered"] = await session.scalar(  # of the events the outbox still holds
+        select(func.count())
+        .select_from(DomainEvent)
+        .join(ConsumedEvent, ConsumedEvent.event_id == DomainEvent.id)
+        .where(DomainEvent.status == "published")
+    )
     return by_status
 
 
@@ -4659,6 +4763,7 @@ async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
         p95_latency_ms=_percentile(latencies, 0.95),
         last_audit=service.audit.last,
         republished_by_audits=service.audit.republished_total,
+        pruned=service.pruned_total,
         durability=await broker_durability(sandbox),
         pending_events=latest["pending"],
         published_events=latest["published"],

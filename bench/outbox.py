@@ -121,8 +121,13 @@ async def _add_pending_events(sandbox: source.Sandbox, count: int) -> None:
 
 
 async def _stream_ids(sandbox: source.Sandbox) -> list[str]:
-    entries = await sandbox.redis.client.xrange(sandbox.redis.key("events"))
-    return [fields["event_id"] for _, fields in entries]
+    """Event ids in stream order, read 1,000 entries at a time (one XRANGE of 10,000 can outlast a socket timeout)."""
+    ids: list[str] = []
+    start = "-"
+    while entries := await sandbox.redis.client.xrange(sandbox.redis.key("events"), min=start, count=1000):
+        ids += [fields["event_id"] for _, fields in entries]
+        start = "(" + entries[-1][0]
+    return ids
 
 
 async def _drain(publisher: source.OutboxPublisher) -> None:
@@ -295,32 +300,41 @@ def _relay_process(settings: source.Settings, sandbox_id: str, schema: str, star
     asyncio.run(_relay_in_this_process(settings, sandbox_id, schema, start_together, results))
 
 
-async def _relay_in_this_process(
-    settings: source.Settings, sandbox_id: str, schema: str, start_together: Any, results: Any
-) -> None:
+async def sandbox_in_this_process(settings: source.Settings, sandbox_id: str, schema: str) -> source.Sandbox:
+    """Another process's view of an existing PostgreSQL sandbox: its own engine, pool and Redis client."""
     redis_service = await source.RedisService.connect(settings)
     target = source.resolve_database_target(settings.database_url)
     engine = source.create_engine_for(target.url, settings).execution_options(schema_translate_map={None: schema})
-    sandbox = source.Sandbox(
+    return source.Sandbox(
         id=sandbox_id,
         backend="postgresql",
-        engine=engine,
-        session_factory=source.async_sessionmaker(engine, expire_on_commit=False),
         redis=source.RedisLink(redis_service, sandbox_id),
         settings=settings,
         location=schema,
+        open_engine=lambda: engine,
         owns_engine=False,
     )
+
+
+async def close_sandbox_in_this_process(sandbox: source.Sandbox) -> None:
+    """Dispose what sandbox_in_this_process opened."""
+    await sandbox.engine.dispose()
+    await sandbox.redis.service.close()
+
+
+async def _relay_in_this_process(
+    settings: source.Settings, sandbox_id: str, schema: str, start_together: Any, results: Any
+) -> None:
+    sandbox = await sandbox_in_this_process(settings, sandbox_id, schema)
     publisher = source.OutboxPublisher(sandbox, source.OutboxSettings())
     try:
-        async with engine.connect():  # open the pool's first connection before the clock starts
-            await redis_service.client.ping()
+        async with sandbox.engine.connect():  # open the pool's first connection before the clock starts
+            await sandbox.redis.client.ping()
         await asyncio.get_running_loop().run_in_executor(None, start_together.wait)
         await _drain(publisher)
         results.put(time.monotonic())
     finally:
-        await engine.dispose()
-        await redis_service.close()
+        await close_sandbox_in_this_process(sandbox)
 
 
 async def measure_relay_processes(

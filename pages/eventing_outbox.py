@@ -2,15 +2,15 @@
 
 import inspect
 
-import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page, show_section_progress
+from pages import kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
+from pages.outbox_panels import moment, show_event_status, write_burst
 
 lab = open_page()
-OUTAGE_KEY = "outbox_broker_outage"
-BURST_CHUNK = 50
+OUTAGE_KEY, STORED_KEY, CLICKS_KEY, REFRESH_KEY = "outbox_broker_outage", "outbox_stored", "outbox_clicks", "outbox_refresh"
+SWITCH_KEY = "outbox_switch"
 
 st.title("5. Eventing (Outbox Pattern)")
 st.markdown(
@@ -29,234 +29,129 @@ repeats. The services agree a moment later rather than instantly: **eventual con
 )
 
 
-def show_table(title: str, rows: list[dict], columns: list[str], total: int) -> None:
-    """A heading and the latest rows of one kind of event (or a note that there are none)."""
-    st.markdown(f"**{title}** ({total})")
-    if rows:
-        table = pd.DataFrame(rows)[columns]
-        for column in columns:
-            if column.endswith("_at"):  # UTC to the millisecond: batches are milliseconds apart
-                moments = pd.to_datetime(table[column], utc=True).dt.strftime("%Y-%m-%d %H:%M:%S.%f")
-                table[column] = moments.str[:-3].fillna("")  # empty: not delivered yet
-        st.table(table)
-        if total > len(rows):
-            st.caption(f"Showing the latest {len(rows)} of {total}.")
-    else:
-        st.caption("None.")
-
-
-def switch_publisher(operation, *, done: str, nothing_to_do: str, failure: str) -> None:
-    """Start or stop the publisher and say what happened."""
-    try:
-        changed = lab.run(operation)
-    except source.QuLabError as error:
-        st.error(f"{failure} {error}")
-    else:
-        st.success(done if changed else nothing_to_do)
-
-
-def apply_outage_switch() -> None:
-    """Toggle callback: cut or restore this sandbox's broker connection."""
-    try:
-        lab.run(source.set_broker_outage, cut=bool(st.session_state[OUTAGE_KEY]))
-    except source.QuLabError as error:
-        st.session_state["outbox_outage_error"] = str(error)
+def stored_a_score(**arguments) -> None:
+    """Button callback: store a score and its event, and count the clicks (a new row every time)."""
+    run_and_keep(lab, STORED_KEY, "Nothing was stored.", source.calculate_and_store_airscore, **arguments)
+    if st.session_state[STORED_KEY].error is None:
+        st.session_state[CLICKS_KEY] = st.session_state.get(CLICKS_KEY, 0) + 1
+    st.session_state[REFRESH_KEY] = True
 
 
 st.subheader("Generate an AIRScore and its pending event")
-try:
-    users = lab.run(source.list_users)
-except source.QuLabError as error:
-    st.error(f"Could not read your sandbox's users. {error}")
-    st.stop()
-if not users:
+users = run_or_report(lab, "Could not read your sandbox's users.", source.list_learner_users)
+if users == []:
     st.info("Your sandbox has no users yet. Initialize it on page 2 (it creates Alex Smith and Jane Doe), then return.")
-else:
+elif users:
     by_id = {user.id: user for user in users}
     default = next((i for i, user in enumerate(users) if user.name == "Alex Smith"), 0)
     user_id = st.selectbox("User", list(by_id), index=default, format_func=lambda key: by_id[key].name)
-    st.caption("User ID for this demonstration:")
+    st.caption(f"One of your own {len(users)} users (section 3's scale-up users are left out). User ID:")
     st.code(user_id, language=None)
-    occupation_code = st.text_input(
-        "Occupation code (SOC)", value=by_id[user_id].occupation_code or "15-1252.00", key=f"occupation_{user_id}"
-    )
-    if st.button("Calculate & Store AIRScore (Creates Pending Event)", type="primary"):
-        try:
-            stored = lab.run(source.calculate_and_store_airscore, user_id=user_id, occupation_code=occupation_code)
-        except source.QuLabError as error:
-            st.error(f"Nothing was stored. {error}")
-        else:
-            st.session_state["outbox_stored"] = stored
-    stored = st.session_state.get("outbox_stored")
-    if stored is not None:
-        score = stored.score
+    suggested = by_id[user_id].occupation_code or "15-1252.00"
+    occupation = st.text_input("Occupation code (SOC)", value=suggested, key=f"occupation_{user_id}")
+    arguments = {"user_id": user_id, "occupation_code": occupation}
+    st.button("Calculate & Store AIRScore (Creates Pending Event)", type="primary", on_click=stored_a_score, kwargs=arguments)
+    if stored := kept_outcome(STORED_KEY, keep=True):
+        score, event = stored.score, stored.event
         st.success(
-            f"One transaction stored AIRScore {score.air_score:.2f} (95% interval {score.ci_lower:.2f} to "
-            f"{score.ci_upper:.2f}) and its {stored.event.event_type} event, status **{stored.event.status}**."
+            f"Click {st.session_state.get(CLICKS_KEY, 1)}: one transaction stored AIRScore {score.air_score:.2f} "
+            f"(95% interval {score.ci_lower:.2f} to {score.ci_upper:.2f}), id `{score.id}`, and its "
+            f"{event.event_type} event `{event.id}` at {moment(event.created_at)} UTC, committed with status pending."
         )
-        st.json(stored.event.payload)
+        if now := run_or_report(lab, "Could not read the event.", source.event_delivery, event_id=event.id):
+            error = f"; last error: {now.last_error}" if now.last_error else ""
+            st.markdown(f"That event now: **{now.status}**; published {moment(now.published_at)}, delivered {moment(now.delivered_at)}{error}")
+        st.json(event.payload)
     with st.expander("How the score is calculated"):
         st.code(inspect.getdoc(source.calculate_airscore), language=None)
 
 st.subheader("Event publisher")
-explanation = st.container()  # filled below, once the publisher's settings are read
 left, middle, right = st.columns(3)
 if left.button("Start Event Publisher (Background)"):
-    switch_publisher(
-        source.start_event_publisher,
-        done="Publisher and consumer started.",
-        nothing_to_do="The publisher was already running.",
-        failure="The publisher did not start.",
-    )
+    started = run_or_report(lab, "The publisher did not start.", source.start_event_publisher)
+    if started is not None:  # kept: the status panel may rerun the page as events start to move
+        st.session_state[SWITCH_KEY] = "Publisher and consumer started." if started else "The publisher was already running."
 if middle.button("Stop Event Publisher"):
-    switch_publisher(
-        source.stop_event_publisher,
-        done="Stopped after finishing the current batch.",
-        nothing_to_do="The publisher was not running.",
-        failure="The publisher did not stop.",
-    )
-
-try:
-    publisher = lab.run(source.event_publisher_state)
-except source.QuLabError as error:
-    st.error(f"Could not read the publisher's state. {error}")
+    stopped = run_or_report(lab, "The publisher did not stop.", source.stop_event_publisher)
+    if stopped is not None:
+        st.session_state[SWITCH_KEY] = "Stopped after finishing the current batch." if stopped else "The publisher was not running."
+if switched := st.session_state.get(SWITCH_KEY):
+    st.success(switched)
+publisher = run_or_report(lab, "Could not read the publisher's state.", source.event_publisher_state)
+if publisher is None:
     st.stop()
 settings = publisher.settings
-explanation.markdown(
+st.markdown(
     f"""
-This publisher is real, not a stand-in that runs a few rounds. It is a background task on QuLab's
-server loop and keeps running across reruns and page changes until you stop it (your sandbox's
-release stops it too). A commit that adds an event wakes it at once; with nothing to do it looks
-again after {settings.idle_wait_seconds:g} s, then less and less often (at most every
-{settings.idle_wait_max_seconds:g} s), so an idle publisher costs almost nothing. Each round it
-leases up to {settings.batch_size} events, oldest first, adds them to the stream in one pipeline
-and marks them published in one statement. A consumer group on the stream plays the downstream
-service. **Stop** lets both finish the batch in hand.
+The publisher runs in the background across reruns and page changes until you stop it; when your
+sandbox sleeps after you leave, it first publishes what is pending and starts again on your return.
+A commit wakes it at once; idle, it looks less and less often (at most every
+{settings.idle_wait_max_seconds:g} s). Each round leases up to {settings.batch_size} events, adds them
+to the stream in one pipeline and marks them published in one statement.
 """
 )
 st.session_state[OUTAGE_KEY] = publisher.broker_cut_off  # the switch shows the real state
-right.toggle("Broker outage", key=OUTAGE_KEY, on_change=apply_outage_switch)
-if message := st.session_state.pop("outbox_outage_error", None):
-    st.error(f"The outage switch failed. {message}")
+
+
+def switch_outage() -> None:
+    """Toggle callback: cut or restore this sandbox's broker connection for real."""
+    cut = bool(st.session_state[OUTAGE_KEY])
+    run_and_keep(lab, "outbox_outage", "The outage switch failed.", source.set_broker_outage, cut=cut)
+    st.session_state[REFRESH_KEY] = True
+
+
+right.toggle("Broker outage", key=OUTAGE_KEY, on_change=switch_outage)
+kept_outcome("outbox_outage")
 if publisher.broker_cut_off:
     st.warning(
-        "Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and "
-        "checks the broker again with growing waits (at most "
-        f"{settings.outage_backoff_max_seconds:g} s); new events stay pending and keep their attempts, because "
-        "the outage is the broker's fault, not theirs. Turn the switch off: they all go out, with no retry needed. "
-        "Only an event the broker refuses for itself (too large, say) is marked failed, at once, with the reason."
+        "Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and probes the broker "
+        f"with growing waits (at most {settings.outage_backoff_max_seconds:g} s); events stay pending and keep their "
+        "attempts. Turn the switch off: they all go out, no retry needed. Only an event the broker refuses for itself "
+        "(too large, say) fails, at once, with the reason."
     )
 
 st.subheader("Burst: many scores at once")
-burst_size = st.number_input("Scores in the burst", 1, source.MAX_BURST_WRITES, 500, step=50)
+burst_size = int(st.number_input("Scores in the burst", 1, source.MAX_BURST_WRITES, 500, step=50))
 if st.button("Store Burst of AIRScores"):
-    progress = st.progress(0.0, text="Writing…")
-    done, seconds = 0, 0.0
-    try:
-        while done < burst_size:
-            chunk = lab.run(source.store_airscore_burst, count=min(BURST_CHUNK, int(burst_size) - done))
-            done, seconds = done + chunk.writes, seconds + chunk.seconds
-            progress.progress(done / burst_size, text=f"{done} of {burst_size} scores and events committed")
-    except source.QuLabError as error:
-        st.error(f"The burst stopped after {done} writes (each committed whole). {error}")
-    st.session_state["outbox_burst"] = (done, seconds)
-if burst := st.session_state.get("outbox_burst"):
-    writes, seconds = burst
-    if writes and seconds > 0:
-        one, two = st.columns(2)
-        one.metric("Score+event transactions", f"{writes:,}")
-        two.metric("Write throughput", f"{writes / seconds:,.0f} per second")
-        st.caption(
-            f"Each write is its own transaction, {source.BURST_CONCURRENCY} at a time. "
-            "The publisher's pace shows below as events/s."
-        )
+    st.session_state[REFRESH_KEY] = True
+    st.session_state["outbox_burst"] = write_burst(lab, burst_size)
+burst = st.session_state.get("outbox_burst")
+if burst and burst[2]:  # kept until the next burst: what committed, and why the rest did not
+    st.error(burst[2])
+if burst and burst[0] and burst[1] > 0:
+    one, two = st.columns(2)
+    one.metric("Score+event transactions", f"{burst[0]:,}")
+    two.metric("Write throughput", f"{burst[0] / burst[1]:,.0f} per second")
+    st.caption(f"Each write is its own transaction, {source.BURST_CONCURRENCY} at a time; the publisher's pace shows below.")
+
+refreshing = publisher.running and st.session_state.get(REFRESH_KEY, False)
 
 
-@st.fragment(run_every=1.0 if publisher.running else None)
+@st.fragment(run_every=1.0 if refreshing else None)
 def event_status_panel() -> None:
-    """Counts, rates, latencies and the latest events; refreshes itself while the publisher runs."""
+    """Counts, backlog, latencies and the latest events; refreshes itself only while events are moving."""
     st.subheader("Current event status")
     refresh, retry = st.columns(2)
     refresh.button("Refresh Event Status Now")
-    if retry.button("Retry failed events"):
-        try:
-            retried = lab.run(source.retry_failed_events)
-        except source.QuLabError as error:
-            st.error(f"Nothing was retried. {error}")
-        else:
-            if retried:
-                st.success(f"{retried} failed events are pending again, with a fresh set of attempts.")
-            else:
-                st.info("No event has failed, so there is nothing to retry.")
-    try:
-        status = lab.run(source.outbox_status, limit=10)
-    except source.QuLabError as error:
-        st.error(f"Could not read the event status. {error}")
+    retried = run_or_report(lab, "Nothing was retried.", source.retry_failed_events) if retry.button("Retry failed events") else None
+    if retried is not None:
+        done = f"{retried} failed events are pending again, with a fresh set of attempts."
+        (st.success if retried else st.info)(done if retried else "No event has failed, so there is nothing to retry.")
+    status = run_or_report(lab, "Could not read the event status.", source.outbox_status, limit=10)
+    if status is None:
         return
-    st.caption(
-        f"Publisher {'running, this panel refreshes every second' if status.publisher_running else 'stopped'}."
-    )
-    counts = st.columns(4)
-    counts[0].metric("Pending", status.pending)
-    counts[1].metric("Published", status.published)
-    counts[2].metric("Failed", status.failed)
-    counts[3].metric("Delivered", status.delivered)
-    rates = st.columns(4)
-    rates[0].metric(f"Events/s (last {source.RATE_WINDOW_SECONDS:g} s)", f"{status.events_per_second:,.1f}")
-    age = status.oldest_pending_age_seconds
-    rates[1].metric("Oldest pending", "none" if age is None else f"{age:,.1f} s")
-    median = status.median_latency_ms
-    rates[2].metric("Commit-to-publish (median)", "n/a" if median is None else f"{median:,.1f} ms")
-    rates[3].metric("Duplicates ignored", status.duplicates_ignored)
-    if status.broker_outage_seconds is not None:
-        st.warning(f"Broker unreachable for {status.broker_outage_seconds:,.0f} s: relay paused, no event loses an attempt.")
-    if status.durability.restart_can_lose_events:
-        st.warning(f"A broker restart could lose events: {status.durability.description}")
-    lag = "unknown" if status.consumer_lag is None else f"{status.consumer_lag:,}"
-    st.caption(
-        f"Stream length: {'unreachable' if status.stream_length is None else f'{status.stream_length:,}'}; "
-        f"consumer lag: {lag} unread, {status.consumer_unacknowledged or 0:,} read but not acknowledged. "
-        "The stream is trimmed only of entries the consumer group acknowledged. "
-        "Latency runs from the event's created_at, stamped in its transaction just before the commit, so "
-        "events written while the publisher was stopped or the broker cut off count that wait too; "
-        f"p95: {'n/a' if status.p95_latency_ms is None else f'{status.p95_latency_ms:,.1f} ms'}."
-    )
-    show_table(
-        "Pending Events",
-        status.pending_events,
-        ["id", "event_type", "status", "attempts", "created_at", "next_attempt_at", "last_error"],
-        status.pending,
-    )
-    show_table(
-        "Published Events",
-        status.published_events,
-        ["id", "event_type", "status", "attempts", "created_at", "published_at", "delivered_at"],
-        status.published,
-    )
-    show_table(
-        "Failed Events", status.failed_events, ["id", "event_type", "attempts", "last_error"], status.failed
-    )
-    if status.last_audit is not None:
-        audit = status.last_audit
-        st.caption(
-            f"Audit at {audit.at:%H:%M:%S} UTC: {audit.checked} published events not yet consumed were looked up "
-            f"in the stream, {audit.missing} were gone (the broker lost them) and {audit.republished} were "
-            f"republished; {status.republished_by_audits} republished so far."
-        )
-    if status.activity:
-        st.markdown("**Publisher and consumer activity** (newest first)")
-        st.code("\n".join(status.activity[:15]), language=None)
+    moving = status.pending > 0 or status.published != status.delivered or status.broker_outage_seconds is not None
+    if publisher.running and moving != refreshing:  # start refreshing when events move, stop when they settle
+        st.session_state[REFRESH_KEY] = moving
+        st.rerun()
+    state = "running" if status.publisher_running else "stopped"
+    st.caption(f"Publisher {state}; " + ("refreshing every second while events move." if refreshing else "nothing moving."))
+    show_event_status(status)
 
 
 event_status_panel()
-
-with st.expander("The outbox code, read from the running source"):
-    for shown in (
-        source.calculate_and_store_airscore,
-        source.OutboxPublisher,
-        source.StreamConsumer,
-        source.OutboxService,
-    ):
-        st.code(source.source_code(shown), language="python")
-
+show_code(source.calculate_and_store_airscore, source.OutboxPublisher.publish_due_batch, source.StreamConsumer.consume_batch,
+          label="The outbox code, read from the running source")
+show_code(source.OutboxPublisher.claim_due_events, source.OutboxPublisher.send_to_stream, source.BrokerCircuit,
+          source.trim_acknowledged_entries, source.PublishedEventAudit.run, label="How this survives faults")
 show_section_progress(lab, section=5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -270,3 +271,144 @@ async def test_a_redis_with_an_append_only_file_says_so(real_redis_url):
     finally:
         await client.aclose()
     assert durability.kind == "aof" and not durability.restart_can_lose_events
+
+
+async def test_through_the_sandbox_lifecycle_a_dormant_publisher_flushes_and_a_woken_one_runs_on_the_new_engine(settings):
+    no_grace = source.Settings(**{**settings.__dict__, "sandbox_grace_seconds": 0})
+    redis_service = await source.RedisService.connect(no_grace)
+    registry = source.SandboxRegistry(no_grace, redis_service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id(), holder="tab-1")
+        service = source.outbox_service(sandbox, FAST)
+        await service.start()
+        before = await add_pending_events(sandbox, 40)
+        await eventually(lambda: _published(sandbox, 40))
+        registry.release_holder("tab-1")  # the tab closed: after the grace period the sandbox sleeps
+        assert sandbox.id in (await registry.sweep())["dormant"]
+        assert not service.running and service.resume_on_return
+
+        again = await registry.acquire(sandbox.id, holder="tab-2")  # the learner is back
+        assert again is sandbox and service.running
+        after = await add_pending_events(sandbox, 40)
+        await eventually(lambda: _published(sandbox, 80))
+        await eventually(lambda: _all_delivered(sandbox, before + after))
+        assert service.publisher._autocommit_view[0] is sandbox.engine  # not the engine that was closed
+        await service.stop()
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
+async def _panel_statements(sandbox: source.Sandbox) -> tuple[source.OutboxStatus, list[str]]:
+    with source.capture_statements() as log:
+        status = await source.outbox_status(sandbox, limit=10)
+    return status, log.sql()
+
+
+async def test_the_status_panel_stays_bounded_as_history_grows(sandbox):
+    settings = replace(FAST, batch_size=10, keep_published_events=30, audit_interval_seconds=0.01)
+    service = source.outbox_service(sandbox, settings)
+    await service.start()
+    first = await add_pending_events(sandbox, 45)
+    await eventually(lambda: _pruned(service, 10))
+    small, small_sql = await _panel_statements(sandbox)
+    more = await add_pending_events(sandbox, 400)
+    await eventually(lambda: _pruned(service, 445 - 30 - settings.batch_size))
+    large, large_sql = await _panel_statements(sandbox)
+    await service.stop()
+
+    assert len(large_sql) == len(small_sql)  # the same statements, whatever the history
+    kept = (await source.count_rows(sandbox))["domain_events"]
+    assert 30 <= kept <= 30 + settings.batch_size  # the newest 30 (and the rest of their batch)
+    assert large.published == large.delivered == kept and large.pruned == 445 - kept
+    assert len(large.published_events) == 10 and large.published_events[0]["id"] == more[-1]
+    assert len(await inbox_event_ids(sandbox)) == 445  # the consumer still remembers every id
+    assert first[0] not in {row["id"] for row in large.published_events}
+    if sandbox.backend == "sqlite":  # every panel query on domain_events goes through an index
+        async with sandbox.engine.connect() as connection:
+            for statement in large_sql:
+                if "domain_events" not in statement:
+                    continue
+                plan = " | ".join(row[-1] for row in (await connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, _dummy_parameters(statement))).all())
+                assert "SCAN domain_events" not in plan or "INDEX" in plan, (statement, plan)
+
+
+def _dummy_parameters(statement: str) -> tuple:
+    return tuple("pending" for _ in range(statement.count("?")))
+
+
+async def _pruned(service: source.OutboxService, count: int) -> bool:
+    return service.pruned_total >= count
+
+
+RELAY_TO_KILL = """
+import asyncio, sys
+from dataclasses import replace
+sys.path.insert(0, sys.argv[1])
+import source
+
+async def main(root, database_url, redis_url, sandbox_id, location, backend):
+    settings = replace(source.Settings(), database_url=database_url or None, redis_url=redis_url)
+    redis_service = await source.RedisService.connect(settings)
+    if backend == "sqlite":
+        engine = source.create_engine_for(source.URL.create("sqlite+aiosqlite", database=location), settings)
+    else:
+        url = source.resolve_database_target(database_url).url
+        engine = source.create_engine_for(url, settings).execution_options(schema_translate_map={None: location})
+    sandbox = source.Sandbox(id=sandbox_id, backend=backend, redis=source.RedisLink(redis_service, sandbox_id),
+                             settings=settings, location=location, open_engine=lambda: engine, owns_engine=False)
+
+    class SlowToMark(source.OutboxPublisher):
+        async def _mark_published(self, connection, stream_ids):
+            print("sent", len(stream_ids), flush=True)  # sent, not yet marked: the parent kills us now
+            await asyncio.sleep(60)
+
+    await SlowToMark(sandbox, replace(source.OutboxSettings(), lease_seconds=1.0, batch_size=50)).publish_due_batch()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_relay_killed_with_sigkill_mid_batch_loses_nothing_and_nothing_is_applied_twice(settings, real_redis_url):
+    on_redis = replace(settings, redis_url=real_redis_url)
+    redis_service = await source.RedisService.connect(on_redis)
+    registry = source.SandboxRegistry(on_redis, redis_service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        ids = await add_pending_events(sandbox, 300)
+        root = str(Path(__file__).resolve().parent.parent)
+        relay = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", RELAY_TO_KILL, root, on_redis.database_url or "", real_redis_url, sandbox.id,
+            sandbox.location, sandbox.backend, stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            line = await asyncio.wait_for(relay.stdout.readline(), 60)
+            assert line.decode().strip() == "sent 50"
+        finally:
+            relay.send_signal(signal.SIGKILL)
+            await relay.wait()
+        assert relay.returncode == -signal.SIGKILL
+        assert len(await stream_event_ids(sandbox)) == 50 and await counts_by_status(sandbox) == {"pending": 300}
+
+        survivor = OutboxPublisher(sandbox, FAST)  # takes the 50 over once the dead relay's lease expires
+        await eventually(lambda: _drained_to(survivor, sandbox, 300))
+        consumer = StreamConsumer(sandbox, FAST)
+        assert await drain_consumer(consumer) == 350
+        assert Counter(await inbox_event_ids(sandbox)) == Counter(ids)  # 0 lost, 0 applied twice
+        assert consumer.duplicates_ignored == 50
+    finally:
+        await registry.close()
+        await redis_service.close()
+
+
+async def _drained_to(publisher: OutboxPublisher, sandbox: source.Sandbox, count: int) -> bool:
+    await drain(publisher)
+    return (await counts_by_status(sandbox)).get("published") == count
+
+
+async def test_four_relays_at_once_never_put_an_event_in_the_stream_twice(sandbox):
+    ids = await add_pending_events(sandbox, 600)
+    settings = replace(FAST, batch_size=25)
+    totals = await asyncio.gather(*(drain(OutboxPublisher(sandbox, settings)) for _ in range(4)))
+    in_stream = await stream_event_ids(sandbox)
+    assert len(in_stream) == 600 and set(in_stream) == set(ids) and sum(totals) == 600

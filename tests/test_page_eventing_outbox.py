@@ -182,7 +182,80 @@ def test_failed_events_are_shown_and_can_be_retried(app_with_users):
 
 
 def test_the_page_shows_the_outbox_code_from_the_live_source(app_with_users):
-    shown = "\n".join(code.value for code in app_with_users.code)
-    assert "async def calculate_and_store_airscore(" in shown
-    assert "class OutboxPublisher:" in shown and "with_for_update(skip_locked=True)" in shown
-    assert "class StreamConsumer:" in shown
+    [lesson] = [e for e in app_with_users.expander if e.label == "The outbox code, read from the running source"]
+    [faults] = [e for e in app_with_users.expander if e.label == "How this survives faults"]
+    listings = [code.value for code in lesson.code]
+    assert "async def calculate_and_store_airscore(" in listings[0]
+    assert "async def publish_due_batch(" in listings[1] and "async def consume_batch(" in listings[2]
+    assert all(listing.count("\n") <= 80 for listing in listings), [listing.count("\n") for listing in listings]
+    hardening = "\n".join(code.value for code in faults.code)
+    assert "with_for_update(skip_locked=True)" in hardening and "class BrokerCircuit:" in hardening
+    assert "class PublishedEventAudit" not in hardening and "async def run(self)" in hardening
+
+
+def test_each_click_shows_a_new_score_and_event_and_then_its_live_status(app_with_users):
+    app = app_with_users
+    seen = []
+    for click_number in (1, 2, 3):
+        click(app, CALCULATE)
+        [message] = [s.value for s in app.success if "one transaction stored" in s.value]
+        assert message.startswith(f"Click {click_number}:"), message
+        event_id = lab_of(app).run(source.outbox_status).pending_events[-1]["id"]
+        assert event_id in message and event_id not in seen
+        seen.append(event_id)
+    assert any("That event now: **pending**" in m.value for m in app.markdown)
+    click(app, START)
+    wait_for_status(app, lambda status: status.published == 3 and status.delivered == 3)
+    click(app, REFRESH)
+    app.run()
+    assert any("That event now: **published**" in m.value for m in app.markdown), [m.value for m in app.markdown]
+    click(app, STOP)
+
+
+async def grow_class_sized_user_list(sandbox: source.Sandbox) -> None:
+    await source.grow_scale_up_users(sandbox, target_users=1000)
+
+
+def test_the_user_box_offers_the_learners_own_users_even_with_a_thousand_scale_up_users(app_with_users):
+    app = app_with_users
+    lab_of(app).run(grow_class_sized_user_list)
+    app.run()
+    [box] = app.selectbox
+    names = list(box.options)  # as the learner reads them
+    assert names[0] == "Alex Smith" and box.format_func(box.value) == "Alex Smith"
+    assert len(names) == 2 and not any(name.startswith(source.SCALE_UP_NAME_PREFIX) for name in names)
+
+
+async def refuse_events_after(sandbox: source.Sandbox, *, allowed: int) -> None:
+    """A real trigger: once `allowed` events exist, every further event insert fails (and its score rolls back)."""
+    async with sandbox.engine.begin() as connection:
+        if sandbox.backend == "sqlite":
+            await connection.execute(source.text(
+                "CREATE TRIGGER refuse_events BEFORE INSERT ON domain_events "
+                f"WHEN (SELECT count(*) FROM domain_events) >= {allowed} "
+                "BEGIN SELECT RAISE(ABORT, 'the event store is full'); END"
+            ))
+        else:
+            schema = f'"{sandbox.location}"'
+            await connection.execute(source.text(
+                f"CREATE FUNCTION {schema}.refuse_events() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF (SELECT count(*) FROM {schema}.domain_events) >= {allowed} THEN "
+                "RAISE EXCEPTION 'the event store is full'; END IF; RETURN NEW; END $$"
+            ))
+            await connection.execute(source.text(
+                f"CREATE TRIGGER refuse_events BEFORE INSERT ON {schema}.domain_events "
+                f"FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_events()"
+            ))
+
+
+def test_a_burst_that_fails_halfway_says_exactly_what_was_committed(app_with_users):
+    app = app_with_users
+    lab_of(app).run(refuse_events_after, allowed=20)
+    app.number_input[0].set_value(100).run()
+    click(app, BURST)
+    counts = lab_of(app).run(source.count_rows)
+    assert (counts["air_scores"], counts["domain_events"]) == (20, 20)  # each write whole, or not at all
+    [error] = [e.value for e in app.error]
+    assert "30 writes failed and stored nothing" in error and "20 committed whole" in error, error
+    assert "the event store is full" in error and "nothing was changed" not in error.lower()
+    assert metric(app, "Score+event transactions") == "20"

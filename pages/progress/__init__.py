@@ -11,14 +11,17 @@ from __future__ import annotations
 from typing import Optional
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import source
+
+_READ_THIS_RUN = "qulab_progress_read_this_run"
 
 
 def show_section_progress(lab: source.Lab, *, section: int) -> None:
     """This section's steps, done or not yet, the next one, and a recap once the section is complete."""
     try:
-        progress = lab.run(source.learner_progress)
+        progress = _progress_this_run(lab)
     except source.QuLabError as error:
         st.caption(f"Your progress is unavailable right now. {error}")
         return
@@ -28,11 +31,27 @@ def show_section_progress(lab: source.Lab, *, section: int) -> None:
 def render_progress(lab: source.Lab) -> None:
     """The sidebar's progress line ("7 of 14 steps"), the next step, and the download button."""
     try:
-        progress = lab.run(source.learner_progress)
+        progress = _progress_this_run(lab)
     except source.QuLabError as error:
         st.sidebar.caption(f"Your progress is unavailable right now. {error}")
         return
     _sidebar(lab, progress)
+
+
+def _progress_this_run(lab: source.Lab) -> source.LearnerProgress:
+    """One journal read per script run: the page's panel (at its end) and the sidebar (after it) share it.
+
+    Each run gets a new `cursors` dict; keeping the one a read belongs to tells this run's read from an
+    earlier run's (the dict is held, so its identity cannot be reused meanwhile).
+    """
+    context = get_script_run_ctx()
+    kept = st.session_state.get(_READ_THIS_RUN)
+    if context is not None and kept is not None and kept[0] is context.cursors:
+        return kept[1]
+    progress = lab.run(source.learner_progress)
+    if context is not None:
+        st.session_state[_READ_THIS_RUN] = (context.cursors, progress)
+    return progress
 
 
 def _sidebar(lab: source.Lab, progress: source.LearnerProgress) -> None:

@@ -1,0 +1,103 @@
+"""Section 5's panels: the event status (what the outbox, the stream and the consumer hold now) and
+the burst's progress.
+
+A folder, not a page: st.navigation lists pages explicitly, so Streamlit never shows it. The page
+(pages/eventing_outbox.py) decides when the status panel refreshes; this only draws.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+import source
+from pages import run_or_report
+
+BURST_CHUNK = 50  # writes per call: the progress bar moves between chunks
+
+
+def moment(value) -> str:
+    """A UTC time to the millisecond (batches are milliseconds apart), or a dash."""
+    return "—" if value is None else f"{value:%H:%M:%S.%f}"[:-3]
+
+
+def show_table(title: str, rows: list[dict], columns: list[str], total: int) -> None:
+    """A heading and the latest rows of one kind of event (or a note that there are none)."""
+    st.markdown(f"**{title}** ({total:,})")
+    if not rows:
+        st.caption("None.")
+        return
+    table = pd.DataFrame(rows)[columns]
+    for column in (name for name in columns if name.endswith("_at")):
+        table[column] = pd.to_datetime(table[column], utc=True).dt.strftime("%H:%M:%S.%f").str[:-3].fillna("")
+    st.table(table)
+    if total > len(rows):
+        st.caption(f"Showing {len(rows)} of {total:,}.")
+
+
+def show_metrics(status: source.OutboxStatus) -> None:
+    """Counts by status, then pace: rate, backlog age, latency, duplicates."""
+    counts = [("Pending", status.pending), ("Published", status.published), ("Failed", status.failed)]
+    for column, (label, value) in zip(st.columns(4), [*counts, ("Delivered", status.delivered)]):
+        column.metric(label, f"{value:,}")
+    median, age = status.median_latency_ms, status.oldest_pending_age_seconds
+    pace = [
+        (f"Events/s (last {source.RATE_WINDOW_SECONDS:g} s)", f"{status.events_per_second:,.1f}"),
+        ("Oldest pending", "none" if age is None else f"{age:,.1f} s"),
+        ("Commit-to-publish (median)", "n/a" if median is None else f"{median:,.1f} ms"),
+        ("Duplicates ignored", f"{status.duplicates_ignored:,}"),
+    ]
+    for column, (label, value) in zip(st.columns(4), pace):
+        column.metric(label, value)
+
+
+def show_broker(status: source.OutboxStatus) -> None:
+    """The broker's side: outage, durability, stream length and consumer lag, what the audit found."""
+    if status.broker_outage_seconds is not None:
+        st.warning(f"Broker unreachable for {status.broker_outage_seconds:,.0f} s: relay paused, no event loses an attempt.")
+    if status.durability.restart_can_lose_events:
+        st.warning(f"A broker restart could lose events: {status.durability.description} The audit below catches that.")
+    length = "unreachable" if status.stream_length is None else f"{status.stream_length:,}"
+    lag = "unknown" if status.consumer_lag is None else f"{status.consumer_lag:,}"
+    st.caption(
+        f"Stream length: {length}; consumer lag: {lag} unread, {status.consumer_unacknowledged or 0:,} read but not "
+        "acknowledged. Retention trims only entries the consumer group acknowledged. "
+        f"{status.pruned:,} older events, published and consumed, were pruned from the outbox."
+    )
+    if audit := status.last_audit:
+        st.caption(
+            f"Audit at {moment(audit.at)} UTC: {audit.checked} published events not yet consumed were looked up in "
+            f"the stream, {audit.missing} were gone (lost by the broker), {audit.republished} republished "
+            f"({status.republished_by_audits} so far)."
+        )
+
+
+def show_event_status(status: source.OutboxStatus) -> None:
+    """The whole panel for one status reading."""
+    show_metrics(status)
+    show_broker(status)
+    columns = ["id", "event_type", "status", "attempts", "created_at", "next_attempt_at", "last_error"]
+    show_table("Pending Events", status.pending_events, columns, status.pending)
+    columns = ["id", "event_type", "status", "attempts", "created_at", "published_at", "delivered_at"]
+    show_table("Published Events", status.published_events, columns, status.published)
+    show_table("Failed Events", status.failed_events, ["id", "event_type", "attempts", "last_error"], status.failed)
+    if status.activity:
+        st.markdown("**Publisher and consumer activity** (newest first)")
+        st.code("\n".join(status.activity[:15]), language=None)
+
+
+def write_burst(lab: source.Lab, size: int) -> tuple[int, float, str]:
+    """Store `size` scores in chunks with a progress bar; returns (committed, seconds, what went wrong)."""
+    progress, done, seconds = st.progress(0.0, text="Writing…"), 0, 0.0
+    while done < size:
+        chunk = run_or_report(
+            lab, f"The burst stopped after {done:,} committed writes.", source.store_airscore_burst,
+            count=min(BURST_CHUNK, size - done),
+        )
+        if chunk is None:
+            return done, seconds, ""
+        done, seconds = done + chunk.writes, seconds + chunk.seconds
+        progress.progress(done / size, text=f"{done:,} of {size:,} scores and events committed")
+        if chunk.failed:  # each write is its own transaction: say exactly what committed
+            return done, seconds, f"{chunk.failed} writes failed and stored nothing ({chunk.first_error}); {done:,} committed whole."
+    return done, seconds, ""
