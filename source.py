@@ -4978,11 +4978,11 @@ STEPS: tuple[Step, ...] = (
 
 # Once a section's required steps are done: one line on what the learner saw ({step key} = its evidence).
 SECTION_RECAPS: dict[int, str] = {
-    1: "Your user is a row in users, its email unique whatever its letter case.",
-    2: "Initialize gave your sandbox a fresh schema with Alex Smith and Jane Doe.",
+    1: "{create_user} Its email is unique whatever its letter case.",
+    2: "{initialize}",
     3: "{compare_fetches}",
     4: "Read-through: a miss stores, the next read hits, an invalidation makes it miss again. {metrics_move}",
-    5: "The score and its event committed together; the background publisher published it with no click.",
+    5: "Score and event committed in one transaction; then, with no click: {event_published}",
 }
 
 
