@@ -2151,13 +2151,15 @@ class SandboxRegistry:
         """Active/idle -> dormant: background work stops, then the engine and its threads go; data stays."""
         if not sandbox.awake:
             return
+        # Dormant from the first await on: a learner arriving meanwhile takes acquire's locked
+        # path, so it waits for the sleep to finish and then wakes the sandbox properly.
+        sandbox.state = SANDBOX_DORMANT
         await sandbox.notify(sandbox.dormant_listeners, "dormant")
         try:
             await self.store.before_sleep(sandbox)
         except Exception:
             logger.warning("could not checkpoint sandbox %s before it went dormant", sandbox.id, exc_info=True)
         await sandbox.close_engine()
-        sandbox.state = SANDBOX_DORMANT
         await self.budget.give_back(self.store.connections_per_sandbox)
 
     async def _wake(self, sandbox: Sandbox) -> None:
@@ -4994,11 +4996,11 @@ STEPS: tuple[Step, ...] = (
 
 # Once a section's required steps are done: one line on what the learner saw ({step key} = its evidence).
 SECTION_RECAPS: dict[int, str] = {
-    1: "Your user is a row in users, its email unique whatever its letter case.",
-    2: "Initialize gave your sandbox a fresh schema with Alex Smith and Jane Doe.",
+    1: "{create_user} Its email is unique whatever its letter case.",
+    2: "{initialize}",
     3: "{compare_fetches}",
     4: "Read-through: a miss stores, the next read hits, an invalidation makes it miss again. {metrics_move}",
-    5: "The score and its event committed together; the background publisher published it with no click.",
+    5: "Score and event committed in one transaction; then, with no click: {event_published}",
 }
 
 
