@@ -1486,6 +1486,15 @@ class RedisLink:
 
     async def execute(self, *command: Any) -> Any:
         """Send one command through the breaker, with the command timeout; raises one of REDIS_ERRORS."""
+        if self._unreachable is None and not self.service.breaker.is_open:  # the usual case, kept lean: a hit's path
+            try:
+                async with asyncio.timeout(self.service.command_timeout_seconds):
+                    reply = await self.service.client.execute_command(*command)
+            except REDIS_ERRORS as error:
+                self._failed(error, cut_off=False)
+                raise
+            self.health.record_success()
+            return reply
         return await self._guarded(lambda client: client.execute_command(*command))
 
     async def execute_many(self, *commands: tuple[Any, ...], transaction: bool = False) -> list[Any]:
@@ -1509,12 +1518,15 @@ class RedisLink:
             async with asyncio.timeout(timeout_seconds or self.service.command_timeout_seconds):
                 reply = await call(self.client)
         except REDIS_ERRORS as error:
-            if isinstance(error, (asyncio.TimeoutError, redis.exceptions.TimeoutError)) and not cut_off:
-                self.breaker.record_timeout(error)
-            self.health.record_failure(error)
+            self._failed(error, cut_off=cut_off)
             raise
         self.health.record_success()
         return reply
+
+    def _failed(self, error: BaseException, *, cut_off: bool) -> None:
+        if isinstance(error, qulab_redis.breaker.SERVER_FAILURES) and not cut_off:
+            self.breaker.record_failure(error)
+        self.health.record_failure(error)
 
     @property
     def cut_off(self) -> bool:
@@ -2139,13 +2151,15 @@ class SandboxRegistry:
         """Active/idle -> dormant: background work stops, then the engine and its threads go; data stays."""
         if not sandbox.awake:
             return
+        # Dormant from the first await on: a learner arriving meanwhile takes acquire's locked
+        # path, so it waits for the sleep to finish and then wakes the sandbox properly.
+        sandbox.state = SANDBOX_DORMANT
         await sandbox.notify(sandbox.dormant_listeners, "dormant")
         try:
             await self.store.before_sleep(sandbox)
         except Exception:
             logger.warning("could not checkpoint sandbox %s before it went dormant", sandbox.id, exc_info=True)
         await sandbox.close_engine()
-        sandbox.state = SANDBOX_DORMANT
         await self.budget.give_back(self.store.connections_per_sandbox)
 
     async def _wake(self, sandbox: Sandbox) -> None:
@@ -3188,7 +3202,13 @@ class CachedUserRepository:
 
 def cache_coherence(sandbox: Sandbox) -> qulab_redis.CacheCoherence:
     """The sandbox's epoch, fence and pending invalidations (shared by its cache and its commits)."""
-    return sandbox.service("cache-coherence", lambda owner: qulab_redis.CacheCoherence(owner.redis))
+
+    def create(owner: Sandbox) -> qulab_redis.CacheCoherence:
+        coherence = qulab_redis.CacheCoherence(owner.redis)
+        owner.release_listeners.append(lambda released: coherence.close())
+        return coherence
+
+    return sandbox.service("cache-coherence", create)
 
 
 CACHED_TABLES = frozenset({"*", "users", "air_scores"})
@@ -3326,7 +3346,7 @@ CACHE_HARDENING: tuple[Any, ...] = (
     qulab_redis.CacheCoherence.invalidate,
     qulab_redis.SingleFlight.load,
     RedisLink._guarded,
-    qulab_redis.CircuitBreaker.record_timeout,
+    qulab_redis.CircuitBreaker.record_failure,
     qulab_redis.CircuitBreaker._probe_until_closed,
 )
 
@@ -4980,11 +5000,11 @@ STEPS: tuple[Step, ...] = (
 
 # Once a section's required steps are done: one line on what the learner saw ({step key} = its evidence).
 SECTION_RECAPS: dict[int, str] = {
-    1: "Your user is a row in users, its email unique whatever its letter case.",
-    2: "Initialize gave your sandbox a fresh schema with Alex Smith and Jane Doe.",
+    1: "{create_user} Its email is unique whatever its letter case.",
+    2: "{initialize}",
     3: "{compare_fetches}",
     4: "Read-through: a miss stores, the next read hits, an invalidation makes it miss again. {metrics_move}",
-    5: "The score and its event committed together; the background publisher published it with no click.",
+    5: "Score and event committed in one transaction; then, with no click: {event_published}",
 }
 
 

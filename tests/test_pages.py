@@ -155,7 +155,9 @@ def test_page_one_says_that_initialize_starts_fresh(app):
     assert "initialize button starts your sandbox fresh" in " ".join(info.value for info in app.info)
 
 
-THIN_PAGES = ["pages/introduction.py", "pages/data_models.py", "pages/connectivity_pooling.py", "pages/repository_n_plus_one.py"]
+THIN_PAGES = [
+    "pages/introduction.py", "pages/data_models.py", "pages/connectivity_pooling.py", "pages/repository_n_plus_one.py"
+]
 # Sections 4 and 5 join this list once their listings are split into lesson-sized units.
 
 

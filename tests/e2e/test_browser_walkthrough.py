@@ -1,7 +1,8 @@
 """A new learner walks the codelab in Chromium, section by section, as the user guide says.
 
-One learner (one browser page, one sandbox) goes through the tests below in file order, so a
-later section can use what an earlier one created (`learner.notes`). Each section saves a
+Each test is a new learner (a browser page and a sandbox of their own) who first does what the
+guide asks before that section (section 2's initialize button), so any test runs alone:
+`pytest tests/e2e -k section_4`. The last one walks every section with one learner. Each section saves a
 screenshot in tests/e2e/screenshots/. A section's test goes to it with go_to_section, clicks the
 guide's buttons with click, and asserts what alerts, tables, metrics and the sandbox's rows show.
 What a page shows with no click (section 5's self-refreshing status panel) is awaited with
@@ -98,10 +99,28 @@ class Learner:
         return self.server.stored_inbox(self.sandbox_id)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def learner(browser, app_server) -> Iterator[Learner]:
+    """A new learner on the introduction page, with an empty sandbox of their own."""
     with fresh_visitor(browser) as page:
-        yield Learner(page, app_server)
+        open_page(page, app_server)
+        yield Learner(page, app_server, sandbox_id=sandbox_id(page))
+
+
+def initialize_unless_done(learner: Learner) -> None:
+    """What the guide asks before sections 3 to 5: section 2's initialize, unless this learner did it."""
+    if "alex_id" not in learner.notes:
+        initialize(learner)
+
+
+def initialize(learner: Learner) -> None:
+    """Section 2's initialize button; notes the sample users' ids."""
+    go_to_section(learner.page, "2. DB Connectivity & Pooling")
+    click(learner.page, INITIALIZE)
+    assert any("2 sample users" in text for text in alerts(learner.page, "success")), alerts(learner.page)
+    shown = {row["name"]: row["id"] for row in table_rows(learner.page)}
+    assert sorted(shown) == ["Alex Smith", "Jane Doe"]
+    learner.notes.update(alex_id=shown["Alex Smith"], jane_id=shown["Jane Doe"])
 
 
 def shows_error(page, *parts: str) -> bool:
@@ -128,9 +147,7 @@ def create_user(learner: Learner, *, email: str, name: str) -> None:
 
 
 def test_introduction_lists_every_section_and_the_sidebar_status(learner):
-    page = open_page(learner.page, learner.server)
-    learner.sandbox_id = sandbox_id(page)
-
+    page = learner.page
     assert current_section(page) == "Introduction"
     assert section_titles(page) == [title for title, _ in app_pages()]
     assert any("QuLab" in heading for heading in headings(page))
@@ -167,16 +184,13 @@ def test_section_1_creates_a_user_and_refuses_duplicates_and_bad_input(learner):
 
 def test_section_2_initializes_the_sample_users_and_measures_pooling(learner):
     page = learner.page
-    go_to_section(page, "2. DB Connectivity & Pooling")
+    go_to_section(page, "1. Data Models")
+    create_user(learner, email="sam.learner@example.com", name="Sam Learner")
+    assert len(learner.stored_users()) == 1
 
-    click(page, INITIALIZE)
-    assert any("2 sample users" in text for text in alerts(page, "success")), alerts(page)
-    shown = {row["name"]: row["id"] for row in table_rows(page)}
-    assert sorted(shown) == ["Alex Smith", "Jane Doe"]
-    stored = {email: user_id for user_id, email in learner.stored_users()}
-    assert sorted(stored.values()) == sorted(shown.values())  # the section-1 user is gone
-    learner.notes["alex_id"] = shown["Alex Smith"]
-    learner.notes["jane_id"] = shown["Jane Doe"]
+    initialize(learner)
+    stored = sorted(user_id for user_id, _ in learner.stored_users())
+    assert stored == sorted([learner.notes["alex_id"], learner.notes["jane_id"]])  # the section-1 user is gone
 
     click(page, "Run Pooling Experiment")
     shown_metrics = metrics(page)
@@ -191,6 +205,7 @@ def test_section_2_initializes_the_sample_users_and_measures_pooling(learner):
 
 def test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strategy(learner):
     page = learner.page
+    initialize_unless_done(learner)
     go_to_section(page, "3. Repository Pattern & N+1")
     alex_id = learner.notes["alex_id"]
 
@@ -252,6 +267,7 @@ def test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strateg
 
 def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
     page = learner.page
+    initialize_unless_done(learner)
     go_to_section(page, "4. Caching with Redis")
     alex_id = learner.notes["alex_id"]
     latest_id = learner.latest_score_id(alex_id)
@@ -298,6 +314,7 @@ def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
 
 def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker_outage(learner):
     page = learner.page
+    initialize_unless_done(learner)
     go_to_section(page, "5. Eventing (Outbox Pattern)")
     alex_id = learner.notes["alex_id"]
     assert alex_id in code_blocks(page)
@@ -361,7 +378,17 @@ def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker
 
 
 def test_the_walk_through_ends_with_every_step_done(learner):
-    """The sidebar's progress counts what the sandbox's journal shows: every step this walk took."""
+    """The sidebar's progress counts what the sandbox's journal shows: every step this walk took.
+
+    One learner walks every section above in order (so this test, too, runs alone)."""
+    for walk_section in (
+        test_section_1_creates_a_user_and_refuses_duplicates_and_bad_input,
+        test_section_2_initializes_the_sample_users_and_measures_pooling,
+        test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strategy,
+        test_section_4_reads_through_the_cache_and_survives_a_redis_outage,
+        test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker_outage,
+    ):
+        walk_section(learner)
     page = learner.page
     go_to_section(page, "Introduction")
     required = sum(not step.optional for step in source.STEPS)
