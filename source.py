@@ -1486,6 +1486,15 @@ class RedisLink:
 
     async def execute(self, *command: Any) -> Any:
         """Send one command through the breaker, with the command timeout; raises one of REDIS_ERRORS."""
+        if self._unreachable is None and not self.service.breaker.is_open:  # the usual case, kept lean: a hit's path
+            try:
+                async with asyncio.timeout(self.service.command_timeout_seconds):
+                    reply = await self.service.client.execute_command(*command)
+            except REDIS_ERRORS as error:
+                self._failed(error, cut_off=False)
+                raise
+            self.health.record_success()
+            return reply
         return await self._guarded(lambda client: client.execute_command(*command))
 
     async def execute_many(self, *commands: tuple[Any, ...], transaction: bool = False) -> list[Any]:
@@ -1509,12 +1518,15 @@ class RedisLink:
             async with asyncio.timeout(timeout_seconds or self.service.command_timeout_seconds):
                 reply = await call(self.client)
         except REDIS_ERRORS as error:
-            if isinstance(error, (asyncio.TimeoutError, redis.exceptions.TimeoutError)) and not cut_off:
-                self.breaker.record_timeout(error)
-            self.health.record_failure(error)
+            self._failed(error, cut_off=cut_off)
             raise
         self.health.record_success()
         return reply
+
+    def _failed(self, error: BaseException, *, cut_off: bool) -> None:
+        if isinstance(error, qulab_redis.breaker.SERVER_FAILURES) and not cut_off:
+            self.breaker.record_failure(error)
+        self.health.record_failure(error)
 
     @property
     def cut_off(self) -> bool:
@@ -3190,7 +3202,13 @@ class CachedUserRepository:
 
 def cache_coherence(sandbox: Sandbox) -> qulab_redis.CacheCoherence:
     """The sandbox's epoch, fence and pending invalidations (shared by its cache and its commits)."""
-    return sandbox.service("cache-coherence", lambda owner: qulab_redis.CacheCoherence(owner.redis))
+
+    def create(owner: Sandbox) -> qulab_redis.CacheCoherence:
+        coherence = qulab_redis.CacheCoherence(owner.redis)
+        owner.release_listeners.append(lambda released: coherence.close())
+        return coherence
+
+    return sandbox.service("cache-coherence", create)
 
 
 CACHED_TABLES = frozenset({"*", "users", "air_scores"})
@@ -3328,7 +3346,7 @@ CACHE_HARDENING: tuple[Any, ...] = (
     qulab_redis.CacheCoherence.invalidate,
     qulab_redis.SingleFlight.load,
     RedisLink._guarded,
-    qulab_redis.CircuitBreaker.record_timeout,
+    qulab_redis.CircuitBreaker.record_failure,
     qulab_redis.CircuitBreaker._probe_until_closed,
 )
 

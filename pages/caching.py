@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import kept_outcome, open_page, run_and_keep, show_code, show_section_progress
+from pages import kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
 
 lab = open_page()
 LAST_RESULT, EXPERIMENT = "cache_last_result", "cache_trials"
@@ -94,10 +94,8 @@ database with a **read-through** cache: ask Redis first; on a **hit**, answer fr
 read the database, answer, and keep a copy in Redis (as JSON, for a few minutes) for the next reader:""")
 st.latex(r"H = \frac{\text{cache hits}}{\text{requests}} \qquad "
          r"T_{\text{avg}} = H \cdot T_{\text{cache}} + (1 - H) \cdot (T_{\text{cache}} + T_{\text{database}})")
-try:
-    demo, status = lab.run(source.prepare_cache_demo), lab.run(source.cache_status)
-except source.QuLabError as error:
-    st.error(f"The cache demo could not start. {error}")
+demo = run_or_report(lab, "The cache demo could not start.", source.prepare_cache_demo)
+if demo is None or (status := run_or_report(lab, "The cache status is unavailable.", source.cache_status)) is None:
     st.stop()
 render_redis(status)
 
@@ -144,11 +142,9 @@ with st.form("cache_experiment"):
     if st.form_submit_button("Run Cache Experiment"):
         act("The experiment", source.run_cache_experiment, keep_as=EXPERIMENT, user_id=demo.user_id, reads=reads,
             hit_ratios=tuple(sorted(chosen)))
-trials = kept_outcome(EXPERIMENT, keep=True)
-if trials:
+if trials := kept_outcome(EXPERIMENT, keep=True):
     render_experiment(trials)
 
 show_code(source.ReadThroughCache.read, source.CachedUserRepository.get_user, label="The read-through cache, as it runs")
 show_code(*source.CACHE_HARDENING, label="How this survives faults")
-
 show_section_progress(lab, section=4)

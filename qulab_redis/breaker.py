@@ -1,10 +1,10 @@
 """A circuit breaker for a Redis server that hangs.
 
-A stopped server refuses connections in about a millisecond, so failing fast needs no help. A
-frozen one (SIGSTOP, a stuck disk, a full network buffer) accepts the connection and never
-answers: every call waits its whole timeout. After one timeout the breaker opens: callers skip
-Redis at once (reads go to the database, invalidations are remembered) while one background
-probe PINGs the server after a cooling period. The first probe that answers closes the breaker;
+A frozen server (SIGSTOP, a stuck disk, a full network buffer) accepts the connection and never
+answers: every call waits its whole timeout (about 1,000 ms). A stopped one refuses, but the
+client retries each call (about 18 ms here). After one such failure the breaker opens: callers
+skip Redis at once (reads go to the database, invalidations are remembered) while one
+background probe PINGs the server after a cooling period. The first probe that answers closes the breaker;
 one that fails opens it again with a longer cooling period (doubled, capped). Nobody has to
 restart anything, and a healthy Redis costs the breaker one attribute read per call.
 """
@@ -28,6 +28,14 @@ class RedisSkipped(redis.exceptions.ConnectionError):
 
 # Every way a Redis call can fail; callers fall back to the database on any of them.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+# The failures that say the server is unreachable (open the breaker); a wrong command or a bad
+# reply (ResponseError, DataError) says nothing about the server's health.
+SERVER_FAILURES: tuple[type[BaseException], ...] = (
+    asyncio.TimeoutError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ConnectionError,
+    OSError,
+)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
@@ -40,7 +48,7 @@ class CircuitBreaker:
         probe: Callable[[], Awaitable[object]],
         *,
         cooling_seconds: float = 5.0,
-        max_cooling_seconds: float = 30.0,
+        max_cooling_seconds: float = 10.0,
         probe_timeout_seconds: float = 1.0,
     ) -> None:
         self._probe = probe
@@ -73,17 +81,17 @@ class CircuitBreaker:
             return "half-open: probing Redis; calls still skip it"
         wait = self.seconds_until_probe()
         when = f"next probe in {wait:.0f} s" if wait is not None else "probing soon"
-        return f"open: Redis timed out, calls skip it ({when})"
+        return f"open: Redis failed ({self.last_failure.split(':')[0]}), calls skip it ({when})"
 
-    def record_timeout(self, error: BaseException) -> None:
-        """A call timed out: open, and start probing in the background (once)."""
+    def record_failure(self, error: BaseException) -> None:
+        """A call timed out or could not connect: open, and start probing in the background (once)."""
         self.last_failure = f"{type(error).__name__}: {error}"[:200] or type(error).__name__
         if self.state != CLOSED:
             return
         self.trips += 1
         self._cooling = self.cooling_seconds
         self._open()
-        logger.warning("Redis timed out (%s); breaker open for %.1f s", self.last_failure, self._cooling)
+        logger.warning("Redis failed (%s); breaker open for %.1f s", self.last_failure, self._cooling)
         if self._prober is None or self._prober.done():
             self._prober = asyncio.get_running_loop().create_task(self._probe_until_closed(), name="redis-breaker-probe")
 

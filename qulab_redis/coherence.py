@@ -18,13 +18,15 @@ its Redis keys, so what keeps the cache right must live in Redis too, not in one
 
 Both tokens are random (a token that expires never comes back), and both expire (one hour), as
 do the values (TTL with jitter): every key of a sandbox has bounded retention. One read is one
-round trip (MGET of epoch, fence and value).
+round trip (MGET of epoch and value); a miss adds one (GET fence) before it reads the database.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -33,6 +35,8 @@ from qulab_redis.breaker import REDIS_ERRORS
 from qulab_redis.tracing import CommandTrace, RedisCommand
 
 TOKEN_TTL_SECONDS = 3600  # longer than any value's TTL, so a value never outlives the epoch it was read under
+SETTLE_REASON = "writes Redis missed, settled once it answered again"
+SETTLE_FIRST_DELAY_SECONDS, SETTLE_MAX_DELAY_SECONDS = 0.5, 10.0  # retrying what Redis missed
 _ABSENT = object()
 
 
@@ -80,15 +84,23 @@ class CacheCoherence:
         self.generation = 0
         self.pending_writes = 0  # invalidations Redis did not take; a new epoch settles them all
         self.recent_invalidations: deque[CacheInvalidation] = deque(maxlen=recent)
+        self._settler: Optional[asyncio.Task[None]] = None
 
     async def get(self, key: str, trace: CommandTrace) -> CachedEntry:
-        """MGET epoch, fence and value; the value counts only if it was stored under the current epoch."""
+        """MGET epoch and value (the value counts only under the current epoch); on a miss, GET the fence too.
+
+        The fence is read before the miss goes to the database: a write that commits after
+        that moves the fence, and set() will see it. A hit never needs it, so it costs no key.
+        """
         if self.pending_writes:
-            await self.invalidate([], reason="writes Redis missed, settled once it answered again", trace=trace)
+            await self.invalidate([], reason=SETTLE_REASON, trace=trace, settling=True)
         generation = self.generation
-        epoch, fence, raw = await trace.send("MGET", self.epoch_key, self.fence_key, key)
+        epoch, raw = await trace.send("MGET", self.epoch_key, key)
         value = _decode(raw, epoch)
-        return CachedEntry(value is not _ABSENT, None if value is _ABSENT else value, epoch, fence, generation)
+        if value is not _ABSENT:
+            return CachedEntry(True, value, epoch, None, generation)
+        fence = await trace.send("GET", self.fence_key)
+        return CachedEntry(False, None, epoch, fence, generation)
 
     async def set(self, key: str, value: Any, *, ttl: int, since: CachedEntry, trace: CommandTrace) -> str:
         """SET the value with its epoch, unless a write landed since the GET; returns what happened."""
@@ -107,11 +119,19 @@ class CacheCoherence:
                 return "Stored, then deleted again: a write committed while the SET was on its way."
         except REDIS_ERRORS as error:
             self.pending_writes += 1  # the SET may have landed next to a write: settle with a new epoch
+            self._settle_in_background()
             return f"Not stored: Redis failed ({type(error).__name__})."
         return f"Stored for {ttl} s."
 
     async def invalidate(
-        self, keys: list[str], *, reason: str, everything: bool = False, remember: bool = True, trace: Optional[CommandTrace] = None
+        self,
+        keys: list[str],
+        *,
+        reason: str,
+        everything: bool = False,
+        remember: bool = True,
+        trace: Optional[CommandTrace] = None,
+        settling: bool = False,
     ) -> CacheInvalidation:
         """Delete these keys (or, with everything, start a new epoch) and move the fence, in one MULTI.
 
@@ -131,7 +151,9 @@ class CacheCoherence:
         try:
             await trace.send_together(*commands, transaction=True)
         except REDIS_ERRORS:
-            self.pending_writes += 1
+            if not settling:  # a failed settle leaves the same writes pending, no new ones
+                self.pending_writes += 1
+                self._settle_in_background()
             applied = False
         else:
             self.pending_writes -= pending
@@ -141,10 +163,30 @@ class CacheCoherence:
             self.recent_invalidations.appendleft(invalidation)
         return invalidation
 
+    def _settle_in_background(self) -> None:
+        # Another replica may read this sandbox's keys: it cannot wait for this process's next
+        # read to settle what Redis missed. Retry until Redis takes it (cheap while the breaker
+        # is open: the call is skipped), for as long as a stale value could still be alive.
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.get_running_loop().create_task(self._settle_until_done(), name="cache-settle")
+
+    async def _settle_until_done(self) -> None:
+        delay, deadline = SETTLE_FIRST_DELAY_SECONDS, time.monotonic() + TOKEN_TTL_SECONDS
+        while self.pending_writes and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            await self.settle_pending()
+            delay = min(delay * 2, SETTLE_MAX_DELAY_SECONDS)
+
+    async def close(self) -> None:
+        """Stop settling in the background (the sandbox was released)."""
+        if self._settler is not None:
+            self._settler.cancel()
+            await asyncio.gather(self._settler, return_exceptions=True)
+
     async def settle_pending(self) -> bool:
         """Send what Redis missed (a new epoch) now; True when nothing is left pending."""
         if self.pending_writes:
-            await self.invalidate([], reason="writes Redis missed, settled once it answered again")
+            await self.invalidate([], reason=SETTLE_REASON, settling=True)
         return self.pending_writes == 0
 
     def forget_history(self) -> None:

@@ -18,13 +18,30 @@ class RedisExecutor(Protocol):
     async def execute_many(self, *commands: tuple[Any, ...], transaction: bool = False) -> list[Any]: ...
 
 
-@dataclass(slots=True)  # made on every read: slots, not frozen, keeps that cheap (frozen costs 4x)
 class RedisCommand:
-    """One command the cache sent to Redis, written as sent, with its reply and round-trip time."""
+    """One command the cache sent to Redis, with its reply and round-trip time; rendered when shown.
 
-    command: str
-    reply: str
-    duration_ms: float
+    A hit makes one of these, so it keeps the raw parts and reply and writes them out only when
+    read (`command`, `reply`): rendering on every read cost more than the hit's own bookkeeping.
+    """
+
+    __slots__ = ("parts", "raw_reply", "duration_ms", "failure")
+
+    def __init__(self, parts: tuple[Any, ...], raw_reply: Any, duration_ms: float, failure: str = "") -> None:
+        self.parts, self.raw_reply, self.duration_ms, self.failure = parts, raw_reply, duration_ms, failure
+
+    @property
+    def command(self) -> str:
+        """The command as sent (long values shortened)."""
+        return " ".join(_render_part(part) for part in self.parts)
+
+    @property
+    def reply(self) -> str:
+        """What Redis answered, or 'failed: <error>'."""
+        return f"failed: {self.failure}" if self.failure else _render_reply(self.raw_reply)
+
+    def __repr__(self) -> str:
+        return f"RedisCommand({self.command!r} -> {self.reply!r}, {self.duration_ms:.3f} ms)"
 
 
 def _render_part(part: Any) -> str:
@@ -55,32 +72,30 @@ class CommandTrace:
 
     async def send(self, *command: Any) -> Any:
         """Send one command; note it with its reply and time; return the reply."""
-        shown = " ".join(_render_part(part) for part in command)
         started = time.perf_counter()
         try:
             reply = await self.link.execute(*command)
         except Exception as error:
-            self.commands.append(RedisCommand(shown, f"failed: {type(error).__name__}", _since(started)))
+            self.commands.append(RedisCommand(command, None, _since(started), type(error).__name__))
             raise
-        self.commands.append(RedisCommand(shown, _render_reply(reply), _since(started)))
+        self.commands.append(RedisCommand(command, reply, _since(started)))
         return reply
 
     async def send_together(self, *commands: tuple[Any, ...], transaction: bool = False) -> list[Any]:
         """Send several commands in one round trip (MULTI/EXEC when transaction); each shows the shared time."""
-        shown = [" ".join(_render_part(part) for part in command) for command in commands]
-        if transaction:
-            shown = ["MULTI", *shown, "EXEC"]
         started = time.perf_counter()
         try:
             replies = await self.link.execute_many(*commands, transaction=transaction)
         except Exception as error:
-            self.commands.extend(RedisCommand(line, f"failed: {type(error).__name__}", _since(started)) for line in shown)
+            sent = [("MULTI",), *commands, ("EXEC",)] if transaction else commands
+            self.commands.extend(RedisCommand(command, None, _since(started), type(error).__name__) for command in sent)
             raise
         elapsed = _since(started)
-        rendered = [_render_reply(reply) for reply in replies]
         if transaction:
-            rendered = ["OK", *rendered, f"{len(replies)} replies"]
-        self.commands.extend(RedisCommand(line, reply, elapsed) for line, reply in zip(shown, rendered))
+            self.commands.append(RedisCommand(("MULTI",), True, elapsed))
+        self.commands.extend(RedisCommand(command, reply, elapsed) for command, reply in zip(commands, replies))
+        if transaction:
+            self.commands.append(RedisCommand(("EXEC",), f"{len(replies)} replies", elapsed))
         return replies
 
 

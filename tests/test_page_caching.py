@@ -56,8 +56,8 @@ def test_the_sample_user_is_used_when_present(app):
 def test_fetches_show_miss_then_hit_with_their_commands_and_the_metrics_count_them(app):
     click(app, FETCH_USER)
     assert (metric(app, "Outcome"), metric(app, "Database statements")) == ("MISS", "1")
-    # The sandbox's first cached value starts its epoch (SET NX, GET), then SET … EX and the fence check.
-    assert redis_commands_shown(app) == ["MGET", "SET", "GET", "SET", "GET"] and "MGET qulab:" in shown_code(app)
+    # A miss reads the fence; the sandbox's first value starts its epoch (SET NX, GET); SET … EX, fence again.
+    assert redis_commands_shown(app) == ["MGET", "GET", "SET", "GET", "SET", "GET"] and "MGET qulab:" in shown_code(app)
     click(app, FETCH_USER)
     assert (metric(app, "Outcome"), metric(app, "Database statements")) == ("HIT", "0")
     assert redis_commands_shown(app) == ["MGET"]
@@ -135,6 +135,6 @@ def test_the_page_shows_the_lesson_and_the_hardening_on_request(app):
     listings = [code.value for code in app.code if "def " in code.value]
     assert listings[0].lstrip().startswith("async def read(") and "coherence.get" in listings[0]
     assert all(len(listing.splitlines()) <= 80 for listing in listings), [len(x.splitlines()) for x in listings]
-    assert any("def record_timeout" in listing for listing in listings[1:])
+    assert any("def record_failure" in listing for listing in listings[1:])
     assert "How this survives faults" in [e.label for e in app.expander]
     assert button(app, FETCH_USER) and button(app, FETCH_SCORE) and button(app, INVALIDATE)
