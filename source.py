@@ -3206,6 +3206,8 @@ def cache_coherence(sandbox: Sandbox) -> qulab_redis.CacheCoherence:
     def create(owner: Sandbox) -> qulab_redis.CacheCoherence:
         coherence = qulab_redis.CacheCoherence(owner.redis)
         owner.release_listeners.append(lambda released: coherence.close())
+        owner.dormant_listeners.append(lambda sleeping: coherence.settle_once_and_stop())  # idle costs nothing
+        owner.wake_listeners.append(lambda woken: coherence.resume_settling())
         return coherence
 
     return sandbox.service("cache-coherence", create)
