@@ -19,6 +19,7 @@ fails with a clear message if a Streamlit upgrade drops it.
 from __future__ import annotations
 
 import inspect
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional, TypeVar
@@ -122,6 +123,15 @@ def _location(code_object: Any) -> str:
         if line.startswith(header) and line[len(header)] in "(:":
             return f"{module_file.name}, line {number}"
     return module_file.name
+
+
+def plain_text(text: Optional[str]) -> str:
+    """Text a learner typed (or a server wrote), for st.markdown: every ASCII punctuation mark escaped.
+
+    User text is never rendered as Markdown as it is: a name such as `www.example.com` would
+    become a link, and `_x_` italics. CommonMark lets any ASCII punctuation be backslash-escaped.
+    """
+    return "".join(f"\\{character}" if character in string.punctuation else character for character in text or "")
 
 
 SEEN_USER_IDS = "qulab_seen_user_ids"  # ids of users this browser session was shown: a later miss means removed

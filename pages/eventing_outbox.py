@@ -5,7 +5,7 @@ import inspect
 import streamlit as st
 
 import source
-from pages import kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
+from pages import kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
 from pages.outbox_panels import moment, show_event_status, write_burst
 
 lab = open_page()
@@ -59,7 +59,7 @@ elif users:
             f"{event.event_type} event `{event.id}` at {moment(event.created_at)} UTC, committed with status pending."
         )
         if now := run_or_report(lab, "Could not read the event.", source.event_delivery, event_id=event.id):
-            error = f"; last error: {now.last_error}" if now.last_error else ""
+            error = f"; last error: {plain_text(now.last_error)}" if now.last_error else ""
             st.markdown(f"That event now: **{now.status}**; published {moment(now.published_at)}, delivered {moment(now.delivered_at)}{error}")
         st.json(event.payload)
     with st.expander("How the score is calculated"):

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import SEEN_USER_IDS, kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
+from pages import SEEN_USER_IDS, kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
 
 lab = open_page()
 USER_ID, PICK, ADDED = "n_plus_one_user_id", "n_plus_one_pick", "n_plus_one_added"
@@ -76,7 +76,7 @@ def render_fetches() -> None:
             column.code(fetch.sql_listing(), language="sql", wrap_lines=True)
     shown = [fetch for fetch in fetches.values() if fetch is not None and fetch.user.id == typed_user_id()]
     if shown:  # both fetches read the same rows: one full-width table, every score column
-        st.markdown(f"**{shown[0].user.name}** ({shown[0].user.email}): {len(shown[0].scores)} scores")
+        st.markdown(f"**{plain_text(shown[0].user.name)}** ({plain_text(shown[0].user.email)}): {len(shown[0].scores)} scores")
         st.table(scores_table(shown[0].scores)) if shown[0].scores else st.info("No scores yet: add some in step 1.")
     st.caption("What you will see at N = 3: the statement counts differ (5 against 2) on every click, but the "
                "times do not tell the two apart. Both take a few milliseconds and either may win a given click: at "

@@ -47,3 +47,17 @@ def test_a_kept_outcome_shows_once_and_its_error_is_reported(fresh_global_runtim
     app.button[0].click().run()  # the same email again: a duplicate, reported, no traceback
     assert not app.exception
     assert any(e.value.startswith("Nothing kept. ") for e in app.error)
+
+
+def test_plain_text_escapes_every_character_markdown_could_read():
+    import re
+    import string
+
+    from pages import plain_text
+
+    for text in ["www.evil-site.com", "_x_@evil.com", "[click](http://evil.example)", "![x](http://e/x.png)",
+                 "<b>bold</b>", "**Alex**", "# Heading", "Seán O'Brien-Ní Dhuibhir"]:
+        escaped = plain_text(text)
+        assert re.sub(r"\\(.)", r"\1", escaped) == text  # unescaped, it is the text as typed
+        bare = re.sub(r"\\.", "", escaped)  # what is left outside the escapes has no punctuation at all
+        assert not set(bare) & set(string.punctuation), (text, escaped)

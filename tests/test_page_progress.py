@@ -32,7 +32,7 @@ def section_list(app: AppTest) -> str:
     """The section's progress list and its next step (the markdown inside its expander)."""
     panels = [expander for expander in app.main.expander if re.fullmatch(r"\d+ of \d+ steps done", expander.label)]
     assert len(panels) == 1, [expander.label for expander in app.main.expander]
-    return "\n".join(str(element.value) for element in panels[0].markdown)
+    return "\n".join(shown_text(element.value) for element in panels[0].markdown)
 
 
 def reload(app: AppTest) -> AppTest:
@@ -47,7 +47,12 @@ def reload(app: AppTest) -> AppTest:
 
 def recaps(app: AppTest) -> list[str]:
     """The one-line recaps shown once a section is complete."""
-    return [str(element.value) for element in app.main.markdown if str(element.value).startswith("✅ **Section")]
+    return [shown_text(element.value) for element in app.main.markdown if str(element.value).startswith("✅ **Section")]
+
+
+def shown_text(markdown: str) -> str:
+    """Markdown as a reader sees it: journal text is escaped (pages.plain_text), the reader sees it plain."""
+    return re.sub(r"\\(.)", r"\1", str(markdown))
 
 
 def test_the_sidebar_count_follows_the_learners_actions_and_survives_a_reload(app):

@@ -14,6 +14,7 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import source
+from pages import plain_text as _plain
 
 _READ_THIS_RUN = "qulab_progress_read_this_run"
 
@@ -102,6 +103,3 @@ def _step_line(status: source.StepStatus) -> str:
     return f"- ⬜ {label}: not yet. {_plain(step.how)}"
 
 
-def _plain(text: Optional[str]) -> str:
-    """Journal text shown as written: Markdown's special characters escaped."""
-    return "".join(f"\\{character}" if character in "\\`*_[]<>|~$" else character for character in text or "")
