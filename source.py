@@ -3206,6 +3206,8 @@ def cache_coherence(sandbox: Sandbox) -> qulab_redis.CacheCoherence:
     def create(owner: Sandbox) -> qulab_redis.CacheCoherence:
         coherence = qulab_redis.CacheCoherence(owner.redis)
         owner.release_listeners.append(lambda released: coherence.close())
+        owner.dormant_listeners.append(lambda sleeping: coherence.settle_once_and_stop())  # idle costs nothing
+        owner.wake_listeners.append(lambda woken: coherence.resume_settling())
         return coherence
 
     return sandbox.service("cache-coherence", create)
@@ -3483,6 +3485,10 @@ async def run_cache_experiment(
 # the sandbox's Redis stream in one pipeline and marks them published in one UPDATE. A downstream
 # consumer reads the stream through a consumer group and records each event id in its inbox
 # table, so a message delivered twice is recognised and counted, never applied twice.
+# What keeps it whole over a class lives beside it in qulab_outbox/ (the page lists it under "How
+# this survives faults"): a circuit that pauses the relay during a broker outage, retention that
+# trims only acknowledged entries, the broker's persistence settings, LISTEN/NOTIFY; and here,
+# PublishedEventAudit (republishes what a broker lost) and prune_delivered_events (bounded history).
 
 AIRSCORE_CALCULATED = "AIRScoreCalculated"
 AIR_PARAMETER_VERSION = "qulab-air-1.0"
@@ -4296,7 +4302,7 @@ class OutboxService:
     async def _listen_for_other_processes(self) -> None:
         try:
             await install_notify_trigger(self.sandbox.engine, self.sandbox.location)
-            notifications = commit_notifications(self.sandbox.engine.url)
+            notifications = commit_notifications(self.sandbox.engine.url, self.sandbox.connection_budget)
             await notifications.subscribe(self.sandbox.location, self._publisher_wake.set)
         except Exception as error:  # the idle wait still finds the events, only later
             logger.warning("outbox in sandbox %s cannot LISTEN for commits: %s", self.sandbox.id, error)

@@ -280,6 +280,36 @@ async def measure_remote_commit_latency(sandbox: source.Sandbox) -> tuple[float,
     return statistics.median(latencies), latencies[int(len(latencies) * 0.95)]
 
 
+PANEL_SMALL, PANEL_LARGE, PANEL_READS = 100, 20_000, 30
+
+
+async def _panel_seconds(sandbox: source.Sandbox, events: int) -> float:
+    """Median seconds of one status-panel reading after `events` events were published and consumed."""
+    await source.init_db(sandbox)
+    await _add_pending_events(sandbox, events)
+    service = source.outbox_service(sandbox)
+    await _drain(service.publisher)
+    while (await service.consumer.consume_batch()).received:
+        pass
+    while await source.prune_delivered_events(
+        sandbox, keep=service.settings.keep_published_events, inbox_retention_seconds=service.settings.inbox_retention_seconds
+    ):
+        pass  # what the running publisher does after each audit
+    timings = []
+    for _ in range(PANEL_READS):
+        started = time.perf_counter()
+        await source.outbox_status(sandbox, limit=10)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+async def measure_panel_cost(sandbox: source.Sandbox) -> tuple[float, float]:
+    """Status panel reading at PANEL_LARGE events ÷ at PANEL_SMALL (and the small one's ms)."""
+    small = await _panel_seconds(sandbox, PANEL_SMALL)
+    large = await _panel_seconds(sandbox, PANEL_LARGE)
+    return large / small, small * 1000
+
+
 async def measure_relay(sandbox: source.Sandbox, *, relays: int, events: int) -> tuple[float, int]:
     """Events per second for `relays` publishers draining `events` pending events; and duplicates."""
     await source.init_db(sandbox)
@@ -434,6 +464,11 @@ async def bench_backend(label: str, settings: source.Settings, *, two_relays: bo
                 Result(backend, f"2 relays ÷ 1 relay, median of rounds {spread}", ratio, "×", "≥ 1.2", ratio >= 1.2),
                 Result(backend, "events in the stream twice (2 relays, all rounds)", duplicates, "", "= 0", duplicates == 0),
             ]
+        panel_ratio, panel_ms = await measure_panel_cost(await registry.acquire(source.new_sandbox_id()))
+        results += [
+            Result(backend, f"status panel reading at {PANEL_SMALL} events", panel_ms, "ms"),
+            Result(backend, f"status panel at {PANEL_LARGE:,} events ÷ at {PANEL_SMALL}", panel_ratio, "×", "≤ 2", panel_ratio <= 2),
+        ]
         median, p95 = await measure_latency(sandbox)
         results += [
             Result(backend, "commit-to-publish latency, median", median, "ms", "< 100", median < 100),

@@ -220,8 +220,10 @@ async def relay_killed_mid_batch(registry: source.SandboxRegistry) -> FaultResul
     ready = context.Event()
     relay = context.Process(target=_doomed_relay, args=(registry.settings, sandbox.id, sandbox.location, ready))
     relay.start()
-    await asyncio.get_running_loop().run_in_executor(None, ready.wait, 60)
-    await asyncio.sleep(SLOW_MARK_SECONDS * 3.5)  # a few batches in, and inside one
+    for _ in range(4):  # the 4th batch: sent to the stream, its mark not yet made
+        if not await asyncio.get_running_loop().run_in_executor(None, ready.wait, 60):
+            raise AssertionError("the relay to kill never reached a mark")
+        ready.clear()
     os.kill(relay.pid, signal.SIGKILL)
     relay.join(10)
     marked = (await _counts(sandbox)).get("published", 0)

@@ -50,8 +50,10 @@ class CommitNotifications:
     everyone once (a notification may have been missed meanwhile).
     """
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, budget: Any = None) -> None:
         self.dsn = dsn
+        self.budget = budget  # the process's ConnectionBudget: the listening connection counts in it
+        self._holds_budget = False
         self._subscribers: dict[str, set[Callable[[], None]]] = {}
         self._connection: Optional[asyncpg.Connection] = None
         self._lock = asyncio.Lock()
@@ -86,6 +88,9 @@ class CommitNotifications:
         await connection.add_listener(CHANNEL, self._on_notification)
         connection.add_termination_listener(self._on_connection_lost)
         self._connection = connection
+        if self.budget is not None and not self._holds_budget:
+            self.budget.take(1)
+            self._holds_budget = True
 
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
@@ -94,6 +99,9 @@ class CommitNotifications:
             self._reconnecting = None
         if connection is not None and not connection.is_closed():
             await connection.close(timeout=5)
+        if self._holds_budget:
+            self._holds_budget = False
+            await self.budget.give_back(1)
 
     def _on_notification(self, connection: Any, pid: int, channel: str, schema: str) -> None:
         self.received += 1
@@ -130,10 +138,13 @@ _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Commit
 )
 
 
-def commit_notifications(url: URL) -> CommitNotifications:
-    """This process's listener for one database (per event loop: connections belong to their loop)."""
+def commit_notifications(url: URL, budget: Any = None) -> CommitNotifications:
+    """This process's listener for one database (per event loop: connections belong to their loop).
+
+    `budget` (the process's ConnectionBudget) is charged one connection while the listener is open.
+    """
     dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
     per_loop = _by_loop.setdefault(asyncio.get_running_loop(), {})
     if dsn not in per_loop:
-        per_loop[dsn] = CommitNotifications(dsn)
+        per_loop[dsn] = CommitNotifications(dsn, budget)
     return per_loop[dsn]

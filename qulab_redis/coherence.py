@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections import deque
@@ -33,6 +34,8 @@ from typing import Any, Optional
 
 from qulab_redis.breaker import REDIS_ERRORS
 from qulab_redis.tracing import CommandTrace, RedisCommand
+
+logger = logging.getLogger("qulab")
 
 TOKEN_TTL_SECONDS = 3600  # longer than any value's TTL, so a value never outlives the epoch it was read under
 SETTLE_REASON = "writes Redis missed, settled once it answered again"
@@ -182,6 +185,23 @@ class CacheCoherence:
         if self._settler is not None:
             self._settler.cancel()
             await asyncio.gather(self._settler, return_exceptions=True)
+
+    async def settle_once_and_stop(self) -> None:
+        """The sandbox goes dormant: try what Redis missed once more, then stop the background task.
+
+        What is still pending stays counted: waking the sandbox resumes settling, and its next
+        read or write sends a new epoch first.
+        """
+        await self.close()
+        try:
+            await self.settle_pending()
+        except Exception:  # the breaker or a timeout: it stays pending for the wake
+            logger.warning("cache invalidation still pending as the sandbox goes dormant", exc_info=True)
+
+    async def resume_settling(self) -> None:
+        """The sandbox woke: settle in the background again if Redis missed writes before it slept."""
+        if self.pending_writes:
+            self._settle_in_background()
 
     async def settle_pending(self) -> bool:
         """Send what Redis missed (a new epoch) now; True when nothing is left pending."""

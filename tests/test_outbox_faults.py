@@ -210,9 +210,14 @@ async def test_a_commit_in_another_process_wakes_the_publisher_through_listen_no
     # Only the notification can wake it this soon: its idle wait is two minutes.
     await eventually(lambda: _published(sandbox, 3), timeout=20)
     assert sorted(await stream_event_ids(sandbox)) == sorted(ids)
-    assert service._notifications is not None and service._notifications.received >= 1
-    await service.stop()
-    assert not service._notifications
+    listener = service._notifications
+    assert listener is not None and listener.received >= 1 and listener.connected
+    budget = sandbox.connection_budget
+    in_use = budget.in_use if budget is not None else None
+    await service.stop()  # the last subscriber out closes the one listening connection
+    assert not service._notifications and not listener.connected
+    if budget is not None:  # it was counted in the process's connection budget, and is given back
+        assert budget.in_use == in_use - 1
 
 
 async def _published(sandbox: source.Sandbox, count: int) -> bool:

@@ -262,3 +262,25 @@ async def test_sqlite_file_sandboxes_are_deleted_on_release_and_stale_ones_at_st
     finally:
         await registry.close()
         await redis_service.close()
+
+
+async def test_a_dormant_sandbox_keeps_no_cache_settler_running_and_resumes_it_on_wake(small_class):
+    sandbox = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    alex = (await source.prepare_cache_demo(sandbox)).user_id
+    sandbox.redis.cut()  # Redis misses the rename: an invalidation is left pending, settled in the background
+    await source.rename_user(sandbox, user_id=alex, name="Alex Renamed")
+    coherence = source.cache_coherence(sandbox)
+    assert coherence.pending_writes == 1 and not coherence._settler.done()
+
+    small_class.release_holder("tab-1")
+    assert sandbox.id in (await small_class.sweep())["dormant"]
+    assert coherence._settler.done()  # idle costs nothing: no task retries while nobody is there
+    assert coherence.pending_writes == 1  # still counted, since Redis is still cut off
+
+    await sandbox.redis.restore()
+    await small_class.acquire(sandbox.id, holder="tab-2")
+    for _ in range(300):  # the resumed settler sends the new epoch once Redis answers
+        if coherence.pending_writes == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert coherence.pending_writes == 0
