@@ -100,16 +100,15 @@ try:
     hold = browser_session_hold(st.session_state.setdefault("qulab_session_key", source.new_sandbox_id()))
     lab = source.lab_for_browser_session(st.session_state, st.query_params, hold=hold)
     render_status(lab.status())
+    durability = lab.run(source.broker_durability)
+    if durability.restart_can_lose_events:  # the outbox's promise depends on the broker keeping its stream
+        st.sidebar.caption(f"Outbox: a broker restart could lose events. {durability.description}")
 except source.ClassFullError as error:
     render_class_full(error)
     st.stop()
 except source.QuLabError as error:
     st.error(f"QuLab cannot start its data layer: {error}")
     st.stop()
-
-durability = source.lab_for_browser_session(st.session_state).run(source.broker_durability)
-if durability.restart_can_lose_events:  # the outbox's promise depends on the broker keeping its stream
-    st.sidebar.caption(f"Outbox: a broker restart could lose events. {durability.description}")
 
 navigation.run()
 render_progress(source.lab_for_browser_session(st.session_state))  # after the page: counts this click too

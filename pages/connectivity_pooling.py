@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page, show_section_progress
+from pages import open_page, run_or_report, show_section_progress
 
 lab = open_page()
 
@@ -32,12 +32,13 @@ st.caption(
     "Creates the tables if needed, deletes everything in your sandbox (and only yours), then adds "
     "the sample users Alex Smith and Jane Doe, all in one transaction."
 )
-backend = lab.status()  # the guide's label says in-memory SQLite; say what the button really works on here
-st.caption(
-    "Not in memory on this server: your sandbox is "
-    + (f"its own SQLite file ({backend.sandbox_location})." if backend.backend == "sqlite"
-       else f"its own schema ({backend.sandbox_location}) in the shared PostgreSQL database.")
-)
+# The guide's label says in-memory SQLite; say what the button really works on here.
+if (backend := run_or_report(lab, "Could not read where your sandbox lives.", source.describe_engine)) is not None:
+    st.caption(
+        "Not in memory on this server: your sandbox is "
+        + (f"its own SQLite file ({backend.location})." if backend.backend == "sqlite"
+           else f"its own schema ({backend.location}) in the shared PostgreSQL database.")
+    )
 if st.button("Initialize In-Memory SQLite Database & Create Sample Users", type="primary"):
     try:
         sample_users = lab.run(source.init_db, reset=True)

@@ -81,15 +81,10 @@ publisher = run_or_report(lab, "Could not read the publisher's state.", source.e
 if publisher is None:
     st.stop()
 settings = publisher.settings
-st.markdown(
-    f"""
-The publisher runs in the background across reruns and page changes until you stop it; when your
-sandbox sleeps after you leave, it first publishes what is pending and starts again on your return.
-A commit wakes it at once; idle, it looks less and less often (at most every
-{settings.idle_wait_max_seconds:g} s). Each round leases up to {settings.batch_size} events, adds them
-to the stream in one pipeline and marks them published in one statement.
-"""
-)
+st.markdown(f"""The publisher runs in the background across reruns and page changes until you stop it; when your
+sandbox sleeps after you leave, it first publishes what is pending and starts again on your return. A commit wakes it
+at once; idle, it looks less and less often (at most every {settings.idle_wait_max_seconds:g} s). Each round leases up
+to {settings.batch_size} events, adds them to the stream in one pipeline and marks them published in one statement.""")
 st.session_state[OUTAGE_KEY] = publisher.broker_cut_off  # the switch shows the real state
 
 
@@ -103,12 +98,10 @@ def switch_outage() -> None:
 right.toggle("Broker outage", key=OUTAGE_KEY, on_change=switch_outage)
 kept_outcome("outbox_outage")
 if publisher.broker_cut_off:
-    st.warning(
-        "Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and probes the broker "
-        f"with growing waits (at most {settings.outage_backoff_max_seconds:g} s); events stay pending and keep their "
-        "attempts. Turn the switch off: they all go out, no retry needed. Only an event the broker refuses for itself "
-        "(too large, say) fails, at once, with the reason."
-    )
+    st.warning("Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and probes "
+               f"the broker with growing waits (at most {settings.outage_backoff_max_seconds:g} s); events stay pending and "
+               "keep their attempts. Turn the switch off: they all go out, no retry needed. Only an event the broker refuses "
+               "for itself (too large, say) fails, at once, with the reason.")
 
 st.subheader("Burst: many scores at once")
 burst_size = int(st.number_input("Scores in the burst", 1, source.MAX_BURST_WRITES, 500, step=50))
