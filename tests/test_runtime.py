@@ -140,9 +140,12 @@ def test_a_closed_lab_goes_dormant_in_the_background_and_is_deleted_after_the_id
         lab.run(source.create_user, email="a@example.com", name="A")
         threading.Event().wait(1.5)  # longer than the idle limit, but held: kept
         assert runtime.sandboxes.get_existing(lab.sandbox_id).state == source.SANDBOX_ACTIVE
+        sandbox = runtime.sandboxes.get_existing(lab.sandbox_id)
         lab.close()
-        if runtime.sandboxes.backend == "postgresql":
-            return  # deletion there waits for the lease to expire too (tests/test_sandbox_leases.py)
+        if runtime.sandboxes.backend == "postgresql":  # deletion there also waits for the lease (test_sandbox_leases.py)
+            gone_or_asleep = lambda: runtime.sandboxes.get_existing(lab.sandbox_id) is None or not sandbox.awake  # noqa: E731
+            assert wait_until(gone_or_asleep) and sandbox._engine is None
+            return
         assert wait_until(lambda: runtime.sandboxes.get_existing(lab.sandbox_id) is None)
         again = runtime.lab(lab.sandbox_id)
         assert again.run(source.list_users) == []
