@@ -1762,7 +1762,11 @@ class SQLiteSandboxStore:
         cutoff = time.time() - self.settings.sandbox_idle_seconds
         for path in template.parent.glob(f"{prefix}*{suffix}"):
             sandbox_id = path.name[len(prefix) : len(path.name) - len(suffix)]
-            if SANDBOX_ID_PATTERN.fullmatch(sandbox_id) and path.stat().st_mtime < cutoff:
+            companions = [Path(str(path) + extra) for extra in ("", "-wal", "-shm", "-journal")]
+            # In WAL mode commits land in -wal; the main file changes only at a checkpoint, so the
+            # newest of the files says when the sandbox was last written.
+            last_written = max(companion.stat().st_mtime for companion in companions if companion.exists())
+            if SANDBOX_ID_PATTERN.fullmatch(sandbox_id) and last_written < cutoff:
                 for extra in ("", "-wal", "-shm", "-journal"):
                     Path(str(path) + extra).unlink(missing_ok=True)
                 logger.info("deleted sandbox file %s, unused for longer than the idle limit", path)

@@ -250,11 +250,16 @@ async def test_sqlite_file_sandboxes_are_deleted_on_release_and_stale_ones_at_st
     os.utime(stale, (0, 0))  # last touched in 1970
     fresh_other = tmp_path / "qulab-fedcba9876543210.db"
     fresh_other.write_bytes(b"")
+    written_lately = tmp_path / "qulab-0123456789abcdef.db"  # old main file, recent commits in its WAL
+    written_lately.write_bytes(b"")
+    Path(f"{written_lately}-wal").write_bytes(b"recent commits")
+    os.utime(written_lately, (0, 0))
     try:
         sandbox = await registry.acquire(source.new_sandbox_id())
         await source.create_user(sandbox, email="a@example.com", name="A")
         assert Path(sandbox.location).parent == tmp_path and Path(sandbox.location).exists()
         assert not stale.exists() and fresh_other.exists()  # the start-up swept only the stale one
+        assert written_lately.exists() and Path(f"{written_lately}-wal").exists()  # its WAL is recent: kept
 
         await registry.release(sandbox.id)
 
