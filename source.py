@@ -1561,22 +1561,29 @@ class RedisLink:
         return await self.check(timeout_seconds=timeout_seconds)
 
     async def delete_namespace(self) -> int:
-        """Delete every key of this sandbox (SCAN, never KEYS); returns how many were deleted."""
-        deleted = 0
-        batch: list[str] = []
-        async for key in self.client.scan_iter(match=self.prefix + "*", count=500):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += await self.client.delete(*batch)
-                batch.clear()
-        if batch:
-            deleted += await self.client.delete(*batch)
-        return deleted
+        """Delete every key of this sandbox (SCAN, never KEYS); returns how many were deleted.
+
+        Through the breaker and within a bounded time: the registry deletes sandboxes under its
+        lock, and a frozen Redis must not hold every newcomer there for seconds a sandbox.
+        """
+
+        async def scan_and_delete(client: Any) -> int:
+            deleted, batch = 0, []
+            async for key in client.scan_iter(match=self.prefix + "*", count=500):
+                batch.append(key)
+                if len(batch) >= 500:
+                    deleted += await client.delete(*batch)
+                    batch.clear()
+            return deleted + (await client.delete(*batch) if batch else 0)
+
+        return await self._guarded(scan_and_delete, timeout_seconds=NAMESPACE_DELETE_TIMEOUT_SECONDS)
 
 
 # =============================================================================================
 # 9. Sandboxes
 # =============================================================================================
+
+NAMESPACE_DELETE_TIMEOUT_SECONDS = 5.0  # at most this long deleting one sandbox's Redis keys (SCAN + DEL)
 
 # Always used with fullmatch: `$` alone also matches before a trailing newline ("abcdefgh\n").
 SANDBOX_ID_PATTERN = re.compile(r"[a-z0-9]{8,32}")
