@@ -237,8 +237,11 @@ async def refuse_events_after(sandbox: source.Sandbox, *, allowed: int) -> None:
             ))
         else:
             schema = f'"{sandbox.location}"'
+            # The burst's writers run concurrently: under READ COMMITTED each would count without the
+            # others' uncommitted rows, so the trigger takes a transaction lock before it counts.
             await connection.execute(source.text(
                 f"CREATE FUNCTION {schema}.refuse_events() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM pg_advisory_xact_lock(hashtext(TG_TABLE_SCHEMA || '.refuse_events')); "
                 f"IF (SELECT count(*) FROM {schema}.domain_events) >= {allowed} THEN "
                 "RAISE EXCEPTION 'the event store is full'; END IF; RETURN NEW; END $$"
             ))
