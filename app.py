@@ -111,4 +111,4 @@ except source.QuLabError as error:
     st.stop()
 
 navigation.run()
-render_progress(source.lab_for_browser_session(st.session_state))  # after the page: counts this click too
+render_progress(lab)  # after the page: counts this click too

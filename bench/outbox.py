@@ -267,17 +267,10 @@ async def measure_remote_commit_latency(sandbox: source.Sandbox) -> tuple[float,
         )
         if await writer.wait() != 0:
             raise AssertionError("the writing process failed")
-        deadline = time.monotonic() + 30
-        while (await source.outbox_status(sandbox)).published < REMOTE_WRITES:
-            if time.monotonic() > deadline:
-                raise AssertionError("the remote writes were not all published after 30 s")
-            await asyncio.sleep(0.05)
+        await _wait_until_published(sandbox, REMOTE_WRITES)
     finally:
         await service.stop()
-    async with source.get_session(sandbox) as session:
-        rows = (await session.execute(select(source.DomainEvent.created_at, source.DomainEvent.published_at))).all()
-    latencies = sorted((published - created).total_seconds() * 1000 for created, published in rows)
-    return statistics.median(latencies), latencies[int(len(latencies) * 0.95)]
+    return await _commit_to_publish_latencies(sandbox)
 
 
 PANEL_SMALL, PANEL_LARGE, PANEL_READS = 100, 20_000, 30
@@ -407,17 +400,10 @@ async def measure_latency(sandbox: source.Sandbox) -> tuple[float, float]:
                 sandbox, user_id=user_ids[number % len(user_ids)], occupation_code="15-1252.00"
             )
             await asyncio.sleep(0.002)  # a steady stream of writes, not one burst
-        deadline = time.monotonic() + 30
-        while (status := await source.outbox_status(sandbox)).published < LATENCY_WRITES:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"only {status.published} of {LATENCY_WRITES} published after 30 s")
-            await asyncio.sleep(0.01)
+        await _wait_until_published(sandbox, LATENCY_WRITES)
     finally:
         await service.stop()
-    async with source.get_session(sandbox) as session:
-        rows = (await session.execute(select(source.DomainEvent.created_at, source.DomainEvent.published_at))).all()
-    latencies = sorted((published - created).total_seconds() * 1000 for created, published in rows)
-    return statistics.median(latencies), latencies[int(len(latencies) * 0.95)]
+    return await _commit_to_publish_latencies(sandbox)
 
 
 async def bench_backend(label: str, settings: source.Settings, *, two_relays: bool) -> list[Result]:
@@ -531,6 +517,22 @@ def main() -> list[Result]:
     print_table(results, notes)
     return results
 
+
+
+async def _wait_until_published(sandbox: source.Sandbox, count: int, *, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while (status := await source.outbox_status(sandbox)).published < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {status.published} of {count} published after {seconds:g} s")
+        await asyncio.sleep(0.01)
+
+
+async def _commit_to_publish_latencies(sandbox: source.Sandbox) -> tuple[float, float]:
+    """Median and p95 of created_at -> published_at over the sandbox's events, in ms."""
+    async with source.get_session(sandbox) as session:
+        rows = (await session.execute(select(source.DomainEvent.created_at, source.DomainEvent.published_at))).all()
+    latencies = sorted((published - created).total_seconds() * 1000 for created, published in rows)
+    return statistics.median(latencies), latencies[int(len(latencies) * 0.95)]
 
 if __name__ == "__main__":
     main()
