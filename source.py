@@ -3771,6 +3771,9 @@ class OutboxSettings:
     batch_size: int = 100
     idle_wait_seconds: float = 1.0  # an idle worker's first wait; a commit wakes it at once
     idle_wait_max_seconds: float = 60.0  # ...and each empty look doubles it up to this
+    # Nothing pending, and every commit wakes the publisher (in-process on SQLite, LISTEN on
+    # PostgreSQL): it only waits for that wake-up, looking on its own this rarely as a safety net.
+    quiet_look_seconds: float = 600.0
     lease_seconds: float = 30.0  # a claim keeps other publishers off an event this long
     outage_backoff_base_seconds: float = 0.5  # broker down: first wait before probing it again
     outage_backoff_max_seconds: float = 30.0
@@ -3830,6 +3833,28 @@ class BatchReport:
     lease_lost: int = 0  # published, but another publisher had taken the lease over meanwhile
     broker_error: str = ""
     seconds: float = 0.0
+    # Last batch of a backlog asked to look ahead: seconds until a pending event can be claimed
+    # (0: now; math.inf: nothing is pending). None: not looked.
+    next_claimable_seconds: Optional[float] = None
+
+
+# Outbox calls to the broker at once, per process. redis-py's pool refuses a connection beyond its
+# 100th (MaxConnectionsError, a ConnectionError): 200 idle consumers looking at the same moment
+# would take that for an outage, and the cache's reads need connections too.
+OUTBOX_BROKER_CALLS_AT_ONCE = 32
+_outbox_broker_slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def outbox_broker_call(call: Callable[[], Awaitable[T]], timeout_seconds: float) -> T:
+    """Run one outbox broker call within its timeout, once a slot is free (waiting for it is not timed)."""
+    loop = asyncio.get_running_loop()
+    slots = _outbox_broker_slots.get(loop)
+    if slots is None:
+        slots = _outbox_broker_slots[loop] = asyncio.Semaphore(OUTBOX_BROKER_CALLS_AT_ONCE)
+    async with slots:
+        return await asyncio.wait_for(call(), timeout_seconds)
 
 
 # The relay's statements are set-based Core statements on the table: per batch, the ORM session
@@ -3898,14 +3923,42 @@ class OutboxPublisher:
         report.seconds = time.perf_counter() - started
         return report
 
-    async def publish_backlog(self) -> AsyncIterator[BatchReport]:
-        """Batch after batch on ONE connection while they come back full: a backlog drains in one checkout."""
+    async def publish_backlog(self, *, look_ahead: bool = False) -> AsyncIterator[BatchReport]:
+        """Batch after batch on ONE connection while they come back full: a backlog drains in one checkout.
+
+        look_ahead: the last batch also says when the next pending event can be claimed (one more
+        statement on the same connection), so an idle publisher knows how long it may sleep.
+        """
         async with self._autocommit.connect() as connection:
             while True:
                 report = await self.publish_due_batch(connection)
+                done = report.claimed < self.settings.batch_size or bool(report.broker_error)
+                if done and look_ahead and not report.broker_error:
+                    report.next_claimable_seconds = await self.seconds_until_claimable(connection)
                 yield report
-                if report.claimed < self.settings.batch_size or report.broker_error:
+                if done:
                     return
+
+    async def seconds_until_claimable(self, connection: Any) -> float:
+        """0 if a pending event can be claimed now, math.inf if none is pending, else when a lease ends.
+
+        Another relay's lease (it may have died holding it) is the only thing that keeps a pending
+        event from being claimed; the soonest lease end is when this publisher should look again.
+        """
+        events = _EVENTS.c
+        soonest = (
+            await connection.execute(
+                select(events.claimed_until)
+                .where(events.status == "pending")
+                .order_by(events.claimed_until.asc().nulls_first())
+                .limit(1)
+            )
+        ).first()
+        if soonest is None:
+            return math.inf
+        if soonest[0] is None:
+            return 0.0
+        return max(0.0, (soonest[0] - utc_now()).total_seconds())
 
     async def claim_due_events(self, connection: Any) -> list[ClaimedEvent]:
         """Lease up to batch_size pending events, oldest first, in ONE UPDATE … RETURNING."""
@@ -3968,7 +4021,9 @@ class OutboxPublisher:
             pipeline = redis_link.client.pipeline(transaction=False)
             for message in messages.values():
                 pipeline.xadd(self.stream_key, message)  # no MAXLEN: retention never drops unread entries
-            replies = await asyncio.wait_for(pipeline.execute(raise_on_error=False), self.settings.broker_timeout_seconds)
+            replies = await outbox_broker_call(
+                lambda: pipeline.execute(raise_on_error=False), self.settings.broker_timeout_seconds
+            )
         except REDIS_ERRORS as error:
             redis_link.health.record_failure(error)
             delivery.broker_error = f"broker unavailable: {type(error).__name__}: {error}"[:300]
@@ -4066,13 +4121,13 @@ class StreamConsumer:
         client = self.sandbox.redis.client
         group_created = False
         try:
-            reclaimed, fresh = await self._bounded(self._read(client))
+            reclaimed, fresh = await self._bounded(lambda: self._read(client))
         except redis.exceptions.ResponseError:
             # NOGROUP: the stream or its group is gone (init_db wipes the namespace): recreate it.
-            if not await self._bounded(self._create_group(client)):
+            if not await self._bounded(lambda: self._create_group(client)):
                 raise
             group_created = True
-            reclaimed, fresh = await self._bounded(self._read(client))
+            reclaimed, fresh = await self._bounded(lambda: self._read(client))
         messages = reclaimed + fresh
         report = ConsumeReport(received=len(messages), reclaimed=len(reclaimed), group_created=group_created)
         if not messages:
@@ -4095,17 +4150,19 @@ class StreamConsumer:
         # Acknowledge only after the inbox committed: a crash in between means redelivery, which
         # the inbox then recognises, rather than a lost event.
         acknowledged = [message_id for message_id, _ in messages]
-        await self._bounded(client.xack(self.stream_key, EVENT_CONSUMER_GROUP, *acknowledged))
+        await self._bounded(lambda: client.xack(self.stream_key, EVENT_CONSUMER_GROUP, *acknowledged))
         report.duplicates = len(messages) - report.recorded
         self.duplicates_ignored += report.duplicates
         return report
 
-    async def _bounded(self, call: Awaitable[T]) -> T:
-        return await asyncio.wait_for(call, self.settings.broker_timeout_seconds)
+    async def _bounded(self, call: Callable[[], Awaitable[T]]) -> T:
+        return await outbox_broker_call(call, self.settings.broker_timeout_seconds)
 
     async def _read(self, client: Any) -> tuple[list[Any], list[Any]]:
+        """Abandoned messages (XAUTOCLAIM) and new ones (XREADGROUP) in one round trip."""
         count = self.settings.consumer_batch_size
-        cursor, reclaimed, *_ = await client.xautoclaim(
+        pipeline = client.pipeline(transaction=False)
+        pipeline.xautoclaim(
             self.stream_key,
             EVENT_CONSUMER_GROUP,
             self.name,
@@ -4113,9 +4170,10 @@ class StreamConsumer:
             start_id=self._reclaim_cursor,
             count=count,
         )
+        pipeline.xreadgroup(EVENT_CONSUMER_GROUP, self.name, {self.stream_key: ">"}, count=count)
+        (cursor, reclaimed, *_), response = await pipeline.execute()  # raises the first error (NOGROUP…)
         self._reclaim_cursor = cursor
         reclaimed = [(message_id, fields) for message_id, fields in reclaimed if fields]
-        response = await client.xreadgroup(EVENT_CONSUMER_GROUP, self.name, {self.stream_key: ">"}, count=count)
         fresh = response[0][1] if response else []
         return reclaimed, list(fresh)
 
@@ -4187,7 +4245,7 @@ class PublishedEventAudit:
                 pipeline = self.sandbox.redis.client.pipeline(transaction=False)
                 for row in candidates:
                     pipeline.xrange(self.sandbox.redis.key("events"), row.stream_id, row.stream_id, count=1)
-                found = await asyncio.wait_for(pipeline.execute(), self.settings.broker_timeout_seconds)
+                found = await outbox_broker_call(pipeline.execute, self.settings.broker_timeout_seconds)
             except REDIS_ERRORS as error:
                 error_text = f"broker unavailable: {type(error).__name__}: {error}"[:300]
                 return AuditReport(at=started, checked=0, missing=0, republished=0, broker_error=error_text)
@@ -4250,6 +4308,9 @@ async def prune_delivered_events(sandbox: Sandbox, *, keep: int, inbox_retention
         forgotten = utc_now() - timedelta(seconds=inbox_retention_seconds)
         await connection.execute(delete(ConsumedEvent).where(ConsumedEvent.consumed_at < forgotten))
     return len(doomed)
+
+
+LEASE_END_MARGIN_SECONDS = 0.05  # look just after another relay's lease has ended, not just before
 
 
 class OutboxService:
@@ -4397,14 +4458,32 @@ class OutboxService:
             if report.claimed == self.settings.batch_size or (audit is not None and audit.republished):
                 continue  # stopped after a full batch, or the audit made events pending again
             idle_wait = self.settings.idle_wait_seconds if claimed else idle_wait
-            await self._wait(self._publisher_wake, self._until_audit(idle_wait))
+            await self._wait(self._publisher_wake, self._until_audit(self._idle_wait(report, idle_wait)))
             if not self._publisher_wake.is_set():
                 idle_wait = min(self.settings.idle_wait_max_seconds, idle_wait * 2)
+
+    @property
+    def every_commit_wakes_the_publisher(self) -> bool:
+        """SQLite: only this process writes the sandbox, and its commits wake it; PostgreSQL: once LISTEN is on."""
+        return self.sandbox.backend == "sqlite" or self._notifications is not None
+
+    def _idle_wait(self, report: BatchReport, backoff: float) -> float:
+        """How long the publisher may sleep after a backlog: until a wake-up when one is sure to come.
+
+        Nothing pending and every commit wakes it: it only looks on its own every quiet_look_seconds.
+        An event leased by another relay: until that lease ends. Otherwise the growing backoff.
+        """
+        ahead = report.next_claimable_seconds
+        if ahead is None or not self.every_commit_wakes_the_publisher:
+            return backoff if ahead is None or math.isinf(ahead) else min(backoff, ahead + LEASE_END_MARGIN_SECONDS)
+        if math.isinf(ahead):
+            return self.settings.quiet_look_seconds
+        return min(self.settings.quiet_look_seconds, ahead + LEASE_END_MARGIN_SECONDS)
 
     async def _publish_backlog(self) -> tuple[BatchReport, int]:
         """Publish until a batch comes back short; returns the last batch's report and all events claimed."""
         claimed, report = 0, BatchReport()
-        async with aclosing(self.publisher.publish_backlog()) as batches:
+        async with aclosing(self.publisher.publish_backlog(look_ahead=True)) as batches:
             async for report in batches:
                 claimed += report.claimed
                 self._note_batch(report)
@@ -4428,8 +4507,8 @@ class OutboxService:
             try:
                 report = await self.consumer.consume_batch()
                 if report.received:
-                    await asyncio.wait_for(
-                        trim_acknowledged_entries(
+                    await outbox_broker_call(
+                        lambda: trim_acknowledged_entries(
                             self.sandbox.redis.client, self.consumer.stream_key, keep_at_least=self.settings.stream_trim_above
                         ),
                         self.settings.broker_timeout_seconds,

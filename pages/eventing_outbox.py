@@ -83,8 +83,8 @@ if publisher is None:
 settings = publisher.settings
 st.markdown(f"""The publisher runs in the background across reruns and page changes until you stop it; when your
 sandbox sleeps after you leave, it first publishes what is pending and starts again on your return. A commit wakes it
-at once; idle, it looks less and less often (at most every {settings.idle_wait_max_seconds:g} s). Each round leases up
-to {settings.batch_size} events, adds them to the stream in one pipeline and marks them published in one statement.""")
+at once (on PostgreSQL, a commit in any process, via LISTEN/NOTIFY); with nothing pending it just waits for that (looking
+on its own every {settings.quiet_look_seconds / 60:g} min). Each round leases up to {settings.batch_size} events, adds them to the stream in one pipeline and marks them published.""")
 st.session_state[OUTAGE_KEY] = publisher.broker_cut_off  # the switch shows the real state
 
 

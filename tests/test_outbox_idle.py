@@ -1,0 +1,107 @@
+"""The outbox when nothing happens: an idle publisher waits for its wake-up instead of polling,
+an event another relay left leased is still published when the lease ends, and a whole class of
+consumers looking at once never takes the client's full connection pool for a broker outage.
+
+No timings are asserted: each test counts statements or checks what was delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from sqlalchemy import event, select
+
+import source
+from source import DomainEvent, OutboxPublisher, StreamConsumer, get_session
+from test_outbox import FAST, add_pending_events, counts_by_status, eventually, inbox_event_ids
+
+
+class EventStatements:
+    """Every statement any connection of the sandbox's engine runs on domain_events, while attached."""
+
+    def __init__(self, sandbox: source.Sandbox) -> None:
+        self.engine = sandbox.engine.sync_engine
+        self.statements: list[str] = []
+
+    def _record(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if "domain_events" in statement:
+            self.statements.append(statement)
+
+    def __enter__(self) -> "EventStatements":
+        event.listen(self.engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+
+async def test_an_idle_publisher_waits_for_the_commit_without_polling_the_database(sandbox_with_users):
+    # FAST's backoff (0.02 s doubling to 0.2 s) would claim about five times a second if it polled.
+    service = source.outbox_service(sandbox_with_users, FAST)
+    assert await service.start()
+    assert service.every_commit_wakes_the_publisher  # in-process on SQLite; LISTEN on PostgreSQL
+    await asyncio.sleep(0.5)  # its first look found nothing pending
+    with EventStatements(sandbox_with_users) as idle:
+        await asyncio.sleep(1.5)
+    assert idle.statements == []
+    user = (await source.list_users(sandbox_with_users))[0]
+    stored = await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="15-1252")
+    await eventually(lambda: inbox_event_ids(sandbox_with_users))  # the commit woke it
+    assert await inbox_event_ids(sandbox_with_users) == [stored.event.id]
+    assert await service.stop()
+
+
+async def test_an_event_left_leased_by_a_dead_relay_is_published_when_its_lease_ends(sandbox):
+    ids = await add_pending_events(sandbox, 3)
+    dead = OutboxPublisher(sandbox, replace(FAST, lease_seconds=1.0), name="publisher-that-died")
+    async with sandbox.engine.connect() as connection:
+        leased = await dead.claim_due_events(connection)
+        await connection.commit()
+    assert len(leased) == 3  # ...and it dies before sending them
+    # No commit will wake this publisher and its safety look is an hour away: only the lease end can.
+    service = source.outbox_service(sandbox, replace(FAST, quiet_look_seconds=3600))
+    assert await service.start()
+    await eventually(lambda: _all_published(sandbox, 3), timeout=20)
+    async with get_session(sandbox) as session:
+        published = (await session.scalars(select(DomainEvent.id).where(DomainEvent.status == "published"))).all()
+    assert sorted(published) == sorted(ids)
+    assert await service.stop()
+
+
+async def _all_published(sandbox: source.Sandbox, count: int) -> bool:
+    return (await counts_by_status(sandbox)).get("published") == count
+
+
+async def test_a_publisher_looks_ahead_to_when_the_next_event_can_be_claimed(sandbox):
+    publisher = OutboxPublisher(sandbox, FAST)
+    async with sandbox.engine.connect() as connection:
+        assert await publisher.seconds_until_claimable(connection) == float("inf")  # nothing pending
+    await add_pending_events(sandbox, 2)
+    async with sandbox.engine.connect() as connection:
+        assert await publisher.seconds_until_claimable(connection) == 0.0
+        other = OutboxPublisher(sandbox, replace(FAST, lease_seconds=300), name="another-relay")
+        assert len(await other.claim_due_events(connection)) == 2
+        await connection.commit()
+        ahead = await publisher.seconds_until_claimable(connection)
+    assert 0 < ahead <= 300
+
+
+async def test_a_class_of_consumers_looking_at_once_is_not_taken_for_a_broker_outage(settings, real_redis_url):
+    # redis-py's pool holds 100 connections; 150 consumers reading at once used to get
+    # MaxConnectionsError, a ConnectionError, which the relay treats as the broker being down.
+    on_redis = replace(settings, redis_url=real_redis_url)
+    redis_service = await source.RedisService.connect(on_redis)
+    registry = source.SandboxRegistry(on_redis, redis_service)
+    try:
+        sandbox = await registry.acquire(source.new_sandbox_id())
+        assert (await StreamConsumer(sandbox, FAST).consume_batch()).group_created
+        await add_pending_events(sandbox, 1)
+        assert (await OutboxPublisher(sandbox, FAST).publish_due_batch()).published == 1
+        consumers = [StreamConsumer(sandbox, FAST) for _ in range(150)]
+        reports = await asyncio.gather(*(consumer.consume_batch() for consumer in consumers), return_exceptions=True)
+        assert [report for report in reports if isinstance(report, BaseException)] == []
+        assert sum(report.recorded for report in reports) == 1  # one of them got the event, once
+    finally:
+        await registry.close()
+        await redis_service.close()
