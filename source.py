@@ -4675,9 +4675,11 @@ async def resume_event_publisher(sandbox: Sandbox) -> bool:
 _broker_durability: "weakref.WeakKeyDictionary[RedisService, BrokerDurability]" = weakref.WeakKeyDictionary()
 
 
-async def broker_durability(sandbox: Sandbox) -> BrokerDurability:
-    """How the broker keeps its stream across a restart, read once per process where the server allows it."""
-    service = sandbox.redis.service
+async def read_durability_of(service: RedisService) -> BrokerDurability:
+    """How this Redis keeps its streams across a restart: asked once (the Runtime asks at start-up), then known.
+
+    A broker that does not answer says "unknown", and is asked again next time.
+    """
     known = _broker_durability.get(service)
     if known is None:
         try:
@@ -4688,6 +4690,11 @@ async def broker_durability(sandbox: Sandbox) -> BrokerDurability:
             return BrokerDurability("unknown", "the broker did not answer, so how it persists is not known yet.")
         _broker_durability[service] = known
     return known
+
+
+async def broker_durability(sandbox: Sandbox) -> BrokerDurability:
+    """How the sandbox's broker keeps its stream across a restart (read at start-up; no round trip after)."""
+    return await read_durability_of(sandbox.redis.service)
 
 
 @dataclass(frozen=True)
@@ -5470,6 +5477,7 @@ class Runtime:
         self._thread = threading.Thread(target=self._run_loop, name="qulab-runtime", daemon=True)
         self._closed = False
         self.redis: RedisService
+        self.broker_durability: BrokerDurability
         self.sandboxes: SandboxRegistry
         self._lifecycle: Optional[asyncio.Task[None]] = None
         self._thread.start()
@@ -5485,6 +5493,9 @@ class Runtime:
 
     async def _start(self) -> None:
         self.redis = await RedisService.connect(self.settings)
+        # Read now, not on first use: the sidebar and the outbox page say from the first page
+        # whether a broker restart could lose events (section 13).
+        self.broker_durability = await read_durability_of(self.redis)
         self.sandboxes = SandboxRegistry(self.settings, self.redis)
         self._lifecycle = asyncio.get_running_loop().create_task(self._run_sandbox_lifecycle())
 
