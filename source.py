@@ -1666,6 +1666,7 @@ class Sandbox:
     notice: Optional[str] = None  # set when this id had a sandbox before that was released
     lease_renewed_at: float = field(default_factory=time.monotonic)  # PostgreSQL: last lease write
     connection_budget: Optional["ConnectionBudget"] = None  # the process's; experiments reserve from it
+    going_dormant: Optional["asyncio.Task[None]"] = None  # the flush and close of a sleep in progress
     _engine: Optional[AsyncEngine] = None
     _session_factory: Optional[async_sessionmaker[AsyncSession]] = None
 
@@ -1970,6 +1971,10 @@ class PostgresSandboxStore:
             self.shared_engine = None
 
 
+def _still_going_dormant(sandbox: Sandbox) -> bool:
+    return sandbox.going_dormant is not None and not sandbox.going_dormant.done()
+
+
 class SandboxRegistry:
     """Every sandbox of this process and its lifecycle: active, idle, dormant, deleted.
 
@@ -2057,21 +2062,30 @@ class SandboxRegistry:
         """
         if not isinstance(sandbox_id, str) or not SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
             raise ValidationError("Malformed sandbox id.", field="sandbox_id")
-        sandbox = self._sandboxes.get(sandbox_id)
-        if sandbox is None or not sandbox.awake:
-            async with self._lock:
-                await self._start()
-                sandbox = self._sandboxes.get(sandbox_id)
-                if sandbox is None:
-                    await self._make_room()
-                    sandbox = await self._create(sandbox_id)
-                    reason = self._released.pop(sandbox_id, None)
-                    if reason:
-                        sandbox.notice = f"Your previous sandbox was released because {reason}; this one starts empty."
-                    self._sandboxes[sandbox_id] = sandbox
-                elif not sandbox.awake:
-                    await self._make_room()
-                    await self._wake(sandbox)
+        while True:
+            sandbox = self._sandboxes.get(sandbox_id)
+            if sandbox is not None and _still_going_dormant(sandbox):
+                # Its flush runs outside the lock: wait for it to finish (never with the lock
+                # held, so nobody else waits), then wake the sandbox the usual way.
+                await asyncio.shield(sandbox.going_dormant)  # type: ignore[arg-type]
+                continue
+            if sandbox is None or not sandbox.awake:
+                async with self._lock:
+                    await self._start()
+                    sandbox = self._sandboxes.get(sandbox_id)
+                    if sandbox is not None and _still_going_dormant(sandbox):
+                        continue  # it began to sleep after the check above
+                    if sandbox is None:
+                        await self._make_room()
+                        sandbox = await self._create(sandbox_id)
+                        reason = self._released.pop(sandbox_id, None)
+                        if reason:
+                            sandbox.notice = f"Your previous sandbox was released because {reason}; this one starts empty."
+                        self._sandboxes[sandbox_id] = sandbox
+                    elif not sandbox.awake:
+                        await self._make_room()
+                        await self._wake(sandbox)
+            break
         if holder is not None:
             self._hold(sandbox, holder)
         sandbox.touch()
@@ -2125,8 +2139,7 @@ class SandboxRegistry:
             (sandbox for sandbox in awake if not sandbox.holders and not sandbox.operations_in_flight),
             key=lambda sandbox: sandbox.last_used,
         )
-        for sandbox in sleepers[: len(awake) - capacity + 1]:
-            await self._sleep(sandbox)
+        await asyncio.gather(*(self._sleep(sandbox) for sandbox in sleepers[: len(awake) - capacity + 1]))
         if len(awake) - len(sleepers) >= capacity:
             capacity_now = self.capacity()
             raise ClassFullError(
@@ -2159,19 +2172,39 @@ class SandboxRegistry:
         return sandbox
 
     async def _sleep(self, sandbox: Sandbox) -> None:
-        """Active/idle -> dormant: background work stops, then the engine and its threads go; data stays."""
+        """Active/idle -> dormant, and wait until it is: background work stops, then the engine goes; data stays."""
+        going = self._begin_sleep(sandbox)
+        if going is not None:
+            await asyncio.shield(going)
+
+    def _begin_sleep(self, sandbox: Sandbox) -> Optional["asyncio.Task[None]"]:
+        """Mark the sandbox dormant now (call under the lock) and run its flush and close as a task.
+
+        Dormant from this moment: a learner arriving meanwhile finds it going dormant, waits for
+        that task (acquire does, outside the lock), then wakes it properly. The flush can take
+        seconds when the broker is slow, so the sweep awaits these tasks after releasing the lock.
+        """
         if not sandbox.awake:
-            return
-        # Dormant from the first await on: a learner arriving meanwhile takes acquire's locked
-        # path, so it waits for the sleep to finish and then wakes the sandbox properly.
+            return sandbox.going_dormant if _still_going_dormant(sandbox) else None
         sandbox.state = SANDBOX_DORMANT
-        await sandbox.notify(sandbox.dormant_listeners, "dormant")
+        sandbox.going_dormant = asyncio.get_running_loop().create_task(
+            self._finish_sleep(sandbox), name=f"sandbox-dormant-{sandbox.id}"
+        )
+        return sandbox.going_dormant
+
+    async def _finish_sleep(self, sandbox: Sandbox) -> None:
+        """The slow part of a sleep (listeners flush, then the engine goes); never raises to a waiter."""
         try:
-            await self.store.before_sleep(sandbox)
+            await sandbox.notify(sandbox.dormant_listeners, "dormant")
+            try:
+                await self.store.before_sleep(sandbox)
+            except Exception:
+                logger.warning("could not checkpoint sandbox %s before it went dormant", sandbox.id, exc_info=True)
+            await sandbox.close_engine()
         except Exception:
-            logger.warning("could not checkpoint sandbox %s before it went dormant", sandbox.id, exc_info=True)
-        await sandbox.close_engine()
-        await self.budget.give_back(self.store.connections_per_sandbox)
+            logger.exception("sandbox %s did not close cleanly on going dormant", sandbox.id)
+        finally:
+            await self.budget.give_back(self.store.connections_per_sandbox)
 
     async def _wake(self, sandbox: Sandbox) -> None:
         """Dormant -> idle (the caller's hold makes it active); on PostgreSQL the lease is renewed first."""
@@ -2186,6 +2219,7 @@ class SandboxRegistry:
         """One pass of the lifecycle: idle past the grace period -> dormant; unused past the idle limit -> deleted."""
         now = time.monotonic()
         slept, deleted, kept_for_another_replica = [], [], []
+        going_dormant: list[Optional[asyncio.Task[None]]] = []
         async with self._lock:
             for sandbox in list(self._sandboxes.values()):
                 if sandbox.holders or sandbox.operations_in_flight:
@@ -2200,8 +2234,11 @@ class SandboxRegistry:
                     else:
                         kept_for_another_replica.append(sandbox.id)
                 elif sandbox.awake and now - sandbox.unheld_since >= self.settings.sandbox_grace_seconds:
-                    await self._sleep(sandbox)
+                    going_dormant.append(self._begin_sleep(sandbox))
                     slept.append(sandbox.id)
+        # Their flushes (up to seconds each with a slow broker) run after the lock is released:
+        # another learner's open never waits for them.
+        await asyncio.gather(*(asyncio.shield(going) for going in going_dormant if going is not None))
         return {"dormant": slept, "deleted": deleted, "kept": kept_for_another_replica}
 
     async def release(self, sandbox_id: str, reason: str = "released") -> bool:

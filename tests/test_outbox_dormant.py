@@ -1,0 +1,61 @@
+"""A sandbox going dormant flushes its outbox outside the registry's lock.
+
+With a frozen broker (a real redis-server stopped with SIGSTOP) that flush waits for the broker's
+timeout. Another learner's open must not wait for it, and the learner coming back to the sandbox
+meanwhile waits for its own flush, then finds it awake, on a new engine, publishing again.
+No timings are asserted: only what had finished when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import replace
+
+import servers
+import source
+from test_outbox import FAST, add_pending_events, counts_by_status, eventually
+
+
+async def test_a_flush_stuck_on_a_frozen_broker_blocks_no_other_learner_and_a_returning_one_waits_for_it(settings):
+    with servers.redis_server_process() as (url, redis_process):
+        on_redis = replace(settings, redis_url=url, sandbox_grace_seconds=0)
+        redis_service = await source.RedisService.connect(on_redis)
+        assert redis_service.mode == "redis", redis_service.reason
+        registry = source.SandboxRegistry(on_redis, redis_service)
+        try:
+            sandbox = await registry.acquire(source.new_sandbox_id(), holder="learner-a")
+            outbox = source.outbox_service(sandbox, replace(FAST, broker_timeout_seconds=5.0, stop_timeout_seconds=10))
+            assert await outbox.start()
+            registry.release_holder("learner-a")  # the learner closes the tab; no grace period
+            redis_process.send_signal(signal.SIGSTOP)
+            ids = await add_pending_events(sandbox, 5)  # wakes the publisher: its XADD hangs
+
+            sweep = asyncio.create_task(registry.sweep())
+            await eventually(lambda: _going_dormant(sandbox))
+            newcomer = await registry.acquire(source.new_sandbox_id(), holder="learner-b")
+            # B's sandbox was created while A's flush still waited for the frozen broker.
+            assert not sandbox.going_dormant.done() and not sweep.done()
+            assert newcomer.awake and sandbox.state == source.SANDBOX_DORMANT
+
+            back = asyncio.create_task(registry.acquire(sandbox.id, holder="learner-a"))
+            await asyncio.sleep(0.2)
+            assert not back.done()  # A's own learner waits for A's flush...
+            redis_process.send_signal(signal.SIGCONT)
+            assert await back is sandbox
+            assert sandbox.going_dormant.done()  # ...which finished before the wake
+            assert (await sweep)["dormant"] == [sandbox.id]
+            assert sandbox.awake and outbox.running  # resumed on the new engine, publishing again
+            await eventually(lambda: _published(sandbox, len(ids)), timeout=30)
+        finally:
+            redis_process.send_signal(signal.SIGCONT)
+            await registry.close()
+            await redis_service.close()
+
+
+async def _going_dormant(sandbox: source.Sandbox) -> bool:
+    return sandbox.going_dormant is not None and not sandbox.going_dormant.done()
+
+
+async def _published(sandbox: source.Sandbox, count: int) -> bool:
+    return (await counts_by_status(sandbox)).get("published") == count
