@@ -121,6 +121,7 @@ from qulab_outbox import (
     trim_acknowledged_entries,
 )
 from qulab_outbox.notify import CommitNotifications, commit_notifications, install_notify_trigger
+from qulab_outbox.watch import stream_watch
 
 import sandbox_export
 
@@ -4534,7 +4535,6 @@ class OutboxService:
         return report, claimed
 
     async def _run_consumer(self) -> None:
-        idle_wait = self.settings.idle_wait_seconds
         database_failures = 0
         while not self._stopping.is_set():
             self._consumer_wake.clear()
@@ -4564,16 +4564,34 @@ class OutboxService:
                 self._audit_due_at = time.monotonic()  # the stream was new: a restart may have lost entries
                 self._publisher_wake.set()
             if report.received:
-                idle_wait = self.settings.idle_wait_seconds
                 self._note(
                     f"consumer received {report.received}: {report.recorded} new, "
                     f"{report.duplicates} duplicates ignored"
                     + (f", {report.reclaimed} reclaimed" if report.reclaimed else "")
                 )
             if report.received < self.settings.consumer_batch_size:
-                await self._wait(self._consumer_wake, idle_wait)
-                if not self._consumer_wake.is_set():
-                    idle_wait = min(self.settings.idle_wait_max_seconds, idle_wait * 2)
+                await self._wait_for_stream()
+
+    async def _wait_for_stream(self) -> None:
+        """Idle consumer: wait for the publisher's wake-up, or for the process's one look at every idle stream.
+
+        That look (qulab_outbox.StreamWatch: one pipelined XINFO GROUPS each idle_wait_max_seconds
+        for all of the process's idle consumers) wakes this one only when its stream holds entries
+        the group has not read or acknowledged (another process's relay, a dead consumer), or the
+        broker lost the stream or the group.
+        """
+        watch = stream_watch(
+            self.sandbox.redis.service.client,
+            EVENT_CONSUMER_GROUP,
+            interval_seconds=self.settings.idle_wait_max_seconds,
+            timeout_seconds=self.settings.broker_timeout_seconds,
+        )
+        wake = self._consumer_wake.set
+        watch.watch(self.consumer.stream_key, wake)
+        try:
+            await self._wait(self._consumer_wake, self.settings.quiet_look_seconds)
+        finally:
+            watch.unwatch(self.consumer.stream_key, wake)
 
     def circuit_backoff(self, failures: int) -> float:
         """Exponential backoff with jitter for database failures (the broker's are the circuit's)."""

@@ -4,7 +4,8 @@ source.py's Outbox section holds the pattern (the event written with the change,
 leases, sends and marks, a deduplicating consumer). The units here keep it correct over a whole
 class: a circuit that pauses the relay while the broker is down without burning attempts, stream
 retention that never trims what a consumer group has not acknowledged, reading the broker's
-persistence settings, and PostgreSQL LISTEN/NOTIFY so a commit in any process wakes the relay.
+persistence settings, PostgreSQL LISTEN/NOTIFY so a commit in any process wakes the relay, and
+one look at Redis per interval for all of a process's idle consumers (watch.py).
 None of them imports source.py.
 """
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from sqlalchemy import event, select
 
+import servers
 import source
 from source import DomainEvent, OutboxPublisher, StreamConsumer, get_session
 from test_outbox import FAST, add_pending_events, counts_by_status, eventually, inbox_event_ids
@@ -105,3 +106,61 @@ async def test_a_class_of_consumers_looking_at_once_is_not_taken_for_a_broker_ou
     finally:
         await registry.close()
         await redis_service.close()
+
+
+async def test_an_idle_consumer_is_woken_by_the_process_wide_look_for_entries_another_process_added(sandbox):
+    # Its own safety look is an hour away: only the shared look (every idle_wait_max_seconds) can wake it.
+    service = source.outbox_service(sandbox, replace(FAST, quiet_look_seconds=3600))
+    assert await service.start()
+    await eventually(lambda: _watched(sandbox))
+    foreign = source._new_id()  # published by a relay in another process: no wake-up here
+    await sandbox.redis.client.xadd(sandbox.redis.key("events"), {"event_id": foreign, "event_type": "Remote"})
+    await eventually(lambda: inbox_event_ids(sandbox))
+    assert await inbox_event_ids(sandbox) == [foreign]
+    assert await service.stop()
+
+
+async def _watched(sandbox: source.Sandbox) -> bool:
+    return any(watch.watching for watches in source_watches() for watch in watches)
+
+
+def source_watches():
+    from qulab_outbox import watch
+
+    return [list(per_loop.values()) for per_loop in watch._by_loop.values()]
+
+
+async def test_idle_consumers_of_many_sandboxes_share_one_look_instead_of_reading_each(settings):
+    with servers.redis_server() as url:
+        on_redis = replace(settings, redis_url=url)
+        redis_service = await source.RedisService.connect(on_redis)
+        registry = source.SandboxRegistry(on_redis, redis_service)
+        try:
+            sandboxes = [await registry.acquire(source.new_sandbox_id()) for _ in range(10)]
+            services = [source.outbox_service(sandbox, replace(FAST, quiet_look_seconds=3600)) for sandbox in sandboxes]
+            for service in services:
+                assert await service.start()
+            watch = await eventually(lambda: _watch_of(redis_service.client, count=10))
+            await redis_service.client.config_resetstat()
+            looks = watch.looks
+            await eventually(lambda: _looked(watch, looks + 3))
+            calls = {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in (await redis_service.client.info("commandstats")).items()}
+            assert calls.get("xreadgroup", 0) == 0 and calls.get("xautoclaim", 0) == 0  # nobody polled on their own
+            assert calls.get("xinfo|groups", 0) >= 3 * 10  # ...the shared look asked about every stream each time
+            for service in services:
+                assert await service.stop()
+        finally:
+            await registry.close()
+            await redis_service.close()
+
+
+async def _watch_of(client, *, count: int):
+    for watches in source_watches():
+        for watch in watches:
+            if watch.client is client and watch.watching == count:
+                return watch
+    return None
+
+
+async def _looked(watch, looks: int) -> bool:
+    return watch.looks >= looks
