@@ -11,16 +11,37 @@ from pages.progress import render_progress
 
 st.set_page_config(page_title="QuLab: Data Architecture & Persistence", page_icon="🧪", layout="wide")
 
-navigation = st.navigation(
-    [
-        st.Page("pages/introduction.py", title="Introduction", icon=":material/flag:", default=True),
-        st.Page("pages/data_models.py", title="1. Data Models", icon=":material/schema:"),
-        st.Page("pages/connectivity_pooling.py", title="2. DB Connectivity & Pooling", icon=":material/cable:"),
-        st.Page("pages/repository_n_plus_one.py", title="3. Repository Pattern & N+1", icon=":material/repeat:"),
-        st.Page("pages/caching.py", title="4. Caching with Redis", icon=":material/bolt:"),
-        st.Page("pages/eventing_outbox.py", title="5. Eventing (Outbox Pattern)", icon=":material/outbox:"),
-    ]
+PAGES = [  # url_path="" frees "introduction" (a page's identity is its url_path) for the second address below
+    st.Page("pages/introduction.py", title="Introduction", icon=":material/flag:", default=True, url_path=""),
+    st.Page("pages/data_models.py", title="1. Data Models", icon=":material/schema:"),
+    st.Page("pages/connectivity_pooling.py", title="2. DB Connectivity & Pooling", icon=":material/cable:"),
+    st.Page("pages/repository_n_plus_one.py", title="3. Repository Pattern & N+1", icon=":material/repeat:"),
+    st.Page("pages/caching.py", title="4. Caching with Redis", icon=":material/bolt:"),
+    st.Page("pages/eventing_outbox.py", title="5. Eventing (Outbox Pattern)", icon=":material/outbox:"),
+]
+# The introduction again, at /introduction, for its link on the other pages: Streamlit gives a link
+# to the default page the empty path, so on /caching its href "?sandbox=…" would open /caching.
+INTRODUCTION_ELSEWHERE = st.Page(
+    "pages/introduction.py", title="Introduction", icon=":material/flag:", url_path="introduction", visibility="hidden"
 )
+# Hidden: st.navigation's own sidebar links carry no query parameters, so a section opened in a new
+# tab would start an empty sandbox. render_navigation draws the links, each with ?sandbox=<id>.
+navigation = st.navigation([*PAGES, INTRODUCTION_ELSEWHERE], position="hidden")
+sidebar_navigation = st.sidebar.container(key="qulab_navigation")  # the sidebar's top; filled once the sandbox is known
+
+
+def render_navigation(sandbox_id: str) -> None:
+    """The section links, in order, each keeping this learner's sandbox (?sandbox=<id>) in its href.
+
+    A click changes page without a reload, as st.navigation's links do; a middle-click or "open in
+    new tab" opens the same sandbox. st.page_link highlights the page being shown.
+    """
+    on_the_root = navigation.url_path == ""
+    for page in PAGES:
+        if page.url_path == "" and not on_the_root:
+            page = INTRODUCTION_ELSEWHERE
+        sidebar_navigation.page_link(page, query_params={source.SANDBOX_URL_PARAMETER: sandbox_id}, width="stretch")
+    sidebar_navigation.divider()
 
 
 @st.cache_resource(scope="session", on_release=source.BrowserSessionHold.release, show_spinner=False)
@@ -99,6 +120,7 @@ def render_class_full(error: source.ClassFullError) -> None:
 try:
     hold = browser_session_hold(st.session_state.setdefault("qulab_session_key", source.new_sandbox_id()))
     lab = source.lab_for_browser_session(st.session_state, st.query_params, hold=hold)
+    render_navigation(lab.sandbox_id)  # before anything that can stop the run: the links always show
     render_status(lab.status())
     durability = lab.run(source.broker_durability)
     if durability.restart_can_lose_events:  # the outbox's promise depends on the broker keeping its stream

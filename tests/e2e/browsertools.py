@@ -59,7 +59,9 @@ CHROMIUM_FLAGS = [
 # stApp's data-test-script-state ends a run as notRunning; CONNECTED means the websocket is up.
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning'][data-test-connection-state='CONNECTED']"
 SKELETON = "[data-testid='stSkeleton']"
-_NAV_LINKS = "[data-testid='stSidebarNav'] a"
+# app.py draws the sidebar's section links itself (st.page_link, each carrying ?sandbox=) in this container.
+_NAV_LINKS = "[data-testid='stSidebar'] .st-key-qulab_navigation [data-testid='stPageLink-NavLink']"
+_NAV_LABEL = "[data-testid='stMarkdownContainer']"
 UUID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _FULL_RUN_FINISHED = (ForwardMsg.FINISHED_SUCCESSFULLY, ForwardMsg.FINISHED_WITH_COMPILE_ERROR)
 SERVER_START_SECONDS = 60.0
@@ -93,7 +95,11 @@ _PAGE_DECLARATION = re.compile(r"^\s*st\.Page\((?P<arguments>.*)\),?\s*$", re.MU
 
 
 def app_pages() -> list[tuple[str, str]]:
-    """(title, url path) of every page in app.py's navigation, in order; the default page's is ''."""
+    """(title, url path) of every section in app.py's sidebar, in order; the default page's is ''.
+
+    Reads the one-line `st.Page(...)` entries of app.py's PAGES list (the hidden second address of
+    the introduction is declared over several lines, so it is not one of them).
+    """
     pages = []
     for declaration in _PAGE_DECLARATION.finditer(APP.read_text()):
         arguments = declaration["arguments"]
@@ -251,10 +257,10 @@ def fresh_visitor(browser: "Browser") -> Iterator["Page"]:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(30_000)
     context.add_init_script(_COUNT_RECEIVED_MESSAGES)
+    # Every page of the context, including a tab a link opens (open_in_new_tab), from its creation on.
+    context.on("page", lambda page: page.on("websocket", _ScriptRuns.attach(page)))
     try:
-        page = context.new_page()
-        page.on("websocket", _ScriptRuns.attach(page))
-        yield page
+        yield context.new_page()
     finally:
         context.close()
 
@@ -327,7 +333,9 @@ def open_section(page: "Page", server: AppServer, title: str) -> "Page":
 
 
 def _section_link(page: "Page", title: str) -> Any:
-    return page.locator(_NAV_LINKS).filter(has=page.locator(f"span[label={json.dumps(title)}]"))
+    link = page.locator(_NAV_LINKS).filter(has=page.locator(_NAV_LABEL).get_by_text(title, exact=True))
+    assert link.count() == 1, f"expected one sidebar link {title!r}, found {link.count()}: {section_titles(page)}"
+    return link
 
 
 def go_to_section(page: "Page", title: str) -> None:
@@ -337,6 +345,16 @@ def go_to_section(page: "Page", title: str) -> None:
     link.click()
     _wait_for_runs(page, full_runs=expected, fragment=False)
     assert current_section(page) == title
+
+
+def open_in_new_tab(page: "Page", title: str) -> "Page":
+    """Middle-click the sidebar link with this exact title, as a learner opening a section in a new
+    tab does; return the new tab once its first script run finished. The first tab stays as it is."""
+    with page.context.expect_page() as opened:
+        _section_link(page, title).click(button="middle")
+    tab = opened.value
+    _wait_for_runs(tab, full_runs=1, fragment=False)
+    return tab
 
 
 def fill(page: "Page", label: str, value: str) -> None:
@@ -513,14 +531,29 @@ def headings(page: "Page") -> list[str]:
     return [text.strip() for text in page.locator("[data-testid='stMain'] :is(h1, h2, h3)").all_inner_texts()]
 
 
+# st.page_link marks the page being shown by setting its label in bold (and shading it): no attribute says so.
+_READ_NAV_LINKS = f"""() => Array.from(document.querySelectorAll({json.dumps(_NAV_LINKS)})).map(link => {{
+  const label = link.querySelector({json.dumps(_NAV_LABEL)});
+  const text = label.firstElementChild || label;  // the <p> the bold style applies to
+  return [label.innerText.trim(), link.href, Number(getComputedStyle(text).fontWeight) >= 600];
+}})"""
+
+
 def current_section(page: "Page") -> str:
-    """The title of the sidebar link marked as the current page."""
-    return page.locator(f"{_NAV_LINKS}[aria-current='page'] span[label]").get_attribute("label") or ""
+    """The title of the sidebar link marked as the current page ('' if none is)."""
+    current = [title for title, _, bold in page.evaluate(_READ_NAV_LINKS) if bold]
+    assert len(current) <= 1, f"more than one sidebar link is marked current: {current}"
+    return current[0] if current else ""
 
 
 def section_titles(page: "Page") -> list[str]:
     """The titles of the sidebar's navigation links, in order (icons left out)."""
-    return [label.get_attribute("label") or "" for label in page.locator(f"{_NAV_LINKS} span[label]").all()]
+    return [title for title, _, _ in page.evaluate(_READ_NAV_LINKS)]
+
+
+def section_links(page: "Page") -> dict[str, str]:
+    """{title: absolute URL} of the sidebar's navigation links: where a middle-click would open them."""
+    return {title: href for title, href, _ in page.evaluate(_READ_NAV_LINKS)}
 
 
 def sidebar_text(page: "Page") -> str:
