@@ -59,6 +59,9 @@ class StreamWatch:
             wakes.discard(wake)
             if not wakes:
                 del self._watchers[stream_key]
+        if not self._watchers and self._task is not None:
+            self._task.cancel()  # nobody left to look for: no timer stays behind
+            self._task = None
 
     @property
     def watching(self) -> int:
