@@ -7,6 +7,7 @@ source.py, where the whole data layer lives.
 import streamlit as st
 
 import source
+from pages import browser_session_hold
 from pages.progress import render_progress
 
 st.set_page_config(page_title="QuLab: Data Architecture & Persistence", page_icon="🧪", layout="wide")
@@ -44,44 +45,29 @@ def render_navigation(sandbox_id: str) -> None:
     sidebar_navigation.divider()
 
 
-@st.cache_resource(scope="session", on_release=source.BrowserSessionHold.release, show_spinner=False)
-def browser_session_hold(session_key: str) -> source.BrowserSessionHold:
-    """This browser session's hold on its sandbox: Streamlit releases it when the websocket goes.
-
-    Keyed by a token in session_state as well, because AppTest runs every test "browser" under one
-    Streamlit session id; in a real server each session has its own cache anyway.
-    """
-    return source.BrowserSessionHold(source.get_runtime())
-
-
 def render_status(status: source.RuntimeStatus) -> None:
-    """The sidebar panel: where the data lives, how it is pooled, which Redis answers, the class."""
+    """The sidebar panel: where the data lives, how it is pooled, which Redis answers, the class.
+
+    Few elements, each with several lines: every element costs server CPU on every rerun of every learner.
+    """
     sidebar = st.sidebar
     sidebar.subheader("Status")
     sidebar.markdown(f"**Database:** {'PostgreSQL' if status.backend == 'postgresql' else 'SQLite'}")
-    sidebar.caption(status.database)
-    if status.database_note:
-        sidebar.caption(f"Note: {status.database_note}.")
-    sidebar.caption(
+    sidebar.caption(lines(
+        status.database,
+        f"Note: {status.database_note}." if status.database_note else "",
         f"Pool: {status.pool_size} connections + {status.max_overflow} overflow, "
-        f"{status.pool_timeout_seconds:g} s checkout timeout, pre-ping {'on' if status.pool_pre_ping else 'off'}."
-    )
+        f"{status.pool_timeout_seconds:g} s checkout timeout, pre-ping {'on' if status.pool_pre_ping else 'off'}.",
+    ))  # fmt: skip
     redis_label = "real Redis server" if status.redis_mode == "redis" else "fakeredis (in-process Redis)"
     sidebar.markdown(f"**Redis:** {redis_label}")
-    sidebar.caption(status.redis_reason)
-    sidebar.caption(f"Breaker {status.redis_breaker}.")
+    sidebar.caption(lines(status.redis_reason, f"Breaker {status.redis_breaker}."))
     if status.redis_cut_off:
         sidebar.warning("Outage switch on: your sandbox cannot reach Redis.")
     elif status.redis_degraded:
         sidebar.warning("Cache degraded: the last Redis call failed; reads fall back to the database.")
     sidebar.markdown("**Your sandbox**")
     sidebar.code(status.sandbox_id, language=None)
-    sidebar.caption(
-        "The link in your address bar (?sandbox=…) is the key to this sandbox: bookmark it to come back, "
-        "and anyone you give it to sees and changes the same data. While your tab is open it stays active; "
-        f"{status.sandbox_grace_seconds:g} s after you close it, it goes dormant (data kept), and "
-        f"{status.sandbox_idle_minutes:g} minutes after that its data is deleted."
-    )
     new_column, reset_column = sidebar.columns(2)
     if new_column.button("New sandbox", key="qulab_new_sandbox", help="Start over in a fresh, empty sandbox with a new link."):
         source.switch_to_new_sandbox(st.session_state, st.query_params)
@@ -93,14 +79,26 @@ def render_status(status: source.RuntimeStatus) -> None:
             sidebar.error(f"Reset failed; nothing was changed. {error}")
         else:
             sidebar.success("Your sandbox is empty again.")
-    states = status.sandbox_states
-    sidebar.caption(
+    states, durability = status.sandbox_states, status.broker_durability
+    sidebar.caption(lines(
+        "The link in your address bar (?sandbox=…) is the key to this sandbox: bookmark it to come back, "
+        "and anyone you give it to sees and changes the same data. While your tab is open it stays active; "
+        f"{status.sandbox_grace_seconds:g} s after you close it, it goes dormant (data kept), and "
+        f"{status.sandbox_idle_minutes:g} minutes after that its data is deleted.",
         f"Class on this server: {states['active']} active, {states['idle']} idle, {states['dormant']} dormant; "
         f"room for {status.capacity} awake (set by {status.capacity_limited_by}). "
-        f"Connections: {status.connections_in_use} of {status.connection_budget} in use."
-    )
+        f"Connections: {status.connections_in_use} of {status.connection_budget} in use.",
+        # the outbox's promise depends on the broker keeping its stream
+        f"Outbox: a broker restart could lose events. {durability.description}"
+        if durability is not None and durability.restart_can_lose_events else "",
+    ))  # fmt: skip
     if status.sandbox_notice:
         st.info(status.sandbox_notice)
+
+
+def lines(*texts: str) -> str:
+    """Several lines in one Markdown element (a hard line break between the non-empty ones)."""
+    return "  \n".join(text for text in texts if text)
 
 
 def render_class_full(error: source.ClassFullError) -> None:
@@ -122,9 +120,6 @@ try:
     lab = source.lab_for_browser_session(st.session_state, st.query_params, hold=hold)
     render_navigation(lab.sandbox_id)  # before anything that can stop the run: the links always show
     render_status(lab.status())
-    durability = lab.run(source.broker_durability)
-    if durability.restart_can_lose_events:  # the outbox's promise depends on the broker keeping its stream
-        st.sidebar.caption(f"Outbox: a broker restart could lose events. {durability.description}")
 except source.ClassFullError as error:
     render_class_full(error)
     st.stop()

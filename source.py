@@ -953,6 +953,8 @@ async def get_session(sandbox: "Sandbox") -> AsyncIterator[AsyncSession]:
             raise
         changes = session.info.pop(_CHANGES_KEY, None)
     if changes is not None:
+        if changes.bulk_tables & {JournalEntry.__tablename__, "*"}:  # a reset emptied the journal
+            sandbox.journal_generation += 1
         await invalidate_cached_changes(sandbox, changes)
         await sandbox.notify_committed(changes)
 
@@ -1151,6 +1153,7 @@ async def record_evidence(sandbox: "Sandbox", evidence: Optional[Evidence]) -> N
         logger.warning("could not journal %s in sandbox %s", evidence.kind, sandbox.id, exc_info=True)
     finally:
         _active_statement_logs.reset(hidden)
+        sandbox.journal_generation += 1
 
 
 # =============================================================================================
@@ -1668,6 +1671,8 @@ class Sandbox:
     lease_renewed_at: float = field(default_factory=time.monotonic)  # PostgreSQL: last lease write
     connection_budget: Optional["ConnectionBudget"] = None  # the process's; experiments reserve from it
     going_dormant: Optional["asyncio.Task[None]"] = None  # the flush and close of a sleep in progress
+    journal_generation: int = 0  # bumped by every journal write or delete in this process (13a's cache)
+    progress_read: Optional[tuple[int, Any]] = None  # (journal_generation, LearnerProgress) last read
     _engine: Optional[AsyncEngine] = None
     _session_factory: Optional[async_sessionmaker[AsyncSession]] = None
 
@@ -5214,7 +5219,21 @@ MAX_JOURNAL_LINES_READ = 5000
 
 
 async def learner_progress(sandbox: Sandbox) -> LearnerProgress:
-    """Read the sandbox's journal once and run every step's check on it."""
+    """Read the sandbox's journal once and run every step's check on it.
+
+    Every rerun draws the sidebar's progress, so a SQLite sandbox keeps its last reading until
+    this process writes or deletes journal lines (only this process opens its file). On
+    PostgreSQL another replica may write the journal too, so it is read every time.
+    """
+    generation = sandbox.journal_generation
+    if sandbox.backend == "sqlite" and sandbox.progress_read is not None and sandbox.progress_read[0] == generation:
+        return sandbox.progress_read[1]
+    progress = await _read_learner_progress(sandbox)
+    sandbox.progress_read = (generation, progress)
+    return progress
+
+
+async def _read_learner_progress(sandbox: Sandbox) -> LearnerProgress:
     hidden = _active_statement_logs.set(())
     try:
         newest_first = select(JournalEntry.__table__).order_by(JournalEntry.id.desc()).limit(MAX_JOURNAL_LINES_READ)
@@ -5498,6 +5517,7 @@ class RuntimeStatus:
     connection_budget: int
     sandbox_idle_minutes: float
     sandbox_grace_seconds: float
+    broker_durability: Optional[BrokerDurability] = None  # read in the same round trip: one per rerun
 
 
 def _as_qulab_error(error: Exception, what: str, settings: Settings) -> QuLabError:
@@ -5689,11 +5709,12 @@ class Lab:
         self.close()
 
     def status(self) -> RuntimeStatus:
-        """The sidebar's status panel for this sandbox."""
+        """The sidebar's status panel for this sandbox, with the broker's durability: one round trip per rerun."""
         runtime = self.runtime
 
         async def collect(sandbox: Sandbox) -> RuntimeStatus:
-            return _collect_status(runtime, sandbox)
+            status = _collect_status(runtime, sandbox)
+            return replace(status, broker_durability=await broker_durability(sandbox))
 
         return self.run(collect, timeout=30)
 

@@ -108,16 +108,22 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_replica(environment: dict[str, str], workspace: Path, extra_flags: list[str]) -> Replica:
-    """Start the app as a learner's server runs it (README command), on a free loopback port."""
+def start_replica(
+    environment: dict[str, str], workspace: Path, extra_flags: list[str], *, app: Path = PROJECT_ROOT / "app.py"
+) -> Replica:
+    """Start the app as a learner's server runs it (README command), on a free loopback port.
+
+    `app` names another script to serve instead (bench/rerun_cost.py's trivial page); it runs from
+    its own folder, so it reads that folder's .streamlit/config.toml.
+    """
     port = _free_port()
     log_path = workspace / f"streamlit-{port}.log"
     command = [
-        sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "app.py"),
+        sys.executable, "-m", "streamlit", "run", str(app),
         "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port), *extra_flags,
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=app.parent, env=environment, stdout=log, stderr=subprocess.STDOUT)
     replica = Replica(port, process, log_path)
     deadline = time.monotonic() + SERVER_START_SECONDS
     while time.monotonic() < deadline:

@@ -47,6 +47,19 @@ def open_page() -> source.Lab:
     return source.lab_for_browser_session(st.session_state)
 
 
+@st.cache_resource(scope="session", on_release=source.BrowserSessionHold.release, show_spinner=False)
+def browser_session_hold(session_key: str) -> source.BrowserSessionHold:
+    """This browser session's hold on its sandbox (app.py): Streamlit releases it when the websocket goes.
+
+    Defined here, not in app.py: app.py runs again on every rerun, and a cached function defined
+    there is wrapped anew each time (Streamlit hashes its source to key the cache), about a tenth
+    of a bare rerun's server CPU. Keyed by a token in session_state as well, because AppTest runs
+    every test "browser" under one Streamlit session id; in a real server each session has its
+    own cache anyway.
+    """
+    return source.BrowserSessionHold(source.get_runtime())
+
+
 def run_or_report(
     lab: source.Lab, what: str, operation: Callable[..., Awaitable[T]], /, *, where: Any = st, **kwargs: Any
 ) -> Optional[T]:

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import Engine
 
 import source
 from source import CACHE_FALLBACK, CACHE_HIT, CACHE_MISS
@@ -231,6 +232,32 @@ async def test_reset_my_sandbox_empties_the_progress_and_a_running_publisher_is_
     await source.calculate_and_store_airscore(sandbox, user_id=alex, occupation_code="15-1252.00")
     await eventually(lambda: _has(sandbox, "event_published"))  # the same run of the publisher
     await source.stop_event_publisher(sandbox)
+
+
+async def test_the_journal_is_read_again_only_after_it_changed_on_sqlite_and_every_time_on_postgresql(fresh):
+    """The sidebar reads progress on every rerun: a SQLite sandbox reuses its last reading until a journal write."""
+    sandbox = fresh
+    journal_reads: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().startswith("SELECT") and "lab_journal" in statement:
+            journal_reads.append(statement)
+
+    source.event.listen(Engine, "before_cursor_execute", count)  # every engine: PostgreSQL's view is an option engine
+    try:
+        await done_steps(sandbox)
+        await done_steps(sandbox)
+        unchanged = len(journal_reads)
+        await source.create_user(sandbox, email="counted@example.com", name="Counted")
+        assert await done_steps(sandbox) == {"create_user"}  # the write is seen at once
+        await source.reset_sandbox(sandbox)
+        assert await done_steps(sandbox) == set()  # and so is a reset
+    finally:
+        source.event.remove(Engine, "before_cursor_execute", count)
+    if sandbox.backend == "sqlite":
+        assert (unchanged, len(journal_reads)) == (1, 3)
+    else:  # another replica may have written it
+        assert (unchanged, len(journal_reads)) == (2, 4)
 
 
 async def test_another_replica_opening_the_sandbox_sees_the_same_progress(settings, postgres_registry, postgres_url):

@@ -62,12 +62,12 @@ def _sidebar(lab: source.Lab, progress: source.LearnerProgress) -> None:
     sidebar.markdown(f"**Your progress:** {done} of {len(required)} steps")
     sidebar.progress(done / len(required))
     next_step = progress.next_step()
-    if next_step is None:
-        sidebar.caption("Every step of the guide is done.")
-    else:
-        sidebar.caption(f"Next: section {next_step.step.section}, {next_step.step.title.lower()}.")
     extra = sum(status.done for status in optional)
-    sidebar.caption(f"Beyond the guide: {extra} of {len(optional)} optional steps.")
+    sidebar.caption(
+        ("Every step of the guide is done." if next_step is None
+         else f"Next: section {next_step.step.section}, {next_step.step.title.lower()}.")
+        + f"  \nBeyond the guide: {extra} of {len(optional)} optional steps."
+    )  # fmt: skip
     file_name, mime = source.export_file_name(backend=lab.runtime.sandboxes.backend, sandbox_id=lab.sandbox_id)
     sidebar.download_button(
         "Download my sandbox",

@@ -1,0 +1,116 @@
+"""Server CPU per bare rerun of each QuLab page, against a trivial 3-line Streamlit page.
+
+A bare rerun is what a page costs when nothing is clicked: a learner changing pages, a reload,
+a widget edit. One simulated learner (bench/classroom.py's websocket client) opens the app,
+initializes its sandbox, then reruns each page RERUNS times in a row; the server's CPU (utime +
+stime of the whole process, from /proc) over those reruns, divided by their number, is the
+cost. The trivial page runs in its own server, started the same way with the same
+.streamlit/config.toml, in the same run.
+
+    python3 bench/rerun_cost.py              # embedded defaults
+    python3 bench/rerun_cost.py --reruns 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchtools import PROJECT_ROOT, print_table, result
+from classroom import INITIALIZE, SimulatedLearner, _CLOCK_TICKS, start_replica, stop_replica
+
+import os
+
+PAGES = {
+    "Introduction": "",
+    "1. Data Models": "data_models",
+    "2. Connectivity": "connectivity_pooling",
+    "3. Repository & N+1": "repository_n_plus_one",
+    "4. Caching": "caching",
+    "5. Outbox": "eventing_outbox",
+}
+TRIVIAL_PAGE = 'import streamlit as st\n\nst.title("Hello")\nst.write("A trivial page: a title and a line.")\n'
+TARGET_RATIO = 1.5
+
+
+async def _cost_per_rerun(learner: SimulatedLearner, reruns: int) -> tuple[float, float]:
+    """(server CPU seconds, wall seconds) per rerun of the learner's current page."""
+    for _ in range(3):  # warm: first renders compile, cache and journal what they need once
+        await learner.rerun()
+    before = learner.replica.proc_status()["cpu_ticks"]
+    started = time.perf_counter()
+    for _ in range(reruns):
+        await learner.rerun()
+    wall = time.perf_counter() - started
+    after = learner.replica.proc_status()["cpu_ticks"]
+    return (after - before) / _CLOCK_TICKS / reruns, wall / reruns
+
+
+async def _measure_qulab(replica: Any, reruns: int) -> dict[str, tuple[float, float]]:
+    learner = SimulatedLearner(0, replica)
+    await learner.open()
+    page = await learner.go_to("connectivity_pooling")
+    await learner.press(page, INITIALIZE)
+    costs = {}
+    for title, path in PAGES.items():
+        await learner.go_to(path)
+        costs[title] = await _cost_per_rerun(learner, reruns)
+    await learner.socket.close()
+    if learner.report.errors:
+        raise RuntimeError(f"the learner saw errors: {learner.report.errors[:3]}")
+    return costs
+
+
+async def _measure_trivial(replica: Any, reruns: int) -> tuple[float, float]:
+    learner = SimulatedLearner(0, replica)
+    await learner.open()
+    cost = await _cost_per_rerun(learner, reruns)
+    await learner.socket.close()
+    return cost
+
+
+def main(reruns: int = 60) -> list[dict[str, Any]]:
+    workspace = Path(tempfile.mkdtemp(prefix="qulab-rerun-cost-"))
+    environment = dict(os.environ, QULAB_SANDBOX_DIR=str(workspace / "sandboxes"))
+    trivial_app = workspace / "trivial" / "app.py"
+    (trivial_app.parent / ".streamlit").mkdir(parents=True)
+    trivial_app.write_text(TRIVIAL_PAGE)
+    shutil.copy(PROJECT_ROOT / ".streamlit" / "config.toml", trivial_app.parent / ".streamlit" / "config.toml")
+    try:
+        trivial_server = start_replica(environment, workspace, [], app=trivial_app)
+        try:
+            trivial_cpu, trivial_wall = asyncio.run(_measure_trivial(trivial_server, reruns))
+        finally:
+            stop_replica(trivial_server)
+        qulab_server = start_replica(environment, workspace, [])
+        try:
+            costs = asyncio.run(_measure_qulab(qulab_server, reruns))
+        finally:
+            stop_replica(qulab_server)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    rows = [result("rerun_cost", "trivial 3-line page: server CPU per rerun", trivial_cpu * 1000, unit="ms")]
+    for title, (cpu, wall) in costs.items():
+        ratio = cpu / trivial_cpu if trivial_cpu else float("inf")
+        rows.append(
+            result("rerun_cost", f"{title}: CPU per bare rerun ÷ trivial page ({cpu * 1000:.1f} ms, {wall * 1000:.0f} ms wall)",
+                   ratio, target=f"≤ {TARGET_RATIO:g}×", met=ratio <= TARGET_RATIO)
+        )  # fmt: skip
+    average = sum(cpu for cpu, _ in costs.values()) / len(costs)
+    rows.append(
+        result("rerun_cost", "all six pages, mean CPU per bare rerun ÷ trivial page", average / trivial_cpu,
+               target=f"≤ {TARGET_RATIO:g}×", met=average / trivial_cpu <= TARGET_RATIO)
+    )  # fmt: skip
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--reruns", type=int, default=60)
+    main(parser.parse_args().reruns)
