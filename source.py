@@ -2504,6 +2504,26 @@ MAX_POOL_EXPERIMENT_REQUESTS = 2000
 MAX_POOL_EXPERIMENT_CONCURRENCY = 50
 
 
+def milliseconds_text(value: Optional[float]) -> str:
+    """A time in ms as a table shows it: two decimals below 10 ms, one above ('7.41', '47.0'); 'n/a' if none."""
+    if value is None:
+        return "n/a"
+    return f"{value:,.2f}" if value < 10 else f"{value:,.1f}"
+
+
+def pool_trial_row(trial: PoolTrial) -> dict[str, str]:
+    """One row of the pool experiment's table, as text (a table would pad floats to four decimals)."""
+    return {
+        "pool": trial.label,
+        "requests": f"{trial.requests:,}",
+        "in flight": f"{trial.concurrency:,}",
+        "seconds": f"{trial.seconds:,.3f}",
+        "throughput (req/s)": f"{trial.throughput:,.0f}",
+        "median latency (ms)": milliseconds_text(trial.median_latency_ms),
+        "connections opened": f"{trial.connections_opened:,}",
+    }
+
+
 @journaled("pool_experiment")
 async def run_pool_experiment(
     sandbox: Sandbox, *, requests: int = 200, concurrency: int = 20, pool_size: int = 5
@@ -3475,23 +3495,36 @@ class CacheTrial:
     metrics: CacheMetrics
 
 
-def cache_trial_row(trial: CacheTrial) -> dict[str, Any]:
-    """One row of the experiment's table: counts, measured H and the four times (ms, 3 decimals)."""
+def cache_trial_row(trial: CacheTrial) -> dict[str, str]:
+    """One row of the experiment's table, as text: counts, measured H and the four times (ms, 3 decimals).
 
-    def rounded(value: Optional[float]) -> Optional[float]:
-        return None if value is None else round(value, 3)
+    Text, because a table pads floats to four decimals; the chart reads cache_trial_point instead.
+    """
+
+    def milliseconds(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:,.3f}"
 
     metrics = trial.metrics
     return {
         "target H": f"{trial.target_hit_ratio:.0%}",
-        "hits": metrics.hits,
-        "misses": metrics.misses,
-        "errors": metrics.errors,
-        "measured H": rounded(metrics.hit_ratio),
-        "T_cache (ms)": rounded(metrics.mean_cache_ms),
-        "T_db (ms)": rounded(metrics.mean_database_ms),
-        "T_avg predicted (ms)": rounded(metrics.predicted_average_ms),
-        "T_avg measured (ms)": rounded(metrics.measured_average_ms),
+        "hits": f"{metrics.hits:,}",
+        "misses": f"{metrics.misses:,}",
+        "errors": f"{metrics.errors:,}",
+        "measured H": "n/a" if metrics.hit_ratio is None else f"{metrics.hit_ratio:.1%}",
+        "T_cache (ms)": milliseconds(metrics.mean_cache_ms),
+        "T_db (ms)": milliseconds(metrics.mean_database_ms),
+        "T_avg predicted (ms)": milliseconds(metrics.predicted_average_ms),
+        "T_avg measured (ms)": milliseconds(metrics.measured_average_ms),
+    }
+
+
+def cache_trial_point(trial: CacheTrial) -> dict[str, Optional[float]]:
+    """One trial as numbers for the experiment's chart: measured H and T_avg, predicted and measured."""
+    metrics = trial.metrics
+    return {
+        "measured H": metrics.hit_ratio,
+        "T_avg predicted (ms)": metrics.predicted_average_ms,
+        "T_avg measured (ms)": metrics.measured_average_ms,
     }
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
+import altair as alt
 import streamlit as st
 
 import source
@@ -34,6 +35,8 @@ except ImportError:  # pragma: no cover
     PagesManager = None
 
 T = TypeVar("T")
+# A chart axis that shows its labels and title whole: Vega-Lite cuts long ones ("QueuePool (pool…") unless told not to.
+FULL_LABELS = alt.Axis(labelLimit=0, titleLimit=0)
 
 
 def open_page() -> source.Lab:

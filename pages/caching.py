@@ -44,7 +44,7 @@ def render_read(read: source.CacheRead) -> None:
     if read.outcome == source.CACHE_FALLBACK:
         st.warning("Redis did not answer, so the database did. The read still succeeded; it counts as a cache error.")
     st.markdown("Redis commands this read sent:")
-    st.code("\n".join(f"{c.command}\n  -> {c.reply} ({c.duration_ms:.3f} ms)" for c in read.redis_commands), language=None)
+    st.code("\n".join(f"{c.command}\n  -> {c.reply} ({c.duration_ms:.3f} ms)" for c in read.redis_commands), language=None, wrap_lines=True)
     if read.note:
         st.caption(read.note)
     if read.value is None:
@@ -79,9 +79,9 @@ def render_metrics(metrics: source.CacheMetrics) -> None:
 
 def render_experiment(trials) -> None:
     """The experiment's table and the formula against the clock."""
-    table = pd.DataFrame([source.cache_trial_row(trial) for trial in trials])
-    st.table(table)
-    base = alt.Chart(table).encode(x=alt.X("measured H:Q", title="hit ratio H", scale=alt.Scale(domain=[0, 1])))
+    st.table(pd.DataFrame([source.cache_trial_row(trial) for trial in trials]))
+    points = pd.DataFrame([source.cache_trial_point(trial) for trial in trials])
+    base = alt.Chart(points).encode(x=alt.X("measured H:Q", title="hit ratio H", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")))
     st.altair_chart(base.mark_line().encode(y=alt.Y("T_avg predicted (ms):Q", title="T_avg (ms)"))
                     + base.mark_circle(size=90, color="#ef6c00").encode(y="T_avg measured (ms):Q"), width="stretch")
     st.caption("T_avg against H, measured just now: the line is the formula, the dots the clock.")

@@ -1,10 +1,11 @@
 """Section 2: initialize the sandbox database, inspect the engine's pool, and measure pooling."""
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
 import source
-from pages import open_page, run_or_report, show_section_progress
+from pages import FULL_LABELS, open_page, run_or_report, show_section_progress
 
 lab = open_page()
 
@@ -104,22 +105,11 @@ if trials:
     left.metric("Pooled throughput", f"{pooled.throughput:,.0f} req/s")
     middle.metric("NullPool throughput", f"{unpooled.throughput:,.0f} req/s")
     right.metric("Pooled ÷ NullPool", f"{pooled.throughput / unpooled.throughput:.2f}×")
-    table = pd.DataFrame(
-        [
-            {
-                "pool": trial.label,
-                "requests": trial.requests,
-                "in flight": trial.concurrency,
-                "seconds": round(trial.seconds, 4),
-                "throughput (req/s)": round(trial.throughput, 1),
-                "median latency (ms)": round(trial.median_latency_ms, 2),
-                "connections opened": trial.connections_opened,
-            }
-            for trial in trials
-        ]
-    )
-    st.table(table)
-    st.bar_chart(table, x="pool", y="throughput (req/s)", horizontal=True)
+    st.table(pd.DataFrame([source.pool_trial_row(trial) for trial in trials]))
+    throughput = pd.DataFrame([{"pool": trial.label, "throughput (req/s)": trial.throughput} for trial in trials])
+    st.altair_chart(alt.Chart(throughput).mark_bar().encode(
+        x=alt.X("throughput (req/s):Q", axis=FULL_LABELS), y=alt.Y("pool:N", axis=FULL_LABELS, title=None, sort=None),
+    ))
     st.caption("Measured just now on this server; a busy machine moves both numbers, the ratio less so.")
     if pooled.waited_seconds >= 0.05:
         st.info(f"Your experiment waited {pooled.waited_seconds:.1f} s for other learners' experiments to give back connections.")

@@ -5,13 +5,12 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import SEEN_USER_IDS, kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
+from pages import FULL_LABELS, SEEN_USER_IDS, kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
 
 lab = open_page()
 USER_ID, PICK, ADDED = "n_plus_one_user_id", "n_plus_one_pick", "n_plus_one_added"
 FETCHES, COMPARISON = "n_plus_one_fetches", "n_plus_one_comparison"
 SCORE_COLUMNS = ["id", "air_score", "vr_score", "hr_score", "synergy_score", "ci_lower", "ci_upper"]
-FULL_LABELS = alt.Axis(labelLimit=0, titleLimit=0)  # Vega-Lite cuts long labels unless told not to
 
 
 def typed_user_id() -> str:
@@ -76,14 +75,15 @@ def render_fetches() -> None:
             column.code(fetch.sql_listing(), language="sql", wrap_lines=True)
     shown = [fetch for fetch in fetches.values() if fetch is not None and fetch.user.id == typed_user_id()]
     if shown:  # both fetches read the same rows: one full-width table, every score column
-        st.markdown(f"**{plain_text(shown[0].user.name)}** ({plain_text(shown[0].user.email)}): {len(shown[0].scores)} scores")
-        st.table(scores_table(shown[0].scores)) if shown[0].scores else st.info("No scores yet: add some in step 1.")
+        user, scores = shown[0].user, shown[0].scores
+        st.markdown(f"**{plain_text(user.name)}** ({plain_text(user.email)}): {len(scores)} scores" + ("" if scores else ", add some in step 1"))
+        if scores:  # an if statement: a bare `a if c else b` line is Streamlit magic, which would st.write its value
+            st.table(scores_table(scores))
     st.caption("What you will see at N = 3: the statement counts differ (5 against 2) on every click, but the "
                "times do not tell the two apart. Both take a few milliseconds and either may win a given click: at "
                "this size the time is noise. Step 3 grows N until the time follows the statement count.")
-    show_code(source.fetch_user_and_scores_naive, source.AIRScoreRepository.list_ids_for_user,
-              source.fetch_user_and_scores_eager, source.UserRepository.get_user_with_scores_eager,
-              label="The code the two fetch buttons run")
+    show_code(source.fetch_user_and_scores_naive, source.AIRScoreRepository.list_ids_for_user, source.fetch_user_and_scores_eager,
+              source.UserRepository.get_user_with_scores_eager, label="The code the two fetch buttons run")
 
 
 def show_comparison(comparison: source.StrategyComparison) -> None:

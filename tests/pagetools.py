@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pandas as pd
+import pyarrow
 
 from streamlit.testing.v1 import AppTest
 
@@ -56,3 +60,12 @@ def texts(app: AppTest) -> str:
     parts = [str(e.value) for e in (*app.markdown, *app.caption, *app.success, *app.info, *app.warning, *app.error)]
     parts += [f"{m.label} {m.value}" for m in app.metric]
     return "\n".join(parts)
+
+
+def charts(app: AppTest) -> list[tuple[dict, pd.DataFrame]]:
+    """Every Altair (Vega-Lite) chart in the main area, in page order: its spec and the data it draws."""
+    found = []
+    for chart in app.get("vega_lite_chart"):
+        data = [pyarrow.ipc.open_stream(dataset.data.data).read_all().to_pandas() for dataset in chart.proto.datasets]
+        found.append((json.loads(chart.proto.spec), pd.concat(data) if data else pd.DataFrame()))
+    return found

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 import source
-from pagetools import button, click, lab_of, open_page, start_app, text_input, texts
+from pagetools import button, charts, click, lab_of, open_page, start_app, text_input, texts
 
 PAGE = "pages/caching.py"
 FETCH_USER, FETCH_SCORE = "Fetch User (Cached)", "Fetch Latest AIRScore (Cached)"
@@ -127,8 +128,21 @@ def test_the_experiment_shows_measured_hit_ratios_and_charts(app):
     app.multiselect[0].set_value([0.0, 0.5, 1.0])
     click(app, "Run Cache Experiment")
     rows = app.table[-1].value.to_dict("records")
-    assert [(r["hits"], r["misses"], r["measured H"]) for r in rows] == [(0, 20, 0.0), (10, 10, 0.5), (20, 0, 1.0)]
+    assert [(r["hits"], r["misses"], r["measured H"]) for r in rows] == [("0", "20", "0.0%"), ("10", "10", "50.0%"), ("20", "0", "100.0%")]
+    # Text at three decimals, never a float a table pads to four ("0.0960"); no database time at H = 100%.
+    times = [row[column] for row in rows for column in ("T_cache (ms)", "T_db (ms)", "T_avg predicted (ms)", "T_avg measured (ms)")]
+    assert all(time == "n/a" or re.fullmatch(r"\d+\.\d{3}", time) for time in times), times
+    assert rows[-1]["T_db (ms)"] == "n/a"
+    [(spec, points)] = charts(app)  # the chart draws numbers, not the table's text
+    assert {layer["mark"]["type"] for layer in spec["layer"]} == {"line", "circle"}
+    assert points["measured H"].tolist() == [0.0, 0.5, 1.0]
     assert metric(app, "Hits") == "0"  # the page's own counters are untouched
+
+
+def test_the_redis_commands_of_a_read_wrap_instead_of_scrolling_sideways(app):
+    click(app, FETCH_USER)
+    [block] = [code for code in app.code if code.value.startswith("MGET ")]
+    assert block.proto.wrap_lines  # an MGET of two namespaced keys is wider than the page
 
 
 def test_the_page_shows_the_lesson_and_the_hardening_on_request(app):

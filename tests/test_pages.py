@@ -5,13 +5,14 @@ Each later section has its own tests/test_page_<section>.py, using the helpers i
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 import source
-from pagetools import button, lab_of, open_page, start_app, text_input
+from pagetools import button, charts, lab_of, open_page, start_app, text_input
 
 PAGES = [
     "pages/introduction.py",
@@ -117,7 +118,25 @@ def test_pool_experiment_runs_from_the_page_and_shows_measured_throughput(app):
     labels = [metric.label for metric in app.metric]
     assert "Pooled throughput" in labels and "NullPool throughput" in labels
     rows = app.table[0].value.to_dict("records")
-    assert [row["connections opened"] for row in rows] == [0, rows[1]["requests"]]
+    assert [row["connections opened"] for row in rows] == ["0", rows[1]["requests"]]
+    assert [row["requests"] for row in rows] == ["300", "300"]  # the slider's default R
+
+
+def test_the_pool_table_shows_figures_as_text_at_a_sensible_precision(app):
+    """A table pads floats to four decimals ("2,565.9000"): each cell is text, rounded for what it measures."""
+    open_page(app, "pages/connectivity_pooling.py")
+    button(app, "Run Pooling Experiment").click().run()
+    trials = app.session_state["pool_trials"]
+    rows = app.table[0].value.to_dict("records")
+    assert all(isinstance(cell, str) for row in rows for cell in row.values()), rows
+    for row, trial in zip(rows, trials, strict=True):
+        assert row["throughput (req/s)"] == f"{trial.throughput:,.0f}" and "." not in row["throughput (req/s)"]
+        assert row["median latency (ms)"] == source.milliseconds_text(trial.median_latency_ms)
+        assert len(row["seconds"].partition(".")[2]) == 3
+    assert [source.milliseconds_text(value) for value in (7.4123, 47.04, 1864.1, None)] == ["7.41", "47.0", "1,864.1", "n/a"]
+    [(spec, bars)] = charts(app)
+    assert spec["encoding"]["y"]["axis"]["labelLimit"] == 0  # the pools' names whole, not "QueuePool (pool…"
+    assert bars["throughput (req/s)"].tolist() == [trial.throughput for trial in trials]
 
 
 def test_two_browser_sessions_get_separate_sandboxes(fresh_global_runtime):
@@ -153,6 +172,22 @@ def test_years_of_experience_out_of_range_gets_a_clear_message(app, years):
 def test_page_one_says_that_initialize_starts_fresh(app):
     open_page(app, "pages/data_models.py")
     assert "initialize button starts your sandbox fresh" in " ".join(info.value for info in app.info)
+
+
+def test_no_page_has_a_bare_expression_that_streamlit_magic_would_draw():
+    """Streamlit's magic st.writes every bare expression statement but a call: section 3's
+    `st.table(...) if scores else st.info(...)` line drew the whole help text of a DeltaGenerator."""
+    drawn = []
+    for page in ["app.py", *PAGES]:
+        tree = ast.parse((Path(source.__file__).parent / page).read_text())
+        for body in (node.body for node in ast.walk(tree) if isinstance(getattr(node, "body", None), list)):
+            for index, statement in enumerate(body):
+                if not isinstance(statement, ast.Expr) or isinstance(statement.value, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom)):
+                    continue
+                if index == 0 and isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str):
+                    continue  # a docstring: magic leaves it alone
+                drawn.append(f"{page}, line {statement.lineno}: {ast.unparse(statement)[:60]}")
+    assert not drawn, drawn
 
 
 THIN_PAGES = [

@@ -500,6 +500,14 @@ def cache_counts(page: "Page") -> tuple[str, str, str]:
     return shown["Hits"], shown["Misses"], shown["Errors"]
 
 
+def chart_texts(page: "Page") -> list[str]:
+    """Every text the main area's charts draw (axis labels and titles, legends), as Vega-Lite drew it.
+
+    Vega-Lite cuts a long label short with an ellipsis ("QueuePool (pool…") unless told not to.
+    """
+    return page.locator("[data-testid='stMain'] svg text").all_text_contents()
+
+
 def main_text(page: "Page") -> str:
     """Everything the main area shows, as text."""
     return page.locator("[data-testid='stMain']").inner_text()

@@ -25,6 +25,7 @@ from .browsertools import (
     AppServer,
     alerts,
     cache_counts,
+    chart_texts,
     app_pages,
     click,
     code_blocks,
@@ -200,6 +201,12 @@ def test_section_2_initializes_the_sample_users_and_measures_pooling(learner):
     assert pooled["pool"].startswith("QueuePool") and unpooled["pool"].startswith("NullPool")
     assert pooled["connections opened"] == "0"  # the warmed pool lent its connections out
     assert unpooled["connections opened"] == unpooled["requests"]  # one new connection per query
+    for row in (pooled, unpooled):  # text at a sensible precision, never padded to four decimals ("2,565.9000")
+        assert re.fullmatch(r"\d{1,3}(,\d{3})*", row["throughput (req/s)"]), row
+        assert re.fullmatch(r"[\d,]+\.\d{1,2}", row["median latency (ms)"]), row
+    # The bar chart names both pools whole (Vega-Lite draws it a moment after the run).
+    wait_until(page, "the chart's pool names", lambda: {pooled["pool"], unpooled["pool"]} <= set(chart_texts(page)))
+    assert not [text for text in chart_texts(page) if text.endswith("…")], chart_texts(page)
     screenshot(page, "2-pooling")
 
 
