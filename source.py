@@ -2145,7 +2145,10 @@ class SandboxRegistry:
             (sandbox for sandbox in awake if not sandbox.holders and not sandbox.operations_in_flight),
             key=lambda sandbox: sandbox.last_used,
         )
-        await asyncio.gather(*(self._sleep(sandbox) for sandbox in sleepers[: len(awake) - capacity + 1]))
+        for sandbox in sleepers[: len(awake) - capacity + 1]:
+            # Dormant now; its flush and close finish in the background (the newcomer does not wait
+            # for a slow broker, and its learner, if back meanwhile, waits in acquire for it).
+            self._begin_sleep(sandbox)
         if len(awake) - len(sleepers) >= capacity:
             capacity_now = self.capacity()
             raise ClassFullError(

@@ -59,3 +59,37 @@ async def _going_dormant(sandbox: source.Sandbox) -> bool:
 
 async def _published(sandbox: source.Sandbox, count: int) -> bool:
     return (await counts_by_status(sandbox)).get("published") == count
+
+
+async def test_making_room_in_a_full_class_does_not_wait_for_the_sleeper_to_flush_to_a_frozen_broker(settings):
+    with servers.redis_server_process() as (url, redis_process):
+        on_redis = replace(settings, redis_url=url, max_sandboxes=1)
+        redis_service = await source.RedisService.connect(on_redis)
+        registry = source.SandboxRegistry(on_redis, redis_service)
+        try:
+            sleeper = await registry.acquire(source.new_sandbox_id(), holder="learner-a")
+            outbox = source.outbox_service(sleeper, replace(FAST, broker_timeout_seconds=5.0, stop_timeout_seconds=10))
+            assert await outbox.start()
+            registry.release_holder("learner-a")  # gone, but within the grace period: still awake
+            redis_process.send_signal(signal.SIGSTOP)
+            ids = await add_pending_events(sleeper, 3)
+
+            newcomer = await registry.acquire(source.new_sandbox_id(), holder="learner-b")  # the class is full
+            assert sleeper.state == source.SANDBOX_DORMANT and _going(sleeper)  # B got in while A still flushes
+            assert newcomer.awake
+            redis_process.send_signal(signal.SIGCONT)
+            await sleeper.going_dormant
+            assert not outbox.running and outbox.resume_on_return
+            async with source.get_session(newcomer) as session:  # B's sandbox works
+                assert await session.scalar(source.select(source.func.count()).select_from(source.DomainEvent)) == 0
+            registry.release_holder("learner-b")
+            assert await registry.acquire(sleeper.id, holder="learner-a") is sleeper  # A back: B made room
+            await eventually(lambda: _published(sleeper, len(ids)), timeout=30)  # nothing A had was lost
+        finally:
+            redis_process.send_signal(signal.SIGCONT)
+            await registry.close()
+            await redis_service.close()
+
+
+def _going(sandbox: source.Sandbox) -> bool:
+    return sandbox.going_dormant is not None and not sandbox.going_dormant.done()
