@@ -60,6 +60,7 @@ from typing import Any, Generic, Optional, TypeVar
 
 import fakeredis
 import qulab_redis
+import qulab_worker
 import redis.asyncio as redis_asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry as RedisRetry
@@ -2489,7 +2490,7 @@ class PoolTrial:
     seconds: float
     connections_opened: int
     latencies_ms: tuple[float, ...]
-    waited_seconds: float = 0.0  # waiting for the class's connection budget before it started
+    waited_seconds: float = 0.0  # waiting for the connection budget and other learners' experiments
     capped_by_budget: bool = False  # C and P were lowered to what the budget can ever grant
 
     @property
@@ -2550,16 +2551,13 @@ async def run_pool_experiment(
     concurrency, pool_size = min(concurrency, granted), min(pool_size, granted)
     translate = sandbox.engine.get_execution_options().get("schema_translate_map")
     async with budget.reserve(granted, timeout_seconds=3 * sandbox.settings.pool_timeout_seconds) as waited:
-        # Hundreds of queries in a burst would hold the shared loop for seconds and stall every
-        # other learner's click: the trials get a loop (and thread) of their own.
-        trials = await asyncio.to_thread(
-            asyncio.run,
-            _run_pool_trials(
-                sandbox.engine.url, sandbox.settings, translate=translate, requests=requests,
-                concurrency=concurrency, pool_size=pool_size,
-            ),
+        # Thousands of queries are seconds of CPU: on the shared loop, or even a thread of their
+        # own, they would stall every other learner's click. They run in the experiment process.
+        trials, queued = await run_experiment_elsewhere(
+            _run_pool_trials, url=sandbox.engine.url, settings=sandbox.settings, translate=translate,
+            requests=requests, concurrency=concurrency, pool_size=pool_size,
         )  # fmt: skip
-    return [replace(trial, waited_seconds=waited, capped_by_budget=capped) for trial in trials]
+    return [replace(trial, waited_seconds=waited + queued, capped_by_budget=capped) for trial in trials]
 
 
 async def _run_pool_trials(
@@ -2893,7 +2891,7 @@ class StrategyRun:
         )
 
 
-async def load_scale_up_users(sandbox: Sandbox, *, strategy: str, users: int) -> StrategyRun:
+async def load_scale_up_users(sandbox: Sandbox | ExperimentDatabase, *, strategy: str, users: int) -> StrategyRun:
     """Load the first `users` scale-up users and all their scores with one strategy, in a fresh session."""
     if strategy not in LOADING_STRATEGIES:
         raise ValidationError(f"Unknown loading strategy; choose one of: {', '.join(LOADING_STRATEGIES)}.")
@@ -2901,7 +2899,7 @@ async def load_scale_up_users(sandbox: Sandbox, *, strategy: str, users: int) ->
     statement = select(User).where(_is_scale_up_user()).order_by(User.name, User.id).limit(users)
     loader = LOADING_STRATEGIES[strategy]
     with measure() as measurement:
-        async with get_session(sandbox) as session:
+        async with sandbox.session_factory() as session:  # it only reads: nothing to commit
             if loader is None:
                 parents = (await session.scalars(statement)).all()
                 loaded = [(user, await user.awaitable_attrs.scores) for user in parents]  # one SELECT each
@@ -2934,6 +2932,7 @@ class StrategyComparison:
 
     runs: tuple[StrategyRun, ...]
     repeats: int
+    waited_seconds: float = 0.0  # in line behind other learners' experiments before it started
 
     def at(self, users: int) -> dict[str, StrategyRun]:
         """The runs at one N, by strategy."""
@@ -2969,20 +2968,37 @@ class StrategyComparison:
 async def compare_loading_strategies(
     sandbox: Sandbox, *, sizes: Sequence[int], repeats: int = COMPARISON_REPEATS
 ) -> StrategyComparison:
-    """Time every strategy at every N: one untimed warm-up each, then `repeats` rounds, the median kept.
+    """Time every strategy at every N (see _time_strategies), in the experiment process.
 
-    Rounds go strategy by strategy in turn, so a moment of machine noise hits all of them alike.
+    Loading a thousand users four ways builds tens of thousands of ORM objects: seconds of CPU
+    that would stall every other learner's click if they ran in the app's process. The experiment
+    process runs them on its own engine on this sandbox's database, one learner at a time.
     """
     chosen = sorted({_whole_number(size, label="Users", low=1, high=MAX_SCALE_UP_USERS) for size in sizes})
     if not chosen:
         raise ValidationError("Choose at least one number of users to compare.", field="users")
     _whole_number(repeats, label="Repeats", low=1, high=20)
+    budget = sandbox.connection_budget or ConnectionBudget(1)
+    translate = sandbox.engine.get_execution_options().get("schema_translate_map")
+    async with budget.reserve(1, timeout_seconds=3 * sandbox.settings.pool_timeout_seconds) as waited:
+        comparison, queued = await run_experiment_elsewhere(
+            _time_strategies_on, url=sandbox.engine.url, settings=sandbox.settings, translate=translate,
+            sizes=chosen, repeats=repeats,
+        )  # fmt: skip
+    return replace(comparison, waited_seconds=waited + queued)
+
+
+async def _time_strategies(database: ExperimentDatabase, *, sizes: list[int], repeats: int) -> StrategyComparison:
+    """One untimed warm-up per strategy, then `repeats` rounds at each N, the median kept.
+
+    Rounds go strategy by strategy in turn, so a moment of machine noise hits all of them alike.
+    """
     for strategy in LOADING_STRATEGIES:  # compile and cache each statement before any timing
-        await load_scale_up_users(sandbox, strategy=strategy, users=chosen[0])
+        await load_scale_up_users(database, strategy=strategy, users=sizes[0])
     runs = []
-    for size in chosen:
+    for size in sizes:
         rounds = [
-            [await load_scale_up_users(sandbox, strategy=strategy, users=size) for strategy in LOADING_STRATEGIES]
+            [await load_scale_up_users(database, strategy=strategy, users=size) for strategy in LOADING_STRATEGIES]
             for _ in range(repeats)
         ]
         for attempts in zip(*rounds):
@@ -5791,6 +5807,71 @@ def _collect_status(runtime: Runtime, sandbox: Sandbox) -> RuntimeStatus:
         sandbox_idle_minutes=settings.sandbox_idle_seconds / 60,
         sandbox_grace_seconds=settings.sandbox_grace_seconds,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment process: long experiments run beside the app, one at a time
+# ---------------------------------------------------------------------------------------------
+# Every learner's clicks share this process's one GIL. The loading-strategy comparison and the
+# pooling experiment are seconds of CPU-bound Python; here they would stall everyone's clicks,
+# even from a loop of their own. They run in one spawned process (qulab_worker), each on an
+# engine of its own on the learner's database; the statements they count are the same ones.
+
+_experiment_worker = qulab_worker.ExperimentWorker()
+atexit.register(_experiment_worker.close)
+
+
+def experiment_worker() -> qulab_worker.ExperimentWorker:
+    """The process that runs the long experiments (started on first use; `queued` says how many wait)."""
+    return _experiment_worker
+
+
+@dataclass(frozen=True)
+class ExperimentDatabase:
+    """A sandbox's database as the experiment process sees it: its own engine, sessions on it."""
+
+    engine: AsyncEngine
+    session_factory: async_sessionmaker[QuLabSession]
+
+
+async def run_experiment_elsewhere(experiment: Callable[..., Awaitable[T]], /, **kwargs: Any) -> tuple[T, float]:
+    """`await experiment(**kwargs)` in the experiment process; returns (its result, seconds it waited in line).
+
+    The arguments and the result cross a process boundary (pickled, between this process and
+    its own child): plain values, URLs, Settings, dataclasses.
+    """
+    try:
+        return await _experiment_worker.run(_run_in_experiment_process, experiment=experiment, kwargs=kwargs)
+    except qulab_worker.WorkerLostError as error:
+        logger.error("the experiment process died: %s", error)
+        raise UnexpectedError("The experiment process stopped before it finished; nothing was changed. Try again.") from None
+
+
+def _run_in_experiment_process(*, experiment: Callable[..., Awaitable[T]], kwargs: dict[str, Any]) -> T:
+    settings = kwargs.get("settings")
+    if isinstance(settings, Settings):
+        for url in (settings.database_url, settings.redis_url):  # this process has its own secret list
+            if url:
+                remember_secrets_of_url(url)
+    try:
+        return asyncio.run(experiment(**kwargs))
+    except QuLabError:
+        raise
+    except Exception as error:  # driver errors may not survive pickling: send QuLab's own
+        raise _as_qulab_error(error, getattr(experiment, "__name__", "experiment"), settings or Settings()) from None
+
+
+async def _time_strategies_on(
+    *, url: URL, settings: Settings, translate: Optional[dict[Any, Any]], sizes: list[int], repeats: int
+) -> StrategyComparison:
+    """In the experiment process: one connection of its own to the sandbox's database, then the comparison."""
+    engine = create_engine_for(url, settings, pool_size=1, max_overflow=0, pool_pre_ping=False)
+    try:
+        view = engine.execution_options(schema_translate_map=translate) if translate else engine
+        database = ExperimentDatabase(view, new_session_factory(view))
+        return await _time_strategies(database, sizes=sizes, repeats=repeats)
+    finally:
+        await engine.dispose()
 
 
 _runtime: Optional[Runtime] = None

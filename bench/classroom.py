@@ -65,6 +65,11 @@ FETCH_USER = "Fetch User (Cached)"
 STORE_SCORE = "Calculate & Store AIRScore (Creates Pending Event)"
 COMPARE_STRATEGIES = "Compare Loading Strategies"
 RUN_POOL_EXPERIMENT = "Run Pooling Experiment"
+RUN_CACHE_EXPERIMENT = "Run Cache Experiment"
+STORE_BURST = "Store Burst of AIRScores"
+BURST_SIZE = "Scores in the burst"
+# The long experiments a heavy learner repeats, each at its maximum: page, button, how to set its inputs.
+HEAVY_KINDS = ("strategies", "pool", "cache", "burst")
 CLICK_TIMEOUT_SECONDS = 60.0
 SERVER_START_SECONDS = 60.0
 _DONE = (ForwardMsg.FINISHED_SUCCESSFULLY, ForwardMsg.FINISHED_WITH_COMPILE_ERROR)
@@ -160,6 +165,7 @@ class RunOutcome:
     buttons: dict[str, str] = field(default_factory=dict)  # label -> widget id
     text_inputs: dict[str, str] = field(default_factory=dict)  # label -> widget id
     sliders: dict[str, float] = field(default_factory=dict)  # widget id -> its maximum
+    number_inputs: dict[str, tuple[str, float]] = field(default_factory=dict)  # label -> (widget id, its maximum)
     errors: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
 
@@ -251,7 +257,13 @@ class SimulatedLearner:
         return outcome
 
     async def press(
-        self, page: RunOutcome, label: str, inputs: Optional[dict[str, str]] = None, *, sliders_at_maximum: bool = False
+        self,
+        page: RunOutcome,
+        label: str,
+        inputs: Optional[dict[str, str]] = None,
+        *,
+        sliders_at_maximum: bool = False,
+        numbers_at_maximum: bool = False,
     ) -> RunOutcome:
         if label not in page.buttons:
             self.report.errors.append(f"no button {label!r} on the page")
@@ -261,6 +273,8 @@ class SimulatedLearner:
         ]
         if sliders_at_maximum:
             states += [(widget_id, "double_array_value", [maximum]) for widget_id, maximum in page.sliders.items()]
+        if numbers_at_maximum:
+            states += [(widget_id, "int_value", int(maximum)) for widget_id, maximum in page.number_inputs.values()]
         states.append((page.buttons[label], "trigger_value", True))
         outcome = await self.rerun(tuple(states))
         self.report.clicks.append(outcome.seconds)
@@ -310,18 +324,30 @@ class SimulatedLearner:
             if self.socket is not None:
                 await self.socket.close()
 
-    async def experiment_until(self, done: asyncio.Event) -> None:
-        """The heavy learner: strategy comparisons and pool experiments at their maximum, back to back."""
+    async def experiment_until(self, done: asyncio.Event, kind: str = "strategies") -> None:
+        """The heavy learner: one long experiment (a HEAVY_KINDS entry) at its maximum, back to back.
+
+        strategies: section 3's comparison at its default N (10, 100, 1,000 users); pool: section
+        2's experiment with every slider at its maximum; cache: section 4's experiment, 500 reads
+        per hit ratio; burst: section 5's burst of 2,000 score writes.
+        """
         self.report.heavy = True
+        page_of = {"strategies": "repository_n_plus_one", "pool": "connectivity_pooling", "cache": "caching",
+                   "burst": "eventing_outbox"}  # fmt: skip
         try:
             await self.open()
             page = await self.go_to("connectivity_pooling")
             await self.press(page, INITIALIZE)
             while not done.is_set():
-                page = await self.go_to("repository_n_plus_one")
-                await self.press(page, COMPARE_STRATEGIES)
-                page = await self.go_to("connectivity_pooling")
-                await self.press(page, RUN_POOL_EXPERIMENT, sliders_at_maximum=True)
+                page = await self.go_to(page_of[kind])
+                if kind == "strategies":
+                    await self.press(page, COMPARE_STRATEGIES)
+                elif kind == "pool":
+                    await self.press(page, RUN_POOL_EXPERIMENT, sliders_at_maximum=True)
+                elif kind == "cache":
+                    await self.press(page, RUN_CACHE_EXPERIMENT, sliders_at_maximum=True)
+                else:
+                    await self.press(page, STORE_BURST, numbers_at_maximum=True)
         except (TimeoutError, OSError, websockets.WebSocketException, KeyError) as error:
             self.report.errors.append(f"{type(error).__name__}: {error}")
         finally:
@@ -337,6 +363,8 @@ def _read_element(element: Any, outcome: RunOutcome) -> None:
         outcome.text_inputs[element.text_input.label] = element.text_input.id
     elif kind == "slider":
         outcome.sliders[element.slider.id] = element.slider.max
+    elif kind == "number_input":
+        outcome.number_inputs[element.number_input.label] = (element.number_input.id, element.number_input.max)
     elif kind == "exception":
         outcome.errors.append(f"exception: {element.exception.type}: {element.exception.message}")
     elif kind == "alert":
@@ -523,6 +551,7 @@ async def run_class(
     heavy: int,
     database_url: Optional[str],
     sandbox_directory: Path,
+    heavy_kind: str = "strategies",
     seed: int = 7,
 ) -> ClassReport:
     rng = random.Random(seed)
@@ -555,7 +584,7 @@ async def run_class(
 
     walks_done = asyncio.Event()
     heavy_learners = [SimulatedLearner(learners + number, replicas[0]) for number in range(heavy)]
-    experiments = [asyncio.create_task(learner.experiment_until(walks_done)) for learner in heavy_learners]
+    experiments = [asyncio.create_task(learner.experiment_until(walks_done, heavy_kind)) for learner in heavy_learners]
     await asyncio.gather(*(start(learner, ramp_seconds * i / max(1, learners)) for i, learner in enumerate(simulated)))
     walks_done.set()
     await asyncio.gather(*experiments)
@@ -596,6 +625,7 @@ def measure(
     move_share: float = 0.0,
     browsers: int = 0,
     heavy: int = 0,
+    heavy_kind: str = "strategies",
     streamlit_flags: tuple[str, ...] = (),
     extra_environment: Optional[dict[str, str]] = None,
 ) -> ClassReport:
@@ -619,6 +649,7 @@ def measure(
                 move_share=move_share,
                 browsers=browsers,
                 heavy=heavy,
+                heavy_kind=heavy_kind,
                 database_url=database_url,
                 sandbox_directory=sandbox_directory,
             )
@@ -629,14 +660,31 @@ def measure(
         shutil.rmtree(workspace, ignore_errors=True)
 
 
-def fairness(*, learners: int = 10, heavy: int = 1) -> dict[str, Any]:
-    """Walking learners' click p95 with `heavy` learners running long experiments ÷ without them."""
-    quiet = measure(learners=learners).walking_click_p95() or 0.0
-    loaded = measure(learners=learners, heavy=heavy).walking_click_p95() or 0.0
-    return result(
-        "classroom", f"{learners} learners' click p95 with {heavy} running experiments ÷ without",
-        loaded / quiet if quiet else float("inf"), target="≤ 2×", met=bool(quiet) and loaded / quiet <= 2,
-    )  # fmt: skip
+def fairness(
+    *, learners: int = 10, heavy: int = 1, kinds: tuple[str, ...] = HEAVY_KINDS, think_seconds: float = 5.0
+) -> list[dict[str, Any]]:
+    """Walking learners' click p95 with `heavy` learners repeating one long experiment ÷ without them.
+
+    One quiet class first, then one class per kind of heavy experiment, all in this run: one row
+    per kind (the ratio), with the quiet p95, each loaded p95 and the machine's load beside it.
+    """
+    quiet = measure(learners=learners, think_seconds=think_seconds).walking_click_p95() or 0.0
+    rows = [result("classroom", f"fairness: {learners} learners' click p95, quiet", quiet * 1000, unit="ms")]
+    for kind in kinds:
+        loaded_report = measure(learners=learners, heavy=heavy, heavy_kind=kind, think_seconds=think_seconds)
+        loaded = loaded_report.walking_click_p95() or 0.0
+        heavy_clicks = [c for r in loaded_report.reports if r.heavy for c in r.clicks]
+        heavy_errors = sum(len(r.errors) for r in loaded_report.reports if r.heavy)
+        rows.append(result(
+            "classroom", f"fairness: click p95 beside {heavy} × {kind} ÷ quiet", loaded / quiet if quiet else float("inf"),
+            target="≤ 2×", met=bool(quiet) and loaded / quiet <= 2,
+        ))  # fmt: skip
+        rows.append(result(
+            "classroom", f"fairness: {kind}: loaded p95 · heavy clicks · heavy errors", loaded * 1000,
+            unit=f"ms · {len(heavy_clicks)} · {heavy_errors}",
+        ))  # fmt: skip
+    rows.append(result("classroom", "fairness: machine load (1-min average) at the end", os.getloadavg()[0], unit=""))
+    return rows
 
 
 def main() -> list[dict[str, Any]]:
@@ -644,7 +692,7 @@ def main() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for learners in (30, 100):
         rows += measure(learners=learners, browsers=2 if learners == 30 else 0).rows(f"{learners} learners")
-    rows.append(fairness())
+    rows += fairness()
     if source.resolve_database_target(os.environ.get("DATABASE_URL", "").strip() or None).kind == "postgresql":
         rows += measure(learners=60, replicas=2, move_share=0.3).rows("60 learners, 2 replicas, 30% moved")
     print_table(rows)
@@ -661,10 +709,15 @@ if __name__ == "__main__":
     parser.add_argument("--browsers", type=int, default=0, help="real Chromium learners walking at the same time")
     parser.add_argument("--heavy", type=int, default=0, help="learners running the long experiments meanwhile")
     parser.add_argument("--fairness", action="store_true", help="measure walking learners' p95 with and without --heavy")
+    parser.add_argument("--kind", action="append", choices=HEAVY_KINDS, default=[],
+                        help="heavy experiment(s) for --heavy / --fairness (repeatable; --fairness: all by default)")
     parser.add_argument("--flag", action="append", default=[], help="extra `streamlit run` flag, e.g. --flag=--runner.postScriptGC=true")
     arguments = parser.parse_args()
     if arguments.fairness:
-        print_table([fairness(learners=arguments.learners, heavy=max(1, arguments.heavy))])
+        kinds = tuple(arguments.kind) or HEAVY_KINDS
+        print(f"load average before: {os.getloadavg()}")
+        print_table(fairness(learners=arguments.learners, heavy=max(1, arguments.heavy), kinds=kinds,
+                             think_seconds=arguments.think))
         raise SystemExit(0)
     report = measure(
         learners=arguments.learners,
@@ -674,6 +727,7 @@ if __name__ == "__main__":
         move_share=arguments.move,
         browsers=arguments.browsers,
         heavy=arguments.heavy,
+        heavy_kind=(arguments.kind or ["strategies"])[0],
         streamlit_flags=tuple(arguments.flag),
     )
     print_table(report.rows(f"{arguments.learners} learners"))

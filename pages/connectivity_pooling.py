@@ -91,7 +91,8 @@ with st.form("pool_experiment"):
     pool_size = right.slider("Pool size (P)", 1, source.MAX_POOL_EXPERIMENT_CONCURRENCY, 5)
     if st.form_submit_button("Run Pooling Experiment"):
         try:
-            with st.spinner("Running; if other learners' experiments hold the connection budget, waiting for them…"):
+            with st.spinner("Running in QuLab's experiment process, one learner's experiment at a time; if others are "
+                            "ahead of yours or hold the connection budget, waiting for them…"):
                 st.session_state["pool_trials"] = lab.run(
                     source.run_pool_experiment, requests=requests, concurrency=concurrency, pool_size=pool_size
                 )
@@ -112,7 +113,8 @@ if trials:
     ))
     st.caption("Measured just now on this server; a busy machine moves both numbers, the ratio less so.")
     if pooled.waited_seconds >= 0.05:
-        st.info(f"Your experiment waited {pooled.waited_seconds:.1f} s for other learners' experiments to give back connections.")
+        st.info(f"Your experiment waited {pooled.waited_seconds:.1f} s for other learners' experiments (their turn in the "
+                "experiment process, or their connections).")
     if pooled.capped_by_budget:
         st.info(
             f"This server's connection budget allows {pooled.concurrency} connections for one experiment, so C and P "

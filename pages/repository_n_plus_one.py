@@ -117,7 +117,7 @@ def render_scale_up() -> None:
     sizes = st.multiselect("Numbers of users (N) to compare", source.SCALE_UP_SIZES, default=[10, 100, 1000])
     compare, remove = st.columns(2)
     if compare.button("Compare Loading Strategies", type="primary"):
-        with st.spinner("Creating the scale-up users still missing, then timing the four strategies…"):
+        with st.spinner("Timing the strategies in QuLab's experiment process, one at a time: yours may wait its turn…"):
             st.session_state[COMPARISON] = run_or_report(lab, "The comparison did not run.", source.scale_up_and_compare, sizes=sizes)
     if remove.button("Remove Scale-up Users"):
         if (removed := run_or_report(lab, "Nothing was removed.", source.remove_scale_up_users)) is not None:

@@ -1,0 +1,12 @@
+"""`python -m qulab_worker`: the experiment process (started by ExperimentWorker, talks on stdin/stdout)."""
+
+import os
+import sys
+
+from qulab_worker import serve
+
+if __name__ == "__main__":
+    # The answers get stdout's pipe to themselves; anything the experiment prints goes to stderr.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin.buffer, answers)
