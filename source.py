@@ -43,6 +43,7 @@ import random
 import re
 import secrets
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -158,6 +159,7 @@ class Settings:
     sqlite_max_overflow: int = 2
     sandbox_directory: Optional[str] = None  # None: /dev/shm when writable, else the temp dir
     redis_connect_timeout_seconds: float = 1.0
+    gil_switch_interval_ms: float = 5.0  # how long a busy thread keeps the GIL from one that waits (Python's 5 ms)
 
     def __post_init__(self) -> None:
         for url in (self.database_url, self.redis_url):  # so no log line or error text can show them
@@ -198,6 +200,7 @@ class Settings:
             sqlite_pool_size=int(number("QULAB_SQLITE_POOL_SIZE", cls.sqlite_pool_size, minimum=1)),
             sqlite_max_overflow=int(number("QULAB_SQLITE_MAX_OVERFLOW", cls.sqlite_max_overflow, minimum=0)),
             sandbox_directory=environ.get("QULAB_SANDBOX_DIR", "").strip() or None,
+            gil_switch_interval_ms=number("QULAB_GIL_SWITCH_INTERVAL_MS", cls.gil_switch_interval_ms, minimum=0.1),
         )
 
 
@@ -3566,6 +3569,7 @@ async def run_cache_experiment(
     cache = cache_for(sandbox)
     user_id = parse_entity_id(user_id)
     key = cache.user_key(user_id)
+    pacer = HeavyWorkPacer()  # thousands of reads: rest between slices so other learners' clicks get through
     trials = []
     for ratio in hit_ratios:
         await cache.get_user(user_id=user_id, metrics=CacheMetrics())  # warm the key; not counted
@@ -3573,9 +3577,10 @@ async def run_cache_experiment(
         metrics = CacheMetrics()
         outcomes, latencies = [], []
         for index in range(reads):
-            if (index + 1) * planned_misses // reads > index * planned_misses // reads:
-                await cache.invalidate_keys([key], reason="experiment", remember=False)
-            result = await cache.get_user(user_id=user_id, metrics=metrics)
+            async with pacer.unit():  # each read is timed on its own: the rests fall between reads
+                if (index + 1) * planned_misses // reads > index * planned_misses // reads:
+                    await cache.invalidate_keys([key], reason="experiment", remember=False)
+                result = await cache.get_user(user_id=user_id, metrics=metrics)
             outcomes.append(result.outcome)
             latencies.append(result.total_ms)
         trials.append(CacheTrial(float(ratio), tuple(outcomes), tuple(latencies), metrics))
@@ -3768,7 +3773,7 @@ BURST_FALLBACK_OCCUPATION = "15-1252.00"  # for users without an occupation code
 
 @dataclass(frozen=True)
 class BurstResult:
-    """What a burst of score writes committed (each write its own transaction) and how long it took."""
+    """What a burst of score writes committed (each write its own transaction) and how long it spent writing."""
 
     writes: int  # committed: each one a score and its event
     concurrency: int
@@ -3788,17 +3793,18 @@ async def store_airscore_burst(
     if not users:
         raise ValidationError("Your sandbox has no users yet: initialize it on page 2 first.", field="user_id")
     semaphore = asyncio.Semaphore(concurrency)
+    pacer = HeavyWorkPacer()  # rests between slices of writes, so other learners' clicks get through
 
     async def write(number: int) -> None:
         user = users[number % len(users)]
-        async with semaphore:
+        async with semaphore, pacer.unit():
             await calculate_and_store_airscore(
                 sandbox, user_id=user.id, occupation_code=user.occupation_code or BURST_FALLBACK_OCCUPATION
             )
 
     started = time.perf_counter()
     outcomes = await asyncio.gather(*(write(number) for number in range(count)), return_exceptions=True)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - pacer.rested_seconds  # time spent writing: no write runs in a rest
     errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
     for error in errors:
         if not isinstance(error, Exception):
@@ -5600,6 +5606,9 @@ class Runtime:
     def __init__(self, settings: Optional[Settings] = None) -> None:
         self.settings = settings or Settings.from_environment()
         resolve_database_target(self.settings.database_url)  # fail fast on a bad DATABASE_URL
+        # A click hands work between threads (server, script, this loop, drivers) many times; each
+        # hand-over waits up to this long while another thread runs Python. Process-wide.
+        sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="qulab-runtime", daemon=True)
         self._closed = False
@@ -5832,6 +5841,51 @@ class ExperimentDatabase:
 
     engine: AsyncEngine
     session_factory: async_sessionmaker[QuLabSession]
+
+
+class HeavyWorkPacer:
+    """Lets a long experiment that must stay in this process give way to other learners' clicks.
+
+    The cache experiment and the burst use this process's own Redis client, engine and outbox,
+    so they cannot move to the experiment process. Instead each unit of their work (a read, a
+    write) runs through `async with pacer.unit()`: after `slice_seconds` of work, the units in
+    flight finish, then the experiment rests `rest_ratio` times as long, leaving the loop and the
+    GIL to everyone else. Rests are counted in `rested_seconds`, so a result can leave them out of
+    what it measured (the burst's throughput is writes per second of writing).
+    """
+
+    def __init__(self, *, slice_seconds: float = 0.02, rest_ratio: float = 1.0) -> None:
+        self.slice_seconds = slice_seconds
+        self.rest_ratio = rest_ratio
+        self.rested_seconds = 0.0
+        self.rests = 0
+        self.resting = False
+        self._slice_started = time.monotonic()
+        self._gate = asyncio.Lock()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @asynccontextmanager
+    async def unit(self) -> AsyncIterator[None]:
+        """One unit of work; it starts only when the experiment is not resting."""
+        async with self._gate:
+            if time.monotonic() - self._slice_started >= self.slice_seconds:
+                await self._idle.wait()  # the units already running finish first: a rest is a real pause
+                rest = (time.monotonic() - self._slice_started) * self.rest_ratio
+                started, self.resting = time.monotonic(), True
+                await asyncio.sleep(rest)
+                self.rested_seconds += time.monotonic() - started
+                self.rests, self.resting = self.rests + 1, False
+                self._slice_started = time.monotonic()
+            self._in_flight += 1
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
 
 async def run_experiment_elsewhere(experiment: Callable[..., Awaitable[T]], /, **kwargs: Any) -> tuple[T, float]:

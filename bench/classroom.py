@@ -661,26 +661,33 @@ def measure(
 
 
 def fairness(
-    *, learners: int = 10, heavy: int = 1, kinds: tuple[str, ...] = HEAVY_KINDS, think_seconds: float = 5.0
+    *,
+    learners: int = 10,
+    heavy: int = 1,
+    kinds: tuple[str, ...] = HEAVY_KINDS,
+    think_seconds: float = 5.0,
+    extra_environment: Optional[dict[str, str]] = None,
+    label: str = "",
 ) -> list[dict[str, Any]]:
     """Walking learners' click p95 with `heavy` learners repeating one long experiment ÷ without them.
 
     One quiet class first, then one class per kind of heavy experiment, all in this run: one row
     per kind (the ratio), with the quiet p95, each loaded p95 and the machine's load beside it.
     """
-    quiet = measure(learners=learners, think_seconds=think_seconds).walking_click_p95() or 0.0
-    rows = [result("classroom", f"fairness: {learners} learners' click p95, quiet", quiet * 1000, unit="ms")]
+    options: dict[str, Any] = dict(learners=learners, think_seconds=think_seconds, extra_environment=extra_environment)
+    quiet = measure(**options).walking_click_p95() or 0.0
+    rows = [result("classroom", f"fairness{label}: {learners} learners' click p95, quiet", quiet * 1000, unit="ms")]
     for kind in kinds:
-        loaded_report = measure(learners=learners, heavy=heavy, heavy_kind=kind, think_seconds=think_seconds)
+        loaded_report = measure(heavy=heavy, heavy_kind=kind, **options)
         loaded = loaded_report.walking_click_p95() or 0.0
         heavy_clicks = [c for r in loaded_report.reports if r.heavy for c in r.clicks]
         heavy_errors = sum(len(r.errors) for r in loaded_report.reports if r.heavy)
         rows.append(result(
-            "classroom", f"fairness: click p95 beside {heavy} × {kind} ÷ quiet", loaded / quiet if quiet else float("inf"),
+            "classroom", f"fairness{label}: click p95 beside {heavy} × {kind} ÷ quiet", loaded / quiet if quiet else float("inf"),
             target="≤ 2×", met=bool(quiet) and loaded / quiet <= 2,
         ))  # fmt: skip
         rows.append(result(
-            "classroom", f"fairness: {kind}: loaded p95 · heavy clicks · heavy errors", loaded * 1000,
+            "classroom", f"fairness{label}: {kind}: loaded p95 · heavy clicks · heavy errors", loaded * 1000,
             unit=f"ms · {len(heavy_clicks)} · {heavy_errors}",
         ))  # fmt: skip
     rows.append(result("classroom", "fairness: machine load (1-min average) at the end", os.getloadavg()[0], unit=""))
@@ -711,13 +718,20 @@ if __name__ == "__main__":
     parser.add_argument("--fairness", action="store_true", help="measure walking learners' p95 with and without --heavy")
     parser.add_argument("--kind", action="append", choices=HEAVY_KINDS, default=[],
                         help="heavy experiment(s) for --heavy / --fairness (repeatable; --fairness: all by default)")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V[,K=V]",
+                        help="--fairness: repeat the whole measurement with these environment variables (repeatable)")
     parser.add_argument("--flag", action="append", default=[], help="extra `streamlit run` flag, e.g. --flag=--runner.postScriptGC=true")
     arguments = parser.parse_args()
     if arguments.fairness:
         kinds = tuple(arguments.kind) or HEAVY_KINDS
         print(f"load average before: {os.getloadavg()}")
-        print_table(fairness(learners=arguments.learners, heavy=max(1, arguments.heavy), kinds=kinds,
-                             think_seconds=arguments.think))
+        rows = []
+        for variant in arguments.env or [""]:  # each --env: a whole fairness run with that setting, in this run
+            environment = dict(pair.split("=", 1) for pair in variant.split(",") if pair)
+            rows += fairness(learners=arguments.learners, heavy=max(1, arguments.heavy), kinds=kinds,
+                             think_seconds=arguments.think, extra_environment=environment,
+                             label=f" ({variant})" if variant else "")  # fmt: skip
+        print_table(rows)
         raise SystemExit(0)
     report = measure(
         learners=arguments.learners,

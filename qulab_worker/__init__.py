@@ -12,7 +12,8 @@ core and take nothing from the app's.
 process, one call at a time: others wait in line (`queued` says how many). The process is a
 plain `python -m qulab_worker` reading pickled calls on its stdin (pickles only ever pass
 between this process and its own child). It does not re-import the app's entry script, as
-multiprocessing's spawn does. It starts on first use, and again after it died; a call it did not
+multiprocessing's spawn does. It runs at a lower CPU priority (nice 10), so on a busy
+machine the app's threads get the cores first. It starts on first use, and again after it died; a call it did not
 answer raises WorkerLostError. It exits when its stdin closes (the app exited or closed it).
 
 Nothing here imports source.py.
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional, TypeVar
 
 T = TypeVar("T")
+NICENESS = 10  # the process runs at this nice level: the app's own threads get the CPU first
 
 
 class WorkerLostError(RuntimeError):

@@ -64,3 +64,26 @@ async def test_a_killed_experiment_process_is_a_clear_error_and_the_next_experim
     comparison = await source.compare_loading_strategies(sandbox, sizes=[10], repeats=1)
     assert worker.process_id not in (None, dead)
     assert comparison.at(10)["lazy"].statements == 11
+
+
+async def test_a_paced_experiment_rests_between_slices_and_no_unit_runs_during_a_rest():
+    pacer = source.HeavyWorkPacer(slice_seconds=0.01, rest_ratio=1.0)
+    seen_resting, four_at_a_time = [], asyncio.Semaphore(4)
+
+    async def unit() -> None:
+        async with four_at_a_time, pacer.unit():
+            seen_resting.append(pacer.resting)
+            await asyncio.sleep(0.002)
+            seen_resting.append(pacer.resting)
+
+    await asyncio.gather(*(unit() for _ in range(60)))
+    assert pacer.rests >= 1 and pacer.rested_seconds > 0
+    assert len(seen_resting) == 120 and not any(seen_resting)
+
+
+async def test_a_paced_burst_still_commits_every_write_with_its_event(sandbox_with_users):
+    sandbox = sandbox_with_users
+    burst = await source.store_airscore_burst(sandbox, count=60)
+    assert (burst.writes, burst.failed) == (60, 0)
+    rows = await source.count_rows(sandbox)
+    assert (rows["air_scores"], rows["domain_events"]) == (60, 60)
