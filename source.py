@@ -159,7 +159,7 @@ class Settings:
     sqlite_max_overflow: int = 2
     sandbox_directory: Optional[str] = None  # None: /dev/shm when writable, else the temp dir
     redis_connect_timeout_seconds: float = 1.0
-    gil_switch_interval_ms: float = 5.0  # how long a busy thread keeps the GIL from one that waits (Python's 5 ms)
+    gil_switch_interval_ms: float = 1.0  # how long a busy thread keeps the GIL from one that waits (Python's: 5 ms)
 
     def __post_init__(self) -> None:
         for url in (self.database_url, self.redis_url):  # so no log line or error text can show them
