@@ -9,8 +9,9 @@ Measured in this process, on the backend DATABASE_URL names (embedded SQLite by 
   dormant (its checkpoint truncates the WAL).
 - pool_pre_ping on a SQLite sandbox: one checkout + SELECT 1 with pre-ping ÷ without.
 - Fairness: one learner's list_users p95 while another runs the pool experiment at its maximum,
-  ÷ the same p95 with nobody else busy; once with the trials on their own loop (as QuLab runs
-  them), once on the shared loop (as before), in the same run.
+  ÷ the same p95 with nobody else busy; once with the trials in the experiment process (as QuLab
+  runs them), once on the shared loop (as before), in the same run. bench/classroom.py --fairness
+  measures every long experiment through the real app.
 
     python3 bench/sandboxes.py [--learners 50]
 """
