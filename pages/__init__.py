@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover
 T = TypeVar("T")
 # A chart axis that shows its labels and title whole: Vega-Lite cuts long ones ("QueuePool (pool…") unless told not to.
 FULL_LABELS = alt.Axis(labelLimit=0, titleLimit=0)
+# Room inside a chart for what Vega-Lite draws past its plot: the end labels' overhang, a y title's glyphs.
+CHART_PADDING = {"left": 12, "right": 20, "top": 10, "bottom": 5}
 
 
 def open_page() -> source.Lab:
@@ -149,6 +151,14 @@ def plain_text(text: Optional[str]) -> str:
     """
     return "".join(f"\\{character}" if character in string.punctuation else character for character in text or "")
 
+
+# Short headers and a minute-precise time, so a users table fits a laptop-wide page instead of hiding columns to the right.
+USER_COLUMNS = {
+    "occupation_code": "occupation",
+    "education_level": "education",
+    "years_experience": st.column_config.NumberColumn("years", format="%g"),
+    "created_at": st.column_config.DatetimeColumn("created (UTC)", format="D MMM HH:mm"),
+}
 
 SEEN_USER_IDS = "qulab_seen_user_ids"  # ids of users this browser session was shown: a later miss means removed
 

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
+from pages import CHART_PADDING, kept_outcome, open_page, run_and_keep, run_or_report, show_code, show_section_progress
 
 lab = open_page()
 LAST_RESULT, EXPERIMENT = "cache_last_result", "cache_trials"
@@ -82,8 +82,8 @@ def render_experiment(trials) -> None:
     st.table(pd.DataFrame([source.cache_trial_row(trial) for trial in trials]))
     points = pd.DataFrame([source.cache_trial_point(trial) for trial in trials])
     base = alt.Chart(points).encode(x=alt.X("measured H:Q", title="hit ratio H", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")))
-    st.altair_chart(base.mark_line().encode(y=alt.Y("T_avg predicted (ms):Q", title="T_avg (ms)"))
-                    + base.mark_circle(size=90, color="#ef6c00").encode(y="T_avg measured (ms):Q"), width="stretch")
+    st.altair_chart(alt.layer(base.mark_line().encode(y=alt.Y("T_avg predicted (ms):Q", title="T_avg (ms)")),
+                              base.mark_circle(size=90, color="#ef6c00").encode(y="T_avg measured (ms):Q"), padding=CHART_PADDING), width="stretch")
     st.caption("T_avg against H, measured just now: the line is the formula, the dots the clock.")
 
 

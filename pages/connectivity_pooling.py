@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import FULL_LABELS, open_page, run_or_report, show_section_progress
+from pages import CHART_PADDING, FULL_LABELS, open_page, run_or_report, show_section_progress
 
 lab = open_page()
 
@@ -108,7 +108,7 @@ if trials:
     right.metric("Pooled ÷ NullPool", f"{pooled.throughput / unpooled.throughput:.2f}×")
     st.table(pd.DataFrame([source.pool_trial_row(trial) for trial in trials]))
     throughput = pd.DataFrame([{"pool": trial.label, "throughput (req/s)": trial.throughput} for trial in trials])
-    st.altair_chart(alt.Chart(throughput).mark_bar().encode(
+    st.altair_chart(alt.Chart(throughput, padding=CHART_PADDING).mark_bar().encode(
         x=alt.X("throughput (req/s):Q", axis=FULL_LABELS), y=alt.Y("pool:N", axis=FULL_LABELS, title=None, sort=None),
     ))
     st.caption("Measured just now on this server; a busy machine moves both numbers, the ratio less so.")

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import SEEN_USER_IDS, open_page, run_or_report, show_section_progress
+from pages import SEEN_USER_IDS, USER_COLUMNS, open_page, run_or_report, show_section_progress
 
 lab = open_page()
 MODELS = source.all_models()  # the guide's four, the consumer's inbox, and any table added later
@@ -83,7 +83,7 @@ def render_users() -> None:
     st.subheader("Users in your sandbox")
     users = run_or_report(lab, "Could not list users.", source.list_users) or []
     if users:
-        st.dataframe(pd.DataFrame([source.user_as_row(user) for user in users]), hide_index=True)
+        st.dataframe(pd.DataFrame([source.user_as_row(user) for user in users]), hide_index=True, column_config=USER_COLUMNS)
     else:
         st.info("No users yet. Create one above, or initialize the sample users in section 2.")
 

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages import FULL_LABELS, SEEN_USER_IDS, kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
+from pages import CHART_PADDING, FULL_LABELS, SEEN_USER_IDS, kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
 
 lab = open_page()
 USER_ID, PICK, ADDED = "n_plus_one_user_id", "n_plus_one_pick", "n_plus_one_added"
@@ -95,7 +95,7 @@ def show_comparison(comparison: source.StrategyComparison) -> None:
     largest, rows = comparison.sizes[-1], pd.DataFrame(comparison.rows())
     st.table(rows.assign(**{"median ms": rows["median ms"].map("{:.1f}".format),
                             "÷ selectinload": rows["÷ selectinload"].map("{:.1f}×".format)}))
-    st.altair_chart(alt.Chart(rows).mark_line(point=True).encode(
+    st.altair_chart(alt.Chart(rows, padding=CHART_PADDING).mark_line(point=True).encode(
         x=alt.X("N (users):Q", scale=alt.Scale(type="log"), axis=FULL_LABELS, title="N (users, log scale)"),
         y=alt.Y("median ms:Q", scale=alt.Scale(type="log"), axis=FULL_LABELS, title="median time (ms, log scale)"),
         color=alt.Color("strategy:N", legend=alt.Legend(labelLimit=0)),

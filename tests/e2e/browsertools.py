@@ -500,6 +500,23 @@ def cache_counts(page: "Page") -> tuple[str, str, str]:
     return shown["Hits"], shown["Misses"], shown["Errors"]
 
 
+def dataframe_hidden_widths(page: "Page") -> list[int]:
+    """For each st.dataframe in the main area: how many pixels of its columns lie beyond its right edge,
+    which a learner would have to scroll sideways to see (the grid itself keeps a few pixels of margin)."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll(
+        "[data-testid='stMain'] [data-testid='stDataFrame'] .dvn-scroller")).map(grid => grid.scrollWidth - grid.clientWidth)""")
+
+
+def clipped_chart_texts(page: "Page") -> list[str]:
+    """Texts the main area's charts draw partly outside their own drawing area, where they are cut off
+    (an axis title whose glyphs run past the chart's left edge, say)."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll("[data-testid='stMain'] svg text")).filter(text => {
+        const box = text.getBoundingClientRect(), frame = text.ownerSVGElement.getBoundingClientRect();
+        return box.width > 0 && (box.left < frame.left - 0.5 || box.right > frame.right + 0.5
+                                 || box.top < frame.top - 0.5 || box.bottom > frame.bottom + 0.5);
+    }).map(text => text.textContent)""")
+
+
 def chart_texts(page: "Page") -> list[str]:
     """Every text the main area's charts draw (axis labels and titles, legends), as Vega-Lite drew it.
 

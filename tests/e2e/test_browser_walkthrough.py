@@ -26,10 +26,12 @@ from .browsertools import (
     alerts,
     cache_counts,
     chart_texts,
+    clipped_chart_texts,
     app_pages,
     click,
     code_blocks,
     current_section,
+    dataframe_hidden_widths,
     fill,
     flip,
     fresh_visitor,
@@ -180,6 +182,8 @@ def test_section_1_creates_a_user_and_refuses_duplicates_and_bad_input(learner):
     assert page.locator("[data-testid='stMain'] b", has_text="Sam").count() == 0
 
     assert learner.stored_users() == [(new_id, "sam.learner@example.com")]
+    [hidden] = dataframe_hidden_widths(page)  # the users table: every column in view (it hid 200 px at 1280 wide)
+    assert hidden < 16, hidden
     screenshot(page, "1-data-models")
 
 
@@ -207,6 +211,7 @@ def test_section_2_initializes_the_sample_users_and_measures_pooling(learner):
     # The bar chart names both pools whole (Vega-Lite draws it a moment after the run).
     wait_until(page, "the chart's pool names", lambda: {pooled["pool"], unpooled["pool"]} <= set(chart_texts(page)))
     assert not [text for text in chart_texts(page) if text.endswith("…")], chart_texts(page)
+    assert not clipped_chart_texts(page)  # the axis's last label ("1,600") used to run past the chart's edge
     screenshot(page, "2-pooling")
 
 
@@ -263,6 +268,8 @@ def test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strateg
         "subqueryload": "2",
     }
     assert {(row["N (users)"], row["scores loaded"]) for row in comparison} == {("10", "50")}
+    wait_until(page, "the chart's y title", lambda: "median time (ms, log scale)" in chart_texts(page))
+    assert not clipped_chart_texts(page)  # the y title's glyphs used to run past the chart's left edge
     scale_up_users = [name for name in learner.stored_user_names() if name.startswith("Scale-up user #")]
     assert len(scale_up_users) == 10
 
@@ -317,6 +324,15 @@ def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
     assert "cannot reach Redis" not in sidebar_text(page) and "degraded" not in sidebar_text(page)
     fetch(FETCH_USER, "HIT")  # the copy stored before the outage is served again
     assert cache_counts(page) == ("3", "3", "1")
+
+    # The experiment: its table is text at three decimals (never padded to four), its chart fits.
+    click(page, "Run Cache Experiment")
+    [trials] = tables_with_column(page, "measured H")
+    assert [row["measured H"] for row in trials] == ["0.0%", "50.0%", "80.0%", "100.0%"], trials
+    times = [row[column] for row in trials for column in row if column.endswith("(ms)")]
+    assert all(time == "n/a" or re.fullmatch(r"\d+\.\d{3}", time) for time in times), times
+    wait_until(page, "the experiment's chart", lambda: "hit ratio H" in chart_texts(page))
+    assert not clipped_chart_texts(page)  # "T_avg (ms)" used to touch, and cross, the chart's left edge
 
 
 def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker_outage(learner):
