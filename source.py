@@ -61,6 +61,7 @@ from typing import Any, Generic, Optional, TypeVar
 
 import fakeredis
 import qulab_redis
+import qulab_sqlite
 import qulab_worker
 import redis.asyncio as redis_asyncio
 import redis.exceptions
@@ -759,9 +760,11 @@ def _sqlite_connection_setup(busy_timeout_seconds: float) -> Callable[[Any, Any]
 def create_engine_for(url: URL, settings: Settings, **overrides: Any) -> AsyncEngine:
     """An async engine with explicit pool settings; SQLite gets WAL, a busy timeout and foreign keys.
 
-    A SQLite sandbox serves one learner: a pool of one connection (each is a driver thread) and
-    no pre-ping (a local file does not drop connections). PostgreSQL's shared pool pre-pings,
-    because a server restart or a network cut does kill pooled connections.
+    A SQLite sandbox serves one learner: a pool of one connection and no pre-ping (a local file
+    does not drop connections). Its connections share the process's SQLite workers
+    (qulab_sqlite), so threads follow the operations running at once, not the learners.
+    PostgreSQL's shared pool pre-pings, because a server restart or a network cut does kill
+    pooled connections.
     """
     is_sqlite = url.get_backend_name() == "sqlite"
     options: dict[str, Any] = {
@@ -774,8 +777,9 @@ def create_engine_for(url: URL, settings: Settings, **overrides: Any) -> AsyncEn
     if options.get("poolclass") is NullPool:
         for pool_only in ("pool_size", "max_overflow", "pool_timeout"):
             options.pop(pool_only, None)
-    if is_sqlite:
-        options.setdefault("connect_args", {"timeout": settings.sqlite_busy_timeout_seconds})
+    if is_sqlite:  # no thread per connection: its operations run on the process's shared SQLite workers
+        creator = functools.partial(qulab_sqlite.connect, max_workers=settings.connection_budget)
+        options.setdefault("connect_args", {"timeout": settings.sqlite_busy_timeout_seconds, "async_creator_fn": creator})
     engine = create_async_engine(url, **options)
     if is_sqlite:
         event.listen(engine.sync_engine, "connect", _sqlite_connection_setup(settings.sqlite_busy_timeout_seconds))
