@@ -704,6 +704,7 @@ def all_models() -> list[type[Base]]:
     return [*MODEL_CLASSES, *others]
 
 
+@functools.cache  # the metadata is fixed once source.py is imported; section 1 draws it on every rerun
 def entity_relationship_dot() -> str:
     """A Graphviz diagram of the tables, their columns and foreign keys, read from the live metadata."""
     lines = [

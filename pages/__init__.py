@@ -18,6 +18,7 @@ fails with a clear message if a Streamlit upgrade drops it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import string
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ def show_code(*code_objects: Any, label: str = "The code this ran", where: Any =
             st.code(text, language="python")
 
 
+@functools.cache  # a class's line is found by reading its file: once per process, not on every rerun
 def _location(code_object: Any) -> str:
     """'source.py, line N' for a function, method or class defined in source.py."""
     function = inspect.unwrap(getattr(code_object, "__func__", code_object))
