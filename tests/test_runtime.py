@@ -231,3 +231,11 @@ def test_new_sandbox_gives_the_session_a_fresh_id_and_the_old_one_keeps_its_data
     assert new.sandbox_id == new_id != old.sandbox_id and url[source.SANDBOX_URL_PARAMETER] == new_id
     assert new.run(source.list_users) == []
     assert [u.email for u in old.run(source.list_users)] == ["kept@example.com"]
+
+
+def test_the_first_runtime_moves_the_startup_heap_out_of_the_collectors_reach(fresh_global_runtime):
+    """Full collections then skip the ~170,000 objects imports made (see freeze_startup_heap)."""
+    import gc
+
+    source.get_runtime()
+    assert gc.get_freeze_count() > 10_000
