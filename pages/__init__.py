@@ -122,12 +122,22 @@ def show_code(*code_objects: Any, label: str = "The code this ran", where: Any =
 
     Like `show_code` in Streamlit's hello demos: the listing is the code that executed, so it can
     never drift from it. Each object is one short listing (the lesson, not the hardening).
+    The listings are drawn only while the expander is open: every element costs server CPU on
+    every rerun of every learner, and most reruns never look at the code.
     """
-    with where.expander(label):
+    listing = where.expander(label, key=listing_key(label), on_change="rerun")
+    if not listing.open:
+        return
+    with listing:
         for code_object in code_objects:
             text = source.source_code(code_object)
             st.caption(f"{_location(code_object)} · {text.count(chr(10))} lines")
             st.code(text, language="python")
+
+
+def listing_key(label: str) -> str:
+    """The session-state key of a show_code expander (True while it is open)."""
+    return "qulab_listing_" + "".join(character if character.isalnum() else "_" for character in label.lower())
 
 
 @functools.cache  # a class's line is found by reading its file: once per process, not on every rerun

@@ -29,6 +29,19 @@ def open_page(app: AppTest, page: str) -> AppTest:
     return app
 
 
+def open_listings(app: AppTest) -> AppTest:
+    """Open every code listing on the page, as a learner clicking each expander does (show_code draws them only then)."""
+    import pages
+
+    for expander in app.main.expander:
+        key = pages.listing_key(expander.label)
+        if key in app.session_state:
+            app.session_state[key] = True
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
 def button(app: AppTest, label: str):
     """The one button with exactly this label."""
     matches = [b for b in app.button if b.label == label]

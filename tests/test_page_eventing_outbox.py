@@ -14,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import source
-from pagetools import button, click, lab_of, open_page, start_app, text_input, texts
+from pagetools import button, click, lab_of, open_listings, open_page, start_app, text_input, texts
 
 PAGE = "pages/eventing_outbox.py"
 CALCULATE = "Calculate & Store AIRScore (Creates Pending Event)"
@@ -182,6 +182,7 @@ def test_failed_events_are_shown_and_can_be_retried(app_with_users):
 
 
 def test_the_page_shows_the_outbox_code_from_the_live_source(app_with_users):
+    open_listings(app_with_users)
     [lesson] = [e for e in app_with_users.expander if e.label == "The outbox code, read from the running source"]
     [faults] = [e for e in app_with_users.expander if e.label == "How this survives faults"]
     listings = [code.value for code in lesson.code]

@@ -334,6 +334,11 @@ def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
     wait_until(page, "the experiment's chart", lambda: "hit ratio H" in chart_texts(page))
     assert not clipped_chart_texts(page)  # "T_avg (ms)" used to touch, and cross, the chart's left edge
 
+    # The code listings are drawn when their expander opens (a rerun), not on every rerun before.
+    assert not any(code.startswith("async def read(") for code in code_blocks(page))
+    page.locator("[data-testid='stExpander'] summary", has_text="The read-through cache, as it runs").click()
+    wait_until(page, "the cache's listing", lambda: any(code.startswith("async def read(") for code in code_blocks(page)))
+
 
 def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker_outage(learner):
     page = learner.page
