@@ -18,9 +18,9 @@ def act(what: str, operation, *, keep_as: str = LAST_RESULT, **kwargs) -> None:
 
 
 def button(label: str, operation, *, where=st, **kwargs) -> None:
-    """A button that runs its operation when clicked and keeps the outcome for render_result."""
-    if where.button(label, type="primary" if label.startswith("Fetch") else "secondary"):
-        act(label, operation, **kwargs)
+    """A button whose operation runs in its on_click callback, before the page draws (so one rerun shows its effect)."""
+    where.button(label, type="primary" if label.startswith("Fetch") else "secondary", on_click=run_and_keep,
+                 args=(lab, LAST_RESULT, f"{label} failed.", operation), kwargs=kwargs)
 
 
 def render_redis(status: source.CacheStatus) -> None:

@@ -29,6 +29,17 @@ def open_page(app: AppTest, page: str) -> AppTest:
     return app
 
 
+def reload(app: AppTest) -> AppTest:
+    """The browser reloaded: a new session that finds its sandbox through ?sandbox= in the URL.
+
+    (AppTest runs app.py, and so draws the sidebar, only on a session's first run and when a page
+    calls st.rerun; in a browser every rerun draws it. To read the sidebar after a click, reload.)
+    """
+    again = AppTest.from_file(str(APP), default_timeout=60)
+    again.query_params[source.SANDBOX_URL_PARAMETER] = app.session_state[source.SANDBOX_STATE_KEY]
+    return again.run()
+
+
 def open_listings(app: AppTest) -> AppTest:
     """Open every code listing on the page, as a learner clicking each expander does (show_code draws them only then)."""
     import pages

@@ -9,7 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import source
-from pagetools import button, charts, click, lab_of, open_listings, open_page, start_app, text_input, texts
+from pagetools import button, charts, click, lab_of, open_listings, open_page, reload, start_app, text_input, texts
 
 PAGE = "pages/caching.py"
 FETCH_USER, FETCH_SCORE = "Fetch User (Cached)", "Fetch Latest AIRScore (Cached)"
@@ -113,12 +113,13 @@ def test_a_new_score_is_what_the_next_fetch_returns(app):
 def test_an_outage_keeps_reads_answered_and_recovery_brings_hits_back(app):
     click(app, FETCH_USER)
     click(app, "Cut Redis for My Sandbox")
-    assert any("cannot reach Redis" in w.value for w in app.sidebar.warning)
+    assert any("Redis is cut off for your sandbox" in w.value for w in app.main.warning)
+    assert any("cannot reach Redis" in w.value for w in reload(app).sidebar.warning)
     click(app, FETCH_USER)
     assert metric(app, "Outcome") == "FALLBACK" and not app.error
     assert metric(app, "Errors") == "1"
     click(app, "Reconnect Redis")
-    assert not app.sidebar.warning
+    assert not reload(app).sidebar.warning and not app.main.warning
     click(app, FETCH_USER)
     assert metric(app, "Outcome") == "HIT"
 

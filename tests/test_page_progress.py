@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import source
-from pagetools import APP, button, click, lab_of, open_page, start_app, text_input
+from pagetools import APP, button, click, lab_of, open_page, reload, start_app, text_input
 
 REQUIRED = sum(not step.optional for step in source.STEPS)
 
@@ -33,16 +33,6 @@ def section_list(app: AppTest) -> str:
     panels = [expander for expander in app.main.expander if re.fullmatch(r"\d+ of \d+ steps done", expander.label)]
     assert len(panels) == 1, [expander.label for expander in app.main.expander]
     return "\n".join(shown_text(element.value) for element in panels[0].markdown)
-
-
-def reload(app: AppTest) -> AppTest:
-    """The browser reloaded: a new session that finds its sandbox through ?sandbox= in the URL.
-
-    (AppTest runs app.py, and so draws the sidebar, only on a session's first run.)
-    """
-    again = AppTest.from_file(str(APP), default_timeout=60)
-    again.query_params[source.SANDBOX_URL_PARAMETER] = app.session_state[source.SANDBOX_STATE_KEY]
-    return again.run()
 
 
 def recaps(app: AppTest) -> list[str]:
