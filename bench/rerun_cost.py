@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -23,8 +24,6 @@ from typing import Any
 
 from benchtools import PROJECT_ROOT, print_table, result
 from classroom import INITIALIZE, SimulatedLearner, _CLOCK_TICKS, start_replica, stop_replica
-
-import os
 
 PAGES = {
     "Introduction": "",
@@ -75,6 +74,7 @@ async def _measure_trivial(replica: Any, reruns: int) -> tuple[float, float]:
 
 
 def main(reruns: int = 60) -> list[dict[str, Any]]:
+    """For bench/run_all.py: each page's bare rerun against the trivial page, both servers started here."""
     workspace = Path(tempfile.mkdtemp(prefix="qulab-rerun-cost-"))
     environment = dict(os.environ, QULAB_SANDBOX_DIR=str(workspace / "sandboxes"))
     trivial_app = workspace / "trivial" / "app.py"

@@ -138,6 +138,7 @@ BENCHMARKS = (
     Benchmark("pool"),
     Benchmark("sandboxes"),  # one sandbox awake and dormant (RSS, threads, WAL), pre-ping, fairness
     Benchmark("classroom"),  # a real `streamlit run app.py` and simulated learners over its websocket
+    Benchmark("rerun_cost"),  # server CPU per bare rerun of each page against a trivial 3-line page
     Benchmark("outbox_tabs"),  # idle Chromium tabs on section 5, publisher on, against a trivial page
 )
 BACKENDS = ("embedded", "servers")
