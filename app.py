@@ -56,7 +56,7 @@ def render_status(status: source.RuntimeStatus) -> None:
     sidebar.caption(lines(
         status.database,
         f"Note: {status.database_note}." if status.database_note else "",
-        f"Pool: {status.pool_size} connections + {status.max_overflow} overflow, "
+        f"Pool: {status.pool_size} connection{'s' if status.pool_size != 1 else ''} + {status.max_overflow} overflow, "
         f"{status.pool_timeout_seconds:g} s checkout timeout, pre-ping {'on' if status.pool_pre_ping else 'off'}.",
     ))  # fmt: skip
     redis_label = "real Redis server" if status.redis_mode == "redis" else "fakeredis (in-process Redis)"
