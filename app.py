@@ -90,7 +90,7 @@ def render_status(status: source.RuntimeStatus) -> None:
         f"Connections: {status.connections_in_use} of {status.connection_budget} in use.",
         # the outbox's promise depends on the broker keeping its stream
         f"Outbox: a broker restart could lose events. {durability.description}"
-        if durability is not None and durability.restart_can_lose_events else "",
+        if durability.restart_can_lose_events else "",
     ))  # fmt: skip
     if status.sandbox_notice:
         st.info(status.sandbox_notice)

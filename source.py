@@ -5581,7 +5581,7 @@ class RuntimeStatus:
     connection_budget: int
     sandbox_idle_minutes: float
     sandbox_grace_seconds: float
-    broker_durability: Optional[BrokerDurability] = None  # read in the same round trip: one per rerun
+    broker_durability: BrokerDurability  # read in the same round trip: one per rerun
 
 
 def _as_qulab_error(error: Exception, what: str, settings: Settings) -> QuLabError:
@@ -5780,13 +5780,12 @@ class Lab:
         runtime = self.runtime
 
         async def collect(sandbox: Sandbox) -> RuntimeStatus:
-            status = _collect_status(runtime, sandbox)
-            return replace(status, broker_durability=await broker_durability(sandbox))
+            return _collect_status(runtime, sandbox, await broker_durability(sandbox))
 
         return self.run(collect, timeout=30)
 
 
-def _collect_status(runtime: Runtime, sandbox: Sandbox) -> RuntimeStatus:
+def _collect_status(runtime: Runtime, sandbox: Sandbox, durability: BrokerDurability) -> RuntimeStatus:
     registry, settings = runtime.sandboxes, runtime.settings
     capacity = registry.capacity()
     counts = registry.counts()
@@ -5821,6 +5820,7 @@ def _collect_status(runtime: Runtime, sandbox: Sandbox) -> RuntimeStatus:
         connection_budget=registry.budget.total,
         sandbox_idle_minutes=settings.sandbox_idle_seconds / 60,
         sandbox_grace_seconds=settings.sandbox_grace_seconds,
+        broker_durability=durability,
     )
 
 

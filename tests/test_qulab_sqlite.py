@@ -122,4 +122,4 @@ async def test_sandbox_engines_use_the_shared_workers(registry):
     async with sandboxes[0].engine.connect() as connection:
         driver = (await connection.get_raw_connection()).driver_connection
         assert isinstance(driver, qulab_sqlite.SharedWorkerConnection)
-    assert threading.active_count() - before <= 1 and pool.threads <= pool.peak_threads
+    assert threading.active_count() - before <= 1  # aiosqlite alone: a thread per sandbox, 20 here
