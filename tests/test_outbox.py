@@ -256,6 +256,30 @@ async def test_each_stream_message_carries_the_event_id_and_its_payload(sandbox_
     assert event.status == "published" and event.published_at >= event.created_at and event.claimed_by is None
 
 
+async def test_each_published_event_records_its_own_stream_entry_id(sandbox):
+    ids = await add_pending_events(sandbox, 7)
+    publisher = OutboxPublisher(sandbox, replace(FAST, batch_size=5))
+    assert await drain(publisher) == 7
+    entries = await sandbox.redis.client.xrange(sandbox.redis.key("events"))
+    entry_of = {fields["event_id"]: entry_id for entry_id, fields in entries}
+    async with get_session(sandbox) as session:
+        recorded = dict((await session.execute(select(DomainEvent.id, DomainEvent.stream_id))).all())
+    assert recorded == entry_of and set(recorded) == set(ids)
+
+
+async def test_a_mark_leaves_alone_an_event_whose_lease_another_publisher_took(sandbox):
+    [taken, kept] = await add_pending_events(sandbox, 2)
+    first = OutboxPublisher(sandbox, FAST, name="first")
+    async with first._autocommit.connect() as connection:
+        assert {event.id for event in await first.claim_due_events(connection)} == {taken, kept}
+        async with get_session(sandbox) as session:  # the lease passes to another publisher meanwhile
+            (await session.get(DomainEvent, taken)).claimed_by = "second"
+        assert await first._mark_published(connection, {taken: "1-1", kept: "1-2"}) == 1
+    async with get_session(sandbox) as session:
+        rows = {row.id: (row.status, row.stream_id) for row in (await session.scalars(select(DomainEvent))).all()}
+    assert rows == {taken: ("pending", None), kept: ("published", "1-2")}
+
+
 async def test_the_running_publisher_is_woken_by_the_commit_not_the_poll(sandbox_with_users):
     service = source.outbox_service(sandbox_with_users, replace(FAST, idle_wait_seconds=60, idle_wait_max_seconds=60))
     assert await service.start()
