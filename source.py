@@ -2262,10 +2262,22 @@ class SandboxRegistry:
         return {"dormant": slept, "deleted": deleted, "kept": kept_for_another_replica}
 
     async def release(self, sandbox_id: str, reason: str = "released") -> bool:
-        """Delete a sandbox now, whoever holds it: stop its workers, free its engine, delete its data and keys."""
+        """Delete a sandbox now, whoever holds it: stop its workers, free its engine, delete its data and keys.
+
+        Its outbox flush and engine close (seconds with a slow broker) run outside the lock, as a
+        sleep does: other learners' opens never wait for them.
+        """
         async with self._lock:
             sandbox = self._sandboxes.get(sandbox_id)
-            return sandbox is not None and await self._delete(sandbox, reason, only_if_expired=False)
+            if sandbox is None:
+                return False
+            going = self._begin_sleep(sandbox)
+        if going is not None:
+            await asyncio.shield(going)
+        async with self._lock:
+            if self._sandboxes.get(sandbox_id) is not sandbox:
+                return False  # released by someone else meanwhile
+            return await self._delete(sandbox, reason, only_if_expired=False)
 
     async def _delete(self, sandbox: Sandbox, reason: str, *, only_if_expired: bool) -> bool:
         await self._sleep(sandbox)

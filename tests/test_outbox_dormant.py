@@ -93,3 +93,30 @@ async def test_making_room_in_a_full_class_does_not_wait_for_the_sleeper_to_flus
 
 def _going(sandbox: source.Sandbox) -> bool:
     return sandbox.going_dormant is not None and not sandbox.going_dormant.done()
+
+
+async def test_releasing_a_sandbox_whose_flush_hangs_on_a_frozen_broker_blocks_no_other_learner(settings):
+    with servers.redis_server_process() as (url, redis_process):
+        on_redis = replace(settings, redis_url=url)
+        redis_service = await source.RedisService.connect(on_redis)
+        registry = source.SandboxRegistry(on_redis, redis_service)
+        try:
+            doomed = await registry.acquire(source.new_sandbox_id(), holder="learner-a")
+            outbox = source.outbox_service(doomed, replace(FAST, broker_timeout_seconds=5.0, stop_timeout_seconds=10))
+            assert await outbox.start()
+            redis_process.send_signal(signal.SIGSTOP)
+            await add_pending_events(doomed, 3)  # wakes the publisher: its XADD hangs
+
+            release = asyncio.create_task(registry.release(doomed.id, "the learner asked for it"))
+            await eventually(lambda: _going_dormant(doomed))
+            newcomer = await registry.acquire(source.new_sandbox_id(), holder="learner-b")
+            assert newcomer.awake and not release.done()  # B got in while A's release still flushes
+            redis_process.send_signal(signal.SIGCONT)
+            assert await release is True
+            assert registry.get_existing(doomed.id) is None and not outbox.running
+            async with source.get_session(newcomer) as session:  # B's sandbox works
+                assert await session.scalar(source.select(source.func.count()).select_from(source.DomainEvent)) == 0
+        finally:
+            redis_process.send_signal(signal.SIGCONT)
+            await registry.close()
+            await redis_service.close()
