@@ -3904,7 +3904,9 @@ class OutboxSettings:
     broker_timeout_seconds: float = 2.0  # a broker call slower than this counts as an outage
     audit_interval_seconds: float = 30.0  # how often published-but-unconsumed events are checked
     audit_batch_size: int = 500
-    keep_published_events: int = 1_000  # older events, published AND consumed, are pruned (the demo keeps these)
+    # Older events, published AND consumed, are pruned: the panel reads at most these (it shows 10,
+    # and its latencies come from the newest LATENCY_SAMPLE_SIZE), so its cost stays flat with history.
+    keep_published_events: int = 200
     inbox_retention_seconds: float = 86_400.0  # the consumer remembers an event id this long, to deduplicate
     stop_timeout_seconds: float = 10.0
 
@@ -4443,7 +4445,27 @@ async def prune_delivered_events(sandbox: Sandbox, *, keep: int, inbox_retention
             await connection.execute(delete(_EVENTS).where(events.id.in_(doomed)))
         forgotten = utc_now() - timedelta(seconds=inbox_retention_seconds)
         await connection.execute(delete(ConsumedEvent).where(ConsumedEvent.consumed_at < forgotten))
+    if sandbox.backend == "postgresql" and len(doomed) >= VACUUM_AFTER_PRUNING:
+        await _vacuum_events(sandbox)
     return len(doomed)
+
+
+# PostgreSQL keeps a deleted row's version until VACUUM: right after a large prune every status
+# query still walked 20,000 dead index entries (the panel read 2–3.5× slower than at 100 events)
+# until autovacuum came round. Pruning this many rows vacuums the table at once.
+VACUUM_AFTER_PRUNING = 1_000
+
+
+async def _vacuum_events(sandbox: Sandbox) -> None:
+    """VACUUM (ANALYZE) the events and the inbox of this sandbox's schema, outside a transaction as it must be.
+
+    The inbox is only analyzed with it: it grew by every event, and a planner that still thinks it
+    empty counts delivered events by scanning all of it.
+    """
+    schema = f'"{sandbox.location}"'  # a validated sandbox id
+    tables = f"{schema}.{_EVENTS.name}, {schema}.{ConsumedEvent.__table__.name}"
+    async with sandbox.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as connection:
+        await connection.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
 
 
 LEASE_END_MARGIN_SECONDS = 0.05  # look just after another relay's lease has ended, not just before
@@ -4927,7 +4949,7 @@ class OutboxStatus:
 
 
 RATE_WINDOW_SECONDS = 5.0
-LATENCY_SAMPLE_SIZE = 500
+LATENCY_SAMPLE_SIZE = 200  # the median and p95 latencies are over the newest this many
 
 
 def _event_row(event: DomainEvent) -> dict[str, Any]:

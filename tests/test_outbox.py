@@ -551,3 +551,39 @@ async def test_releasing_the_sandbox_stops_its_publisher(registry):
     assert service.running
     await registry.release(sandbox.id)
     assert not service.running
+
+
+async def _publish_consume_and_prune(sandbox: source.Sandbox, count: int, keep: int) -> int:
+    await add_pending_events(sandbox, count)
+    service = source.outbox_service(sandbox, replace(FAST, batch_size=500))
+    await drain(service.publisher)
+    while (await service.consumer.consume_batch()).received:
+        pass
+    pruned = 0
+    while step := await source.prune_delivered_events(sandbox, keep=keep, inbox_retention_seconds=3600):
+        pruned += step
+    return pruned
+
+
+async def test_a_large_history_is_pruned_down_to_the_newest_kept_events(sandbox):
+    assert await _publish_consume_and_prune(sandbox, 1_500, keep=200) >= 1_500 - 200 - 500  # a batch stays whole
+    async with get_session(sandbox) as session:
+        left = await session.scalar(select(func.count()).select_from(DomainEvent))
+    assert 200 <= left <= 200 + 500
+    status = await source.outbox_status(sandbox, limit=10)
+    assert status.published == status.delivered == left and len(status.published_events) == 10
+
+
+async def test_a_large_prune_on_postgresql_vacuums_the_events_and_the_inbox_at_once(postgres_registry):
+    sandbox = await postgres_registry.acquire(source.new_sandbox_id())
+    assert await _publish_consume_and_prune(sandbox, 1_500, keep=200) >= source.VACUUM_AFTER_PRUNING
+    async with sandbox.engine.connect() as connection:
+        vacuumed = dict(
+            (
+                await connection.execute(
+                    text("SELECT relname, last_vacuum IS NOT NULL FROM pg_stat_user_tables WHERE schemaname = :schema"),
+                    {"schema": sandbox.location},
+                )
+            ).all()
+        )
+    assert vacuumed[DomainEvent.__tablename__] and vacuumed[ConsumedEvent.__tablename__]
