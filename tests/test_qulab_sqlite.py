@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 import qulab_sqlite
 import source
@@ -123,3 +123,31 @@ async def test_sandbox_engines_use_the_shared_workers(registry):
         driver = (await connection.get_raw_connection()).driver_connection
         assert isinstance(driver, qulab_sqlite.SharedWorkerConnection)
     assert threading.active_count() - before <= 1  # aiosqlite alone: a thread per sandbox, 20 here
+
+
+async def test_a_statement_one_sandbox_compiled_is_not_compiled_again_for_another(registry):
+    """Each SQLite sandbox has its own engine; the SQL they run is compiled once per process."""
+    if registry.backend != "sqlite":
+        pytest.skip("SQLite sandboxes only (PostgreSQL sandboxes share one engine)")
+    first = await registry.acquire(source.new_sandbox_id())
+    second = await registry.acquire(source.new_sandbox_id())
+
+    async def compile_misses(sandbox: source.Sandbox) -> int:
+        misses = []
+
+        def record(conn, cursor, statement, parameters, context, executemany) -> None:
+            misses.append(context.cache_hit == context.dialect.CACHE_MISS)
+
+        event.listen(sandbox.engine.sync_engine, "before_cursor_execute", record)
+        try:
+            await source.init_db(sandbox, reset=True)
+            await source.list_users(sandbox)
+            await source.outbox_status(sandbox, limit=10)
+        finally:
+            event.remove(sandbox.engine.sync_engine, "before_cursor_execute", record)
+        assert len(misses) > 10
+        return sum(misses)
+
+    await compile_misses(first)  # compiles whatever this process had not compiled yet
+    assert await compile_misses(second) == 0
+    assert first.engine.sync_engine.dialect is second.engine.sync_engine.dialect
