@@ -94,7 +94,7 @@ from sqlalchemy.dialects.postgresql import ARRAY as PostgresArray
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncAttrs,
@@ -2272,17 +2272,16 @@ class SandboxRegistry:
         Its outbox flush and engine close (seconds with a slow broker) run outside the lock, as a
         sleep does: other learners' opens never wait for them.
         """
-        async with self._lock:
-            sandbox = self._sandboxes.get(sandbox_id)
-            if sandbox is None:
-                return False
-            going = self._begin_sleep(sandbox)
-        if going is not None:
+        while True:
+            async with self._lock:
+                sandbox = self._sandboxes.get(sandbox_id)
+                if sandbox is None:
+                    return False  # never here, or released by someone else meanwhile
+                going = self._begin_sleep(sandbox)
+                if going is None:  # dormant, its flush done: deleting it takes no wait
+                    return await self._delete(sandbox, reason, only_if_expired=False)
+            # A learner returning meanwhile may wake it again: then it goes back to sleep, here.
             await asyncio.shield(going)
-        async with self._lock:
-            if self._sandboxes.get(sandbox_id) is not sandbox:
-                return False  # released by someone else meanwhile
-            return await self._delete(sandbox, reason, only_if_expired=False)
 
     async def _delete(self, sandbox: Sandbox, reason: str, *, only_if_expired: bool) -> bool:
         await self._sleep(sandbox)
@@ -4451,7 +4450,10 @@ async def prune_delivered_events(sandbox: Sandbox, *, keep: int, inbox_retention
         forgotten = utc_now() - timedelta(seconds=inbox_retention_seconds)
         await connection.execute(delete(ConsumedEvent).where(ConsumedEvent.consumed_at < forgotten))
     if sandbox.backend == "postgresql" and len(doomed) >= VACUUM_AFTER_PRUNING:
-        await _vacuum_events(sandbox)
+        try:
+            await _vacuum_events(sandbox)
+        except SQLAlchemyError as error:  # the prune committed; autovacuum will get there later
+            logger.warning("could not vacuum the events of sandbox %s: %s", sandbox.id, error)
     return len(doomed)
 
 
@@ -4467,7 +4469,7 @@ async def _vacuum_events(sandbox: Sandbox) -> None:
     The inbox is only analyzed with it: it grew by every event, and a planner that still thinks it
     empty counts delivered events by scanning all of it.
     """
-    schema = f'"{sandbox.location}"'  # a validated sandbox id
+    schema = quoted_schema(sandbox.location)
     tables = f"{schema}.{_EVENTS.name}, {schema}.{ConsumedEvent.__table__.name}"
     async with sandbox.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as connection:
         await connection.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
@@ -6018,7 +6020,12 @@ SANDBOX_URL_PARAMETER = "sandbox"
 def get_runtime() -> Runtime:
     """The process-wide runtime, started on first use."""
     global _runtime
-    with _runtime_lock:
+    running = _runtime
+    if running is not None and not running._closed:
+        return running
+    # Starting it waits for the loop (Runtime.run gives the rerun's turn up): never hold the
+    # lock while waiting for a turn, or the reruns holding turns and waiting here never move.
+    with SCRIPT_TURNS.given_up(), _runtime_lock:
         if _runtime is None or _runtime._closed:
             _runtime = Runtime()
             freeze_startup_heap()

@@ -17,15 +17,18 @@ waits for the loop (`Runtime.run`), so a slow query or experiment never holds on
 
 from __future__ import annotations
 
+import collections
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["ScriptTurns"]
+__all__ = ["ScriptTurns", "RESUME_WAIT_SECONDS"]
+
+RESUME_WAIT_SECONDS = 1.0
 
 
 class ScriptTurns:
-    """A fair (first come, first served) limit on how many threads run a script at once."""
+    """A limit on how many threads run a script at once: first come, first served, a run under way first."""
 
     def __init__(self, slots: int) -> None:
         if slots < 1:
@@ -33,7 +36,11 @@ class ScriptTurns:
         self.slots = slots
         self._lock = threading.Lock()
         self._free = slots
-        self._waiting: "list[threading.Lock]" = []  # in arrival order: a released turn goes to the first
+        # Waiting threads, in arrival order: reruns coming back from a wait go before reruns that
+        # have not started, so a click already under way finishes first instead of queueing
+        # again behind every newcomer at each of its queries.
+        self._resuming: "collections.deque[threading.Lock]" = collections.deque()
+        self._starting: "collections.deque[threading.Lock]" = collections.deque()
         self._holding = threading.local()
 
     @property
@@ -45,25 +52,36 @@ class ScriptTurns:
     def waiting(self) -> int:
         """Threads waiting for a turn now."""
         with self._lock:
-            return len(self._waiting)
+            return len(self._resuming) + len(self._starting)
 
-    def _take(self) -> None:
+    def _take(self, *, resuming: bool = False) -> None:
         with self._lock:
-            if self._free and not self._waiting:
+            if self._free and not (self._resuming or self._starting):
                 self._free -= 1
                 self._holding.turn = True
                 return
+            line = self._resuming if resuming else self._starting
             ticket = threading.Lock()
             ticket.acquire()
-            self._waiting.append(ticket)
-        ticket.acquire()  # released by _give when this thread's turn comes (the turn is handed over)
-        self._holding.turn = True
+            line.append(ticket)
+        # Released by _give when this thread's turn comes (the turn is handed over). A rerun coming
+        # back from a wait may hold a lock the turns' holders wait for; after RESUME_WAIT_SECONDS
+        # it goes on without a turn rather than wait forever (the limit bends; nothing deadlocks).
+        got = ticket.acquire(timeout=RESUME_WAIT_SECONDS if resuming else -1)
+        if not got:
+            with self._lock:
+                try:
+                    line.remove(ticket)
+                except ValueError:  # handed over between the timeout and now: it is ours
+                    got = ticket.acquire()
+        self._holding.turn = got
 
     def _give(self) -> None:
         self._holding.turn = False
         with self._lock:
-            if self._waiting:
-                self._waiting.pop(0).release()  # hand the turn straight to the longest waiter
+            waiting = self._resuming or self._starting
+            if waiting:
+                waiting.popleft().release()  # hand the turn straight to the first in line
             else:
                 self._free += 1
 
@@ -90,4 +108,4 @@ class ScriptTurns:
         try:
             yield
         finally:
-            self._take()
+            self._take(resuming=True)

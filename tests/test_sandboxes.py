@@ -289,3 +289,31 @@ async def test_a_dormant_sandbox_keeps_no_cache_settler_running_and_resumes_it_o
             break
         await asyncio.sleep(0.05)
     assert coherence.pending_writes == 0
+
+
+async def test_a_release_racing_a_returning_learner_never_flushes_with_the_registry_locked(registry):
+    """The learner wakes the sandbox while its release waits; the release puts it back to sleep outside the lock."""
+    sandbox = await registry.acquire(source.new_sandbox_id())
+    first_flush_may_end, second_flush_may_end = asyncio.Event(), asyncio.Event()
+    flushes = 0
+
+    async def slow_flush(_sandbox) -> None:  # as a flush to a slow broker
+        nonlocal flushes
+        flushes += 1
+        await (first_flush_may_end if flushes == 1 else second_flush_may_end).wait()
+
+    sandbox.dormant_listeners.append(slow_flush)
+    async with registry._lock:  # a sweep puts it to sleep
+        sleeping = registry._begin_sleep(sandbox)
+    back = asyncio.create_task(registry.acquire(sandbox.id, holder="learner"))
+    release = asyncio.create_task(registry.release(sandbox.id, "the learner asked for it"))
+    await asyncio.sleep(0)
+    first_flush_may_end.set()
+    await sleeping
+    assert await back is sandbox  # woken for the learner...
+    while flushes < 2:  # ...then the release puts it to sleep again
+        await asyncio.sleep(0.01)
+    newcomer = await asyncio.wait_for(registry.acquire(source.new_sandbox_id(), holder="someone else"), 10)
+    assert newcomer.awake and not release.done()  # got in while the release's flush still waits
+    second_flush_may_end.set()
+    assert await release is True and registry.get_existing(sandbox.id) is None
