@@ -115,18 +115,17 @@ def render_class_full(error: source.ClassFullError) -> None:
     )
 
 
-with source.script_turn():  # a few reruns draw at once, the others wait their turn (see qulab_turns)
-    try:
-        hold = browser_session_hold(st.session_state.setdefault("qulab_session_key", source.new_sandbox_id()))
-        lab = source.lab_for_browser_session(st.session_state, st.query_params, hold=hold)
-        render_navigation(lab.sandbox_id)  # before anything that can stop the run: the links always show
-        render_status(lab.status())
-    except source.ClassFullError as error:
-        render_class_full(error)
-        st.stop()
-    except source.QuLabError as error:
-        st.error(f"QuLab cannot start its data layer: {error}")
-        st.stop()
+try:
+    hold = browser_session_hold(st.session_state.setdefault("qulab_session_key", source.new_sandbox_id()))
+    lab = source.lab_for_browser_session(st.session_state, st.query_params, hold=hold)
+    render_navigation(lab.sandbox_id)  # before anything that can stop the run: the links always show
+    render_status(lab.status())
+except source.ClassFullError as error:
+    render_class_full(error)
+    st.stop()
+except source.QuLabError as error:
+    st.error(f"QuLab cannot start its data layer: {error}")
+    st.stop()
 
-    navigation.run()
-    render_progress(lab)  # after the page: counts this click too
+navigation.run()
+render_progress(lab)  # after the page: counts this click too

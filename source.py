@@ -53,7 +53,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
-from contextlib import AbstractContextManager, aclosing, asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -63,7 +63,6 @@ from typing import Any, Generic, Optional, TypeVar
 import fakeredis
 import qulab_redis
 import qulab_sqlite
-import qulab_turns
 import qulab_worker
 import redis.asyncio as redis_asyncio
 import redis.exceptions
@@ -165,7 +164,6 @@ class Settings:
     sandbox_directory: Optional[str] = None  # None: /dev/shm when writable, else the temp dir
     redis_connect_timeout_seconds: float = 1.0
     gil_switch_interval_ms: float = 1.0  # how long a busy thread keeps the GIL from one that waits (Python's: 5 ms)
-    script_turns: int = 2  # reruns that run Python at once; the others wait their turn (qulab_turns)
 
     def __post_init__(self) -> None:
         for url in (self.database_url, self.redis_url):  # so no log line or error text can show them
@@ -207,7 +205,6 @@ class Settings:
             sqlite_max_overflow=int(number("QULAB_SQLITE_MAX_OVERFLOW", cls.sqlite_max_overflow, minimum=0)),
             sandbox_directory=environ.get("QULAB_SANDBOX_DIR", "").strip() or None,
             gil_switch_interval_ms=number("QULAB_GIL_SWITCH_INTERVAL_MS", cls.gil_switch_interval_ms, minimum=0.1),
-            script_turns=int(number("QULAB_SCRIPT_TURNS", cls.script_turns, minimum=1)),
         )
 
 
@@ -5676,23 +5673,6 @@ def _as_qulab_error(error: Exception, what: str, settings: Settings) -> QuLabErr
     )
 
 
-def _script_turns_from_environment() -> int:
-    try:  # a malformed value is reported by Settings.from_environment when the runtime starts
-        return Settings.from_environment().script_turns
-    except ConfigurationError:
-        return Settings.script_turns
-
-
-# Process-wide: every browser session's rerun takes a turn (app.py) and gives it up while it waits
-# for the runtime's loop (Runtime.run). Why: qulab_turns.
-SCRIPT_TURNS = qulab_turns.ScriptTurns(_script_turns_from_environment())
-
-
-def script_turn() -> AbstractContextManager[None]:
-    """The rerun's turn to run Python: at most Settings.script_turns reruns draw at once, first come first served."""
-    return SCRIPT_TURNS.turn()
-
-
 class Runtime:
     """One background thread running one event loop, owner of every engine, client and worker.
 
@@ -5769,8 +5749,7 @@ class Runtime:
             raise RuntimeError("Runtime.run() was called from the runtime's own loop; await instead.")
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
         try:
-            with SCRIPT_TURNS.given_up():  # a rerun waiting for the loop lets another rerun run
-                return future.result(timeout)
+            return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise OperationTimeoutError(
@@ -6037,12 +6016,7 @@ SANDBOX_URL_PARAMETER = "sandbox"
 def get_runtime() -> Runtime:
     """The process-wide runtime, started on first use."""
     global _runtime
-    running = _runtime
-    if running is not None and not running._closed:
-        return running
-    # Starting it waits for the loop (Runtime.run gives the rerun's turn up): never hold the
-    # lock while waiting for a turn, or the reruns holding turns and waiting here never move.
-    with SCRIPT_TURNS.given_up(), _runtime_lock:
+    with _runtime_lock:
         if _runtime is None or _runtime._closed:
             _runtime = Runtime()
             freeze_startup_heap()

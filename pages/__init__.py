@@ -89,20 +89,6 @@ class Outcome:
     error: Optional[str] = None
 
 
-def fragment_in_a_turn(*, run_every: Optional[float]) -> Callable[[Callable[[], None]], Callable[[], None]]:
-    """st.fragment whose own reruns also take a turn (source.script_turn): they skip app.py, where every other rerun takes it."""
-
-    def decorate(draw: Callable[[], None]) -> Callable[[], None]:
-        @functools.wraps(draw)
-        def drawn_in_a_turn() -> None:
-            with source.script_turn():
-                draw()
-
-        return st.fragment(drawn_in_a_turn, run_every=run_every)
-
-    return decorate
-
-
 def run_and_keep(lab: source.Lab, key: str, what: str, operation: Callable[..., Awaitable[Any]], /, **kwargs: Any) -> None:
     """Run an operation from a button's on_click callback and keep its Outcome under `key`.
 
@@ -111,8 +97,7 @@ def run_and_keep(lab: source.Lab, key: str, what: str, operation: Callable[..., 
     `st.button("Add", on_click=run_and_keep, args=(lab, "added", "Nothing added.", add), kwargs={...})`.
     """
     try:
-        with source.script_turn():  # a callback runs before app.py takes the rerun's turn
-            st.session_state[key] = Outcome(result=lab.run(operation, **kwargs))
+        st.session_state[key] = Outcome(result=lab.run(operation, **kwargs))
     except source.QuLabError as error:
         st.session_state[key] = Outcome(error=f"{what} {error}")
 

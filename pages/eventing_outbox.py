@@ -5,7 +5,7 @@ import inspect
 import streamlit as st
 
 import source
-from pages import fragment_in_a_turn, kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
+from pages import kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
 from pages.outbox_panels import moment, show_event_status, write_burst
 
 lab = open_page()
@@ -120,7 +120,7 @@ if burst and burst[0] and burst[1] > 0:
 refreshing = publisher.running and st.session_state.get(REFRESH_KEY, False)
 
 
-@fragment_in_a_turn(run_every=1.0 if refreshing else None)
+@st.fragment(run_every=1.0 if refreshing else None)
 def event_status_panel() -> None:
     """Counts, backlog, latencies and the latest events; refreshes itself only while events are moving."""
     st.subheader("Current event status")
