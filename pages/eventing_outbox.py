@@ -6,7 +6,7 @@ import streamlit as st
 
 import source
 from pages import kept_outcome, open_page, plain_text, run_and_keep, run_or_report, show_code, show_section_progress
-from pages.outbox_panels import moment, show_event_status, write_burst
+from pages.outbox_panels import moment, show_event_status, watch_for_changes, write_burst
 
 lab = open_page()
 OUTAGE_KEY, STORED_KEY, CLICKS_KEY, REFRESH_KEY = "outbox_broker_outage", "outbox_stored", "outbox_clicks", "outbox_refresh"
@@ -98,10 +98,9 @@ def switch_outage() -> None:
 right.toggle("Broker outage", key=OUTAGE_KEY, on_change=switch_outage)
 kept_outcome("outbox_outage")
 if publisher.broker_cut_off:
-    st.warning("Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and probes "
-               f"the broker with growing waits (at most {settings.outage_backoff_max_seconds:g} s); events stay pending and "
-               "keep their attempts. Turn the switch off: they all go out, no retry needed. Only an event the broker refuses "
-               "for itself (too large, say) fails, at once, with the reason.")
+    st.warning("Broker outage: your sandbox's connections to Redis really fail now. The publisher pauses and probes the broker "
+               f"with growing waits (at most {settings.outage_backoff_max_seconds:g} s); events stay pending and keep their attempts. "
+               "Turn the switch off: they all go out, no retry needed. Only an event the broker refuses for itself fails, at once.")
 
 st.subheader("Burst: many scores at once")
 burst_size = int(st.number_input("Scores in the burst", 1, source.MAX_BURST_WRITES, 500, step=50))
@@ -142,6 +141,7 @@ def event_status_panel() -> None:
     show_event_status(status)
 
 
+watch_for_changes(lab, refresh_key=REFRESH_KEY, watching=not refreshing)  # another tab's events show too
 event_status_panel()
 show_code(source.calculate_and_store_airscore, source.OutboxPublisher.publish_due_batch, source.StreamConsumer.consume_batch,
           label="The outbox code, read from the running source")

@@ -587,3 +587,26 @@ async def test_a_large_prune_on_postgresql_vacuums_the_events_and_the_inbox_at_o
             ).all()
         )
     assert vacuumed[DomainEvent.__tablename__] and vacuumed[ConsumedEvent.__tablename__]
+
+
+async def test_the_outbox_change_count_moves_with_events_and_batches_not_with_reads(sandbox_with_users):
+    """What an idle status panel looks at every few seconds (pages/outbox_panels.watch_for_changes)."""
+    sandbox = sandbox_with_users
+    before = await source.outbox_changes(sandbox)
+    await source.outbox_status(sandbox, limit=10)
+    assert await source.outbox_changes(sandbox) == before  # reading changes nothing
+    user = (await source.list_users(sandbox))[0]
+    await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="13-2011")
+    stored = await source.outbox_changes(sandbox)
+    assert stored > before  # an event committed (by any tab of this process)
+    service = source.outbox_service(sandbox, FAST)
+    await service.start()
+    try:
+        await eventually(lambda: _changed_since(sandbox, stored))  # the publisher's batch moved it again
+        assert (await counts_by_status(sandbox)) == {"published": 1}
+    finally:
+        await service.stop()
+
+
+async def _changed_since(sandbox: source.Sandbox, count: int) -> bool:
+    return await source.outbox_changes(sandbox) > count and (await counts_by_status(sandbox)).get("published") == 1

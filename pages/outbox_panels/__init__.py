@@ -14,6 +14,8 @@ import source
 from pages import run_or_report
 
 BURST_CHUNK = 50  # writes per call: the progress bar moves between chunks
+WATCH_SECONDS = 5.0  # an idle status panel looks this often whether the outbox moved
+CHANGES_SEEN_KEY = "outbox_changes_seen"
 
 
 def moment(value) -> str:
@@ -101,3 +103,28 @@ def write_burst(lab: source.Lab, size: int) -> tuple[int, float, str]:
         if chunk.failed:  # each write is its own transaction: say exactly what committed
             return done, seconds, f"{chunk.failed} writes failed and stored nothing ({chunk.first_error}); {done:,} committed whole."
     return done, seconds, ""
+
+
+def watch_for_changes(lab: source.Lab, *, refresh_key: str, watching: bool) -> None:
+    """While the status panel does not refresh itself, look every WATCH_SECONDS whether the outbox
+    moved (another tab's score, another replica's commit, a batch); if it did, redraw the page.
+
+    Call it before the panel reads the status, so nothing that happens in between goes unseen.
+    A look reads one counter (source.outbox_changes), no query: an idle tab stays almost free.
+    """
+    try:
+        st.session_state[CHANGES_SEEN_KEY] = lab.run(source.outbox_changes)
+    except source.QuLabError:
+        return
+
+    @st.fragment(run_every=WATCH_SECONDS if watching else None)
+    def look_for_changes() -> None:
+        try:
+            moved = lab.run(source.outbox_changes) != st.session_state.get(CHANGES_SEEN_KEY)
+        except source.QuLabError:
+            return  # the next look, or the learner's next click, will tell
+        if moved:
+            st.session_state[refresh_key] = True  # the panel refreshes itself while events move
+            st.rerun()
+
+    look_for_changes()

@@ -18,11 +18,13 @@ from .browsertools import (
     fill,
     go_to_section,
     main_text,
+    metrics,
     open_in_new_tab,
     open_page,
     sandbox_id,
     section_links,
     shown_ids,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -76,3 +78,18 @@ def test_a_section_opened_in_a_new_tab_shows_the_same_sandboxs_data(visitor, app
     assert current_section(introduction) == "Introduction"
     assert sandbox_id(introduction) == sandbox
     assert current_section(visitor) == "1. Data Models"  # the first tab stayed where it was
+
+
+def test_a_score_stored_in_another_tab_shows_in_this_tabs_idle_status_panel_without_a_click(visitor, app_server):
+    open_page(visitor, app_server)
+    go_to_section(visitor, "2. DB Connectivity & Pooling")
+    click(visitor, "Initialize In-Memory SQLite Database & Create Sample Users")
+    go_to_section(visitor, "5. Eventing (Outbox Pattern)")
+    assert metrics(visitor)["Pending"] == "0"
+
+    other_tab = open_in_new_tab(visitor, "5. Eventing (Outbox Pattern)")
+    click(other_tab, "Calculate & Store AIRScore (Creates Pending Event)")
+    assert metrics(other_tab)["Pending"] == "1"
+
+    # The first tab is idle: its panel looks every few seconds whether the outbox moved, and redraws.
+    wait_until(visitor, "the other tab's event in this tab's panel", lambda: metrics(visitor)["Pending"] == "1")
