@@ -344,7 +344,14 @@ def go_to_section(page: "Page", title: str) -> None:
     expected = _runs(page).count(fragment=False) + 1
     link.click()
     _wait_for_runs(page, full_runs=expected, fragment=False)
-    assert current_section(page) == title
+    # The run that just finished may be one already under way when the link was clicked (CI saw
+    # it once): wait for the section's own run, and say where the page is if it never comes.
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while current_section(page) != title:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still on {current_section(page)!r}, not {title!r}: {_run_state(page)}")
+        page.wait_for_timeout(50)
+        _wait_for_runs(page, full_runs=_runs(page).count(fragment=False), fragment=False)
 
 
 def open_in_new_tab(page: "Page", title: str) -> "Page":
