@@ -1070,7 +1070,11 @@ def install_statement_log(engine: AsyncEngine) -> None:
     if not event.contains(sync_engine, "before_cursor_execute", _before_cursor_execute):
         event.listen(sync_engine, "before_cursor_execute", _before_cursor_execute)
         event.listen(sync_engine, "after_cursor_execute", _after_cursor_execute)
-        event.listen(sync_engine, "handle_error", _forget_failed_statement)
+    # handle_error is a dialect event, and every SQLite engine shares one dialect
+    # (qulab_sqlite.compilation): listened to per engine, one error ran it once per sandbox.
+    dialect = sync_engine.dialect
+    if not event.contains(dialect, "handle_error", _forget_failed_statement):
+        event.listen(dialect, "handle_error", _forget_failed_statement)
 
 
 # =============================================================================================

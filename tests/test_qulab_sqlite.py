@@ -150,4 +150,7 @@ async def test_a_statement_one_sandbox_compiled_is_not_compiled_again_for_anothe
 
     await compile_misses(first)  # compiles whatever this process had not compiled yet
     assert await compile_misses(second) == 0
-    assert first.engine.sync_engine.dialect is second.engine.sync_engine.dialect
+    shared = first.engine.sync_engine.dialect
+    assert second.engine.sync_engine.dialect is shared
+    # Its dialect-level listener is there once, not once per sandbox: an error runs it once.
+    assert len(shared.dispatch.handle_error) == 1
