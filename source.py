@@ -4948,6 +4948,7 @@ class OutboxStatus:
     publisher_running: bool
     broker_cut_off: bool
     broker_outage_seconds: Optional[float]  # how long the relay has been paused (None: not paused)
+    changes: int  # outbox_changes as it was before anything below was read
     pending: int
     published: int
     failed: int
@@ -5074,7 +5075,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> Optional[float]:
 async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
     """Count events by status, measure rate, backlog age and latency, and list the latest of each kind."""
     service = outbox_service(sandbox)
-    now = utc_now()
+    now, changes = utc_now(), service.changes  # first: a change while reading shows as a change after
     async with get_session(sandbox) as session:
         counts, recently_published, oldest_pending = await _event_overview(session, now)
         latencies = await _latency_sample(session)
@@ -5084,6 +5085,7 @@ async def outbox_status(sandbox: Sandbox, *, limit: int = 20) -> OutboxStatus:
         publisher_running=service.running,
         broker_cut_off=sandbox.redis.cut_off,
         broker_outage_seconds=service.circuit.seconds_open() if service.circuit.is_open else None,
+        changes=changes,
         pending=int(counts.get("pending", 0)),
         published=int(counts.get("published", 0)),
         failed=int(counts.get("failed", 0)),

@@ -141,8 +141,8 @@ def event_status_panel() -> None:
     show_event_status(status)
 
 
-watch_for_changes(lab, refresh_key=REFRESH_KEY, watching=not refreshing)  # another tab's events show too
 event_status_panel()
+watch_for_changes(lab, refresh_key=REFRESH_KEY, watching=not refreshing)  # another tab's events show too
 show_code(source.calculate_and_store_airscore, source.OutboxPublisher.publish_due_batch, source.StreamConsumer.consume_batch,
           label="The outbox code, read from the running source")
 show_code(source.OutboxPublisher.claim_due_events, source.OutboxPublisher.send_to_stream, source.BrokerCircuit,

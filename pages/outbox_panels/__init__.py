@@ -75,7 +75,8 @@ def show_broker(status: source.OutboxStatus) -> None:
 
 
 def show_event_status(status: source.OutboxStatus) -> None:
-    """The whole panel for one status reading."""
+    """The whole panel for one status reading (and what it showed, for watch_for_changes)."""
+    st.session_state[CHANGES_SEEN_KEY] = status.changes
     show_metrics(status)
     show_broker(status)
     columns = ["id", "event_type", "status", "attempts", "created_at", "next_attempt_at", "last_error"]
@@ -107,15 +108,11 @@ def write_burst(lab: source.Lab, size: int) -> tuple[int, float, str]:
 
 def watch_for_changes(lab: source.Lab, *, refresh_key: str, watching: bool) -> None:
     """While the status panel does not refresh itself, look every WATCH_SECONDS whether the outbox
-    moved (another tab's score, another replica's commit, a batch); if it did, redraw the page.
+    moved since the panel read it (another tab's score, another replica's commit, a batch); if it
+    did, redraw the page. Call it after the panel: show_event_status notes what the panel showed.
 
-    Call it before the panel reads the status, so nothing that happens in between goes unseen.
     A look reads one counter (source.outbox_changes), no query: an idle tab stays almost free.
     """
-    try:
-        st.session_state[CHANGES_SEEN_KEY] = lab.run(source.outbox_changes)
-    except source.QuLabError:
-        return
 
     @st.fragment(run_every=WATCH_SECONDS if watching else None)
     def look_for_changes() -> None:
