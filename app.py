@@ -42,31 +42,33 @@ def render_navigation(sandbox_id: str) -> None:
         if page.url_path == "" and not on_the_root:
             page = INTRODUCTION_ELSEWHERE
         sidebar_navigation.page_link(page, query_params={source.SANDBOX_URL_PARAMETER: sandbox_id}, width="stretch")
-    sidebar_navigation.divider()
 
 
 def render_status(status: source.RuntimeStatus) -> None:
     """The sidebar panel: where the data lives, how it is pooled, which Redis answers, the class.
 
-    Few elements, each with several lines: every element costs server CPU on every rerun of every learner.
+    Few elements, each with several lines: every element costs server CPU on every rerun of every
+    learner (bench/rerun_cost.py), so the panel is one caption, the sandbox id, two buttons and one
+    caption about the class.
     """
     sidebar = st.sidebar
-    sidebar.subheader("Status")
-    sidebar.markdown(f"**Database:** {'PostgreSQL' if status.backend == 'postgresql' else 'SQLite'}")
-    sidebar.caption(lines(
-        status.database,
-        f"Note: {status.database_note}." if status.database_note else "",
-        f"Pool: {status.pool_size} connection{'s' if status.pool_size != 1 else ''} + {status.max_overflow} overflow, "
-        f"{status.pool_timeout_seconds:g} s checkout timeout, pre-ping {'on' if status.pool_pre_ping else 'off'}.",
-    ))  # fmt: skip
     redis_label = "real Redis server" if status.redis_mode == "redis" else "fakeredis (in-process Redis)"
-    sidebar.markdown(f"**Redis:** {redis_label}")
-    sidebar.caption(lines(status.redis_reason, f"Breaker {status.redis_breaker}."))
+    sidebar.caption(paragraphs(
+        "**Status**",
+        lines(
+            f"**Database:** {'PostgreSQL' if status.backend == 'postgresql' else 'SQLite'}",
+            status.database,
+            f"Note: {status.database_note}." if status.database_note else "",
+            f"Pool: {status.pool_size} connection{'s' if status.pool_size != 1 else ''} + {status.max_overflow} overflow, "
+            f"{status.pool_timeout_seconds:g} s checkout timeout, pre-ping {'on' if status.pool_pre_ping else 'off'}.",
+        ),
+        lines(f"**Redis:** {redis_label}", status.redis_reason, f"Breaker {status.redis_breaker}."),
+        "**Your sandbox**",
+    ))  # fmt: skip
     if status.redis_cut_off:
         sidebar.warning("Outage switch on: your sandbox cannot reach Redis.")
     elif status.redis_degraded:
         sidebar.warning("Cache degraded: the last Redis call failed; reads fall back to the database.")
-    sidebar.markdown("**Your sandbox**")
     sidebar.code(status.sandbox_id, language=None)
     new_column, reset_column = sidebar.columns(2)
     if new_column.button("New sandbox", key="qulab_new_sandbox", help="Start over in a fresh, empty sandbox with a new link."):
@@ -99,6 +101,11 @@ def render_status(status: source.RuntimeStatus) -> None:
 def lines(*texts: str) -> str:
     """Several lines in one Markdown element (a hard line break between the non-empty ones)."""
     return "  \n".join(text for text in texts if text)
+
+
+def paragraphs(*texts: str) -> str:
+    """Several paragraphs in one Markdown element."""
+    return "\n\n".join(text for text in texts if text)
 
 
 def render_class_full(error: source.ClassFullError) -> None:

@@ -20,7 +20,7 @@ def app(fresh_global_runtime) -> AppTest:
 
 def sidebar_count(app: AppTest) -> int:
     """The N of the sidebar's 'N of M steps'."""
-    texts = [str(element.value) for element in app.sidebar.markdown]
+    texts = [str(element.proto.text) for element in app.sidebar.get("progress")]
     counts = [re.search(r"(\d+) of (\d+) steps", text) for text in texts]
     found = [match for match in counts if match]
     assert len(found) == 1, texts

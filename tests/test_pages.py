@@ -42,7 +42,7 @@ def test_every_page_renders_without_an_exception(app, page):
 
 
 def test_sidebar_shows_backends_and_the_sandbox(app):
-    sidebar_text = " ".join(str(element.value) for element in app.sidebar.markdown)
+    sidebar_text = " ".join(str(element.value) for element in app.sidebar.caption)
     assert "Database:" in sidebar_text and "Redis:" in sidebar_text
     assert app.session_state[source.SANDBOX_STATE_KEY] in [code.value for code in app.sidebar.code]
 

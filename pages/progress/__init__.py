@@ -59,8 +59,7 @@ def _sidebar(lab: source.Lab, progress: source.LearnerProgress) -> None:
     sidebar = st.sidebar
     required, optional = progress.required, progress.optional
     done = sum(status.done for status in required)
-    sidebar.markdown(f"**Your progress:** {done} of {len(required)} steps")
-    sidebar.progress(done / len(required))
+    sidebar.progress(done / len(required), text=f"**Your progress:** {done} of {len(required)} steps")
     next_step = progress.next_step()
     extra = sum(status.done for status in optional)
     sidebar.caption(
