@@ -22,8 +22,10 @@ turned away ("class is full"), rows lost, and the server's CPU per click, RSS an
     python3 bench/classroom.py --learners 30                  # embedded defaults
     DATABASE_URL=… REDIS_URL=… python3 bench/classroom.py --learners 30 --replicas 2 --move 0.3
 
-With --replicas 2 learners are spread over two app processes sharing DATABASE_URL and
-REDIS_URL; on PostgreSQL, --move sends that share of learners to the other replica mid-walk (a
+With --replicas 2 learners are spread over two app processes (one per core). On the embedded
+default each process keeps its own sandboxes, so every learner stays on the process it opened,
+as behind a load balancer with sticky sessions. On PostgreSQL + Redis they share DATABASE_URL and
+REDIS_URL, and --move sends that share of learners to the other replica mid-walk (a
 reload there with their ?sandbox=), as when a load balancer moves them. Every run is bounded:
 the walk has a fixed number of clicks and every wait has a timeout.
 """
@@ -634,8 +636,8 @@ def measure(
     environment = dict(os.environ, **(extra_environment or {}))
     database_url = environment.get("DATABASE_URL", "").strip() or None
     sandbox_directory = Path(environment.setdefault("QULAB_SANDBOX_DIR", str(workspace / "sandboxes")))
-    if replicas > 1 and source.resolve_database_target(database_url).kind != "postgresql":
-        raise SystemExit("two replicas share sandboxes only on PostgreSQL: set DATABASE_URL (and REDIS_URL)")
+    if move_share and source.resolve_database_target(database_url).kind != "postgresql":
+        raise SystemExit("only PostgreSQL replicas share sandboxes, so --move needs DATABASE_URL (and REDIS_URL)")
     started: list[Replica] = []
     try:
         for _ in range(replicas):
