@@ -54,7 +54,7 @@ import websockets
 from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
-from benchtools import PROJECT_ROOT, print_table, result
+from benchtools import PROJECT_ROOT, print_table, python_speed_ms, result
 
 sys.path.insert(0, str(PROJECT_ROOT / "tests"))
 sys.path.insert(0, str(PROJECT_ROOT / "tests" / "e2e"))
@@ -498,6 +498,7 @@ class ClassReport:
     rss_after_kb: int
     threads_before: int
     threads_peak: int
+    python_speed_ms: tuple[float, float] = (0.0, 0.0)  # benchtools.python_speed_ms before and after the class
 
     def percentile(self, values: list[float], share: float) -> Optional[float]:
         if not values:
@@ -529,6 +530,8 @@ class ClassReport:
             result(bench, f"{label}: rows lost", self.lost, unit="", target="0", met=self.lost == 0),
             result(bench, f"{label}: turned away (class full)", turned_away, unit=""),
             result(bench, f"{label}: server CPU per click", 1000 * self.server_cpu_seconds / max(1, every_click), unit="ms"),
+            result(bench, f"{label}: this machine's speed, a fixed Python workload before → after (ms of CPU)",
+                   max(self.python_speed_ms), unit="ms (" + " → ".join(f"{v:.0f}" for v in self.python_speed_ms) + ")"),
             result(bench, f"{label}: server CPU share of one core", self.server_cpu_seconds / self.seconds, unit="cores"),
             result(bench, f"{label}: load generator CPU share", self.client_cpu_seconds / self.seconds, unit="cores"),
             result(bench, f"{label}: RSS per admitted learner", (self.rss_after_kb - self.rss_before_kb) / 1024 / admitted,
@@ -559,6 +562,7 @@ async def run_class(
     rng = random.Random(seed)
     for replica in replicas:  # one learner first, not counted: imports and first compiles are not per learner
         await SimulatedLearner(-100, replica).walk(think_seconds=0.0, other_replica=None, rng=random.Random(seed))
+    speed_before = python_speed_ms()
     before = [replica.proc_status() for replica in replicas]
     peak_threads = [status["threads"] for status in before]
     client_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -598,6 +602,7 @@ async def run_class(
     await sampler
     after = [replica.proc_status() for replica in replicas]
     client_after = resource.getrusage(resource.RUSAGE_SELF)
+    speed_after = python_speed_ms()
     reports = [learner.report for learner in simulated] + browser_reports
     lost = 0
     for report in reports:
@@ -615,6 +620,7 @@ async def run_class(
         rss_after_kb=sum(status["rss_kb"] for status in after),
         threads_before=sum(status["threads"] for status in before),
         threads_peak=sum(peak_threads),
+        python_speed_ms=(speed_before, speed_after),
     )
 
 
