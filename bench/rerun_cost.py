@@ -5,7 +5,9 @@ a widget edit. One simulated learner (bench/classroom.py's websocket client) ope
 initializes its sandbox, then reruns each page RERUNS times in a row; the server's CPU (utime +
 stime of the whole process, from /proc) over those reruns, divided by their number, is the
 cost. The trivial page runs in its own server, started the same way with the same
-.streamlit/config.toml, in the same run.
+.streamlit/config.toml, in the same run; so does a static page with the introduction's elements
+and no QuLab call in them, which tells Streamlit's own floor for a page of that shape from what
+QuLab adds to it.
 
     python3 bench/rerun_cost.py              # embedded defaults
     python3 bench/rerun_cost.py --reruns 100
@@ -34,6 +36,31 @@ PAGES = {
     "5. Outbox": "eventing_outbox",
 }
 TRIVIAL_PAGE = 'import streamlit as st\n\nst.title("Hello")\nst.write("A trivial page: a title and a line.")\n'
+# The introduction's elements (22, counted over the websocket) with no QuLab call in them: what
+# Streamlit alone spends on a page of that shape, the floor under the introduction's ratio.
+STATIC_INTRODUCTION = """import streamlit as st
+
+for number in range(6):
+    st.sidebar.page_link(f"https://example.com/{number}", label=f"Section {number}")
+st.sidebar.caption("**Status**\\n\\n" + "A status line. " * 20)
+st.sidebar.code("0123456789abcdef", language=None)
+left, right = st.sidebar.columns(2)
+left.button("New sandbox")
+right.button("Reset my sandbox")
+st.sidebar.caption("A line about the class. " * 20)
+st.sidebar.progress(0.5, text="**Your progress:** 7 of 14 steps")
+st.sidebar.caption("Next: section 2, a step.")
+st.sidebar.download_button("Download my sandbox", data=b"x", on_click="ignore")
+st.title("A title")
+st.markdown("An introduction. " * 40)
+st.subheader("What you will be able to do")
+st.markdown("- a point\\n" * 6)
+st.subheader("On the bench")
+left, right = st.columns(2)
+left.markdown("- a point\\n" * 4)
+right.markdown("- a point\\n" * 4)
+st.info("Use the sidebar.")
+"""
 TARGET_RATIO = 1.5
 
 
@@ -65,7 +92,7 @@ async def _measure_qulab(replica: Any, reruns: int) -> dict[str, tuple[float, fl
     return costs
 
 
-async def _measure_trivial(replica: Any, reruns: int) -> tuple[float, float]:
+async def _measure_static(replica: Any, reruns: int) -> tuple[float, float]:
     learner = SimulatedLearner(0, replica)
     await learner.open()
     cost = await _cost_per_rerun(learner, reruns)
@@ -73,20 +100,28 @@ async def _measure_trivial(replica: Any, reruns: int) -> tuple[float, float]:
     return cost
 
 
+def _static_page_cost(
+    script: str, name: str, workspace: Path, environment: dict[str, str], reruns: int
+) -> tuple[float, float]:
+    """Serve `script` from its own folder (with QuLab's .streamlit/config.toml) and measure its bare rerun."""
+    app = workspace / name / "app.py"
+    (app.parent / ".streamlit").mkdir(parents=True)
+    app.write_text(script)
+    shutil.copy(PROJECT_ROOT / ".streamlit" / "config.toml", app.parent / ".streamlit" / "config.toml")
+    server = start_replica(environment, workspace, [], app=app)
+    try:
+        return asyncio.run(_measure_static(server, reruns))
+    finally:
+        stop_replica(server)
+
+
 def main(reruns: int = 60) -> list[dict[str, Any]]:
     """For bench/run_all.py: each page's bare rerun against the trivial page, both servers started here."""
     workspace = Path(tempfile.mkdtemp(prefix="qulab-rerun-cost-"))
     environment = dict(os.environ, QULAB_SANDBOX_DIR=str(workspace / "sandboxes"))
-    trivial_app = workspace / "trivial" / "app.py"
-    (trivial_app.parent / ".streamlit").mkdir(parents=True)
-    trivial_app.write_text(TRIVIAL_PAGE)
-    shutil.copy(PROJECT_ROOT / ".streamlit" / "config.toml", trivial_app.parent / ".streamlit" / "config.toml")
     try:
-        trivial_server = start_replica(environment, workspace, [], app=trivial_app)
-        try:
-            trivial_cpu, trivial_wall = asyncio.run(_measure_trivial(trivial_server, reruns))
-        finally:
-            stop_replica(trivial_server)
+        trivial_cpu, trivial_wall = _static_page_cost(TRIVIAL_PAGE, "trivial", workspace, environment, reruns)
+        floor_cpu, _ = _static_page_cost(STATIC_INTRODUCTION, "static", workspace, environment, reruns)
         qulab_server = start_replica(environment, workspace, [])
         try:
             costs = asyncio.run(_measure_qulab(qulab_server, reruns))
@@ -95,6 +130,11 @@ def main(reruns: int = 60) -> list[dict[str, Any]]:
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     rows = [result("rerun_cost", "trivial 3-line page: server CPU per rerun", trivial_cpu * 1000, unit="ms")]
+    rows.append(result("rerun_cost", f"static page with the introduction's 22 elements, no QuLab ÷ trivial page "
+                       f"({floor_cpu * 1000:.1f} ms)", floor_cpu / trivial_cpu if trivial_cpu else float("inf")))
+    introduction_cpu = costs["Introduction"][0]
+    rows.append(result("rerun_cost", "Introduction ÷ that static page (what QuLab adds to Streamlit's floor)",
+                       introduction_cpu / floor_cpu if floor_cpu else float("inf")))
     for title, (cpu, wall) in costs.items():
         ratio = cpu / trivial_cpu if trivial_cpu else float("inf")
         rows.append(
