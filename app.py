@@ -53,6 +53,11 @@ def render_status(status: source.RuntimeStatus) -> None:
     """
     sidebar = st.sidebar
     redis_label = "real Redis server" if status.redis_mode == "redis" else "fakeredis (in-process Redis)"
+    redis_warning = (
+        "Outage switch on: your sandbox cannot reach Redis." if status.redis_cut_off
+        else "Cache degraded: the last Redis call failed; reads fall back to the database." if status.redis_degraded
+        else ""
+    )  # fmt: skip
     sidebar.caption(paragraphs(
         "**Status**",
         lines(
@@ -63,12 +68,11 @@ def render_status(status: source.RuntimeStatus) -> None:
             f"{status.pool_timeout_seconds:g} s checkout timeout, pre-ping {'on' if status.pool_pre_ping else 'off'}.",
         ),
         lines(f"**Redis:** {redis_label}", status.redis_reason, f"Breaker {status.redis_breaker}."),
-        "**Your sandbox**",
+        "" if redis_warning else "**Your sandbox**",
     ))  # fmt: skip
-    if status.redis_cut_off:
-        sidebar.warning("Outage switch on: your sandbox cannot reach Redis.")
-    elif status.redis_degraded:
-        sidebar.warning("Cache degraded: the last Redis call failed; reads fall back to the database.")
+    if redis_warning:  # under the Redis lines, and the sandbox's label stays next to its id
+        sidebar.warning(redis_warning)
+        sidebar.caption("**Your sandbox**")
     sidebar.code(status.sandbox_id, language=None)
     new_column, reset_column = sidebar.columns(2)
     if new_column.button("New sandbox", key="qulab_new_sandbox", help="Start over in a fresh, empty sandbox with a new link."):
@@ -87,7 +91,7 @@ def render_status(status: source.RuntimeStatus) -> None:
         "and anyone you give it to sees and changes the same data. While your tab is open it stays active; "
         f"{status.sandbox_grace_seconds:g} s after you close it, it goes dormant (data kept), and "
         f"{status.sandbox_idle_minutes:g} minutes after that its data is deleted.",
-        f"Class on this server: {states['active']} active, {states['idle']} idle, {states['dormant']} dormant; "
+        f"Class on this process: {states['active']} active, {states['idle']} idle, {states['dormant']} dormant; "
         f"room for {status.capacity} awake (set by {status.capacity_limited_by}). "
         f"Connections: {status.connections_in_use} of {status.connection_budget} in use.",
         # the outbox's promise depends on the broker keeping its stream

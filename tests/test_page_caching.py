@@ -114,7 +114,13 @@ def test_an_outage_keeps_reads_answered_and_recovery_brings_hits_back(app):
     click(app, FETCH_USER)
     click(app, "Cut Redis for My Sandbox")
     assert any("Redis is cut off for your sandbox" in w.value for w in app.main.warning)
-    assert any("cannot reach Redis" in w.value for w in reload(app).sidebar.warning)
+    reloaded = reload(app)
+    assert any("cannot reach Redis" in w.value for w in reloaded.sidebar.warning)
+    shown = [(element.type, str(getattr(element, "value", ""))) for element in reloaded.sidebar]
+    warning_at = next(i for i, (kind, _) in enumerate(shown) if kind == "warning")
+    # the warning sits under the Redis lines, and the sandbox's label stays next to its id
+    assert "Redis:" in shown[warning_at - 1][1] and "Your sandbox" not in shown[warning_at - 1][1]
+    assert shown[warning_at + 1] == ("caption", "**Your sandbox**") and shown[warning_at + 2][0] == "code"
     click(app, FETCH_USER)
     assert metric(app, "Outcome") == "FALLBACK" and not app.error
     assert metric(app, "Errors") == "1"
