@@ -642,7 +642,7 @@ def measure(
     environment = dict(os.environ, **(extra_environment or {}))
     database_url = environment.get("DATABASE_URL", "").strip() or None
     sandbox_directory = Path(environment.setdefault("QULAB_SANDBOX_DIR", str(workspace / "sandboxes")))
-    if move_share and source.resolve_database_target(database_url).kind != "postgresql":
+    if move_share and replicas > 1 and source.resolve_database_target(database_url).kind != "postgresql":
         raise SystemExit("only PostgreSQL replicas share sandboxes, so --move needs DATABASE_URL (and REDIS_URL)")
     started: list[Replica] = []
     try:
