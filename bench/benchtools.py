@@ -15,6 +15,7 @@ minute to minute; ratios much less). "target" says what the design promises ("" 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -51,6 +52,16 @@ async def sandbox_on_configured_backend(*, with_sample_users: bool = True) -> As
     finally:
         await registry.close()
         await redis_service.close()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a whole process so far, threads that have ended included (/proc/PID/stat).
+
+    Streamlit runs each script run on a thread of its own, so summing the live threads' CPU would
+    miss every run that ended within the window.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def python_speed_ms() -> float:

@@ -54,7 +54,7 @@ import websockets
 from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
-from benchtools import PROJECT_ROOT, print_table, python_speed_ms, result
+from benchtools import PROJECT_ROOT, print_table, process_cpu_seconds, python_speed_ms, result
 
 sys.path.insert(0, str(PROJECT_ROOT / "tests"))
 sys.path.insert(0, str(PROJECT_ROOT / "tests" / "e2e"))
@@ -75,7 +75,6 @@ HEAVY_KINDS = ("strategies", "pool", "cache", "burst")
 CLICK_TIMEOUT_SECONDS = 60.0
 SERVER_START_SECONDS = 60.0
 _DONE = (ForwardMsg.FINISHED_SUCCESSFULLY, ForwardMsg.FINISHED_WITH_COMPILE_ERROR)
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,15 +94,14 @@ class Replica:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def proc_status(self) -> dict[str, int]:
-        """RSS (kB), threads and CPU ticks of the server process, from /proc."""
+    def proc_status(self) -> dict[str, float]:
+        """RSS (kB), threads and CPU seconds of the server process, from /proc."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return {
             "rss_kb": int(fields["VmRSS"].split()[0]),
             "threads": int(fields["Threads"]),
-            "cpu_ticks": int(stat[11]) + int(stat[12]),  # utime + stime
+            "cpu_seconds": process_cpu_seconds(self.process.pid),
         }
 
 
@@ -498,7 +496,7 @@ class ClassReport:
     rss_after_kb: int
     threads_before: int
     threads_peak: int
-    python_speed_ms: tuple[float, float] = (0.0, 0.0)  # benchtools.python_speed_ms before and after the class
+    python_speed_ms: tuple[float, float]  # benchtools.python_speed_ms before and after the class
 
     def percentile(self, values: list[float], share: float) -> Optional[float]:
         if not values:
@@ -613,7 +611,7 @@ async def run_class(
         reports=reports,
         lost=lost,
         seconds=seconds,
-        server_cpu_seconds=sum(a["cpu_ticks"] - b["cpu_ticks"] for a, b in zip(after, before)) / _CLOCK_TICKS,
+        server_cpu_seconds=sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(after, before)),
         client_cpu_seconds=(client_after.ru_utime + client_after.ru_stime)
         - (client_before.ru_utime + client_before.ru_stime),
         rss_before_kb=sum(status["rss_kb"] for status in before),

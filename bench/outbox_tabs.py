@@ -39,7 +39,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 sys.path.insert(0, str(BENCH.parent / "tests" / "e2e"))
 
-from benchtools import PROJECT_ROOT, print_table, result  # noqa: E402  (puts the project on sys.path)
+from benchtools import PROJECT_ROOT, print_table, process_cpu_seconds, result  # noqa: E402  (puts the project on sys.path)
 import browsertools as bt  # noqa: E402
 import servers  # noqa: E402
 from pages.outbox_panels import WATCH_SECONDS  # noqa: E402
@@ -53,16 +53,6 @@ TABS = 20
 SETTLE_SECONDS = 15.0  # after the last tab opened: its reruns, the publishers' first looks
 WINDOW_SECONDS = 60.0
 TRIVIAL_PAGE = 'import streamlit as st\n\nst.title("A trivial page")\nst.write("Nothing happens here.")\n'
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of the whole process, threads that have ended included (from /proc/PID/stat, in ticks).
-
-    Summing the live threads' schedstat missed every thread that ended within the window, and
-    Streamlit runs each script run (a fragment's too) on a thread of its own.
-    """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 @contextmanager
@@ -148,11 +138,11 @@ def open_trivial_tab(browser: Any, server: bt.AppServer, contexts: list[Any]) ->
 
 def idle_cpu_shares(pids: list[int], page: Any) -> list[float]:
     """Each process's share of one core over WINDOW_SECONDS (the browser keeps serving its tabs meanwhile)."""
-    before = [cpu_seconds(pid) for pid in pids]
+    before = [process_cpu_seconds(pid) for pid in pids]
     started = time.perf_counter()
     page.wait_for_timeout(WINDOW_SECONDS * 1000)  # Playwright keeps delivering websocket frames
     seconds = time.perf_counter() - started
-    return [(cpu_seconds(pid) - was) / seconds for pid, was in zip(pids, before)]
+    return [(process_cpu_seconds(pid) - was) / seconds for pid, was in zip(pids, before)]
 
 
 def measure() -> dict[str, float]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchtools import PROJECT_ROOT, print_table, result
-from classroom import INITIALIZE, SimulatedLearner, _CLOCK_TICKS, start_replica, stop_replica
+from classroom import INITIALIZE, SimulatedLearner, start_replica, stop_replica
 
 PAGES = {
     "Introduction": "",
@@ -68,13 +68,13 @@ async def _cost_per_rerun(learner: SimulatedLearner, reruns: int) -> tuple[float
     """(server CPU seconds, wall seconds) per rerun of the learner's current page."""
     for _ in range(3):  # warm: first renders compile, cache and journal what they need once
         await learner.rerun()
-    before = learner.replica.proc_status()["cpu_ticks"]
+    before = learner.replica.proc_status()["cpu_seconds"]
     started = time.perf_counter()
     for _ in range(reruns):
         await learner.rerun()
     wall = time.perf_counter() - started
-    after = learner.replica.proc_status()["cpu_ticks"]
-    return (after - before) / _CLOCK_TICKS / reruns, wall / reruns
+    after = learner.replica.proc_status()["cpu_seconds"]
+    return (after - before) / reruns, wall / reruns
 
 
 async def _measure_qulab(replica: Any, reruns: int) -> dict[str, tuple[float, float]]:
