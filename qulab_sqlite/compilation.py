@@ -39,7 +39,7 @@ def share_compilation(engine: AsyncEngine) -> None:
             sync_engine.dialect = _shared_dialect  # before its first Connection: every one shares
             return
 
-    @event.listens_for(sync_engine, "connect")
+    @event.listens_for(sync_engine, "connect", once=True)
     def become_the_shared_dialect(dbapi_connection: Any, connection_record: Any) -> None:
         # The first SQLite engine of the process: by now its dialect has initialized (SQLAlchemy
         # does that before "connect" listeners run), so it can serve every engine after it.

@@ -50,8 +50,8 @@ async def a_publishing_class(settings: source.Settings, **overrides: Any) -> Asy
 
 
 async def test_a_flush_stuck_on_a_frozen_broker_blocks_no_other_learner_and_a_returning_one_waits_for_it(settings):
-    async with a_publishing_class(settings, sandbox_grace_seconds=0) as lab:
-        registry, sandbox, outbox, redis_process = lab.registry, lab.sandbox, lab.outbox, lab.redis_process
+    async with a_publishing_class(settings, sandbox_grace_seconds=0) as publishing:
+        registry, sandbox, outbox, redis_process = publishing.registry, publishing.sandbox, publishing.outbox, publishing.redis_process
         registry.release_holder("learner-a")  # the learner closes the tab; no grace period
         redis_process.send_signal(signal.SIGSTOP)
         ids = await add_pending_events(sandbox, 5)  # wakes the publisher: its XADD hangs
@@ -83,8 +83,8 @@ async def _published(sandbox: source.Sandbox, count: int) -> bool:
 
 
 async def test_making_room_in_a_full_class_does_not_wait_for_the_sleeper_to_flush_to_a_frozen_broker(settings):
-    async with a_publishing_class(settings, max_sandboxes=1) as lab:
-        registry, sleeper, outbox, redis_process = lab.registry, lab.sandbox, lab.outbox, lab.redis_process
+    async with a_publishing_class(settings, max_sandboxes=1) as publishing:
+        registry, sleeper, outbox, redis_process = publishing.registry, publishing.sandbox, publishing.outbox, publishing.redis_process
         registry.release_holder("learner-a")  # gone, but within the grace period: still awake
         redis_process.send_signal(signal.SIGSTOP)
         ids = await add_pending_events(sleeper, 3)
@@ -107,8 +107,8 @@ def _going(sandbox: source.Sandbox) -> bool:
 
 
 async def test_releasing_a_sandbox_whose_flush_hangs_on_a_frozen_broker_blocks_no_other_learner(settings):
-    async with a_publishing_class(settings) as lab:
-        registry, doomed, outbox, redis_process = lab.registry, lab.sandbox, lab.outbox, lab.redis_process
+    async with a_publishing_class(settings) as publishing:
+        registry, doomed, outbox, redis_process = publishing.registry, publishing.sandbox, publishing.outbox, publishing.redis_process
         redis_process.send_signal(signal.SIGSTOP)
         await add_pending_events(doomed, 3)  # wakes the publisher: its XADD hangs
 
