@@ -15,39 +15,91 @@ minute to minute; ratios much less). "target" says what the design promises ("" 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT))
+BENCH = Path(__file__).resolve().parent
+PROJECT_ROOT = BENCH.parent
+sys.path.insert(0, str(PROJECT_ROOT))  # first: bench/classroom.py must not hide the package
+if str(BENCH) not in sys.path:
+    sys.path.append(str(BENCH))  # last, for the same reason
 
-import source  # noqa: E402
+from classroom.cache.link import RedisService  # noqa: E402
+from classroom.config import Settings  # noqa: E402
+from classroom.sandboxes.registry import SandboxRegistry  # noqa: E402
+from classroom.sandboxes.reset import initialize_sandbox  # noqa: E402
+from classroom.sandboxes.sandbox import Sandbox, new_sandbox_id  # noqa: E402
 
 RESULT_KEYS = ("benchmark", "measure", "value", "unit", "target", "met")
 
 
 def result(
-    benchmark: str, measure: str, value: float, *, unit: str = "×", target: str = "", met: Optional[bool] = None
+    benchmark: str,
+    measure: str,
+    value: float,
+    *,
+    unit: str = "×",
+    target: str = "",
+    met: Optional[bool] = None,
 ) -> dict[str, Any]:
     """One measured row, in the shape run_all.py collects."""
-    return {"benchmark": benchmark, "measure": measure, "value": value, "unit": unit, "target": target, "met": met}
+    return {
+        "benchmark": benchmark,
+        "measure": measure,
+        "value": value,
+        "unit": unit,
+        "target": target,
+        "met": met,
+    }
+
+
+def import_bench_module(name: str) -> ModuleType:
+    """bench/<name>.py, imported from its file (ModuleNotFoundError when there is none).
+
+    Under its own name, so multiprocessing's spawned children import it again by that name; but
+    bench/classroom.py shares its name with the classroom package, so a module whose name is
+    taken by another file is imported as bench_<name>.
+    """
+    path = BENCH / f"{name}.py"
+    if not path.exists():
+        raise ModuleNotFoundError(f"no bench/{name}.py", name=name)
+    loaded = sys.modules.get(name)
+    found = loaded.__spec__ if loaded is not None else importlib.util.find_spec(name)
+    module_name = name if found is not None and found.origin == str(path) else f"bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
 @asynccontextmanager
-async def sandbox_on_configured_backend(*, with_sample_users: bool = True) -> AsyncIterator[source.Sandbox]:
-    """A fresh sandbox on the backend the environment names, released (and its data deleted) afterwards."""
-    settings = source.Settings.from_environment()
-    redis_service = await source.RedisService.connect(settings)
-    registry = source.SandboxRegistry(settings, redis_service)
+async def sandbox_on_configured_backend(
+    *, with_sample_users: bool = True
+) -> AsyncIterator[Sandbox]:
+    """A fresh sandbox on the backend the environment names, released (and its data deleted)
+    afterwards; with_sample_users: initialized as section 2's button does."""
+    settings = Settings.from_environment()
+    redis_service = await RedisService.connect(settings)
+    registry = SandboxRegistry(settings, redis_service)
     try:
-        sandbox = await registry.acquire(source.new_sandbox_id())
+        sandbox = await registry.acquire(new_sandbox_id())
         if with_sample_users:
-            await source.init_db(sandbox, reset=True)
+            await initialize_sandbox(sandbox)
         yield sandbox
     finally:
         await registry.close()
@@ -55,7 +107,7 @@ async def sandbox_on_configured_backend(*, with_sample_users: bool = True) -> As
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a whole process so far, threads that have ended included (/proc/PID/stat).
+    """CPU time (user + system) of a whole process so far, ended threads included (/proc/PID/stat).
 
     Streamlit runs each script run on a thread of its own, so summing the live threads' CPU would
     miss every run that ended within the window.
@@ -84,11 +136,21 @@ def python_speed_ms() -> float:
 def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = RESULT_KEYS) -> None:
     """Print rows as a Markdown table (readable in a terminal, pasteable into the README)."""
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
-    print("| " + " | ".join(column.ljust(width) for column, width in zip(columns, widths)) + " |")
+    widths = [
+        max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)
+    ]
+    print(
+        "| "
+        + " | ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True))
+        + " |"
+    )
     print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
     for line in cells:
-        print("| " + " | ".join(text.ljust(width) for text, width in zip(line, widths)) + " |")
+        print(
+            "| "
+            + " | ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))
+            + " |"
+        )
 
 
 def _cell(value: Any) -> str:

@@ -3,8 +3,9 @@
 Two ratios, each the median over rounds of one round's ratio (the variants run back to back in
 every round, in rotating order, so drift on a shared machine cancels out):
 - uncached read (a new session per request, the primary-key lookup) ÷ cache hit: target >= 5;
-- cache hit (CachedUserRepository.get_user) ÷ a bare redis.asyncio GET + json.loads of the
-  same key: target <= 1.3;
+- cache hit (source.CachedUserRepository.get_user on the CoherentCache QuLab runs, as
+  classroom.cache.coherent.cached_users gives it) ÷ a bare redis.asyncio GET + json.loads of
+  the same key: target <= 1.3;
 - while Redis hangs (a redis-server of its own, frozen with SIGSTOP), after the first timeout:
   a cached read ÷ an uncached read: target <= 1.5 (the breaker skips Redis); then SIGCONT, and
   the seconds until a read is answered by Redis again, with no restart.
@@ -24,16 +25,24 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import source  # noqa: E402
+from classroom.cache.coherent import cached_users  # noqa: E402
+from classroom.cache.link import RedisService  # noqa: E402
+from classroom.config import Settings  # noqa: E402
+from classroom.demos.caching import create_cache_demo_user  # noqa: E402
+from classroom.sandboxes.registry import SandboxRegistry  # noqa: E402
+from classroom.sandboxes.reset import initialize_sandbox  # noqa: E402
+from classroom.sandboxes.sandbox import new_sandbox_id  # noqa: E402
 
 ROUNDS = 40
 CALLS_PER_ROUND = 40
@@ -50,15 +59,18 @@ async def _mean_ms(operation: Callable[[], Awaitable[Any]], calls: int) -> float
     return (time.perf_counter() - started) * 1000 / calls
 
 
-async def measure(settings: source.Settings, *, rounds: int = ROUNDS, calls: int = CALLS_PER_ROUND) -> dict[str, Any]:
-    """Median per-call times of the three reads, measured in interleaved rounds, and the median per-round ratios."""
-    redis_service = await source.RedisService.connect(settings)
-    registry = source.SandboxRegistry(settings, redis_service)
+async def measure(
+    settings: Settings, *, rounds: int = ROUNDS, calls: int = CALLS_PER_ROUND
+) -> dict[str, Any]:
+    """Median per-call times of the three reads, measured in interleaved rounds, and the median
+    per-round ratios."""
+    redis_service = await RedisService.connect(settings)
+    registry = SandboxRegistry(settings, redis_service)
     try:
-        sandbox = await registry.acquire(source.new_sandbox_id())
-        await source.init_db(sandbox, reset=True)
-        user_id = (await source.prepare_cache_demo(sandbox)).user_id
-        cache = source.cache_for(sandbox)
+        sandbox = await registry.acquire(new_sandbox_id())
+        await initialize_sandbox(sandbox)
+        user_id = (await create_cache_demo_user(sandbox)).user_id  # Alex Smith, a sample user
+        cache = cached_users(sandbox)
         key = cache.user_key(user_id)
         client = sandbox.redis.client
 
@@ -67,25 +79,34 @@ async def measure(settings: source.Settings, *, rounds: int = ROUNDS, calls: int
                 await source.UserRepository(session).get(user_id)
 
         async def cache_hit() -> None:
-            if (await cache.get_user(user_id=user_id)).outcome != source.CACHE_HIT:
+            if (await cache.get_user(user_id=user_id)).outcome != source.HIT:
                 raise RuntimeError("expected a cache hit; is Redis evicting keys?")
 
         async def bare_get() -> None:
             json.loads(await client.get(key))
 
         await cache.get_user(user_id=user_id)  # the miss that stores the value
-        variants = {"uncached read": uncached_read, "cache hit": cache_hit, "bare GET + json.loads": bare_get}
+        variants = {
+            "uncached read": uncached_read,
+            "cache hit": cache_hit,
+            "bare GET + json.loads": bare_get,
+        }
         samples: dict[str, list[float]] = {name: [] for name in variants}
-        for name, operation in variants.items():  # warm connections and code paths
+        for operation in variants.values():  # warm connections and code paths
             await _mean_ms(operation, calls)
         for round_number in range(rounds):
             order = list(variants)
-            order = order[round_number % 3 :] + order[: round_number % 3]  # rotate to spread drift evenly
+            order = (
+                order[round_number % 3 :] + order[: round_number % 3]
+            )  # rotate to spread drift evenly
             for name in order:
                 samples[name].append(await _mean_ms(variants[name], calls))
+
         def ratio(numerator: str, denominator: str) -> float:
-            # Each round's two blocks ran back to back, so their ratio shares the machine's mood then.
-            return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
+            # Each round's two blocks ran back to back: their ratio shares the machine's mood then.
+            return statistics.median(
+                a / b for a, b in zip(samples[numerator], samples[denominator], strict=True)
+            )
 
         return {
             "redis": redis_service.mode,
@@ -101,15 +122,18 @@ async def measure(settings: source.Settings, *, rounds: int = ROUNDS, calls: int
         await redis_service.close()
 
 
-async def measure_hung_redis(settings: source.Settings, redis_url: str, process: Any, *, rounds: int = HUNG_ROUNDS) -> dict[str, Any]:
-    """Freeze the Redis at redis_url (SIGSTOP): the first read's cost, then cached ÷ uncached reads, then recovery."""
+async def measure_hung_redis(
+    settings: Settings, redis_url: str, process: Any, *, rounds: int = HUNG_ROUNDS
+) -> dict[str, Any]:
+    """Freeze the Redis at redis_url (SIGSTOP): the first read's cost, then cached ÷ uncached
+    reads, then recovery."""
     hung = replace(settings, redis_url=redis_url)
-    redis_service = await source.RedisService.connect(hung)
-    registry = source.SandboxRegistry(hung, redis_service)
+    redis_service = await RedisService.connect(hung)
+    registry = SandboxRegistry(hung, redis_service)
     try:
-        sandbox = await registry.acquire(source.new_sandbox_id())
-        user_id = (await source.prepare_cache_demo(sandbox)).user_id
-        cache = source.cache_for(sandbox)
+        sandbox = await registry.acquire(new_sandbox_id())
+        user_id = (await create_cache_demo_user(sandbox)).user_id  # the Cache Demo User
+        cache = cached_users(sandbox)
         await cache.get_user(user_id=user_id)  # cached
 
         async def uncached_read() -> None:
@@ -117,7 +141,7 @@ async def measure_hung_redis(settings: source.Settings, redis_url: str, process:
                 await source.UserRepository(session).get(user_id)
 
         async def cached_read_while_hung() -> None:
-            if (await cache.get_user(user_id=user_id)).outcome != source.CACHE_FALLBACK:
+            if (await cache.get_user(user_id=user_id)).outcome != source.FALLBACK:
                 raise RuntimeError("expected the database to answer while Redis hangs")
 
         process.send_signal(signal.SIGSTOP)
@@ -134,7 +158,7 @@ async def measure_hung_redis(settings: source.Settings, redis_url: str, process:
         finally:
             process.send_signal(signal.SIGCONT)
         thawed = time.monotonic()
-        while (await cache.get_user(user_id=user_id)).outcome == source.CACHE_FALLBACK:
+        while (await cache.get_user(user_id=user_id)).outcome == source.FALLBACK:
             if time.monotonic() - thawed > 120:
                 raise RuntimeError("Redis answers again but the cache did not recover within 120 s")
             await asyncio.sleep(0.05)
@@ -142,7 +166,9 @@ async def measure_hung_redis(settings: source.Settings, redis_url: str, process:
             "first read while hung (ms)": first_ms,
             "uncached read (ms)": statistics.median(samples["uncached"]),
             "cached read while hung (ms)": statistics.median(samples["hung"]),
-            "hung ÷ uncached": statistics.median(h / u for h, u in zip(samples["hung"], samples["uncached"])),
+            "hung ÷ uncached": statistics.median(
+                h / u for h, u in zip(samples["hung"], samples["uncached"], strict=True)
+            ),
             "breaker trips": trips,
             "recovery (s)": time.monotonic() - thawed,
             "cooling (s)": redis_service.breaker.cooling_seconds,
@@ -155,8 +181,9 @@ async def measure_hung_redis(settings: source.Settings, redis_url: str, process:
 def _print_hung(result: dict[str, Any]) -> None:
     ratio = result["hung ÷ uncached"]
     print(
-        f"Redis frozen (SIGSTOP): first read {result['first read while hung (ms)']:.0f} ms (one timeout), then a cached "
-        f"read {result['cached read while hung (ms)']:.3f} ms vs uncached {result['uncached read (ms)']:.3f} ms: "
+        f"Redis frozen (SIGSTOP): first read {result['first read while hung (ms)']:.0f} ms "
+        f"(one timeout), then a cached read {result['cached read while hung (ms)']:.3f} ms "
+        f"vs uncached {result['uncached read (ms)']:.3f} ms: "
         f"{ratio:.2f}× (≤ {HUNG_READ_TARGET:g}×: {'yes' if ratio <= HUNG_READ_TARGET else 'NO'}); "
         f"breaker opened {result['breaker trips']}×; after SIGCONT Redis answered reads again in "
         f"{result['recovery (s)']:.1f} s (cooling {result['cooling (s)']:g} s), no restart"
@@ -174,23 +201,26 @@ def _print_table(results: list[dict[str, Any]]) -> None:
     ]
     rows = [[fmt.format(result[name]) for name, fmt in columns] for result in results]
     widths = [max(len(name), *(len(row[i]) for row in rows)) for i, (name, _) in enumerate(columns)]
-    print(" | ".join(name.ljust(width) for (name, _), width in zip(columns, widths)))
+    print(" | ".join(name.ljust(width) for (name, _), width in zip(columns, widths, strict=True)))
     print("-+-".join("-" * width for width in widths))
     for row in rows:
-        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     for result in results:
         speedup_ok = result["uncached ÷ hit"] >= HIT_SPEEDUP_TARGET
         overhead_ok = result["hit ÷ bare GET"] <= HIT_OVERHEAD_TARGET
         print(
-            f"{result['redis']}: hit ≥ {HIT_SPEEDUP_TARGET:g}× faster than uncached: {'yes' if speedup_ok else 'NO'}; "
+            f"{result['redis']}: hit ≥ {HIT_SPEEDUP_TARGET:g}× faster than uncached: "
+            f"{'yes' if speedup_ok else 'NO'}; "
             f"hit ≤ {HIT_OVERHEAD_TARGET:g}× a bare GET: {'yes' if overhead_ok else 'NO'} "
-            f"({result['reads_per_variant']} reads each; {result['redis_detail']}; database: {result['database']})"
+            f"({result['reads_per_variant']} reads each; {result['redis_detail']}; "
+            f"database: {result['database']})"
         )
 
 
 def main() -> list[dict[str, Any]]:
-    """Run the benchmark on a real Redis (when one is available) and on fakeredis; print and return the rows."""
-    base = source.Settings.from_environment()
+    """Run the benchmark on a real Redis (when one is available) and on fakeredis; print and
+    return the rows."""
+    base = Settings.from_environment()
     results = []
     with ExitStack() as stack:
         real_url: Optional[str] = os.environ.get("REDIS_URL") or None

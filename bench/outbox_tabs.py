@@ -1,7 +1,8 @@
 """What open tabs on the outbox page cost the server when nothing happens, in real Chromium tabs.
 
-Run from the project root: `python3 bench/outbox_tabs.py` (or `bench/run_all.py --only outbox_tabs`).
-It measures the backend DATABASE_URL and REDIS_URL name (the embedded defaults when unset).
+Run from the project root: `python3 bench/outbox_tabs.py` (or
+`bench/run_all.py --only outbox_tabs`). It measures the backend DATABASE_URL and REDIS_URL name
+(the embedded defaults when unset).
 
 Two servers run side by side: `streamlit run app.py` and a trivial 3-line Streamlit page with the
 same .streamlit/config.toml. Headless Chromium (Playwright, /usr/bin/chromium) opens one tab on
@@ -36,13 +37,15 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "tests"))
 sys.path.insert(0, str(BENCH.parent / "tests" / "e2e"))
+sys.path.insert(0, str(BENCH.parent / "tests"))
+sys.path.insert(0, str(BENCH.parent))  # first: bench/classroom.py must not hide the package
 
-from benchtools import PROJECT_ROOT, print_table, process_cpu_seconds, result  # noqa: E402  (puts the project on sys.path)
 import browsertools as bt  # noqa: E402
 import servers  # noqa: E402
-from pages.outbox_panels import WATCH_SECONDS  # noqa: E402
+from benchtools import PROJECT_ROOT, print_table, process_cpu_seconds, result  # noqa: E402
+
+from pages.common.outbox_panels import WATCH_SECONDS  # noqa: E402
 
 SECTION = "5. Eventing (Outbox Pattern)"
 INITIALIZE_SECTION = "2. DB Connectivity & Pooling"
@@ -52,7 +55,9 @@ STORE = "Calculate & Store AIRScore (Creates Pending Event)"
 TABS = 20
 SETTLE_SECONDS = 15.0  # after the last tab opened: its reruns, the publishers' first looks
 WINDOW_SECONDS = 60.0
-TRIVIAL_PAGE = 'import streamlit as st\n\nst.title("A trivial page")\nst.write("Nothing happens here.")\n'
+TRIVIAL_PAGE = (
+    'import streamlit as st\n\nst.title("A trivial page")\nst.write("Nothing happens here.")\n'
+)
 
 
 @contextmanager
@@ -60,7 +65,9 @@ def trivial_server() -> Iterator[bt.AppServer]:
     """A 3-line Streamlit page, with QuLab's .streamlit/config.toml, on a free loopback port."""
     workspace = Path(tempfile.mkdtemp(prefix="qulab-trivial-"))
     (workspace / ".streamlit").mkdir()
-    shutil.copy(PROJECT_ROOT / ".streamlit" / "config.toml", workspace / ".streamlit" / "config.toml")
+    shutil.copy(
+        PROJECT_ROOT / ".streamlit" / "config.toml", workspace / ".streamlit" / "config.toml"
+    )
     (workspace / "trivial.py").write_text(TRIVIAL_PAGE)
     port = servers.free_port()
     log_path = workspace / "streamlit.log"
@@ -80,7 +87,9 @@ def trivial_server() -> Iterator[bt.AppServer]:
                         break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the trivial page did not start:\n{server.log_tail()}") from None
+                    raise RuntimeError(
+                        f"the trivial page did not start:\n{server.log_tail()}"
+                    ) from None
                 time.sleep(0.2)
         yield server
     finally:
@@ -93,8 +102,9 @@ def trivial_server() -> Iterator[bt.AppServer]:
 
 
 def open_outbox_tab(browser: Any, server: bt.AppServer, contexts: list[Any]) -> Any:
-    """A new learner (browser context of its own) initializes, opens section 5, starts the publisher
-    and stores one score; returns the tab once its event was delivered and the panel stopped refreshing."""
+    """A new learner (browser context of its own) initializes, opens section 5, starts the
+    publisher and stores one score; returns the tab once its event was delivered and the panel
+    stopped refreshing."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(60_000)
     context.add_init_script(bt._COUNT_RECEIVED_MESSAGES)
@@ -109,7 +119,10 @@ def open_outbox_tab(browser: Any, server: bt.AppServer, contexts: list[Any]) -> 
     # While the event moves the panel refreshes itself every second; once it is delivered the
     # panel says so and stops: that is the idle state measured.
     deadline = time.monotonic() + 120
-    while not (bt.metrics(page).get("Delivered") == "1" and page.get_by_text("Publisher running; nothing moving.").count()):
+    while not (
+        bt.metrics(page).get("Delivered") == "1"
+        and page.get_by_text("Publisher running; nothing moving.").count()
+    ):
         if time.monotonic() > deadline:
             raise AssertionError(f"section 5 did not settle: {bt.metrics(page)}")
         page.wait_for_timeout(200)
@@ -137,16 +150,20 @@ def open_trivial_tab(browser: Any, server: bt.AppServer, contexts: list[Any]) ->
 
 
 def idle_cpu_shares(pids: list[int], page: Any) -> list[float]:
-    """Each process's share of one core over WINDOW_SECONDS (the browser keeps serving its tabs meanwhile)."""
+    """Each process's share of one core over WINDOW_SECONDS (the browser keeps serving its tabs
+    meanwhile)."""
     before = [process_cpu_seconds(pid) for pid in pids]
     started = time.perf_counter()
     page.wait_for_timeout(WINDOW_SECONDS * 1000)  # Playwright keeps delivering websocket frames
     seconds = time.perf_counter() - started
-    return [(process_cpu_seconds(pid) - was) / seconds for pid, was in zip(pids, before)]
+    return [
+        (process_cpu_seconds(pid) - was) / seconds for pid, was in zip(pids, before, strict=True)
+    ]
 
 
 def measure() -> dict[str, float]:
-    """Shares of one core: trivial page with one tab, the app with one idle outbox tab, then with TABS."""
+    """Shares of one core: trivial page with one tab, the app with one idle outbox tab, then with
+    TABS."""
     contexts: list[Any] = []
     with bt.start_app_server() as app, trivial_server() as trivial, bt.chromium() as browser:
         open_trivial_tab(browser, trivial, contexts)
@@ -188,8 +205,18 @@ def main() -> list[dict[str, Any]]:
     many = shares["app_many"] * 100
     window = f"{WINDOW_SECONDS:g} s window"
     rows = [
-        result("outbox_tabs", f"trivial 3-line page, 1 idle tab: % of one core ({window})", shares["trivial_one"] * 100, unit="%"),
-        result("outbox_tabs", f"QuLab, 1 idle tab on section 5, publisher on: % of one core", shares["app_one"] * 100, unit="%"),
+        result(
+            "outbox_tabs",
+            f"trivial 3-line page, 1 idle tab: % of one core ({window})",
+            shares["trivial_one"] * 100,
+            unit="%",
+        ),
+        result(
+            "outbox_tabs",
+            "QuLab, 1 idle tab on section 5, publisher on: % of one core",
+            shares["app_one"] * 100,
+            unit="%",
+        ),
         result(
             "outbox_tabs",
             f"1 idle outbox tab ÷ trivial page (load average {shares['load_one']:.1f})",
@@ -199,16 +226,23 @@ def main() -> list[dict[str, Any]]:
         ),
         result(
             "outbox_tabs",
-            f"{TABS} idle outbox tabs, publishers on: % of one core (load average {shares['load_many']:.1f})",
+            f"{TABS} idle outbox tabs, publishers on: % of one core "
+            f"(load average {shares['load_many']:.1f})",
             many,
             unit="%",
             target="< 20%",
             met=many < 20,
         ),
-        result("outbox_tabs", "trivial page over the same window (context)", shares["trivial_again"] * 100, unit="%"),
         result(
             "outbox_tabs",
-            "full reruns the idle outbox tabs got during both windows (the page redraws only when the outbox moved)",
+            "trivial page over the same window (context)",
+            shares["trivial_again"] * 100,
+            unit="%",
+        ),
+        result(
+            "outbox_tabs",
+            "full reruns the idle outbox tabs got during both windows "
+            "(the page redraws only when the outbox moved)",
             shares["full_runs_idle"],
             unit="",
             target="= 0",
@@ -216,7 +250,8 @@ def main() -> list[dict[str, Any]]:
         ),
         result(
             "outbox_tabs",
-            f"looks of the idle panels' watcher (a fragment run, no query) during both windows, 1 + {TABS} tabs",
+            "looks of the idle panels' watcher (a fragment run, no query) during both windows, "
+            f"1 + {TABS} tabs",
             shares["looks_idle"],
             unit="",
             target=f"≤ 1 a tab every {WATCH_SECONDS:g} s",

@@ -1,13 +1,13 @@
 """Server CPU per bare rerun of each QuLab page, against a trivial 3-line Streamlit page.
 
 A bare rerun is what a page costs when nothing is clicked: a learner changing pages, a reload,
-a widget edit. One simulated learner (bench/classroom.py's websocket client) opens the app,
-initializes its sandbox, then reruns each page RERUNS times in a row; the server's CPU (utime +
-stime of the whole process, from /proc) over those reruns, divided by their number, is the
-cost. The trivial page runs in its own server, started the same way with the same
-.streamlit/config.toml, in the same run; so does a static page with the introduction's elements
-and no QuLab call in them, which tells Streamlit's own floor for a page of that shape from what
-QuLab adds to it.
+a widget edit. One simulated learner (bench/learners.py's websocket client, as in
+bench/classroom.py) opens the app, initializes its sandbox, then reruns each page RERUNS times in
+a row; the server's CPU (utime + stime of the whole process, from /proc) over those reruns,
+divided by their number, is the cost. The trivial page runs in its own server, started the
+same way with the same .streamlit/config.toml, in the same run; so does a static page with the
+introduction's elements and no QuLab call in them, which tells Streamlit's own floor for a page
+of that shape from what QuLab adds to it.
 
     python3 bench/rerun_cost.py              # embedded defaults
     python3 bench/rerun_cost.py --reruns 100
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchtools import PROJECT_ROOT, print_table, result
-from classroom import INITIALIZE, SimulatedLearner, start_replica, stop_replica
+from learners import INITIALIZE, SimulatedLearner, start_replica, stop_replica
 
 PAGES = {
     "Introduction": "",
@@ -35,7 +35,9 @@ PAGES = {
     "4. Caching": "caching",
     "5. Outbox": "eventing_outbox",
 }
-TRIVIAL_PAGE = 'import streamlit as st\n\nst.title("Hello")\nst.write("A trivial page: a title and a line.")\n'
+TRIVIAL_PAGE = (
+    'import streamlit as st\n\nst.title("Hello")\nst.write("A trivial page: a title and a line.")\n'
+)
 # The introduction's elements (22, counted over the websocket) with no QuLab call in them: what
 # Streamlit alone spends on a page of that shape, the floor under the introduction's ratio.
 STATIC_INTRODUCTION = """import streamlit as st
@@ -103,11 +105,14 @@ async def _measure_static(replica: Any, reruns: int) -> tuple[float, float]:
 def _static_page_cost(
     script: str, name: str, workspace: Path, environment: dict[str, str], reruns: int
 ) -> tuple[float, float]:
-    """Serve `script` from its own folder (with QuLab's .streamlit/config.toml) and measure its bare rerun."""
+    """Serve `script` from its own folder (with QuLab's .streamlit/config.toml) and measure its
+    bare rerun."""
     app = workspace / name / "app.py"
     (app.parent / ".streamlit").mkdir(parents=True)
     app.write_text(script)
-    shutil.copy(PROJECT_ROOT / ".streamlit" / "config.toml", app.parent / ".streamlit" / "config.toml")
+    shutil.copy(
+        PROJECT_ROOT / ".streamlit" / "config.toml", app.parent / ".streamlit" / "config.toml"
+    )
     server = start_replica(environment, workspace, [], app=app)
     try:
         return asyncio.run(_measure_static(server, reruns))
@@ -116,12 +121,17 @@ def _static_page_cost(
 
 
 def main(reruns: int = 60) -> list[dict[str, Any]]:
-    """For bench/run_all.py: each page's bare rerun against the trivial page, both servers started here."""
+    """For bench/run_all.py: each page's bare rerun against the trivial page, both servers
+    started here."""
     workspace = Path(tempfile.mkdtemp(prefix="qulab-rerun-cost-"))
     environment = dict(os.environ, QULAB_SANDBOX_DIR=str(workspace / "sandboxes"))
     try:
-        trivial_cpu, trivial_wall = _static_page_cost(TRIVIAL_PAGE, "trivial", workspace, environment, reruns)
-        floor_cpu, _ = _static_page_cost(STATIC_INTRODUCTION, "static", workspace, environment, reruns)
+        trivial_cpu, trivial_wall = _static_page_cost(
+            TRIVIAL_PAGE, "trivial", workspace, environment, reruns
+        )
+        floor_cpu, _ = _static_page_cost(
+            STATIC_INTRODUCTION, "static", workspace, environment, reruns
+        )
         qulab_server = start_replica(environment, workspace, [])
         try:
             costs = asyncio.run(_measure_qulab(qulab_server, reruns))
@@ -129,23 +139,49 @@ def main(reruns: int = 60) -> list[dict[str, Any]]:
             stop_replica(qulab_server)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
-    rows = [result("rerun_cost", "trivial 3-line page: server CPU per rerun", trivial_cpu * 1000, unit="ms")]
-    rows.append(result("rerun_cost", f"static page with the introduction's 22 elements, no QuLab ÷ trivial page "
-                       f"({floor_cpu * 1000:.1f} ms)", floor_cpu / trivial_cpu if trivial_cpu else float("inf")))
+    rows = [
+        result(
+            "rerun_cost", "trivial 3-line page: server CPU per rerun", trivial_cpu * 1000, unit="ms"
+        )
+    ]
+    rows.append(
+        result(
+            "rerun_cost",
+            f"static page with the introduction's 22 elements, no QuLab ÷ trivial page "
+            f"({floor_cpu * 1000:.1f} ms)",
+            floor_cpu / trivial_cpu if trivial_cpu else float("inf"),
+        )
+    )
     introduction_cpu = costs["Introduction"][0]
-    rows.append(result("rerun_cost", "Introduction ÷ that static page (what QuLab adds to Streamlit's floor)",
-                       introduction_cpu / floor_cpu if floor_cpu else float("inf")))
+    rows.append(
+        result(
+            "rerun_cost",
+            "Introduction ÷ that static page (what QuLab adds to Streamlit's floor)",
+            introduction_cpu / floor_cpu if floor_cpu else float("inf"),
+        )
+    )
     for title, (cpu, wall) in costs.items():
         ratio = cpu / trivial_cpu if trivial_cpu else float("inf")
         rows.append(
-            result("rerun_cost", f"{title}: CPU per bare rerun ÷ trivial page ({cpu * 1000:.1f} ms, {wall * 1000:.0f} ms wall)",
-                   ratio, target=f"≤ {TARGET_RATIO:g}×", met=ratio <= TARGET_RATIO)
-        )  # fmt: skip
+            result(
+                "rerun_cost",
+                f"{title}: CPU per bare rerun ÷ trivial page "
+                f"({cpu * 1000:.1f} ms, {wall * 1000:.0f} ms wall)",
+                ratio,
+                target=f"≤ {TARGET_RATIO:g}×",
+                met=ratio <= TARGET_RATIO,
+            )
+        )
     average = sum(cpu for cpu, _ in costs.values()) / len(costs)
     rows.append(
-        result("rerun_cost", "all six pages, mean CPU per bare rerun ÷ trivial page", average / trivial_cpu,
-               target=f"≤ {TARGET_RATIO:g}×", met=average / trivial_cpu <= TARGET_RATIO)
-    )  # fmt: skip
+        result(
+            "rerun_cost",
+            "all six pages, mean CPU per bare rerun ÷ trivial page",
+            average / trivial_cpu,
+            target=f"≤ {TARGET_RATIO:g}×",
+            met=average / trivial_cpu <= TARGET_RATIO,
+        )
+    )
     print_table(rows)
     return rows
 

@@ -10,7 +10,8 @@ From the project root:
 The servers are DATABASE_URL's and REDIS_URL's when set, else throwaway ones started with
 tests/servers.py when PostgreSQL and redis-server are installed (else that backend is left out,
 and the output says why). The table and its context also go to bench/results/latest.md and
-latest.json (git-ignored); the README's table is copied from there.
+latest.json (git-ignored), and into docs/benchmarks.md (bench/published.py), which keeps the
+rows of benchmarks this run did not run.
 
 Adding a benchmark: write bench/<topic>.py whose main() measures the backend the environment
 names and returns rows made with benchtools.result() (the shape is described there), and add
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import importlib.metadata
 import io
 import json
@@ -33,17 +33,25 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from benchtools import PROJECT_ROOT, RESULT_KEYS, print_table, result, sandbox_on_configured_backend
+import published  # bench/published.py: docs/benchmarks.md
+from benchtools import (  # puts the project first on sys.path
+    PROJECT_ROOT,
+    RESULT_KEYS,
+    import_bench_module,
+    print_table,
+    result,
+    sandbox_on_configured_backend,
+)
 
-sys.path.insert(0, str(PROJECT_ROOT / "tests"))
+sys.path.insert(1, str(PROJECT_ROOT / "tests"))  # after the project: tests/ holds no classroom
 import pytest  # noqa: E402  (tests/servers.py skips through pytest when a server is missing)
 import servers  # noqa: E402
-import source  # noqa: E402
 
+from classroom.config import Settings  # noqa: E402
 
 
 def _as_returned(module: Any, returned: Any, backend: str) -> list[dict[str, Any]]:
@@ -66,16 +74,41 @@ def _n_plus_one_rows(module: Any, returned: dict[str, Any], backend: str) -> lis
     runs = len(returned["rows"])
     exact = sum(row["statements"] == row["expected"] for row in returned["rows"])
     identical = returned["identical_results"]
-    overhead, target, users = returned["qulab_over_bare_engine"], module.OVERHEAD_TARGET, module.OVERHEAD_USERS
+    overhead, target, users = (
+        returned["qulab_over_bare_engine"],
+        module.OVERHEAD_TARGET,
+        module.OVERHEAD_USERS,
+    )
     rows = [
-        result("n_plus_one", "runs issuing the expected statements", exact, unit="", target=f"{runs}", met=exact == runs),
-        result("n_plus_one", "every strategy returns the same data", int(identical), unit="", target="1", met=identical),
         result(
-            "n_plus_one", f"QuLab lazy path ÷ same loop on a bare engine, N={users}", overhead,
-            target=f"≤ {target:g}×", met=overhead <= target,
+            "n_plus_one",
+            "runs issuing the expected statements",
+            exact,
+            unit="",
+            target=f"{runs}",
+            met=exact == runs,
+        ),
+        result(
+            "n_plus_one",
+            "every strategy returns the same data",
+            int(identical),
+            unit="",
+            target="1",
+            met=identical,
+        ),
+        result(
+            "n_plus_one",
+            f"QuLab lazy path ÷ same loop on a bare engine, N={users}",
+            overhead,
+            target=f"≤ {target:g}×",
+            met=overhead <= target,
         ),
         # Context, no target: what the round trips cost without any ORM, and the ORM's own ratio.
-        result("n_plus_one", f"raw driver 1 + N ÷ one IN query, N={users}", returned["raw_driver_one_plus_n_over_in"]),
+        result(
+            "n_plus_one",
+            f"raw driver 1 + N ÷ one IN query, N={users}",
+            returned["raw_driver_one_plus_n_over_in"],
+        ),
     ]
     rows += [
         result("n_plus_one", f"lazy ÷ selectinload time, N={size} users", ratio)
@@ -86,13 +119,26 @@ def _n_plus_one_rows(module: Any, returned: dict[str, Any], backend: str) -> lis
 
 def _cache_rows(module: Any, returned: list[dict[str, Any]], backend: str) -> list[dict[str, Any]]:
     rows = []
-    for measured in returned:  # one per Redis: a real one (when there is one) and fakeredis; then a frozen one
+    for (
+        measured
+    ) in returned:  # one per Redis: a real one (when there is one) and fakeredis; then a frozen one
         if "hung" in measured:
             hung, target = measured["hung"], module.HUNG_READ_TARGET
             ratio = hung["hung ÷ uncached"]
             for row in (
-                result("cache", "cached read while Redis hangs ÷ uncached read", ratio, target=f"≤ {target:g}×", met=ratio <= target),
-                result("cache", "seconds until Redis answers again after a freeze, no restart", hung["recovery (s)"], unit="s"),
+                result(
+                    "cache",
+                    "cached read while Redis hangs ÷ uncached read",
+                    ratio,
+                    target=f"≤ {target:g}×",
+                    met=ratio <= target,
+                ),
+                result(
+                    "cache",
+                    "seconds until Redis answers again after a freeze, no restart",
+                    hung["recovery (s)"],
+                    unit="s",
+                ),
             ):
                 rows.append({**row, "backend": f"{backend.split('+')[0]}+redis (SIGSTOP)"})
             continue
@@ -136,10 +182,14 @@ BENCHMARKS = (
     Benchmark("cache", rows=_cache_rows),
     Benchmark("outbox", per_backend=False, rows=_outbox_rows),
     Benchmark("pool"),
-    Benchmark("sandboxes"),  # one sandbox awake and dormant (RSS, threads, WAL), pre-ping, fairness
-    Benchmark("classroom"),  # a real `streamlit run app.py` and simulated learners over its websocket
-    Benchmark("rerun_cost"),  # server CPU per bare rerun of each page against a trivial 3-line page
-    Benchmark("outbox_tabs"),  # idle Chromium tabs on section 5, publisher on, against a trivial page
+    # one sandbox awake and dormant (RSS, threads, WAL), pre-ping, fairness
+    Benchmark("sandboxes"),
+    # a real `streamlit run app.py` and simulated learners over its websocket
+    Benchmark("classroom"),
+    # server CPU per bare rerun of each page against a trivial 3-line page
+    Benchmark("rerun_cost"),
+    # idle Chromium tabs on section 5, publisher on, against a trivial page
+    Benchmark("outbox_tabs"),
 )
 BACKENDS = ("embedded", "servers")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -156,7 +206,8 @@ TABLE_COLUMNS = ("benchmark", "measure", "backend", "value", "unit", "target", "
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    """Run the listed benchmarks on the chosen backends; print and save one table; return its rows."""
+    """Run the listed benchmarks on the chosen backends; print and save one table; return its
+    rows."""
     arguments = _parse(argv)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -174,22 +225,35 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                         rows += _run(benchmark, label, notes, verbose=arguments.verbose)
     report = _report(rows, backend_versions, notes)
     print(report)
+    published.publish(rows, _context(backend_versions, notes))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.md").write_text(report)
-    (RESULTS / "latest.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2, default=str))
+    (RESULTS / "latest.json").write_text(
+        json.dumps({"rows": rows, "notes": notes}, indent=2, default=str)
+    )
     return rows
 
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print each module's own output too")
-    parser.add_argument("--only", action="append", default=[], metavar="MODULE", help="run only this benchmark (repeatable)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print each module's own output too"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="run only this benchmark (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
 @contextlib.contextmanager
-def _backends(choice: str, notes: list[str]) -> Iterator[list[tuple[str, dict[str, Optional[str]]]]]:
+def _backends(
+    choice: str, notes: list[str]
+) -> Iterator[list[tuple[str, dict[str, Optional[str]]]]]:
     """(name, environment) per backend; servers started here are stopped on leaving."""
     chosen: list[tuple[str, dict[str, Optional[str]]]] = []
     with contextlib.ExitStack() as stack:
@@ -197,8 +261,12 @@ def _backends(choice: str, notes: list[str]) -> Iterator[list[tuple[str, dict[st
             chosen.append(("embedded", {"DATABASE_URL": None, "REDIS_URL": None}))
         if choice in ("servers", "all"):
             try:
-                database_url = servers.configured_postgres_url() or stack.enter_context(servers.postgres_server())
-                redis_url = servers.configured_redis_url() or stack.enter_context(servers.redis_server())
+                database_url = servers.configured_postgres_url() or stack.enter_context(
+                    servers.postgres_server()
+                )
+                redis_url = servers.configured_redis_url() or stack.enter_context(
+                    servers.redis_server()
+                )
             except pytest.skip.Exception as skipped:
                 notes.append(f"PostgreSQL + Redis left out: {skipped.msg}")
             else:
@@ -227,8 +295,12 @@ def _set_variable(name: str, value: Optional[str]) -> None:
 
 
 def _backend_label() -> str:
-    settings = source.Settings.from_environment()
-    database = "postgresql" if settings.database_url and settings.database_url.startswith("postgres") else "sqlite"
+    settings = Settings.from_environment()
+    database = (
+        "postgresql"
+        if settings.database_url and settings.database_url.startswith("postgres")
+        else "sqlite"
+    )
     return f"{database}+{'redis' if settings.redis_url else 'fakeredis'}"
 
 
@@ -239,23 +311,34 @@ def _server_versions() -> str:
         async with sandbox_on_configured_backend(with_sample_users=False) as sandbox:
             async with sandbox.engine.connect() as connection:
                 if sandbox.backend == "postgresql":
-                    database = "PostgreSQL " + (await connection.exec_driver_sql("SHOW server_version")).scalar_one()
+                    database = (
+                        "PostgreSQL "
+                        + (await connection.exec_driver_sql("SHOW server_version")).scalar_one()
+                    )
                 else:
-                    database = "SQLite " + (await connection.exec_driver_sql("SELECT sqlite_version()")).scalar_one()
+                    database = (
+                        "SQLite "
+                        + (await connection.exec_driver_sql("SELECT sqlite_version()")).scalar_one()
+                    )
             if sandbox.redis.service.mode == "redis":
-                redis_server = "Redis " + (await sandbox.redis.client.info("server"))["redis_version"]
+                redis_server = (
+                    "Redis " + (await sandbox.redis.client.info("server"))["redis_version"]
+                )
             else:
-                redis_server = f"fakeredis {importlib.metadata.version('fakeredis')} ({sandbox.redis.service.reason})"
+                version = importlib.metadata.version("fakeredis")
+                redis_server = f"fakeredis {version} ({sandbox.redis.service.reason})"
             return f"{database}, {redis_server}"
 
     return asyncio.run(ask())
 
 
-def _run(benchmark: Benchmark, backend: str, notes: list[str], *, verbose: bool) -> list[dict[str, Any]]:
+def _run(
+    benchmark: Benchmark, backend: str, notes: list[str], *, verbose: bool
+) -> list[dict[str, Any]]:
     """Import bench/<module>.py, call its main() and read its rows."""
     name = benchmark.module
     try:
-        module = importlib.import_module(name)
+        module = import_bench_module(name)  # bench/classroom.py is not the classroom package
     except ModuleNotFoundError as missing:
         if missing.name != name:
             raise
@@ -270,25 +353,37 @@ def _run(benchmark: Benchmark, backend: str, notes: list[str], *, verbose: bool)
     except Exception as error:
         traceback.print_exc()
         notes.append(f"bench/{name}.py failed on {backend}: {type(error).__name__}: {error}")
-        return [{"benchmark": name, "measure": "FAILED (see the traceback above)", "backend": backend, "met": False}]
+        return [
+            {
+                "benchmark": name,
+                "measure": "FAILED (see the traceback above)",
+                "backend": backend,
+                "met": False,
+            }
+        ]
 
 
 def _checked_row(name: str, row: Any) -> dict[str, Any]:
     if not isinstance(row, dict) or not {"benchmark", "measure", "value"} <= row.keys():
-        raise TypeError(f"bench/{name}.py main() must return dicts with the keys {RESULT_KEYS}; got {row!r}")
+        raise TypeError(
+            f"bench/{name}.py main() must return dicts with the keys {RESULT_KEYS}; got {row!r}"
+        )
     return {key: row.get(key) for key in (*RESULT_KEYS, "backend")}
 
 
-def _report(rows: list[dict[str, Any]], backend_versions: dict[str, str], notes: list[str]) -> str:
-    lines = [
-        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `python3 bench/run_all.py`.",
-        "",
-        f"- Machine: {_cpu_description()}, {platform.system()} {platform.release()}",
-        "- Python " + platform.python_version() + ", " + ", ".join(_package_versions()),
-        *(f"- `{label}`: {versions}" for label, versions in backend_versions.items()),
-        *(f"- Note: {note}" for note in notes),
-        "",
+def _context(backend_versions: dict[str, str], notes: list[str]) -> list[str]:
+    """When and where a run measured: the lines that go above its tables."""
+    return [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `python3 bench/run_all.py`",
+        f"Machine: {_cpu_description()}, {platform.system()} {platform.release()}",
+        "Python " + platform.python_version() + ", " + ", ".join(_package_versions()),
+        *(f"`{label}`: {versions}" for label, versions in backend_versions.items()),
+        *(f"Note: {note}" for note in notes),
     ]
+
+
+def _report(rows: list[dict[str, Any]], backend_versions: dict[str, str], notes: list[str]) -> str:
+    lines = [*(f"- {line}" for line in _context(backend_versions, notes)), ""]
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         print_table(rows, TABLE_COLUMNS)

@@ -1,4 +1,4 @@
-"""What one sandbox costs awake and dormant, and whether one learner's experiment stalls another's clicks.
+"""What one sandbox costs awake and dormant, and whether one learner's experiment stalls others.
 
 Measured in this process, on the backend DATABASE_URL names (embedded SQLite by default):
 
@@ -19,7 +19,6 @@ Measured in this process, on the backend DATABASE_URL names (embedded SQLite by 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import os
 import statistics
@@ -31,6 +30,16 @@ from typing import Any
 from benchtools import print_table, result
 
 import source
+from classroom.config import Settings
+from classroom.demos.pooling import (
+    MAX_POOL_EXPERIMENT_REQUESTS,
+    compare_pooling_on,
+    run_pool_experiment,
+)
+from classroom.engines import open_engine
+from classroom.runtime import Runtime
+from classroom.sandboxes.reset import initialize_sandbox
+from classroom.sandboxes.sandbox import Sandbox, new_sandbox_id
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -58,14 +67,14 @@ def wait_until(condition: Any, *, seconds: float = 30.0) -> bool:
     return condition()
 
 
-def footprint(runtime: source.Runtime, learners: int) -> list[dict[str, Any]]:
-    warm = runtime.lab(source.new_sandbox_id())  # imports, compiled statements and caches: not per sandbox
-    warm.run(source.init_db, reset=True)
+def footprint(runtime: Runtime, learners: int) -> list[dict[str, Any]]:
+    warm = runtime.lab(new_sandbox_id())  # imports, compiled statements, caches: not per sandbox
+    warm.run(initialize_sandbox)
     warm.run(source.list_users)
     rss_0, threads_0 = settled()
-    labs = [runtime.lab(source.new_sandbox_id()) for _ in range(learners)]
+    labs = [runtime.lab(new_sandbox_id()) for _ in range(learners)]
     for lab in labs:
-        lab.run(source.init_db, reset=True)
+        lab.run(initialize_sandbox)
         lab.run(source.list_users)
     rss_awake, threads_awake = settled()
     for lab in labs:
@@ -74,25 +83,28 @@ def footprint(runtime: source.Runtime, learners: int) -> list[dict[str, Any]]:
     wait_until(lambda: all(not registry.get_existing(lab.sandbox_id).awake for lab in labs))
     rss_dormant, threads_dormant = settled()
     backend = registry.backend
+    awake_mb, dormant_mb = (rss_awake - rss_0) / learners, (rss_dormant - rss_0) / learners
+    awake_threads = (threads_awake - threads_0) / learners
+    dormant_threads = (threads_dormant - threads_0) / learners
     return [
-        result("sandboxes", f"RSS per awake sandbox ({learners}, {backend})", (rss_awake - rss_0) / learners, unit="MB"),
-        result("sandboxes", f"threads per awake sandbox ({backend})", (threads_awake - threads_0) / learners, unit=""),
+        result("sandboxes", f"RSS per awake sandbox ({learners}, {backend})", awake_mb, unit="MB"),
+        result("sandboxes", f"threads per awake sandbox ({backend})", awake_threads, unit=""),
         result(
-            "sandboxes", f"RSS per dormant sandbox ({learners}, {backend})", (rss_dormant - rss_0) / learners,
-            unit="MB", target="≤ 1 MB", met=(rss_dormant - rss_0) / learners <= 1,
+            "sandboxes", f"RSS per dormant sandbox ({learners}, {backend})", dormant_mb,
+            unit="MB", target="≤ 1 MB", met=dormant_mb <= 1,
         ),
         result(
-            "sandboxes", f"threads per dormant sandbox ({backend})", (threads_dormant - threads_0) / learners,
+            "sandboxes", f"threads per dormant sandbox ({backend})", dormant_threads,
             unit="", target="0", met=threads_dormant <= threads_0,
         ),
     ]  # fmt: skip
 
 
-def wal_after_burst(runtime: source.Runtime) -> list[dict[str, Any]]:
+def wal_after_burst(runtime: Runtime) -> list[dict[str, Any]]:
     if runtime.sandboxes.backend != "sqlite":
         return []
-    lab = runtime.lab(source.new_sandbox_id())
-    lab.run(source.init_db, reset=True)
+    lab = runtime.lab(new_sandbox_id())
+    lab.run(initialize_sandbox)
     for number in range(500):
         lab.run(source.create_user, email=f"burst{number}@example.com", name=f"Burst {number}")
     wal = Path(runtime.sandboxes.get_existing(lab.sandbox_id).location + "-wal")
@@ -102,17 +114,24 @@ def wal_after_burst(runtime: source.Runtime) -> list[dict[str, Any]]:
     dormant_mb = wal.stat().st_size / 1e6 if wal.exists() else 0.0
     return [
         result("sandboxes", "WAL after a 500-write burst, awake", awake_mb, unit="MB"),
-        result("sandboxes", "WAL after the burst, dormant (checkpointed)", dormant_mb, unit="MB", target="≤ 1 MB", met=dormant_mb <= 1),
+        result(
+            "sandboxes",
+            "WAL after the burst, dormant (checkpointed)",
+            dormant_mb,
+            unit="MB",
+            target="≤ 1 MB",
+            met=dormant_mb <= 1,
+        ),
     ]
 
 
-def pre_ping_cost(runtime: source.Runtime) -> list[dict[str, Any]]:
+def pre_ping_cost(runtime: Runtime) -> list[dict[str, Any]]:
     if runtime.sandboxes.backend != "sqlite":
         return []
-    lab = runtime.lab(source.new_sandbox_id())
+    lab = runtime.lab(new_sandbox_id())
 
-    async def checkouts(sandbox: source.Sandbox, *, pre_ping: bool) -> float:
-        engine = source.create_engine_for(sandbox.engine.url, sandbox.settings, pool_pre_ping=pre_ping)
+    async def checkouts(sandbox: Sandbox, *, pre_ping: bool) -> float:
+        engine = open_engine(sandbox.engine.url, sandbox.settings, pre_ping=pre_ping)
         try:
             async with engine.connect() as connection:
                 await connection.exec_driver_sql("SELECT 1")
@@ -129,11 +148,11 @@ def pre_ping_cost(runtime: source.Runtime) -> list[dict[str, Any]]:
     return [result("sandboxes", "SQLite checkout + SELECT 1: pre-ping ÷ none", with_ping / without)]
 
 
-def fairness(runtime: source.Runtime) -> list[dict[str, Any]]:
-    walker, heavy = runtime.lab(source.new_sandbox_id()), runtime.lab(source.new_sandbox_id())
-    walker.run(source.init_db, reset=True)
-    heavy.run(source.init_db, reset=True)
-    maximum = {"requests": source.MAX_POOL_EXPERIMENT_REQUESTS, "concurrency": 50, "pool_size": 50}
+def fairness(runtime: Runtime) -> list[dict[str, Any]]:
+    walker, heavy = runtime.lab(new_sandbox_id()), runtime.lab(new_sandbox_id())
+    walker.run(initialize_sandbox)
+    heavy.run(initialize_sandbox)
+    maximum = {"requests": MAX_POOL_EXPERIMENT_REQUESTS, "concurrency": 50, "pool_size": 50}
 
     def walker_p95(seconds: float) -> float:
         latencies = []
@@ -145,9 +164,10 @@ def fairness(runtime: source.Runtime) -> list[dict[str, Any]]:
             time.sleep(0.01)
         return statistics.quantiles(latencies, n=20)[-1]
 
-    async def trials_on_the_shared_loop(sandbox: source.Sandbox) -> None:  # how it ran before
+    async def trials_on_the_shared_loop(sandbox: Sandbox) -> None:  # how it ran before
         translate = sandbox.engine.get_execution_options().get("schema_translate_map")
-        await source._run_pool_trials(sandbox.engine.url, sandbox.settings, translate=translate, **maximum)
+        url, settings = sandbox.engine.url, sandbox.settings
+        await compare_pooling_on(url=url, settings=settings, translate=translate, **maximum)
 
     def while_running(experiment: Any, **kwargs: Any) -> float:
         done = threading.Event()
@@ -166,25 +186,31 @@ def fairness(runtime: source.Runtime) -> list[dict[str, Any]]:
             worker.join()
 
     quiet = walker_p95(5.0)
-    own_loop = while_running(source.run_pool_experiment, **maximum)
-    shared_loop = while_running(trials_on_the_shared_loop)
+    own_loop = while_running(run_pool_experiment, **maximum)
+    shared = while_running(trials_on_the_shared_loop)
     return [
         result("sandboxes", "list_users p95 quiet", quiet * 1000, unit="ms"),
         result(
             "sandboxes", "list_users p95 beside a max pool experiment ÷ quiet", own_loop / quiet,
             target="≤ 2×", met=own_loop / quiet <= 2,
         ),
-        result("sandboxes", "same, experiment on the shared loop (before) ÷ quiet", shared_loop / quiet),
+        result("sandboxes", "same, experiment on the shared loop (before) ÷ quiet", shared / quiet),
     ]  # fmt: skip
 
 
 def main(learners: int = 50) -> list[dict[str, Any]]:
     """For bench/run_all.py: footprint, WAL, pre-ping and fairness on the configured backend."""
-    settings = source.Settings.from_environment()
-    settings = source.Settings(**{**settings.__dict__, "sandbox_grace_seconds": 0, "max_sandboxes": max(200, learners + 10)})
-    runtime = source.Runtime(settings)
+    settings = Settings.from_environment()
+    most = max(200, learners + 10)
+    settings = Settings(**{**settings.__dict__, "sandbox_grace_seconds": 0, "max_sandboxes": most})
+    runtime = Runtime(settings)
     try:
-        rows = footprint(runtime, learners) + wal_after_burst(runtime) + pre_ping_cost(runtime) + fairness(runtime)
+        rows = (
+            footprint(runtime, learners)
+            + wal_after_burst(runtime)
+            + pre_ping_cost(runtime)
+            + fairness(runtime)
+        )
     finally:
         runtime.close()
     load = os.getloadavg()[0]

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages import open_page
+from pages.common import open_page
 
 open_page()
 

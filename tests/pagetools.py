@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow
-
 from streamlit.testing.v1 import AppTest
 
-import source
+from classroom.browser import SANDBOX_STATE_KEY, SANDBOX_URL_PARAMETER
+from classroom.runtime import Lab, get_runtime
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
@@ -36,16 +36,19 @@ def reload(app: AppTest) -> AppTest:
     calls st.rerun; in a browser every rerun draws it. To read the sidebar after a click, reload.)
     """
     again = AppTest.from_file(str(APP), default_timeout=60)
-    again.query_params[source.SANDBOX_URL_PARAMETER] = app.session_state[source.SANDBOX_STATE_KEY]
+    again.query_params[SANDBOX_URL_PARAMETER] = app.session_state[SANDBOX_STATE_KEY]
     return again.run()
 
 
 def open_listings(app: AppTest) -> AppTest:
-    """Open every code listing on the page, as a learner clicking each expander does (show_code draws them only then)."""
-    import pages
+    """Open every code listing on the page, as a learner clicking each expander does.
+
+    (show_code draws a listing only while its expander is open.)
+    """
+    from pages.common import listing_key
 
     for expander in app.main.expander:
-        key = pages.listing_key(expander.label)
+        key = listing_key(expander.label)
         if key in app.session_state:
             app.session_state[key] = True
     app.run()
@@ -74,22 +77,28 @@ def text_input(app: AppTest, label: str):
     return matches[0]
 
 
-def lab_of(app: AppTest) -> source.Lab:
+def lab_of(app: AppTest) -> Lab:
     """The Lab (sandbox) of this AppTest's browser session, to check what really got written."""
-    return source.get_runtime().lab(app.session_state[source.SANDBOX_STATE_KEY])
+    return get_runtime().lab(app.session_state[SANDBOX_STATE_KEY])
 
 
 def texts(app: AppTest) -> str:
     """Everything the page shows as text (markdown, captions, alerts, metrics), joined."""
-    parts = [str(e.value) for e in (*app.markdown, *app.caption, *app.success, *app.info, *app.warning, *app.error)]
+    parts = [
+        str(e.value)
+        for e in (*app.markdown, *app.caption, *app.success, *app.info, *app.warning, *app.error)
+    ]
     parts += [f"{m.label} {m.value}" for m in app.metric]
     return "\n".join(parts)
 
 
 def charts(app: AppTest) -> list[tuple[dict, pd.DataFrame]]:
-    """Every Altair (Vega-Lite) chart in the main area, in page order: its spec and the data it draws."""
+    """Every Altair (Vega-Lite) chart in the main area, in page order: its spec and its data."""
     found = []
     for chart in app.get("vega_lite_chart"):
-        data = [pyarrow.ipc.open_stream(dataset.data.data).read_all().to_pandas() for dataset in chart.proto.datasets]
+        data = [
+            pyarrow.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+            for dataset in chart.proto.datasets
+        ]
         found.append((json.loads(chart.proto.spec), pd.concat(data) if data else pd.DataFrame()))
     return found

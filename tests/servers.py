@@ -38,7 +38,14 @@ def unavailable(reason: str) -> None:
 
 # Tests that use one of these fixtures, or carry the e2e marker, need a server or the browser.
 SERVER_FIXTURES = frozenset(
-    {"real_redis_url", "freezable_redis", "postgres_url", "postgres_registry", "browser", "app_server"}
+    {
+        "real_redis_url",
+        "freezable_redis",
+        "postgres_url",
+        "postgres_registry",
+        "browser",
+        "app_server",
+    }
 )
 
 
@@ -59,11 +66,19 @@ def pytest_runtest_makereport(
     tests/conftest.py imports it, which is how pytest finds it.
     """
     report = yield
-    if report.skipped and not hasattr(report, "wasxfail") and servers_required() and needs_a_server(item):
+    if (
+        report.skipped
+        and not hasattr(report, "wasxfail")
+        and servers_required()
+        and needs_a_server(item)
+    ):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
-        report.longrepr = f"QULAB_REQUIRE_SERVERS=1, but this test needs a server or the browser and skipped: {reason}"
+        report.longrepr = (
+            "QULAB_REQUIRE_SERVERS=1, but this test needs a server or the browser and skipped: "
+            f"{reason}"
+        )
     return report
 
 
@@ -99,11 +114,19 @@ def redis_server_process() -> Iterator[tuple[str, subprocess.Popen]]:
         unavailable("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="qulab-redis-") as directory:
+        # one option and its value a line (test_outbox_faults reads the appendonly line)
         process = subprocess.Popen(
-            [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir", directory],
+            [
+                program,
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "yes",
+                "--dir", directory,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
+        )  # fmt: skip
         try:
             _wait_for_port(port)
             yield f"redis://127.0.0.1:{port}/0", process
@@ -131,15 +154,21 @@ class RedisProcess:
         self.directory = tempfile.mkdtemp(prefix="qulab-redis-fault-")
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "RedisProcess":
+    def start(self) -> RedisProcess:
         """Start the server and wait until it accepts connections."""
         appendonly = "yes" if self.persistent else "no"
         self.process = subprocess.Popen(
-            [self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly,
-             "--dir", self.directory],
+            [
+                self.program,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", appendonly,
+                "--dir", self.directory,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
+        )  # fmt: skip
         _wait_for_port(self.port)
         return self
 
@@ -194,11 +223,19 @@ def postgres_server() -> Iterator[str]:
             stdout=subprocess.DEVNULL,
         )
         options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        subprocess.run([*pg_ctl, "-l", os.path.join(directory, "log"), "-o", options, "-w", "start"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*pg_ctl, "-l", os.path.join(directory, "log"), "-o", options, "-w", "start"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         try:
             yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
         finally:
-            subprocess.run([*pg_ctl, "-m", "immediate", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [*pg_ctl, "-m", "immediate", "stop"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -11,32 +11,94 @@ import uuid
 from pathlib import Path
 
 import fakeredis
+import pytest
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-import pytest
 from sqlalchemy import delete, event, update
 
-import qulab_redis.coherence
+import classroom.cache.coherence
 import source
-from source import CACHE_FALLBACK, CACHE_HIT, CACHE_MISS, capture_statements, get_session
+from classroom.cache.coherent import CoherentCache, cache_coherence, cached_users
+from classroom.cache.coherent import recent_invalidations as recent
+from classroom.cache.link import RedisLink, RedisService
+from classroom.config import Settings
+from classroom.demos.caching import (
+    CacheDemo,
+    add_demo_airscore,
+    cache_status,
+    create_cache_demo_user,
+    fetch_user_cached,
+    find_cache_demo,
+    invalidate_user_cache,
+    rename_user,
+    run_cache_experiment,
+    set_redis_outage,
+)
+from classroom.demos.n_plus_one import (
+    SCALE_UP_NAME_PREFIX,
+    grow_scale_up_users,
+    remove_scale_up_users,
+)
+from classroom.engines import (
+    SandboxSession,
+    TrackedSyncSession,
+    _collect_flushed_changes,
+    _tables_written,
+)
+from classroom.sandboxes.registry import SandboxRegistry
+from classroom.sandboxes.reset import initialize_sandbox
+from classroom.sandboxes.sandbox import Sandbox, new_sandbox_id
+from classroom.statements import capture_statements
+from source import FALLBACK as CACHE_FALLBACK
+from source import HIT as CACHE_HIT
+from source import MISS as CACHE_MISS
+from source import get_session
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+async def prepare_cache_demo(sandbox: Sandbox) -> CacheDemo:
+    """The page's demo user (Alex Smith, Jane Doe, else the Cache Demo User), with an AIRScore."""
+    demo = await find_cache_demo(sandbox) or await create_cache_demo_user(sandbox)
+    if demo.latest_airscore_id is None:
+        score = await add_demo_airscore(sandbox, user_id=demo.user_id)
+        demo = CacheDemo(demo.user_id, demo.user_name, score.id)
+    return demo
+
+
+def pending_invalidations(sandbox: Sandbox) -> int:
+    """Writes whose invalidation Redis has not taken yet."""
+    return cache_coherence(sandbox).pending_writes
+
+
 @pytest.fixture
-async def demo(sandbox_with_users) -> tuple[source.Sandbox, str]:
+async def sandbox_with_users(sandbox: Sandbox) -> Sandbox:
+    """A sandbox with the two sample users, initialized as section 2 does (Redis keys cleared)."""
+    await initialize_sandbox(sandbox)
+    return sandbox
+
+
+@pytest.fixture
+async def demo(sandbox_with_users) -> tuple[Sandbox, str]:
     """A sandbox with the sample users; Alex Smith has one AIRScore."""
-    prepared = await source.prepare_cache_demo(sandbox_with_users)
+    prepared = await prepare_cache_demo(sandbox_with_users)
     return sandbox_with_users, prepared.user_id
 
 
-async def cache_keys(sandbox: source.Sandbox) -> list[str]:
+async def cache_keys(sandbox: Sandbox) -> list[str]:
     """The sandbox's cached values (not its epoch and fence tokens)."""
-    return sorted([key async for key in sandbox.redis.client.scan_iter(match=sandbox.redis.key("cache", "user") + "*")])
+    return sorted(
+        [
+            key
+            async for key in sandbox.redis.client.scan_iter(
+                match=sandbox.redis.key("cache", "user") + "*"
+            )
+        ]
+    )
 
 
-async def stored_value(sandbox: source.Sandbox, key: str):
+async def stored_value(sandbox: Sandbox, key: str):
     """What Redis holds under a cache key, unwrapped from its {"epoch", "value"} envelope."""
     return json.loads(await sandbox.redis.client.get(key))["value"]
 
@@ -48,12 +110,13 @@ def sent(read) -> list[str]:
 
 # MGET epoch+value; a miss GETs the fence, then SET … EX and re-reads the fence in one round trip.
 MISS_COMMANDS = ["MGET", "GET", "SET", "GET"]
-FIRST_MISS_COMMANDS = ["MGET", "GET", "SET", "GET", "SET", "GET"]  # the epoch's first value starts the epoch
+# The epoch's first value starts the epoch (SET NX, GET).
+FIRST_MISS_COMMANDS = ["MGET", "GET", "SET", "GET", "SET", "GET"]
 
 
 async def test_a_scripted_sequence_gives_exact_hits_misses_and_database_reads(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     script = [
         (cache.get_user, CACHE_MISS),
         (cache.get_user, CACHE_HIT),
@@ -73,20 +136,24 @@ async def test_a_scripted_sequence_gives_exact_hits_misses_and_database_reads(de
             assert result.database_statements == log.count == (1 if expected == CACHE_MISS else 0)
             first_miss = expected == CACHE_MISS and cache.metrics.misses == 1
             assert sent(result) == (
-                (FIRST_MISS_COMMANDS if first_miss else MISS_COMMANDS) if expected == CACHE_MISS else ["MGET"]
+                (FIRST_MISS_COMMANDS if first_miss else MISS_COMMANDS)
+                if expected == CACHE_MISS
+                else ["MGET"]
             )
     metrics = cache.metrics
     assert (metrics.hits, metrics.misses, metrics.errors, metrics.requests) == (4, 4, 0, 8)
     assert metrics.database_reads == 4 and metrics.lookups == 8
     assert metrics.hit_ratio == 0.5
-    expected = 0.5 * metrics.mean_cache_ms + 0.5 * (metrics.mean_cache_ms + metrics.mean_database_ms)
+    expected = 0.5 * metrics.mean_cache_ms + 0.5 * (
+        metrics.mean_cache_ms + metrics.mean_database_ms
+    )
     assert metrics.predicted_average_ms == pytest.approx(expected)
     assert metrics.measured_average_ms == pytest.approx(metrics.request_ms_total / 8)
 
 
 async def test_hits_return_exactly_what_the_database_returned(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     for read in (cache.get_user, cache.get_latest_airscore):
         miss, hit = await read(user_id=user_id), await read(user_id=user_id)
         assert (miss.outcome, hit.outcome) == (CACHE_MISS, CACHE_HIT)
@@ -97,12 +164,15 @@ async def test_hits_return_exactly_what_the_database_returned(demo):
 
 async def test_every_key_has_a_ttl_within_the_jitter_bounds(sandbox_with_users):
     sandbox = sandbox_with_users
-    cache = source.cache_for(sandbox)
-    shortest, longest = source.cache_ttl_bounds()
+    cache = cached_users(sandbox)
+    spread = round(source.CACHE_TTL_SECONDS * source.CACHE_TTL_JITTER)
+    shortest, longest = source.CACHE_TTL_SECONDS - spread, source.CACHE_TTL_SECONDS + spread
     assert (shortest, longest) == (270, 330)
     user_ids = [u.id for u in await source.list_users(sandbox)]
     for index in range(10):
-        user = await source.create_user(sandbox, email=f"ttl{index}@example.com", name=f"Ttl {index}")
+        user = await source.create_user(
+            sandbox, email=f"ttl{index}@example.com", name=f"Ttl {index}"
+        )
         user_ids.append(user.id)
     for user_id in user_ids:
         await cache.get_user(user_id=user_id)
@@ -112,22 +182,27 @@ async def test_every_key_has_a_ttl_within_the_jitter_bounds(sandbox_with_users):
     ttls = [await sandbox.redis.client.ttl(key) for key in keys]
     assert all(shortest - 1 <= ttl <= longest for ttl in ttls), ttls
     assert len(set(ttls)) > 1, "jitter spreads the expiry times"
-    await source.rename_user(sandbox, user_id=user_ids[0], name="Now With A Fence")
-    coherence = source.cache_coherence(sandbox)
+    await rename_user(sandbox, user_id=user_ids[0], name="Now With A Fence")
+    coherence = cache_coherence(sandbox)
     for token in (coherence.epoch_key, coherence.fence_key):  # the tokens expire too
-        assert 0 < await sandbox.redis.client.ttl(token) <= qulab_redis.coherence.TOKEN_TTL_SECONDS
-    every_key = [key async for key in sandbox.redis.client.scan_iter(match=sandbox.redis.prefix + "cache:*")]
-    assert all([await sandbox.redis.client.ttl(key) > 0 for key in every_key]) and len(every_key) == len(keys) - 1 + 2  # the rename dropped one
+        assert (
+            0 < await sandbox.redis.client.ttl(token) <= classroom.cache.coherence.TOKEN_TTL_SECONDS
+        )
+    every_key = [
+        key async for key in sandbox.redis.client.scan_iter(match=sandbox.redis.prefix + "cache:*")
+    ]
+    assert all([await sandbox.redis.client.ttl(key) > 0 for key in every_key])
+    assert len(every_key) == len(keys) - 1 + 2  # the rename dropped one
 
 
 async def test_explicit_invalidation_deletes_both_keys_and_the_next_reads_miss(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     await cache.get_user(user_id=user_id)
     await cache.get_latest_airscore(user_id=user_id)
     assert len(await cache_keys(sandbox)) == 2
 
-    invalidation = await source.invalidate_user_cache(sandbox, user_id=user_id)
+    invalidation = await invalidate_user_cache(sandbox, user_id=user_id)
 
     assert invalidation.applied and sent(invalidation) == ["MULTI", "SET", "DEL", "EXEC"]
     assert invalidation.redis_commands[2].reply == "2"
@@ -138,22 +213,26 @@ async def test_explicit_invalidation_deletes_both_keys_and_the_next_reads_miss(d
 
 async def test_no_stale_read_after_writes_through_the_repositories(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     await cache.get_user(user_id=user_id)
     first_score = (await cache.get_latest_airscore(user_id=user_id)).value
 
-    await source.rename_user(sandbox, user_id=user_id, name="Alex Renamed")
+    await rename_user(sandbox, user_id=user_id, name="Alex Renamed")
     renamed = await cache.get_user(user_id=user_id)
     assert (renamed.outcome, renamed.value["name"]) == (CACHE_MISS, "Alex Renamed")
-    assert (await cache.get_latest_airscore(user_id=user_id)).outcome == CACHE_HIT  # a rename leaves scores alone
+    # a rename leaves scores alone
+    assert (await cache.get_latest_airscore(user_id=user_id)).outcome == CACHE_HIT
 
-    new_score = await source.add_demo_airscore(sandbox, user_id=user_id)
+    new_score = await add_demo_airscore(sandbox, user_id=user_id)
     latest = await cache.get_latest_airscore(user_id=user_id)
     assert (latest.outcome, latest.value["id"]) == (CACHE_MISS, new_score.id)
-    assert (await cache.get_user(user_id=user_id)).outcome == CACHE_HIT  # a new score leaves the profile alone
+    # a new score leaves the profile alone
+    assert (await cache.get_user(user_id=user_id)).outcome == CACHE_HIT
 
     async with get_session(sandbox) as session:
-        await source.AIRScoreRepository(session).delete(await session.get(source.AIRScore, new_score.id))
+        await source.AIRScoreRepository(session).delete(
+            await session.get(source.AIRScore, new_score.id)
+        )
     assert (await cache.get_latest_airscore(user_id=user_id)).value == first_score
 
     await source.delete_user(sandbox, user_id=user_id)
@@ -164,20 +243,28 @@ async def test_no_stale_read_after_writes_through_the_repositories(demo):
 
 async def test_a_user_without_scores_caches_null_until_a_score_is_added(sandbox_with_users):
     sandbox = sandbox_with_users
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     jane = next(u for u in await source.list_users(sandbox) if u.name == "Jane Doe")
-    first, second = await cache.get_latest_airscore(user_id=jane.id), await cache.get_latest_airscore(user_id=jane.id)
-    assert (first.outcome, first.value, second.outcome, second.value) == (CACHE_MISS, None, CACHE_HIT, None)
+    first, second = (
+        await cache.get_latest_airscore(user_id=jane.id),
+        await cache.get_latest_airscore(user_id=jane.id),
+    )
+    assert (first.outcome, first.value, second.outcome, second.value) == (
+        CACHE_MISS,
+        None,
+        CACHE_HIT,
+        None,
+    )
     assert await stored_value(sandbox, first.key) is None
-    score = await source.add_demo_airscore(sandbox, user_id=jane.id)
+    score = await add_demo_airscore(sandbox, user_id=jane.id)
     assert (await cache.get_latest_airscore(user_id=jane.id)).value["id"] == score.id
 
 
 class PausingCache(source.CachedUserRepository):
-    """The real cache, made to pause at one chosen point so a test can commit a write right there."""
+    """The real cache, made to pause at one chosen point so a test can commit a write there."""
 
-    def __init__(self, sandbox: source.Sandbox, *, pause_before_set: bool = False) -> None:
-        super().__init__(sandbox)
+    def __init__(self, sandbox: Sandbox, *, pause_before_set: bool = False) -> None:
+        super().__init__(sandbox, CoherentCache(sandbox.redis, cache_coherence(sandbox)))
         self.paused = asyncio.Event()
         self.resume = asyncio.Event()
         self._armed = True
@@ -200,14 +287,18 @@ class PausingCache(source.CachedUserRepository):
 class PausingLink:
     """The sandbox's real RedisLink, pausing once just before a miss's SET goes out."""
 
-    def __init__(self, link: source.RedisLink, pause) -> None:
+    def __init__(self, link: RedisLink, pause) -> None:
         self.link, self.pause = link, pause
 
     async def execute(self, *command):
         return await self.link.execute(*command)
 
     async def execute_many(self, *commands, transaction=False):
-        if commands[0][0] == "SET" and ":cache:user:" in commands[0][1] and not commands[0][1].endswith("airscore"):
+        if (
+            commands[0][0] == "SET"
+            and ":cache:user:" in commands[0][1]
+            and not commands[0][1].endswith("airscore")
+        ):
             await self.pause()
         return await self.link.execute_many(*commands, transaction=transaction)
 
@@ -218,7 +309,7 @@ async def test_a_miss_that_read_before_a_write_does_not_store_the_old_value(demo
     slow = asyncio.create_task(cache.get_user(user_id=user_id))
     await cache.paused.wait()  # the slow miss holds the old name, not yet stored
 
-    await source.rename_user(sandbox, user_id=user_id, name="Alex After")
+    await rename_user(sandbox, user_id=user_id, name="Alex After")
     # Must not join the slow read's flight (that would wait for it, and it waits for us).
     fresh = await asyncio.wait_for(cache.get_user(user_id=user_id), 10)
     cache.resume.set()
@@ -226,7 +317,11 @@ async def test_a_miss_that_read_before_a_write_does_not_store_the_old_value(demo
 
     assert old.value["name"] == "Alex Smith" and "Not stored" in old.note
     assert sent(old) == ["MGET", "GET"]
-    assert (fresh.outcome, fresh.value["name"], fresh.shared_database_read) == (CACHE_MISS, "Alex After", False)
+    assert (fresh.outcome, fresh.value["name"], fresh.shared_database_read) == (
+        CACHE_MISS,
+        "Alex After",
+        False,
+    )
     assert (await stored_value(sandbox, cache.user_key(user_id)))["name"] == "Alex After"
     after = await cache.get_user(user_id=user_id)
     assert (after.outcome, after.value["name"]) == (CACHE_HIT, "Alex After")
@@ -235,11 +330,11 @@ async def test_a_miss_that_read_before_a_write_does_not_store_the_old_value(demo
 async def test_an_invalidation_during_the_set_is_followed_by_a_delete(demo):
     sandbox, user_id = demo
     cache = sandbox.services["cache"] = PausingCache(sandbox, pause_before_set=True)
-    await cache.get_latest_airscore(user_id=user_id)  # the epoch exists: the miss below sends one SET
+    await cache.get_latest_airscore(user_id=user_id)  # the epoch exists: the miss sends one SET
     slow = asyncio.create_task(cache.get_user(user_id=user_id))
     await cache.paused.wait()  # the generation check passed; the SET is about to go out
 
-    await source.rename_user(sandbox, user_id=user_id, name="Alex During")
+    await rename_user(sandbox, user_id=user_id, name="Alex During")
     cache.resume.set()
     old = await slow
 
@@ -250,7 +345,7 @@ async def test_an_invalidation_during_the_set_is_followed_by_a_delete(demo):
 
 async def test_ten_concurrent_misses_on_one_key_cause_one_database_read(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     with capture_statements() as log:
         reads = await asyncio.gather(*(cache.get_user(user_id=user_id) for _ in range(10)))
     assert log.count == 1
@@ -260,21 +355,27 @@ async def test_ten_concurrent_misses_on_one_key_cause_one_database_read(demo):
     assert sum(1 for r in reads if r.outcome == CACHE_MISS and not r.shared_database_read) == 1
 
 
-async def test_concurrent_misses_for_an_unknown_user_all_get_the_error_and_nothing_is_cached(sandbox_with_users):
+async def test_concurrent_misses_for_an_unknown_user_all_get_the_error_and_nothing_is_cached(
+    sandbox_with_users,
+):
     sandbox = sandbox_with_users
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     unknown = str(uuid.uuid4())
     with capture_statements() as log:
-        results = await asyncio.gather(*(cache.get_user(user_id=unknown) for _ in range(5)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(cache.get_user(user_id=unknown) for _ in range(5)), return_exceptions=True
+        )
     assert all(isinstance(r, source.UserNotFoundError) for r in results)
     assert log.count == 1
     assert await cache_keys(sandbox) == [] and cache.metrics.requests == 0
 
 
-@pytest.mark.parametrize("bad_id", ["", "   ", "not-a-uuid", "x" * 200, "'; DROP TABLE users; --", "<b>1</b>"])
+@pytest.mark.parametrize(
+    "bad_id", ["", "   ", "not-a-uuid", "x" * 200, "'; DROP TABLE users; --", "<b>1</b>"]
+)
 async def test_malformed_ids_are_refused_before_redis_or_the_database(sandbox_with_users, bad_id):
     sandbox = sandbox_with_users
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     with capture_statements() as log:
         for read in (cache.get_user, cache.get_latest_airscore, cache.invalidate_user):
             with pytest.raises(source.MalformedIdError):
@@ -284,7 +385,7 @@ async def test_malformed_ids_are_refused_before_redis_or_the_database(sandbox_wi
 
 async def test_outage_by_cut_every_read_answered_and_no_stale_value_after_recovery(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     await cache.get_user(user_id=user_id)
     await cache.get_latest_airscore(user_id=user_id)
 
@@ -292,9 +393,9 @@ async def test_outage_by_cut_every_read_answered_and_no_stale_value_after_recove
     during = await cache.get_user(user_id=user_id)
     assert (during.outcome, during.value["name"]) == (CACHE_FALLBACK, "Alex Smith")
     assert sandbox.redis.health.degraded
-    await source.rename_user(sandbox, user_id=user_id, name="Alex Offline")
-    new_score = await source.add_demo_airscore(sandbox, user_id=user_id)
-    assert cache.pending_invalidations == 2
+    await rename_user(sandbox, user_id=user_id, name="Alex Offline")
+    new_score = await add_demo_airscore(sandbox, user_id=user_id)
+    assert pending_invalidations(sandbox) == 2
     assert (await cache.get_user(user_id=user_id)).value["name"] == "Alex Offline"
     assert (await cache.get_latest_airscore(user_id=user_id)).value["id"] == new_score.id
 
@@ -302,11 +403,15 @@ async def test_outage_by_cut_every_read_answered_and_no_stale_value_after_recove
     back = await cache.get_user(user_id=user_id)
     # What Redis missed is settled before that read (by the read itself, or by the background
     # settler if it came first): a new fence and a new epoch, so no value from before counts.
-    settled = cache.recent_invalidations[0]
-    assert settled.reason == qulab_redis.coherence.SETTLE_REASON and settled.applied and settled.everything
+    settled = recent(sandbox)[0]
+    assert (
+        settled.reason == classroom.cache.coherence.SETTLE_REASON
+        and settled.applied
+        and settled.everything
+    )
     assert sent(settled) == ["MULTI", "SET", "SET", "EXEC"]
     assert (back.outcome, back.value["name"]) == (CACHE_MISS, "Alex Offline")
-    assert not sandbox.redis.health.degraded and cache.pending_invalidations == 0
+    assert not sandbox.redis.health.degraded and pending_invalidations(sandbox) == 0
     assert (await cache.get_latest_airscore(user_id=user_id)).value["id"] == new_score.id
     assert (await cache.get_user(user_id=user_id)).outcome == CACHE_HIT
     assert (cache.metrics.hits, cache.metrics.misses, cache.metrics.errors) == (1, 4, 3)
@@ -314,14 +419,16 @@ async def test_outage_by_cut_every_read_answered_and_no_stale_value_after_recove
 
 @pytest.fixture
 async def controlled_fake_redis(settings):
-    """A sandbox whose Redis is a fakeredis server the test can disconnect (FakeServer.connected)."""
+    """A sandbox whose Redis is a fakeredis server the test can disconnect (.connected)."""
     server = fakeredis.FakeServer()
     client = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
-    service = source.RedisService(mode="fakeredis", reason="test", url=None, client=client, fake_server=server)
-    registry = source.SandboxRegistry(settings, service)
+    service = RedisService(
+        mode="fakeredis", reason="test", url=None, client=client, fake_server=server
+    )
+    registry = SandboxRegistry(settings, service)
     try:
-        sandbox = await registry.acquire(source.new_sandbox_id())
-        await source.init_db(sandbox, reset=True)
+        sandbox = await registry.acquire(new_sandbox_id())
+        await initialize_sandbox(sandbox)
         yield server, sandbox
     finally:
         server.connected = True
@@ -329,21 +436,24 @@ async def controlled_fake_redis(settings):
         await service.close()
 
 
-async def test_outage_by_a_lost_fakeredis_connection_is_survived_and_recovered(controlled_fake_redis):
+async def test_outage_by_a_lost_fakeredis_connection_is_survived_and_recovered(
+    controlled_fake_redis,
+):
     server, sandbox = controlled_fake_redis
     sandbox.redis.breaker.cooling_seconds = 0.05  # probe soon after the connection is back
-    user_id = (await source.prepare_cache_demo(sandbox)).user_id
-    cache = source.cache_for(sandbox)
+    user_id = (await prepare_cache_demo(sandbox)).user_id
+    cache = cached_users(sandbox)
     assert (await cache.get_user(user_id=user_id)).outcome == CACHE_MISS
 
     server.connected = False
     assert (await cache.get_user(user_id=user_id)).outcome == CACHE_FALLBACK
-    await source.rename_user(sandbox, user_id=user_id, name="Alex Disconnected")
+    await rename_user(sandbox, user_id=user_id, name="Alex Disconnected")
     during = await cache.get_user(user_id=user_id)
     assert (during.outcome, during.value["name"]) == (CACHE_FALLBACK, "Alex Disconnected")
     assert sandbox.redis.health.degraded
 
-    assert sandbox.redis.breaker.is_open  # a lost connection opens the breaker: later calls skip Redis
+    # a lost connection opens the breaker: later calls skip Redis
+    assert sandbox.redis.breaker.is_open
     server.connected = True  # the old profile is still stored in the server
     deadline = asyncio.get_running_loop().time() + 20
     while sandbox.redis.breaker.is_open and asyncio.get_running_loop().time() < deadline:
@@ -358,29 +468,30 @@ async def test_outage_by_a_lost_fakeredis_connection_is_survived_and_recovered(c
 
 async def test_the_outage_switch_reports_whether_redis_answers(demo):
     sandbox, user_id = demo
-    assert await source.set_redis_outage(sandbox, cut=True) is False
-    assert (await source.cache_status(sandbox)).cut_off and sandbox.redis.health.degraded
-    assert await source.set_redis_outage(sandbox, cut=False) is True
-    status = await source.cache_status(sandbox)
+    assert await set_redis_outage(sandbox, cut=True) is False
+    assert (await cache_status(sandbox)).cut_off and sandbox.redis.health.degraded
+    assert await set_redis_outage(sandbox, cut=False) is True
+    status = await cache_status(sandbox)
     assert not status.cut_off and not status.degraded
 
 
 async def test_reinitializing_resets_metrics_and_never_serves_keys_from_before(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     await cache.get_user(user_id=user_id)
     sandbox.redis.cut()  # the reset cannot delete the old keys
-    await source.init_db(sandbox, reset=True)
+    await initialize_sandbox(sandbox)
     await sandbox.redis.restore()
     assert cache.metrics.requests == 0
-    with pytest.raises(source.UserNotFoundError):  # the wiped user, although its key is still in Redis
+    # the wiped user, although its key is still in Redis
+    with pytest.raises(source.UserNotFoundError):
         await cache.get_user(user_id=user_id)
     assert await cache_keys(sandbox) == [cache.user_key(user_id)]
 
 
 async def test_a_corrupt_or_pickled_value_in_redis_is_replaced_not_served(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     key = cache.user_key(user_id)
     for planted in ("not json", "[1, 2]", pickle.dumps({"name": "evil"}, protocol=0).decode()):
         await sandbox.redis.client.set(key, planted)
@@ -391,7 +502,7 @@ async def test_a_corrupt_or_pickled_value_in_redis_is_replaced_not_served(demo):
 
 async def test_every_cached_value_is_json(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     for user in await source.list_users(sandbox):
         await cache.get_user(user_id=user.id)
         await cache.get_latest_airscore(user_id=user.id)
@@ -404,60 +515,77 @@ async def test_every_cached_value_is_json(demo):
 
 
 async def test_two_sandboxes_never_see_each_others_keys(registry):
-    first = await registry.acquire(source.new_sandbox_id())
-    second = await registry.acquire(source.new_sandbox_id())
+    first = await registry.acquire(new_sandbox_id())
+    second = await registry.acquire(new_sandbox_id())
     same_id = str(uuid.uuid4())
     for sandbox, name in ((first, "First Owner"), (second, "Second Owner")):
         async with get_session(sandbox) as session:
-            session.add(source.User(id=same_id, email=f"{name.split()[0].lower()}@example.com", name=name))
+            session.add(
+                source.User(id=same_id, email=f"{name.split()[0].lower()}@example.com", name=name)
+            )
 
-    mine = await source.fetch_user_cached(first, user_id=same_id)
-    theirs = await source.fetch_user_cached(second, user_id=same_id)
+    mine = (await fetch_user_cached(first, user_id=same_id)).read
+    theirs = (await fetch_user_cached(second, user_id=same_id)).read
 
     assert (mine.outcome, mine.value["name"]) == (CACHE_MISS, "First Owner")
     assert (theirs.outcome, theirs.value["name"]) == (CACHE_MISS, "Second Owner")
     assert all(key.startswith(first.redis.prefix) for key in await cache_keys(first))
     assert len(await cache_keys(first)) == len(await cache_keys(second)) == 1
-    await source.invalidate_user_cache(first, user_id=same_id)
-    assert (await source.fetch_user_cached(second, user_id=same_id)).outcome == CACHE_HIT
-    assert source.cache_for(second).metrics.hits == 1 and source.cache_for(first).metrics.hits == 0
+    await invalidate_user_cache(first, user_id=same_id)
+    assert (await fetch_user_cached(second, user_id=same_id)).read.outcome == CACHE_HIT
+    assert cached_users(second).metrics.hits == 1 and cached_users(first).metrics.hits == 0
 
 
 async def test_the_demo_prefers_alex_and_otherwise_creates_its_own_user_with_a_score(registry):
-    empty = await registry.acquire(source.new_sandbox_id())
-    first, again = await asyncio.gather(source.prepare_cache_demo(empty), source.prepare_cache_demo(empty))
-    assert first.user_name == again.user_name == "Cache Demo User" and first.user_id == again.user_id
-    assert (await source.count_rows(empty))["users"] == 1
+    empty = await registry.acquire(new_sandbox_id())
+    assert await find_cache_demo(empty) is None  # looking for the demo user writes nothing
+    assert set((await source.count_rows(empty)).values()) == {0}
+    first, again = await asyncio.gather(
+        create_cache_demo_user(empty), create_cache_demo_user(empty)
+    )
+    assert (
+        first.user_name == again.user_name == "Cache Demo User" and first.user_id == again.user_id
+    )
+    assert first.latest_airscore_id is not None and first == again
+    rows = await source.count_rows(empty)
+    assert (rows["users"], rows["air_scores"]) == (1, 1)
+    assert await find_cache_demo(empty) == first
 
-    await source.init_db(empty, reset=True)
-    alex = await source.prepare_cache_demo(empty)
-    assert (alex.user_name, alex.created) == ("Alex Smith", ("AIRScore",))
-    assert (await source.prepare_cache_demo(empty)).created == ()
+    await initialize_sandbox(empty)
+    alex = await find_cache_demo(empty)
+    assert (alex.user_name, alex.latest_airscore_id) == ("Alex Smith", None)
+    assert await create_cache_demo_user(empty) == alex  # the demo user exists: nothing is created
+    rows = await source.count_rows(empty)
+    assert (rows["users"], rows["air_scores"]) == (2, 0)
 
 
 async def test_rename_validates_before_touching_anything(demo):
     sandbox, user_id = demo
-    cache = source.cache_for(sandbox)
+    cache = cached_users(sandbox)
     await cache.get_user(user_id=user_id)
     for bad in ("", "<script>x</script>", "x" * 300):
         with pytest.raises(source.ValidationError):
-            await source.rename_user(sandbox, user_id=user_id, name=bad)
+            await rename_user(sandbox, user_id=user_id, name=bad)
     assert (await cache.get_user(user_id=user_id)).outcome == CACHE_HIT
 
 
 async def test_the_experiment_hits_its_target_ratios_and_leaves_the_page_metrics_alone(demo):
     sandbox, user_id = demo
-    trials = await source.run_cache_experiment(sandbox, user_id=user_id, reads=20, hit_ratios=(0.0, 0.25, 1.0))
+    trials = await run_cache_experiment(
+        sandbox, user_id=user_id, reads=20, hit_ratios=(0.0, 0.25, 1.0)
+    )
     assert [(t.metrics.hits, t.metrics.misses) for t in trials] == [(0, 20), (5, 15), (20, 0)]
     assert [t.outcomes.count(CACHE_HIT) for t in trials] == [0, 5, 20]
     assert all(len(t.latencies_ms) == 20 for t in trials)
-    assert source.cache_for(sandbox).metrics.requests == 0
+    assert cached_users(sandbox).metrics.requests == 0
     for bad in ({"reads": 0}, {"reads": 5000}, {"hit_ratios": ()}, {"hit_ratios": (1.5,)}):
         with pytest.raises(source.ValidationError):
-            await source.run_cache_experiment(sandbox, user_id=user_id, **bad)
+            await run_cache_experiment(sandbox, user_id=user_id, **bad)
 
 
-async def test_a_redis_that_accepts_but_never_answers_costs_a_read_one_cache_timeout(settings, monkeypatch):
+async def test_a_redis_that_accepts_but_never_answers_costs_a_read_one_cache_timeout(
+    settings, monkeypatch
+):
     connections: list[asyncio.StreamWriter] = []
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -466,22 +594,29 @@ async def test_a_redis_that_accepts_but_never_answers_costs_a_read_one_cache_tim
 
     silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
-    # A socket timeout far beyond the test's patience: only the cache's own timeout can end a command in time.
+    # A socket timeout far beyond the test's patience: only the cache's own timeout can end a
+    # command in time.
     client = redis.asyncio.Redis(
-        host="127.0.0.1", port=port, decode_responses=True, socket_timeout=300, retry=Retry(NoBackoff(), 0)
+        host="127.0.0.1",
+        port=port,
+        decode_responses=True,
+        socket_timeout=300,
+        retry=Retry(NoBackoff(), 0),
     )
-    service = source.RedisService(mode="redis", reason="test: a silent server", url=None, client=client)
-    registry = source.SandboxRegistry(settings, service)
+    service = RedisService(mode="redis", reason="test: a silent server", url=None, client=client)
+    registry = SandboxRegistry(settings, service)
     service.command_timeout_seconds = 0.2
     try:
-        sandbox = await registry.acquire(source.new_sandbox_id())
+        sandbox = await registry.acquire(new_sandbox_id())
         user = await source.create_user(sandbox, email="hung@example.com", name="Hung Redis")
-        read = await asyncio.wait_for(source.fetch_user_cached(sandbox, user_id=user.id), 30)
+        read = (await asyncio.wait_for(fetch_user_cached(sandbox, user_id=user.id), 30)).read
         assert (read.outcome, read.value["name"]) == (CACHE_FALLBACK, "Hung Redis")
         assert read.redis_commands[0].reply == "failed: TimeoutError"
         assert sandbox.redis.health.degraded
     finally:
-        for writer in connections:  # hang up, so releasing the sandbox fails fast instead of waiting
+        for (
+            writer
+        ) in connections:  # hang up, so releasing the sandbox fails fast instead of waiting
             writer.close()
         silent.close()
         await registry.close()
@@ -490,23 +625,27 @@ async def test_a_redis_that_accepts_but_never_answers_costs_a_read_one_cache_tim
 
 async def test_no_stale_read_after_bulk_writes_the_orm_never_flushed(sandbox_with_users):
     sandbox = sandbox_with_users
-    cache = source.cache_for(sandbox)
-    await source.grow_scale_up_users(sandbox, target_users=3, scores_per_user=1)
-    scale_up = [u for u in await source.list_users(sandbox) if u.name.startswith(source.SCALE_UP_NAME_PREFIX)]
+    cache = cached_users(sandbox)
+    await grow_scale_up_users(sandbox, target_users=3, scores_per_user=1)
+    scale_up = [
+        u for u in await source.list_users(sandbox) if u.name.startswith(SCALE_UP_NAME_PREFIX)
+    ]
     jane = next(u for u in await source.list_users(sandbox) if u.name == "Jane Doe")
     for user in (*scale_up, jane):
         await cache.get_user(user_id=user.id)
         assert (await cache.get_user(user_id=user.id)).outcome == CACHE_HIT
 
-    assert await source.remove_scale_up_users(sandbox) == 3  # one bulk delete(User)
+    assert await remove_scale_up_users(sandbox) == 3  # one bulk delete(User)
     for user in scale_up:
         with pytest.raises(source.UserNotFoundError):
             await cache.get_user(user_id=user.id)
-    assert cache.recent_invalidations[0].everything and "bulk" in cache.recent_invalidations[0].reason
+    assert recent(sandbox)[0].everything and "bulk" in recent(sandbox)[0].reason
 
     await cache.get_user(user_id=jane.id)
     async with get_session(sandbox) as session:  # an ORM-enabled bulk UPDATE
-        await session.execute(update(source.User).where(source.User.id == jane.id).values(name="Jane Bulk"))
+        await session.execute(
+            update(source.User).where(source.User.id == jane.id).values(name="Jane Bulk")
+        )
     assert (await cache.get_user(user_id=jane.id)).value["name"] == "Jane Bulk"
     await cache.get_user(user_id=jane.id)
     async with get_session(sandbox) as session:  # a Core UPDATE on the table, no ORM entity
@@ -523,56 +662,60 @@ async def test_no_stale_read_after_bulk_writes_the_orm_never_flushed(sandbox_wit
 async def test_session_listeners_hear_qulab_sessions_only(sandbox_with_users):
     from sqlalchemy.orm import Session
 
-    assert source.QuLabSession.sync_session_class is source.QuLabSyncSession
+    assert SandboxSession.sync_session_class is TrackedSyncSession
     with Session() as foreign:  # some other library's session in the same process
         foreign.info.clear()
         foreign.flush()
-    assert event.contains(source.QuLabSyncSession, "after_flush", source._collect_flushed_changes)
-    assert not event.contains(Session, "after_flush", source._collect_flushed_changes)
+    assert event.contains(TrackedSyncSession, "after_flush", _collect_flushed_changes)
+    assert not event.contains(Session, "after_flush", _collect_flushed_changes)
     async with get_session(sandbox_with_users) as session:
-        assert isinstance(session, source.QuLabSession)
+        assert isinstance(session, SandboxSession)
 
 
 @pytest.fixture
 async def two_replicas(settings):
-    """Two registries (two replicas of QuLab) opening the same sandbox id on shared storage and Redis."""
+    """Two registries (two replicas of QuLab) opening one sandbox id on shared storage and Redis."""
     if settings.redis_url:
-        services = [await source.RedisService.connect(settings) for _ in range(2)]
+        services = [await RedisService.connect(settings) for _ in range(2)]
     else:
         server = fakeredis.FakeServer()
         services = [
-            source.RedisService(
-                mode="fakeredis", reason="test", url=None, fake_server=server,
+            RedisService(
+                mode="fakeredis",
+                reason="test",
+                url=None,
+                fake_server=server,
                 client=fakeredis.FakeAsyncRedis(server=server, decode_responses=True),
             )
             for _ in range(2)
         ]
-    registries = [source.SandboxRegistry(settings, service) for service in services]
-    sandbox_id = source.new_sandbox_id()
+    registries = [SandboxRegistry(settings, service) for service in services]
+    sandbox_id = new_sandbox_id()
     try:
         first = await registries[0].acquire(sandbox_id)
-        await source.init_db(first, reset=True)
-        second = await registries[1].acquire(sandbox_id)  # same SQLite file (same process) or schema
+        await initialize_sandbox(first)
+        # the same SQLite file (same process) or schema
+        second = await registries[1].acquire(sandbox_id)
         yield first, second
     finally:
-        for registry, service in zip(reversed(registries), reversed(services)):
+        for registry, service in zip(reversed(registries), reversed(services), strict=True):
             await registry.close()
             await service.close()
 
 
 async def test_a_write_on_another_replica_is_never_served_stale(two_replicas):
     here, there = two_replicas
-    alex = (await source.prepare_cache_demo(here)).user_id
+    alex = (await prepare_cache_demo(here)).user_id
     jane = next(u for u in await source.list_users(here) if u.name == "Jane Doe").id
-    cache = source.cache_for(here)
+    cache = cached_users(here)
     for user_id in (alex, jane):
         await cache.get_user(user_id=user_id)
         await cache.get_latest_airscore(user_id=user_id)
     assert (await cache.get_user(user_id=alex)).outcome == CACHE_HIT
     assert "cache" not in there.services  # the other replica never used its cache
 
-    await source.rename_user(there, user_id=alex, name="Alex Elsewhere")
-    score = await source.add_demo_airscore(there, user_id=jane)
+    await rename_user(there, user_id=alex, name="Alex Elsewhere")
+    score = await add_demo_airscore(there, user_id=jane)
     assert (await cache.get_user(user_id=alex)).value["name"] == "Alex Elsewhere"
     assert (await cache.get_latest_airscore(user_id=jane)).value["id"] == score.id
     async with get_session(there) as session:
@@ -583,13 +726,13 @@ async def test_a_write_on_another_replica_is_never_served_stale(two_replicas):
 
 async def test_a_miss_racing_a_write_on_another_replica_does_not_keep_the_old_value(two_replicas):
     here, there = two_replicas
-    user_id = (await source.prepare_cache_demo(here)).user_id
+    user_id = (await prepare_cache_demo(here)).user_id
     cache = here.services["cache"] = PausingCache(here)
     await cache.get_latest_airscore(user_id=user_id)  # the epoch exists
     slow = asyncio.create_task(cache.get_user(user_id=user_id))
     await cache.paused.wait()  # read the old name from the database, not stored yet
 
-    await source.rename_user(there, user_id=user_id, name="Alex Raced")  # this process hears nothing
+    await rename_user(there, user_id=user_id, name="Alex Raced")  # this process hears nothing
     cache.resume.set()
     old = await slow
 
@@ -602,17 +745,22 @@ async def test_a_miss_racing_a_write_on_another_replica_does_not_keep_the_old_va
 REPLICA_SCRIPT = """
 import asyncio, sys
 sys.path.insert(0, sys.argv[1])
-import source
+from classroom.cache.link import RedisService
+from classroom.config import Settings
+from classroom.demos.caching import add_demo_airscore, rename_user
+from classroom.demos.n_plus_one import remove_scale_up_users
+from classroom.sandboxes.registry import SandboxRegistry
 
 async def main(sandbox_id, alex, jane):
-    settings = source.Settings.from_environment()
-    service = await source.RedisService.connect(settings)
+    settings = Settings.from_environment()
+    service = await RedisService.connect(settings)
     assert service.mode == "redis", service.reason
-    registry = source.SandboxRegistry(settings, service)
-    sandbox = await registry.acquire(sandbox_id)  # the same schema; never released here (that would drop it)
-    await source.rename_user(sandbox, user_id=alex, name="Alex From Another Process")
-    await source.add_demo_airscore(sandbox, user_id=alex)
-    print(await source.remove_scale_up_users(sandbox))
+    registry = SandboxRegistry(settings, service)
+    # the same schema; never released here (that would drop it)
+    sandbox = await registry.acquire(sandbox_id)
+    await rename_user(sandbox, user_id=alex, name="Alex From Another Process")
+    await add_demo_airscore(sandbox, user_id=alex)
+    print(await remove_scale_up_users(sandbox))
     await sandbox.engine.dispose()
     await service.close()
 
@@ -623,16 +771,22 @@ asyncio.run(main(*sys.argv[2:]))
 async def test_a_write_from_another_process_on_postgresql_and_redis_is_never_served_stale(
     settings, postgres_url, real_redis_url
 ):
-    shared = source.Settings(**{**settings.__dict__, "database_url": postgres_url, "redis_url": real_redis_url})
-    service = await source.RedisService.connect(shared)
-    registry = source.SandboxRegistry(shared, service)
+    shared = Settings(
+        **{**settings.__dict__, "database_url": postgres_url, "redis_url": real_redis_url}
+    )
+    service = await RedisService.connect(shared)
+    registry = SandboxRegistry(shared, service)
     try:
-        sandbox = await registry.acquire(source.new_sandbox_id())
-        await source.init_db(sandbox, reset=True)
-        alex = (await source.prepare_cache_demo(sandbox)).user_id
-        await source.grow_scale_up_users(sandbox, target_users=2, scores_per_user=1)
-        doomed = [u.id for u in await source.list_users(sandbox) if u.name.startswith(source.SCALE_UP_NAME_PREFIX)]
-        cache = source.cache_for(sandbox)
+        sandbox = await registry.acquire(new_sandbox_id())
+        await initialize_sandbox(sandbox)
+        alex = (await prepare_cache_demo(sandbox)).user_id
+        await grow_scale_up_users(sandbox, target_users=2, scores_per_user=1)
+        doomed = [
+            u.id
+            for u in await source.list_users(sandbox)
+            if u.name.startswith(SCALE_UP_NAME_PREFIX)
+        ]
+        cache = cached_users(sandbox)
         for user_id in (alex, *doomed):
             await cache.get_user(user_id=user_id)
         before = (await cache.get_latest_airscore(user_id=alex)).value
@@ -640,8 +794,16 @@ async def test_a_write_from_another_process_on_postgresql_and_redis_is_never_ser
 
         environment = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": real_redis_url}
         replica = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", REPLICA_SCRIPT, str(PROJECT_ROOT), sandbox.id, alex, doomed[0],
-            env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-c",
+            REPLICA_SCRIPT,
+            str(PROJECT_ROOT),
+            sandbox.id,
+            alex,
+            doomed[0],
+            env=environment,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(replica.communicate(), 120)
         assert replica.returncode == 0, err.decode()[-2000:]
@@ -660,25 +822,25 @@ async def test_a_write_from_another_process_on_postgresql_and_redis_is_never_ser
 def test_raw_sql_that_may_write_counts_as_a_bulk_write_of_anything():
     from sqlalchemy import select, text
 
-    assert source._tables_written(text("UPDATE users SET name = 'x'")) == {"*"}
-    assert source._tables_written(text("  select 1")) == set()
-    assert source._tables_written(delete(source.User)) == {"users"}
-    assert source._tables_written(select(source.User)) == set()
+    assert _tables_written(text("UPDATE users SET name = 'x'")) == {"*"}
+    assert _tables_written(text("  select 1")) == set()
+    assert _tables_written(delete(source.User)) == {"users"}
+    assert _tables_written(select(source.User)) == set()
 
 
 async def test_writes_redis_missed_are_settled_in_the_background_for_other_replicas(two_replicas):
     here, there = two_replicas
-    alex = (await source.prepare_cache_demo(here)).user_id
-    theirs = source.cache_for(there)
+    alex = (await prepare_cache_demo(here)).user_id
+    theirs = cached_users(there)
     await theirs.get_user(user_id=alex)
     assert (await theirs.get_user(user_id=alex)).outcome == CACHE_HIT
 
     here.redis.cut()  # this replica cannot reach Redis while it writes
-    await source.rename_user(here, user_id=alex, name="Alex While Cut")
-    assert source.cache_coherence(here).pending_writes == 1
+    await rename_user(here, user_id=alex, name="Alex While Cut")
+    assert cache_coherence(here).pending_writes == 1
     await here.redis.restore()  # ...and never reads the cache again: the settler must do it
     deadline = asyncio.get_running_loop().time() + 30
-    while source.cache_coherence(here).pending_writes and asyncio.get_running_loop().time() < deadline:
+    while cache_coherence(here).pending_writes and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
 
     read = await theirs.get_user(user_id=alex)

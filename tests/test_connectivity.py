@@ -7,27 +7,41 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import source
+from classroom.budget import ConnectionBudget
+from classroom.demos.pooling import describe_engine, run_pool_experiment
+from classroom.sandboxes.admission import MAX_POOL_EXPERIMENT_CONCURRENCY
+from classroom.sandboxes.sandbox import new_sandbox_id
+from classroom.sandboxes.stores import POSTGRES_RESERVED_CONNECTIONS
 
 
 async def test_describe_engine_reports_the_live_pool_and_hides_passwords(sandbox):
-    report = await source.describe_engine(sandbox)
+    report = await describe_engine(sandbox)
     assert report.pool["pool_class"] == "AsyncAdaptedQueuePool"
     assert report.pool["checkedout"] == 0
     assert report.backend == sandbox.backend
-    async with sandbox.engine.connect():  # the counters are live: one connection out while this block runs
-        assert (await source.describe_engine(sandbox)).pool["checkedout"] == 1
-    # The same report for an engine whose URL carries a password (a real engine; it connects to nothing).
+    # The counters are live: one connection out while this block runs.
+    async with sandbox.engine.connect():
+        assert (await describe_engine(sandbox)).pool["checkedout"] == 1
+    # The same report for an engine whose URL carries a password (a real engine; it connects to
+    # nothing).
     engine = create_async_engine("postgresql+asyncpg://alex:s3cr3t-p%40ss@db.example:5432/qulab")
     try:
-        report = await source.describe_engine(dataclasses.replace(sandbox, _engine=engine, owns_engine=False))
+        report = await describe_engine(
+            dataclasses.replace(sandbox, _engine=engine, owns_engine=False)
+        )
     finally:
         await engine.dispose()
     assert "s3cr3t" not in report.url and "p@ss" not in report.url and "p%40ss" not in report.url
     assert "alex" in report.url and "db.example:5432/qulab" in report.url
 
 
-async def test_pool_experiment_reuses_connections_and_nullpool_opens_one_per_query(sandbox_with_users):
-    pooled, unpooled = await source.run_pool_experiment(sandbox_with_users, requests=40, concurrency=8, pool_size=4)
+async def test_pool_experiment_reuses_connections_and_nullpool_opens_one_per_query(
+    sandbox_with_users,
+):
+    experiment = await run_pool_experiment(
+        sandbox_with_users, requests=40, concurrency=8, pool_size=4
+    )
+    pooled, unpooled = experiment.pooled, experiment.unpooled
     assert (pooled.pool_class, unpooled.pool_class) == ("AsyncAdaptedQueuePool", "NullPool")
     assert pooled.connections_opened == 0  # warmed: every query reused one of the 4 connections
     assert unpooled.connections_opened == 40
@@ -37,20 +51,27 @@ async def test_pool_experiment_reuses_connections_and_nullpool_opens_one_per_que
 
 async def test_pool_experiment_does_not_touch_the_sandbox_pool(sandbox_with_users):
     before = source.pool_status(sandbox_with_users.engine)
-    await source.run_pool_experiment(sandbox_with_users, requests=20, concurrency=5, pool_size=2)
+    await run_pool_experiment(sandbox_with_users, requests=20, concurrency=5, pool_size=2)
     assert source.pool_status(sandbox_with_users.engine)["checkedout"] == before["checkedout"] == 0
 
 
 @pytest.mark.parametrize(
-    "arguments", [{"requests": 0}, {"requests": 10_000}, {"concurrency": 0}, {"pool_size": 500}, {"requests": 2.5}]
+    "arguments",
+    [
+        {"requests": 0},
+        {"requests": 10_000},
+        {"concurrency": 0},
+        {"pool_size": 500},
+        {"requests": 2.5},
+    ],
 )
 async def test_pool_experiment_refuses_out_of_range_settings(sandbox, arguments):
     with pytest.raises(source.ValidationError):
-        await source.run_pool_experiment(sandbox, **arguments)
+        await run_pool_experiment(sandbox, **arguments)
 
 
 async def test_the_connection_budget_makes_a_second_reservation_wait_for_the_first():
-    budget = source.ConnectionBudget(10)
+    budget = ConnectionBudget(10)
     first_done = asyncio.Event()
     order = []
 
@@ -72,6 +93,8 @@ async def test_the_connection_budget_makes_a_second_reservation_wait_for_the_fir
         await asyncio.sleep(0)
     second_task = asyncio.create_task(second())
     for _ in range(100):
+        if budget.waiting:
+            break
         await asyncio.sleep(0)
     try:
         assert budget.waiting == 1 and budget.in_use == 8 and order == ["first in"]
@@ -81,19 +104,22 @@ async def test_the_connection_budget_makes_a_second_reservation_wait_for_the_fir
     assert order == ["first in", "first out", "second in"] and budget.in_use == 0
 
 
-async def test_five_learners_at_the_experiment_maximum_share_default_max_connections(postgres_registry):
-    learners = [await postgres_registry.acquire(source.new_sandbox_id()) for _ in range(5)]
-    assert postgres_registry.store.max_connections <= 100  # the default: nothing raised to hide a leak
+async def test_five_learners_at_the_experiment_maximum_share_default_max_connections(
+    postgres_registry,
+):
+    learners = [await postgres_registry.acquire(new_sandbox_id()) for _ in range(5)]
+    # The default: nothing raised to hide a leak.
+    assert postgres_registry.store.max_connections <= 100
     budget = postgres_registry.budget
-    assert budget.total <= postgres_registry.store.max_connections - source.POSTGRES_RESERVED_CONNECTIONS
+    assert budget.total <= postgres_registry.store.max_connections - POSTGRES_RESERVED_CONNECTIONS
 
     results = await asyncio.gather(
         *(
-            source.run_pool_experiment(
+            run_pool_experiment(
                 sandbox,
                 requests=100,
-                concurrency=source.MAX_POOL_EXPERIMENT_CONCURRENCY,
-                pool_size=source.MAX_POOL_EXPERIMENT_CONCURRENCY,
+                concurrency=MAX_POOL_EXPERIMENT_CONCURRENCY,
+                pool_size=MAX_POOL_EXPERIMENT_CONCURRENCY,
             )
             for sandbox in learners
         ),
@@ -102,7 +128,7 @@ async def test_five_learners_at_the_experiment_maximum_share_default_max_connect
 
     failures = [result for result in results if isinstance(result, BaseException)]
     assert failures == []  # no "sorry, too many clients already"
-    assert all(unpooled.connections_opened == 100 for _, unpooled in results)
+    assert all(result.unpooled.connections_opened == 100 for result in results)
     assert budget.reservations_that_waited >= 1  # they took turns...
     assert budget.peak_in_use <= budget.total  # ...and together never went over the budget
     assert budget.in_use == budget.taken

@@ -1,4 +1,4 @@
-"""The long experiments run in a process of their own, one at a time, and a dead process is a clear error."""
+"""Long experiments run in a process of their own, one at a time; a dead one is a clear error."""
 
 import asyncio
 import os
@@ -7,6 +7,15 @@ import signal
 import pytest
 
 import source
+from classroom.demos.eventing import store_airscore_burst
+from classroom.demos.n_plus_one import (
+    SCALE_UP_SCORES_PER_USER,
+    compare_loading_strategies,
+    grow_scale_up_users,
+)
+from classroom.demos.pooling import run_pool_experiment
+from classroom.errors import UnexpectedError
+from classroom.experiments import HeavyWorkPacer, experiment_worker
 
 
 async def until(condition, seconds: float = 60.0) -> None:
@@ -18,56 +27,62 @@ async def until(condition, seconds: float = 60.0) -> None:
 
 
 async def test_the_comparison_runs_in_another_process_and_counts_the_same_statements(sandbox):
-    await source.grow_scale_up_users(sandbox, target_users=30)
-    worker = source.experiment_worker()
+    await grow_scale_up_users(sandbox, target_users=30)
+    worker = experiment_worker()
     worker.close()
-    comparison = await source.compare_loading_strategies(sandbox, sizes=[30], repeats=1)
+    comparison = await compare_loading_strategies(sandbox, sizes=[30], repeats=1)
     assert worker.process_id not in (None, os.getpid())  # the comparison started it
     assert {run.strategy: run.statements for run in comparison.at(30).values()} == {
         "lazy": 31, "selectinload": 2, "joinedload": 1, "subqueryload": 2,
     }  # fmt: skip
-    assert comparison.identical_results and {run.scores for run in comparison.runs} == {30 * source.SCALE_UP_SCORES_PER_USER}
+    assert comparison.identical_results and {run.scores for run in comparison.runs} == {
+        30 * SCALE_UP_SCORES_PER_USER
+    }
 
 
 async def test_a_refusal_inside_the_experiment_process_reaches_the_caller_as_it_was(sandbox):
-    await source.grow_scale_up_users(sandbox, target_users=5)
+    await grow_scale_up_users(sandbox, target_users=5)
     with pytest.raises(source.ValidationError, match="Only 5 scale-up users") as refused:
-        await source.compare_loading_strategies(sandbox, sizes=[6], repeats=1)
+        await compare_loading_strategies(sandbox, sizes=[6], repeats=1)
     assert refused.value.field == "users"
 
 
 async def test_experiments_queue_one_at_a_time(sandbox_with_users):
     sandbox = sandbox_with_users
-    await source.grow_scale_up_users(sandbox, target_users=200)
-    worker = source.experiment_worker()
-    first = asyncio.create_task(source.compare_loading_strategies(sandbox, sizes=[200], repeats=3))
-    second = asyncio.create_task(source.run_pool_experiment(sandbox, requests=50, concurrency=5, pool_size=2))
+    await grow_scale_up_users(sandbox, target_users=200)
+    worker = experiment_worker()
+    first = asyncio.create_task(compare_loading_strategies(sandbox, sizes=[200], repeats=3))
+    second = asyncio.create_task(
+        run_pool_experiment(sandbox, requests=50, concurrency=5, pool_size=2)
+    )
     await until(lambda: worker.queued == 2)
-    comparison, (pooled, unpooled) = await asyncio.gather(first, second)
+    comparison, pooling = await asyncio.gather(first, second)
     assert worker.queued == 0
     # The pool experiment waited for the whole comparison: at least the comparison's own timed runs.
     timed_seconds = sum(sum(run.times_ms) for run in comparison.runs) / 1000
-    assert pooled.waited_seconds >= timed_seconds and unpooled.waited_seconds == pooled.waited_seconds
-    assert pooled.requests == unpooled.requests == 50
+    assert pooling.waited_seconds >= timed_seconds
+    assert pooling.pooled.requests == pooling.unpooled.requests == 50
 
 
-async def test_a_killed_experiment_process_is_a_clear_error_and_the_next_experiment_starts_a_new_one(sandbox):
-    await source.grow_scale_up_users(sandbox, target_users=1000, max_new_users=1000)
-    worker = source.experiment_worker()
+async def test_a_killed_experiment_process_is_a_clear_error_and_the_next_one_starts_a_new_process(
+    sandbox,
+):
+    await grow_scale_up_users(sandbox, target_users=1000, max_new_users=1000)
+    worker = experiment_worker()
     worker.close()
-    running = asyncio.create_task(source.compare_loading_strategies(sandbox, sizes=[1000], repeats=20))
+    running = asyncio.create_task(compare_loading_strategies(sandbox, sizes=[1000], repeats=20))
     await until(lambda: worker.process_id is not None)
     dead = worker.process_id
     os.kill(dead, signal.SIGKILL)
-    with pytest.raises(source.UnexpectedError, match="experiment process stopped"):
+    with pytest.raises(UnexpectedError, match="experiment process stopped"):
         await running
-    comparison = await source.compare_loading_strategies(sandbox, sizes=[10], repeats=1)
+    comparison = await compare_loading_strategies(sandbox, sizes=[10], repeats=1)
     assert worker.process_id not in (None, dead)
     assert comparison.at(10)["lazy"].statements == 11
 
 
 async def test_a_paced_experiment_rests_between_slices_and_no_unit_runs_during_a_rest():
-    pacer = source.HeavyWorkPacer(slice_seconds=0.01, rest_ratio=1.0)
+    pacer = HeavyWorkPacer(slice_seconds=0.01, rest_ratio=1.0)
     seen_resting, four_at_a_time = [], asyncio.Semaphore(4)
 
     async def unit() -> None:
@@ -83,7 +98,7 @@ async def test_a_paced_experiment_rests_between_slices_and_no_unit_runs_during_a
 
 async def test_a_paced_burst_still_commits_every_write_with_its_event(sandbox_with_users):
     sandbox = sandbox_with_users
-    burst = await source.store_airscore_burst(sandbox, count=60)
+    burst = await store_airscore_burst(sandbox, count=60)
     assert (burst.writes, burst.failed) == (60, 0)
     rows = await source.count_rows(sandbox)
     assert (rows["air_scores"], rows["domain_events"]) == (60, 60)

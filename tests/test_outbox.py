@@ -6,30 +6,66 @@ Timings are shrunk through OutboxSettings; tests wait for conditions with bounde
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import re
 import time
 from collections import Counter
 from contextlib import suppress
 from dataclasses import replace
 from datetime import timedelta
+from typing import Optional
 
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 import source
-from source import AIRScore, ConsumedEvent, DomainEvent, OutboxPublisher, StreamConsumer, get_session
+from classroom.demos import eventing
+from classroom.outbox.audit import VACUUM_AFTER_PRUNING, prune_delivered_events
+from classroom.outbox.circuit import BrokerCircuit
+from classroom.outbox.relay import GuardedPublisher
+from classroom.outbox.service import OutboxService, outbox_service, set_broker_outage
+from classroom.outbox.settings import OutboxSettings
+from classroom.outbox.status import outbox_status
+from classroom.sandboxes.reset import initialize_sandbox
+from classroom.sandboxes.sandbox import new_sandbox_id
+from source import AIRScore, ConsumedEvent, DomainEvent, get_session
 
-FAST = source.OutboxSettings(
+FAST = OutboxSettings(
     batch_size=50,
     idle_wait_seconds=0.02,
     idle_wait_max_seconds=0.2,
     outage_backoff_base_seconds=0.005,
     outage_backoff_max_seconds=0.02,
     consumer_reclaim_idle_seconds=0.05,
-    broker_timeout_seconds=3.0,  # a loaded machine can take a while; the outage switch fails at once
+    # a loaded machine can take a while; the outage switch fails at once
+    broker_timeout_seconds=3.0,
     stop_timeout_seconds=5,
 )
+
+
+def new_publisher(
+    sandbox: source.Sandbox, settings: OutboxSettings = FAST, *, name: Optional[str] = None
+) -> source.OutboxPublisher:
+    """The lesson's relay, with the settings' batch size, lease and broker timeout."""
+    return source.OutboxPublisher(
+        sandbox,
+        name=name,
+        batch_size=settings.batch_size,
+        lease_seconds=settings.lease_seconds,
+        broker_timeout_seconds=settings.broker_timeout_seconds,
+    )
+
+
+def new_consumer(sandbox: source.Sandbox, settings: OutboxSettings = FAST) -> source.StreamConsumer:
+    """The lesson's consumer, with the settings' batch size, reclaim age and broker timeout."""
+    return source.StreamConsumer(
+        sandbox,
+        batch_size=settings.consumer_batch_size,
+        reclaim_idle_seconds=settings.consumer_reclaim_idle_seconds,
+        broker_timeout_seconds=settings.broker_timeout_seconds,
+    )
 
 
 async def eventually(check, *, timeout: float = 15.0, interval: float = 0.01):
@@ -43,16 +79,55 @@ async def eventually(check, *, timeout: float = 15.0, interval: float = 0.01):
         await asyncio.sleep(interval)
 
 
+class IdleWaits:
+    """Which outbox loops sleep now, and for how long they meant to.
+
+    source.run_publisher and source.run_consumer wait only through source.sleep_until_woken;
+    watch_idle_waits wraps it, so a test can wait until a loop has settled into a long idle wait
+    instead of sleeping and hoping it has.
+    """
+
+    def __init__(self, original) -> None:
+        self.original = original
+        self.sleeping: dict[asyncio.Event, float] = {}  # the loop's wake-up -> seconds it sleeps
+
+    async def sleep_until_woken(
+        self, wake: asyncio.Event, stopping: asyncio.Event, seconds: float
+    ) -> None:
+        self.sleeping[wake] = seconds
+        try:
+            await self.original(wake, stopping, seconds)
+        finally:
+            self.sleeping.pop(wake, None)
+
+    def asleep(self, wake: asyncio.Event, *, at_least: float) -> bool:
+        """True while the loop woken by `wake` sleeps a wait of at least `at_least` seconds."""
+        return self.sleeping.get(wake, 0.0) >= at_least and not wake.is_set()
+
+    async def settled(self, outbox: OutboxService, *, at_least: float) -> bool:
+        """Both of the outbox's loops asleep, the publisher for at least `at_least` seconds."""
+        return self.asleep(outbox.publisher_wake, at_least=at_least) and self.asleep(
+            outbox.consumer_wake, at_least=0.0
+        )
+
+
+def watch_idle_waits(monkeypatch: pytest.MonkeyPatch) -> IdleWaits:
+    """Record the outbox loops' idle waits for the rest of the test."""
+    waits = IdleWaits(source.sleep_until_woken)
+    monkeypatch.setattr(source, "sleep_until_woken", waits.sleep_until_woken)
+    return waits
+
+
 async def stream_event_ids(sandbox: source.Sandbox) -> list[str]:
-    """Event ids in the stream, in stream order, read through the real client (even during an outage)."""
+    """Event ids in the stream, in stream order, through the real client (even in an outage)."""
     entries = await sandbox.redis.service.client.xrange(sandbox.redis.key("events"))
     return [fields["event_id"] for _, fields in entries]
 
 
 async def counts_by_status(sandbox: source.Sandbox) -> dict[str, int]:
     async with get_session(sandbox) as session:
-        rows = await session.execute(select(DomainEvent.status, func.count()).group_by(DomainEvent.status))
-        return dict(rows.all())
+        statement = select(DomainEvent.status, func.count()).group_by(DomainEvent.status)
+        return dict((await session.execute(statement)).all())
 
 
 async def inbox_event_ids(sandbox: source.Sandbox) -> list[str]:
@@ -64,7 +139,11 @@ async def add_pending_events(sandbox: source.Sandbox, count: int, **columns) -> 
     """Insert `count` pending events directly (no scores), oldest first; returns their ids."""
     events = [
         DomainEvent(
-            event_type="TestEvent", aggregate_type="Test", aggregate_id=source._new_id(), payload={"n": n}, **columns
+            event_type="TestEvent",
+            aggregate_type="Test",
+            aggregate_id=source.new_id(),
+            payload={"n": n},
+            **columns,
         )
         for n in range(count)
     ]
@@ -73,7 +152,7 @@ async def add_pending_events(sandbox: source.Sandbox, count: int, **columns) -> 
     return [event.id for event in events]
 
 
-async def drain(publisher: OutboxPublisher) -> int:
+async def drain(publisher: source.OutboxPublisher) -> int:
     """Publish batches until nothing is due; returns how many events this publisher marked."""
     published = 0
     while (report := await publisher.publish_due_batch()).claimed:
@@ -81,7 +160,7 @@ async def drain(publisher: OutboxPublisher) -> int:
     return published
 
 
-async def drain_consumer(consumer: StreamConsumer) -> int:
+async def drain_consumer(consumer: source.StreamConsumer) -> int:
     received = 0
     while (report := await consumer.consume_batch()).received:
         received += report.received
@@ -94,40 +173,71 @@ async def drain_consumer(consumer: StreamConsumer) -> int:
 @pytest.mark.parametrize(
     ("profile", "expected"),
     [
-        # Worked by hand from the docstring's formula. Evidence: Master's 82; 8 years 100(1 - e^-1) = 63.21;
-        # θ = 0 gives 50. VR = 195.21 / 3 = 65.07. HR (SOC group 15) = 88. Synergy = 65.07 · 88 / 100 = 57.26.
+        # Worked by hand from the docstring's formula. Evidence: Master's 82; 8 years
+        # 100(1 - e^-1) = 63.21; θ = 0 gives 50. VR = 195.21 / 3 = 65.07. HR (SOC group 15) = 88.
+        # Synergy = 65.07 · 88 / 100 = 57.26.
         # AIR = (0.6 · 65.07 + 0.4 · 88 + 0.15 · 57.26) / 1.15 = 82.83 / 1.15 = 72.03.
         # σ = 10 / √(1 + 3) = 5, so the interval is 72.03 ± 9.80.
         (
-            dict(occupation_code="15-1252.00", education_level="Master's degree", years_experience=8.0, abilities=(0.0,)),
-            dict(vr_score=65.07, hr_score=88.0, synergy_score=57.26, air_score=72.03, ci_lower=62.23, ci_upper=81.83),
+            dict(
+                occupation_code="15-1252.00",
+                education_level="Master's degree",
+                years_experience=8.0,
+                abilities=(0.0,),
+            ),
+            dict(
+                vr_score=65.07,
+                hr_score=88.0,
+                synergy_score=57.26,
+                air_score=72.03,
+                ci_lower=62.23,
+                ci_upper=81.83,
+            ),
         ),
-        # No evidence: VR = 50; an unknown group gets HR = 45. Synergy = 22.5. AIR = (30 + 18 + 3.375) / 1.15
-        # = 44.67; σ = 10, so ± 19.60.
+        # No evidence: VR = 50; an unknown group gets HR = 45. Synergy = 22.5.
+        # AIR = (30 + 18 + 3.375) / 1.15 = 44.67; σ = 10, so ± 19.60.
         (
             dict(occupation_code="99-9999"),
-            dict(vr_score=50.0, hr_score=45.0, synergy_score=22.5, air_score=44.67, ci_lower=25.07, ci_upper=64.27),
+            dict(
+                vr_score=50.0,
+                hr_score=45.0,
+                synergy_score=22.5,
+                air_score=44.67,
+                ci_lower=25.07,
+                ci_upper=64.27,
+            ),
         ),
         # One ability θ = 6: VR = 100 / (1 + e^-6) = 99.75; HR = 88; synergy = 87.78;
-        # AIR = (59.85 + 35.2 + 13.17) / 1.15 = 94.10; σ = 10 / √2, so ± 13.86, and the top is clipped to 100.
+        # AIR = (59.85 + 35.2 + 13.17) / 1.15 = 94.10; σ = 10 / √2, so ± 13.86, and the top is
+        # clipped to 100.
         (
             dict(occupation_code="15-1252.00", abilities=(6.0,)),
-            dict(vr_score=99.75, hr_score=88.0, synergy_score=87.78, air_score=94.1, ci_lower=80.24, ci_upper=100.0),
+            dict(
+                vr_score=99.75,
+                hr_score=88.0,
+                synergy_score=87.78,
+                air_score=94.1,
+                ci_lower=80.24,
+                ci_upper=100.0,
+            ),
         ),
     ],
 )
 def test_the_score_follows_the_documented_formula(profile, expected):
     calculation = source.calculate_airscore(**profile)
-    assert {field: getattr(calculation, field) for field in expected} == expected
-    assert calculation.parameter_version == "qulab-air-1.0"
+    assert {field: calculation[field] for field in expected} == expected
+    assert calculation["parameter_version"] == "qulab-air-1.0"
 
 
 def test_more_evidence_narrows_the_interval_and_unknown_groups_get_the_default():
     bare = source.calculate_airscore(occupation_code="99-9999")
-    assert bare.vr_score == 50.0 and bare.hr_score == source.DEFAULT_OCCUPATION_READINESS
-    assessed = source.calculate_airscore(occupation_code="99-9999", abilities=(0.5, 1.0, float("nan"), 1e9))
-    assert assessed.evidence["assessment_abilities"] == [0.5, 1.0, 6.0]
-    assert assessed.ci_upper - assessed.ci_lower < bare.ci_upper - bare.ci_lower
+    assert bare["vr_score"] == 50.0 and bare["hr_score"] == source.DEFAULT_OCCUPATION_READINESS
+    assessed = source.calculate_airscore(
+        occupation_code="99-9999", abilities=(0.5, 1.0, float("nan"), 1e9)
+    )
+    assert assessed["calculation_metadata"]["assessment_abilities"] == [0.5, 1.0, 6.0]
+    width = assessed["ci_upper"] - assessed["ci_lower"]
+    assert width < bare["ci_upper"] - bare["ci_lower"]
 
 
 async def test_score_and_pending_event_are_stored_together(sandbox_with_users):
@@ -139,7 +249,11 @@ async def test_score_and_pending_event_are_stored_together(sandbox_with_users):
         score = await session.get(AIRScore, stored.score.id)
         event = await session.get(DomainEvent, stored.event.id)
     assert event.status == "pending" and event.attempts == 0 and event.published_at is None
-    assert (event.event_type, event.aggregate_type, event.aggregate_id) == ("AIRScoreCalculated", "AIRScore", score.id)
+    assert (event.event_type, event.aggregate_type, event.aggregate_id) == (
+        "AIRScoreCalculated",
+        "AIRScore",
+        score.id,
+    )
     assert event.payload == {
         "event_id": event.id,
         "score_id": score.id,
@@ -185,7 +299,9 @@ async def test_when_the_event_insert_fails_no_score_remains(sandbox_with_users):
     user = (await source.list_users(sandbox_with_users))[0]
     await _refuse_event_inserts(sandbox_with_users)
     with pytest.raises(DBAPIError, match="refused the insert"):
-        await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="15-1252")
+        await source.calculate_and_store_airscore(
+            sandbox_with_users, user_id=user.id, occupation_code="15-1252"
+        )
     counts = await source.count_rows(sandbox_with_users)
     assert (counts["air_scores"], counts["domain_events"]) == (0, 0)
 
@@ -211,15 +327,15 @@ async def test_bad_input_stores_nothing(sandbox_with_users, user_id, occupation_
 
 
 async def test_a_burst_is_validated_and_needs_users(sandbox):
-    for count in (0, source.MAX_BURST_WRITES + 1, "500"):
+    for count in (0, eventing.MAX_BURST_WRITES + 1, "500"):
         with pytest.raises(source.ValidationError):
-            await source.store_airscore_burst(sandbox, count=count)
+            await eventing.store_airscore_burst(sandbox, count=count)
     with pytest.raises(source.ValidationError, match="no users"):
-        await source.store_airscore_burst(sandbox, count=5)
+        await eventing.store_airscore_burst(sandbox, count=5)
 
 
 async def test_a_burst_commits_one_score_and_one_event_per_write(sandbox_with_users):
-    result = await source.store_airscore_burst(sandbox_with_users, count=30)
+    result = await eventing.store_airscore_burst(sandbox_with_users, count=30)
     counts = await source.count_rows(sandbox_with_users)
     assert result.writes == 30 and (counts["air_scores"], counts["domain_events"]) == (30, 30)
 
@@ -234,7 +350,7 @@ async def test_events_are_claimed_and_published_oldest_first(sandbox):
     for age in ages:
         [event_id] = await add_pending_events(sandbox, 1, created_at=now - timedelta(seconds=age))
         ids_by_age[age] = event_id
-    publisher = OutboxPublisher(sandbox, replace(FAST, batch_size=2))
+    publisher = new_publisher(sandbox, replace(FAST, batch_size=2))
     reports = []
     while (report := await publisher.publish_due_batch()).claimed:
         reports.append(report)
@@ -245,47 +361,60 @@ async def test_events_are_claimed_and_published_oldest_first(sandbox):
 
 async def test_each_stream_message_carries_the_event_id_and_its_payload(sandbox_with_users):
     user = (await source.list_users(sandbox_with_users))[0]
-    stored = await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="13-2011")
-    report = await OutboxPublisher(sandbox_with_users, FAST).publish_due_batch()
+    stored = await source.calculate_and_store_airscore(
+        sandbox_with_users, user_id=user.id, occupation_code="13-2011"
+    )
+    report = await new_publisher(sandbox_with_users).publish_due_batch()
     assert (report.claimed, report.published) == (1, 1)
-    [(_, fields)] = await sandbox_with_users.redis.client.xrange(sandbox_with_users.redis.key("events"))
+    stream = sandbox_with_users.redis.key("events")
+    [(_, fields)] = await sandbox_with_users.redis.client.xrange(stream)
     assert fields["event_id"] == stored.event.id and fields["event_type"] == "AIRScoreCalculated"
-    assert source.json.loads(fields["payload"]) == stored.event.payload
+    assert json.loads(fields["payload"]) == stored.event.payload
     async with get_session(sandbox_with_users) as session:
         event = await session.get(DomainEvent, stored.event.id)
-    assert event.status == "published" and event.published_at >= event.created_at and event.claimed_by is None
+    assert event.status == "published" and event.published_at >= event.created_at
+    assert event.claimed_by is None
 
 
 async def test_each_published_event_records_its_own_stream_entry_id(sandbox):
     ids = await add_pending_events(sandbox, 7)
-    publisher = OutboxPublisher(sandbox, replace(FAST, batch_size=5))
+    publisher = new_publisher(sandbox, replace(FAST, batch_size=5))
     assert await drain(publisher) == 7
     entries = await sandbox.redis.client.xrange(sandbox.redis.key("events"))
     entry_of = {fields["event_id"]: entry_id for entry_id, fields in entries}
     async with get_session(sandbox) as session:
-        recorded = dict((await session.execute(select(DomainEvent.id, DomainEvent.stream_id))).all())
+        statement = select(DomainEvent.id, DomainEvent.stream_id)
+        recorded = dict((await session.execute(statement)).all())
     assert recorded == entry_of and set(recorded) == set(ids)
 
 
 async def test_a_mark_leaves_alone_an_event_whose_lease_another_publisher_took(sandbox):
     [taken, kept] = await add_pending_events(sandbox, 2)
-    first = OutboxPublisher(sandbox, FAST, name="first")
-    async with first._autocommit.connect() as connection:
+    first = new_publisher(sandbox, name="first")
+    async with sandbox.engine.connect() as connection:
+        # as the relay runs its statements: each commits by itself
+        connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
         assert {event.id for event in await first.claim_due_events(connection)} == {taken, kept}
-        async with get_session(sandbox) as session:  # the lease passes to another publisher meanwhile
+        # the lease passes to another publisher meanwhile
+        async with get_session(sandbox) as session:
             (await session.get(DomainEvent, taken)).claimed_by = "second"
-        assert await first._mark_published(connection, {taken: "1-1", kept: "1-2"}) == 1
+        assert await first.mark_published(connection, {taken: "1-1", kept: "1-2"}) == 1
     async with get_session(sandbox) as session:
-        rows = {row.id: (row.status, row.stream_id) for row in (await session.scalars(select(DomainEvent))).all()}
+        events = (await session.scalars(select(DomainEvent))).all()
+        rows = {row.id: (row.status, row.stream_id) for row in events}
     assert rows == {taken: ("pending", None), kept: ("published", "1-2")}
 
 
 async def test_the_running_publisher_is_woken_by_the_commit_not_the_poll(sandbox_with_users):
-    service = source.outbox_service(sandbox_with_users, replace(FAST, idle_wait_seconds=60, idle_wait_max_seconds=60))
+    slow = replace(FAST, idle_wait_seconds=60, idle_wait_max_seconds=60)
+    service = outbox_service(sandbox_with_users, slow)
     assert await service.start()
     user = (await source.list_users(sandbox_with_users))[0]
-    stored = await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="15-1252")
-    # the poll would take a minute; the commit listener wakes the publisher (and it the consumer) now
+    stored = await source.calculate_and_store_airscore(
+        sandbox_with_users, user_id=user.id, occupation_code="15-1252"
+    )
+    # the poll would take a minute; the commit listener wakes the publisher (and it the
+    # consumer) now
     await eventually(lambda: inbox_event_ids(sandbox_with_users), timeout=10)
     assert await inbox_event_ids(sandbox_with_users) == [stored.event.id]
     assert await stream_event_ids(sandbox_with_users) == [stored.event.id]
@@ -293,11 +422,13 @@ async def test_the_running_publisher_is_woken_by_the_commit_not_the_poll(sandbox
 
 
 async def test_start_stop_and_start_again(sandbox_with_users):
-    service = source.outbox_service(sandbox_with_users, FAST)
+    service = outbox_service(sandbox_with_users, FAST)
     user = (await source.list_users(sandbox_with_users))[0]
 
     async def store() -> str:
-        stored = await source.calculate_and_store_airscore(sandbox_with_users, user_id=user.id, occupation_code="15-1252")
+        stored = await source.calculate_and_store_airscore(
+            sandbox_with_users, user_id=user.id, occupation_code="15-1252"
+        )
         return stored.event.id
 
     assert await service.start() is True
@@ -318,30 +449,38 @@ async def _delivered(sandbox: source.Sandbox, event_ids: set[str]) -> bool:
     return set(await inbox_event_ids(sandbox)) == event_ids
 
 
-class GatedPublisher(OutboxPublisher):
-    """A publisher that pauses between sending and marking until the test opens the gate."""
+class MarkingGate:
+    """Mixed into a publisher: it pauses between sending and marking until the gate opens."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.reached_marking = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def _mark_published(self, connection, stream_ids):
+    async def mark_published(self, connection, stream_ids):
         self.reached_marking.set()
         await self.gate.wait()
-        return await super()._mark_published(connection, stream_ids)
+        return await super().mark_published(connection, stream_ids)
+
+
+class GatedPublisher(MarkingGate, source.OutboxPublisher):
+    """The lesson's relay, with the gate."""
+
+
+class GatedGuardedPublisher(MarkingGate, GuardedPublisher):
+    """The relay a sandbox's outbox runs, with the gate."""
 
 
 async def test_stop_lets_the_current_batch_finish(sandbox):
-    service = source.outbox_service(sandbox, FAST)
-    service.publisher = GatedPublisher(sandbox, FAST)
+    service = outbox_service(sandbox, FAST)
+    service.publisher = gated = GatedGuardedPublisher(service)
     await service.start()
     ids = await add_pending_events(sandbox, 10)
-    await asyncio.wait_for(service.publisher.reached_marking.wait(), 10)
+    await asyncio.wait_for(gated.reached_marking.wait(), 10)
     stopping = asyncio.create_task(service.stop())
-    await asyncio.sleep(0.05)
-    assert not stopping.done(), "stop waits for the batch in hand"
-    service.publisher.gate.set()
+    finished, _ = await asyncio.wait({stopping}, timeout=0.05)  # the gate stays shut meanwhile
+    assert not finished, "stop waits for the batch in hand"
+    gated.gate.set()
     assert await stopping is True
     assert not service.running
     assert await counts_by_status(sandbox) == {"published": 10}
@@ -351,7 +490,10 @@ async def test_stop_lets_the_current_batch_finish(sandbox):
 async def test_a_publisher_cancelled_mid_batch_loses_nothing_and_the_consumer_deduplicates(sandbox):
     settings = replace(FAST, lease_seconds=0.2)
     ids = await add_pending_events(sandbox, 10)
-    crashing = GatedPublisher(sandbox, settings)  # its gate never opens: it dies between send and mark
+    # its gate never opens: it dies between send and mark
+    crashing = GatedPublisher(
+        sandbox, batch_size=settings.batch_size, lease_seconds=settings.lease_seconds
+    )
     batch = asyncio.create_task(crashing.publish_due_batch())
     await asyncio.wait_for(crashing.reached_marking.wait(), 10)
     batch.cancel()
@@ -360,12 +502,12 @@ async def test_a_publisher_cancelled_mid_batch_loses_nothing_and_the_consumer_de
     assert sorted(await stream_event_ids(sandbox)) == sorted(ids)  # sent...
     assert await counts_by_status(sandbox) == {"pending": 10}  # ...but never marked
 
-    survivor = OutboxPublisher(sandbox, settings)  # picks the events up once the dead lease expires
+    survivor = new_publisher(sandbox, settings)  # picks them up once the dead lease expires
     await eventually(lambda: drain(survivor))
     assert await counts_by_status(sandbox) == {"published": 10}
     assert Counter(await stream_event_ids(sandbox)) == {event_id: 2 for event_id in ids}
 
-    consumer = StreamConsumer(sandbox, settings)
+    consumer = new_consumer(sandbox, settings)
     assert await drain_consumer(consumer) == 20
     assert sorted(await inbox_event_ids(sandbox)) == sorted(ids)
     assert consumer.duplicates_ignored == 10
@@ -374,7 +516,7 @@ async def test_a_publisher_cancelled_mid_batch_loses_nothing_and_the_consumer_de
 async def _two_publishers_never_publish_an_event_twice(sandbox: source.Sandbox) -> None:
     ids = await add_pending_events(sandbox, 400)
     settings = replace(FAST, batch_size=20)
-    totals = await asyncio.gather(*(drain(OutboxPublisher(sandbox, settings)) for _ in range(2)))
+    totals = await asyncio.gather(*(drain(new_publisher(sandbox, settings)) for _ in range(2)))
     in_stream = await stream_event_ids(sandbox)
     assert len(in_stream) == 400 and set(in_stream) == set(ids)
     assert sum(totals) == 400
@@ -385,31 +527,38 @@ async def test_two_concurrent_publishers_never_publish_an_event_twice(sandbox):
     await _two_publishers_never_publish_an_event_twice(sandbox)
 
 
-async def test_two_concurrent_publishers_on_postgresql_never_publish_an_event_twice(postgres_registry):
-    await _two_publishers_never_publish_an_event_twice(await postgres_registry.acquire(source.new_sandbox_id()))
+async def test_two_concurrent_publishers_on_postgresql_never_publish_an_event_twice(
+    postgres_registry,
+):
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
+    await _two_publishers_never_publish_an_event_twice(sandbox)
 
 
-async def test_reconnecting_the_broker_ends_the_degraded_status_before_any_batch(sandbox_with_users):
+async def test_reconnecting_the_broker_ends_the_degraded_status_before_any_batch(
+    sandbox_with_users,
+):
     sandbox = sandbox_with_users
     [user, _] = await source.list_users(sandbox)
-    await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="15-1252.00")
-    publisher = OutboxPublisher(sandbox, FAST)
-    await source.set_broker_outage(sandbox, cut=True)
+    await source.calculate_and_store_airscore(
+        sandbox, user_id=user.id, occupation_code="15-1252.00"
+    )
+    publisher = outbox_service(sandbox, FAST).publisher  # the sandbox's relay, not started
+    await set_broker_outage(sandbox, cut=True)
     assert (await publisher.publish_due_batch()).broker_error.startswith("broker unavailable")
     assert sandbox.redis.health.degraded
 
     # The publisher is stopped: only the switch itself can tell that Redis answers again.
-    await source.set_broker_outage(sandbox, cut=False)
+    await set_broker_outage(sandbox, cut=False)
     assert not sandbox.redis.cut_off and not sandbox.redis.health.degraded
-    assert (await source.outbox_status(sandbox)).pending == 1  # still waiting for the publisher
+    assert (await outbox_status(sandbox)).pending == 1  # still waiting for the publisher
 
 
 async def test_broker_outage_during_a_burst_delays_but_loses_nothing(sandbox_with_users):
     sandbox = sandbox_with_users
-    service = source.outbox_service(sandbox, FAST)
+    service = outbox_service(sandbox, FAST)
     await service.start()
-    await source.set_broker_outage(sandbox, cut=True)
-    burst = asyncio.create_task(source.store_airscore_burst(sandbox, count=60))
+    await set_broker_outage(sandbox, cut=True)
+    burst = asyncio.create_task(eventing.store_airscore_burst(sandbox, count=60))
 
     async def relay_paused() -> bool:
         return service.circuit.is_open
@@ -422,7 +571,7 @@ async def test_broker_outage_during_a_burst_delays_but_loses_nothing(sandbox_wit
     async with get_session(sandbox) as session:  # the outage spent no event's attempts
         assert await session.scalar(select(func.max(DomainEvent.attempts))) == 0
 
-    await source.set_broker_outage(sandbox, cut=False)
+    await set_broker_outage(sandbox, cut=False)
     async with get_session(sandbox) as session:
         all_ids = set((await session.scalars(select(DomainEvent.id))).all())
     await eventually(lambda: _delivered(sandbox, all_ids))
@@ -432,13 +581,20 @@ async def test_broker_outage_during_a_burst_delays_but_loses_nothing(sandbox_wit
     await service.stop()
 
 
-async def test_an_oversized_event_fails_at_once_with_its_reason_without_blocking_the_rest(sandbox):
+async def test_an_oversized_event_fails_at_once_with_its_reason_without_blocking_the_rest(
+    sandbox,
+):
     settings = replace(FAST, max_message_bytes=2000)
     async with get_session(sandbox) as session:
-        poison = DomainEvent(event_type="Huge", aggregate_type="Test", aggregate_id=source._new_id(), payload={"x": "y" * 5000})
+        poison = DomainEvent(
+            event_type="Huge",
+            aggregate_type="Test",
+            aggregate_id=source.new_id(),
+            payload={"x": "y" * 5000},
+        )
         session.add(poison)
     good = await add_pending_events(sandbox, 5)  # all younger than the poison event
-    publisher = OutboxPublisher(sandbox, settings)
+    publisher = outbox_service(sandbox, settings).publisher  # the relay that checks sizes
     first = await publisher.publish_due_batch()
     assert (first.claimed, first.published, first.failed, first.released) == (6, 5, 1, 0)
     assert await stream_event_ids(sandbox) == good
@@ -448,19 +604,21 @@ async def test_an_oversized_event_fails_at_once_with_its_reason_without_blocking
     assert failed.last_error.startswith("message is ") and "limit is 2000" in failed.last_error
     assert (await publisher.publish_due_batch()).claimed == 0  # never retried on its own
 
-    # the operator raises the limit, then retries the failed event: it gets a fresh set of attempts
-    assert await source.retry_failed_events(sandbox) == 1
+    # the operator raises the limit, then retries the failed event: it gets a fresh set of
+    # attempts
+    assert await eventing.retry_failed_events(sandbox) == 1
     async with get_session(sandbox) as session:
         retried = await session.get(DomainEvent, poison.id)
     assert (retried.status, retried.attempts) == ("pending", 0)
-    assert (await OutboxPublisher(sandbox, replace(settings, max_message_bytes=10_000)).publish_due_batch()).published == 1
+    raised = OutboxService(sandbox, replace(settings, max_message_bytes=10_000)).publisher
+    assert (await raised.publish_due_batch()).published == 1
     assert await stream_event_ids(sandbox) == [*good, poison.id]
     assert await counts_by_status(sandbox) == {"published": 6}
 
 
 def test_the_broker_circuit_opens_once_and_probes_with_growing_jittered_backoff():
-    circuit = source.BrokerCircuit(base_seconds=1, max_seconds=8)
-    circuit._random = source.random.Random(7)
+    circuit = BrokerCircuit(base_seconds=1, max_seconds=8)
+    circuit._random = random.Random(7)
     assert circuit.open(ConnectionError("refused")) is True
     assert circuit.open(ConnectionError("refused again")) is False, "one outage, reported once"
     for failed_probes, full_delay in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 8), (40, 8)]:
@@ -477,12 +635,13 @@ def test_the_broker_circuit_opens_once_and_probes_with_growing_jittered_backoff(
 
 async def test_the_consumer_reclaims_messages_another_consumer_abandoned(sandbox):
     ids = await add_pending_events(sandbox, 5)
-    await drain(OutboxPublisher(sandbox, FAST))
+    await drain(new_publisher(sandbox))
     client, stream = sandbox.redis.client, sandbox.redis.key("events")
     await client.xgroup_create(stream, source.EVENT_CONSUMER_GROUP, id="0")
-    await client.xreadgroup(source.EVENT_CONSUMER_GROUP, "crashed-consumer", {stream: ">"})  # read, never acked
+    # read, never acknowledged
+    await client.xreadgroup(source.EVENT_CONSUMER_GROUP, "crashed-consumer", {stream: ">"})
 
-    consumer = StreamConsumer(sandbox, FAST)
+    consumer = new_consumer(sandbox)
     reclaimed = 0
 
     async def all_recorded() -> bool:
@@ -497,14 +656,19 @@ async def test_the_consumer_reclaims_messages_another_consumer_abandoned(sandbox
 
 async def test_the_consumer_recreates_its_group_after_the_sandbox_is_reset(sandbox_with_users):
     sandbox = sandbox_with_users
-    service = source.outbox_service(sandbox, FAST)
+    service = outbox_service(sandbox, FAST)
     await service.start()
     user = (await source.list_users(sandbox))[0]
-    before = await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="15-1252")
+    before = await source.calculate_and_store_airscore(
+        sandbox, user_id=user.id, occupation_code="15-1252"
+    )
     await eventually(lambda: _delivered(sandbox, {before.event.id}))
 
-    users = await source.init_db(sandbox)  # deletes the events, the inbox, the stream and its group
-    after = await source.calculate_and_store_airscore(sandbox, user_id=users[0].id, occupation_code="15-1252")
+    # section 2's initialize: deletes the events, the inbox, the stream and its group
+    users = await initialize_sandbox(sandbox)
+    after = await source.calculate_and_store_airscore(
+        sandbox, user_id=users[0].id, occupation_code="15-1252"
+    )
     await eventually(lambda: _delivered(sandbox, {after.event.id}))
     assert await stream_event_ids(sandbox) == [after.event.id]
     await service.stop()
@@ -515,38 +679,46 @@ async def test_the_consumer_recreates_its_group_after_the_sandbox_is_reset(sandb
 
 async def test_status_counts_rates_and_latencies_come_from_the_data(sandbox_with_users):
     sandbox = sandbox_with_users
-    service = source.outbox_service(sandbox, FAST)
+    service = outbox_service(sandbox, FAST)
     await service.start()
     user = (await source.list_users(sandbox))[0]
     stored = [
-        await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="15-1252") for _ in range(3)
+        await source.calculate_and_store_airscore(
+            sandbox, user_id=user.id, occupation_code="15-1252"
+        )
+        for _ in range(3)
     ]
 
     async def published_and_delivered():
-        status = await source.outbox_status(sandbox)
+        status = await outbox_status(sandbox)
         return status if status.published == status.delivered == 3 else None
 
-    status = await eventually(published_and_delivered)  # delivery may come before the mark commits
+    # delivery may come before the mark commits
+    status = await eventually(published_and_delivered)
     assert (status.pending, status.published, status.failed, status.delivered) == (0, 3, 0, 3)
-    assert status.publisher_running and status.stream_length == 3 and status.duplicates_ignored == 0
+    assert status.publisher_running and status.stream_length == 3
+    assert status.duplicates_ignored == 0
     assert 0 <= status.median_latency_ms <= status.p95_latency_ms
     assert status.oldest_pending_age_seconds is None
-    assert [row["id"] for row in status.published_events] == [s.event.id for s in reversed(stored)]
+    newest_first = [s.event.id for s in reversed(stored)]
+    assert [row["id"] for row in status.published_events] == newest_first
     assert all(row["published_at"] and row["delivered_at"] for row in status.published_events)
     assert any(re.search(r"published [13]\b", line) for line in status.activity)
 
     await service.stop()
-    await source.set_broker_outage(sandbox, cut=True)
-    waiting = await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="15-1252")
-    status = await source.outbox_status(sandbox)
+    await set_broker_outage(sandbox, cut=True)
+    waiting = await source.calculate_and_store_airscore(
+        sandbox, user_id=user.id, occupation_code="15-1252"
+    )
+    status = await outbox_status(sandbox)
     assert not status.publisher_running and status.broker_cut_off
     assert status.pending == 1 and status.pending_events[0]["id"] == waiting.event.id
     assert status.oldest_pending_age_seconds >= 0 and status.stream_length is None
 
 
 async def test_releasing_the_sandbox_stops_its_publisher(registry):
-    sandbox = await registry.acquire(source.new_sandbox_id())
-    service = source.outbox_service(sandbox, FAST)
+    sandbox = await registry.acquire(new_sandbox_id())
+    service = outbox_service(sandbox, FAST)
     await service.start()
     assert service.running
     await registry.release(sandbox.id)
@@ -555,58 +727,64 @@ async def test_releasing_the_sandbox_stops_its_publisher(registry):
 
 async def _publish_consume_and_prune(sandbox: source.Sandbox, count: int, keep: int) -> int:
     await add_pending_events(sandbox, count)
-    service = source.outbox_service(sandbox, replace(FAST, batch_size=500))
+    service = outbox_service(sandbox, replace(FAST, batch_size=500))
     await drain(service.publisher)
     while (await service.consumer.consume_batch()).received:
         pass
     pruned = 0
-    while step := await source.prune_delivered_events(sandbox, keep=keep, inbox_retention_seconds=3600):
+    while step := await prune_delivered_events(sandbox, keep=keep, inbox_retention_seconds=3600):
         pruned += step
     return pruned
 
 
 async def test_a_large_history_is_pruned_down_to_the_newest_kept_events(sandbox):
-    assert await _publish_consume_and_prune(sandbox, 1_500, keep=200) >= 1_500 - 200 - 500  # a batch stays whole
+    # a batch stays whole
+    assert await _publish_consume_and_prune(sandbox, 1_500, keep=200) >= 1_500 - 200 - 500
     async with get_session(sandbox) as session:
         left = await session.scalar(select(func.count()).select_from(DomainEvent))
     assert 200 <= left <= 200 + 500
-    status = await source.outbox_status(sandbox, limit=10)
+    status = await outbox_status(sandbox, limit=10)
     assert status.published == status.delivered == left and len(status.published_events) == 10
 
 
-async def test_a_large_prune_on_postgresql_vacuums_the_events_and_the_inbox_at_once(postgres_registry):
-    sandbox = await postgres_registry.acquire(source.new_sandbox_id())
-    assert await _publish_consume_and_prune(sandbox, 1_500, keep=200) >= source.VACUUM_AFTER_PRUNING
+async def test_a_large_prune_on_postgresql_vacuums_the_events_and_the_inbox_at_once(
+    postgres_registry,
+):
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
+    assert await _publish_consume_and_prune(sandbox, 1_500, keep=200) >= VACUUM_AFTER_PRUNING
+    vacuumed_tables = text(
+        "SELECT relname, last_vacuum IS NOT NULL FROM pg_stat_user_tables "
+        "WHERE schemaname = :schema"
+    )
     async with sandbox.engine.connect() as connection:
-        vacuumed = dict(
-            (
-                await connection.execute(
-                    text("SELECT relname, last_vacuum IS NOT NULL FROM pg_stat_user_tables WHERE schemaname = :schema"),
-                    {"schema": sandbox.location},
-                )
-            ).all()
-        )
+        rows = await connection.execute(vacuumed_tables, {"schema": sandbox.location})
+        vacuumed = dict(rows.all())
     assert vacuumed[DomainEvent.__tablename__] and vacuumed[ConsumedEvent.__tablename__]
 
 
-async def test_the_outbox_change_count_moves_with_events_and_batches_not_with_reads(sandbox_with_users):
-    """What an idle status panel looks at every few seconds (pages/outbox_panels.watch_for_changes)."""
+async def test_the_outbox_change_count_moves_with_events_and_batches_not_with_reads(
+    sandbox_with_users,
+):
+    """What an idle status panel looks at every few seconds (pages/common/outbox_panels.py's
+    watch_for_changes)."""
     sandbox = sandbox_with_users
-    before = await source.outbox_changes(sandbox)
-    await source.outbox_status(sandbox, limit=10)
-    assert await source.outbox_changes(sandbox) == before  # reading changes nothing
+    before = await eventing.outbox_changes(sandbox)
+    await outbox_status(sandbox, limit=10)
+    assert await eventing.outbox_changes(sandbox) == before  # reading changes nothing
     user = (await source.list_users(sandbox))[0]
     await source.calculate_and_store_airscore(sandbox, user_id=user.id, occupation_code="13-2011")
-    stored = await source.outbox_changes(sandbox)
+    stored = await eventing.outbox_changes(sandbox)
     assert stored > before  # an event committed (by any tab of this process)
-    service = source.outbox_service(sandbox, FAST)
+    service = outbox_service(sandbox, FAST)
     await service.start()
     try:
-        await eventually(lambda: _changed_since(sandbox, stored))  # the publisher's batch moved it again
+        # the publisher's batch moved it again
+        await eventually(lambda: _changed_since(sandbox, stored))
         assert (await counts_by_status(sandbox)) == {"published": 1}
     finally:
         await service.stop()
 
 
 async def _changed_since(sandbox: source.Sandbox, count: int) -> bool:
-    return await source.outbox_changes(sandbox) > count and (await counts_by_status(sandbox)).get("published") == 1
+    moved = await eventing.outbox_changes(sandbox) > count
+    return moved and (await counts_by_status(sandbox)).get("published") == 1

@@ -16,31 +16,42 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import servers
-import source
+from sqlalchemy import func, select
 from test_outbox import FAST, add_pending_events, counts_by_status, eventually
+
+import source
+from classroom.cache.link import RedisService
+from classroom.config import Settings
+from classroom.outbox.service import OutboxService, outbox_service
+from classroom.sandboxes.registry import SandboxRegistry
+from classroom.sandboxes.sandbox import SANDBOX_DORMANT, Sandbox, new_sandbox_id
 
 
 @dataclass
 class PublishingClass:
     """A registry on a real redis-server, and learner A's sandbox with its publisher on."""
 
-    registry: source.SandboxRegistry
-    sandbox: source.Sandbox
-    outbox: source.OutboxService
+    registry: SandboxRegistry
+    sandbox: Sandbox
+    outbox: OutboxService
     redis_process: Any
 
 
 @asynccontextmanager
-async def a_publishing_class(settings: source.Settings, **overrides: Any) -> AsyncIterator[PublishingClass]:
-    """Learner A holds a sandbox whose publisher runs; the broker is a real process the test can freeze (SIGSTOP)."""
+async def a_publishing_class(
+    settings: Settings, **overrides: Any
+) -> AsyncIterator[PublishingClass]:
+    """Learner A holds a sandbox whose publisher runs; the broker is a real process the test can
+    freeze (SIGSTOP)."""
     with servers.redis_server_process() as (url, redis_process):
         on_redis = replace(settings, redis_url=url, **overrides)
-        redis_service = await source.RedisService.connect(on_redis)
+        redis_service = await RedisService.connect(on_redis)
         assert redis_service.mode == "redis", redis_service.reason
-        registry = source.SandboxRegistry(on_redis, redis_service)
+        registry = SandboxRegistry(on_redis, redis_service)
         try:
-            sandbox = await registry.acquire(source.new_sandbox_id(), holder="learner-a")
-            outbox = source.outbox_service(sandbox, replace(FAST, broker_timeout_seconds=5.0, stop_timeout_seconds=10))
+            sandbox = await registry.acquire(new_sandbox_id(), holder="learner-a")
+            slow_broker = replace(FAST, broker_timeout_seconds=5.0, stop_timeout_seconds=10)
+            outbox = outbox_service(sandbox, slow_broker)
             assert await outbox.start()
             yield PublishingClass(registry, sandbox, outbox, redis_process)
         finally:
@@ -49,23 +60,31 @@ async def a_publishing_class(settings: source.Settings, **overrides: Any) -> Asy
             await redis_service.close()
 
 
-async def test_a_flush_stuck_on_a_frozen_broker_blocks_no_other_learner_and_a_returning_one_waits_for_it(settings):
+async def _event_count(sandbox: Sandbox) -> int:
+    async with source.get_session(sandbox) as session:
+        return await session.scalar(select(func.count()).select_from(source.DomainEvent))
+
+
+async def test_a_flush_stuck_on_a_frozen_broker_blocks_no_other_learner_and_a_returning_one_waits_for_it(  # noqa: E501
+    settings,
+):
     async with a_publishing_class(settings, sandbox_grace_seconds=0) as publishing:
-        registry, sandbox, outbox, redis_process = publishing.registry, publishing.sandbox, publishing.outbox, publishing.redis_process
+        registry, sandbox, outbox = publishing.registry, publishing.sandbox, publishing.outbox
+        redis_process = publishing.redis_process
         registry.release_holder("learner-a")  # the learner closes the tab; no grace period
         redis_process.send_signal(signal.SIGSTOP)
         ids = await add_pending_events(sandbox, 5)  # wakes the publisher: its XADD hangs
 
         sweep = asyncio.create_task(registry.sweep())
         await eventually(lambda: _going_dormant(sandbox))
-        newcomer = await registry.acquire(source.new_sandbox_id(), holder="learner-b")
+        newcomer = await registry.acquire(new_sandbox_id(), holder="learner-b")
         # B's sandbox was created while A's flush still waited for the frozen broker.
         assert not sandbox.going_dormant.done() and not sweep.done()
-        assert newcomer.awake and sandbox.state == source.SANDBOX_DORMANT
+        assert newcomer.awake and sandbox.state == SANDBOX_DORMANT
 
         back = asyncio.create_task(registry.acquire(sandbox.id, holder="learner-a"))
-        await asyncio.sleep(0.2)
-        assert not back.done()  # A's own learner waits for A's flush...
+        finished, _ = await asyncio.wait({back}, timeout=0.2)
+        assert not finished  # A's own learner waits for A's flush...
         redis_process.send_signal(signal.SIGCONT)
         assert await back is sandbox
         assert sandbox.going_dormant.done()  # ...which finished before the wake
@@ -74,50 +93,58 @@ async def test_a_flush_stuck_on_a_frozen_broker_blocks_no_other_learner_and_a_re
         await eventually(lambda: _published(sandbox, len(ids)), timeout=30)
 
 
-async def _going_dormant(sandbox: source.Sandbox) -> bool:
+async def _going_dormant(sandbox: Sandbox) -> bool:
     return sandbox.going_dormant is not None and not sandbox.going_dormant.done()
 
 
-async def _published(sandbox: source.Sandbox, count: int) -> bool:
+async def _published(sandbox: Sandbox, count: int) -> bool:
     return (await counts_by_status(sandbox)).get("published") == count
 
 
-async def test_making_room_in_a_full_class_does_not_wait_for_the_sleeper_to_flush_to_a_frozen_broker(settings):
+async def test_making_room_in_a_full_class_does_not_wait_for_the_sleeper_to_flush_to_a_frozen_broker(  # noqa: E501
+    settings,
+):
     async with a_publishing_class(settings, max_sandboxes=1) as publishing:
-        registry, sleeper, outbox, redis_process = publishing.registry, publishing.sandbox, publishing.outbox, publishing.redis_process
+        registry, sleeper, outbox = publishing.registry, publishing.sandbox, publishing.outbox
+        redis_process = publishing.redis_process
         registry.release_holder("learner-a")  # gone, but within the grace period: still awake
         redis_process.send_signal(signal.SIGSTOP)
         ids = await add_pending_events(sleeper, 3)
 
-        newcomer = await registry.acquire(source.new_sandbox_id(), holder="learner-b")  # the class is full
-        assert sleeper.state == source.SANDBOX_DORMANT and _going(sleeper)  # B got in while A still flushes
+        # the class is full
+        newcomer = await registry.acquire(new_sandbox_id(), holder="learner-b")
+        # B got in while A still flushes
+        assert sleeper.state == SANDBOX_DORMANT and _going(sleeper)
         assert newcomer.awake
         redis_process.send_signal(signal.SIGCONT)
         await sleeper.going_dormant
         assert not outbox.running and outbox.resume_on_return
-        async with source.get_session(newcomer) as session:  # B's sandbox works
-            assert await session.scalar(source.select(source.func.count()).select_from(source.DomainEvent)) == 0
+        assert await _event_count(newcomer) == 0  # B's sandbox works
         registry.release_holder("learner-b")
-        assert await registry.acquire(sleeper.id, holder="learner-a") is sleeper  # A back: B made room
-        await eventually(lambda: _published(sleeper, len(ids)), timeout=30)  # nothing A had was lost
+        # A back: B made room
+        assert await registry.acquire(sleeper.id, holder="learner-a") is sleeper
+        # nothing A had was lost
+        await eventually(lambda: _published(sleeper, len(ids)), timeout=30)
 
 
-def _going(sandbox: source.Sandbox) -> bool:
+def _going(sandbox: Sandbox) -> bool:
     return sandbox.going_dormant is not None and not sandbox.going_dormant.done()
 
 
-async def test_releasing_a_sandbox_whose_flush_hangs_on_a_frozen_broker_blocks_no_other_learner(settings):
+async def test_releasing_a_sandbox_whose_flush_hangs_on_a_frozen_broker_blocks_no_other_learner(
+    settings,
+):
     async with a_publishing_class(settings) as publishing:
-        registry, doomed, outbox, redis_process = publishing.registry, publishing.sandbox, publishing.outbox, publishing.redis_process
+        registry, doomed, outbox = publishing.registry, publishing.sandbox, publishing.outbox
+        redis_process = publishing.redis_process
         redis_process.send_signal(signal.SIGSTOP)
         await add_pending_events(doomed, 3)  # wakes the publisher: its XADD hangs
 
         release = asyncio.create_task(registry.release(doomed.id, "the learner asked for it"))
         await eventually(lambda: _going_dormant(doomed))
-        newcomer = await registry.acquire(source.new_sandbox_id(), holder="learner-b")
+        newcomer = await registry.acquire(new_sandbox_id(), holder="learner-b")
         assert newcomer.awake and not release.done()  # B got in while A's release still flushes
         redis_process.send_signal(signal.SIGCONT)
         assert await release is True
         assert registry.get_existing(doomed.id) is None and not outbox.running
-        async with source.get_session(newcomer) as session:  # B's sandbox works
-            assert await session.scalar(source.select(source.func.count()).select_from(source.DomainEvent)) == 0
+        assert await _event_count(newcomer) == 0  # B's sandbox works

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-
 import servers
-import source
 from pagetools import open_page, start_app, texts
+
+from classroom.outbox.status import broker_durability
+from classroom.runtime import Runtime
+from classroom.sandboxes.sandbox import new_sandbox_id
 
 
 @pytest.fixture(params=[False, True], ids=["no-persistence", "append-only-file"])
@@ -22,8 +24,10 @@ def redis_process(request) -> Iterator[servers.RedisProcess]:
         process.close()
 
 
-def test_the_runtime_reads_the_brokers_persistence_before_any_sandbox_opens(settings, redis_process):
-    runtime = source.Runtime(replace(settings, redis_url=redis_process.url))
+def test_the_runtime_reads_the_brokers_persistence_before_any_sandbox_opens(
+    settings, redis_process
+):
+    runtime = Runtime(replace(settings, redis_url=redis_process.url))
     try:
         durability = runtime.broker_durability  # set by start-up itself
         assert sum(runtime.sandboxes.counts().values()) == 0  # nobody has opened anything yet
@@ -31,21 +35,24 @@ def test_the_runtime_reads_the_brokers_persistence_before_any_sandbox_opens(sett
             assert durability.kind == "aof" and not durability.restart_can_lose_events
         else:
             assert durability.kind == "none" and durability.restart_can_lose_events
-        lab = runtime.lab(source.new_sandbox_id())
-        assert lab.run(source.broker_durability) == durability  # what the pages read is that answer
+        lab = runtime.lab(new_sandbox_id())
+        assert lab.run(broker_durability) == durability  # what the pages read is that answer
         lab.close()
     finally:
         runtime.close()
 
 
-def test_the_first_render_says_a_broker_restart_could_lose_events(monkeypatch, fresh_global_runtime):
+def test_the_first_render_says_a_broker_restart_could_lose_events(
+    monkeypatch, fresh_global_runtime
+):
     process = servers.RedisProcess(persistent=False).start()
     try:
         monkeypatch.setenv("REDIS_URL", process.url)
         app = start_app()
         assert not app.exception
         sidebar = " ".join(str(caption.value) for caption in app.sidebar.caption)
-        assert "Outbox: a broker restart could lose events." in sidebar and "persists nothing" in sidebar
+        assert "Outbox: a broker restart could lose events." in sidebar
+        assert "persists nothing" in sidebar
         page = texts(open_page(app, "pages/eventing_outbox.py"))
         assert "A broker restart could lose events" in page
     finally:

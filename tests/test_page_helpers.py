@@ -1,4 +1,4 @@
-"""pages/__init__.py: the shared helpers that run an operation and report its error on the page."""
+"""pages/common/__init__.py: the shared helpers that run an operation and report its error."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ def helper_script() -> None:
     import streamlit as st
 
     import source
-    from pages import kept_outcome, run_and_keep, run_or_report
+    from classroom.runtime import get_runtime
+    from classroom.sandboxes.sandbox import new_sandbox_id
+    from pages.common import kept_outcome, run_and_keep, run_or_report
 
-    lab = source.get_runtime().lab(st.session_state.setdefault("sandbox", source.new_sandbox_id()))
+    lab = get_runtime().lab(st.session_state.setdefault("sandbox", new_sandbox_id()))
     email = st.text_input("Email")
-    user = run_or_report(lab, "User not created.", source.create_user, email=email, name="Ada Lovelace")
+    user = run_or_report(
+        lab, "User not created.", source.create_user, email=email, name="Ada Lovelace"
+    )
     if user is not None:
         st.success(f"created {user.email}")
     st.button(
@@ -53,11 +57,20 @@ def test_plain_text_escapes_every_character_markdown_could_read():
     import re
     import string
 
-    from pages import plain_text
+    from pages.common import plain_text
 
-    for text in ["www.evil-site.com", "_x_@evil.com", "[click](http://evil.example)", "![x](http://e/x.png)",
-                 "<b>bold</b>", "**Alex**", "# Heading", "Seán O'Brien-Ní Dhuibhir"]:
+    for text in [
+        "www.evil-site.com",
+        "_x_@evil.com",
+        "[click](http://evil.example)",
+        "![x](http://e/x.png)",
+        "<b>bold</b>",
+        "**Alex**",
+        "# Heading",
+        "Seán O'Brien-Ní Dhuibhir",
+    ]:
         escaped = plain_text(text)
         assert re.sub(r"\\(.)", r"\1", escaped) == text  # unescaped, it is the text as typed
-        bare = re.sub(r"\\.", "", escaped)  # what is left outside the escapes has no punctuation at all
+        # What is left outside the escapes has no punctuation at all.
+        bare = re.sub(r"\\.", "", escaped)
         assert not set(bare) & set(string.punctuation), (text, escaped)

@@ -1,16 +1,19 @@
-"""Progress on the pages through AppTest: the sidebar's count and a section's list follow the actions."""
+"""Progress on the pages through AppTest: the sidebar's count and a section's list follow the
+actions."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+from pagetools import button, click, lab_of, open_page, reload, start_app, text_input
 from streamlit.testing.v1 import AppTest
 
 import source
-from pagetools import APP, button, click, lab_of, open_page, reload, start_app, text_input
+from classroom.progress.steps import STEPS
+from classroom.sandboxes.reset import initialize_sandbox
 
-REQUIRED = sum(not step.optional for step in source.STEPS)
+REQUIRED = sum(not step.optional for step in STEPS)
 
 
 @pytest.fixture
@@ -30,18 +33,27 @@ def sidebar_count(app: AppTest) -> int:
 
 def section_list(app: AppTest) -> str:
     """The section's progress list and its next step (the markdown inside its expander)."""
-    panels = [expander for expander in app.main.expander if re.fullmatch(r"\d+ of \d+ steps done", expander.label)]
+    panels = [
+        expander
+        for expander in app.main.expander
+        if re.fullmatch(r"\d+ of \d+ steps done", expander.label)
+    ]
     assert len(panels) == 1, [expander.label for expander in app.main.expander]
     return "\n".join(shown_text(element.value) for element in panels[0].markdown)
 
 
 def recaps(app: AppTest) -> list[str]:
     """The one-line recaps shown once a section is complete."""
-    return [shown_text(element.value) for element in app.main.markdown if str(element.value).startswith("✅ **Section")]
+    return [
+        shown_text(element.value)
+        for element in app.main.markdown
+        if str(element.value).startswith("✅ **Section")
+    ]
 
 
 def shown_text(markdown: str) -> str:
-    """Markdown as a reader sees it: journal text is escaped (pages.plain_text), the reader sees it plain."""
+    """Markdown as a reader sees it: journal text is escaped (pages.common.plain_text), the reader
+    sees it plain."""
     return re.sub(r"\\(.)", r"\1", str(markdown))
 
 
@@ -49,12 +61,20 @@ def test_the_sidebar_count_follows_the_learners_actions_and_survives_a_reload(ap
     assert sidebar_count(app) == 0
     lab_of(app).run(source.create_user, email="learner@example.com", name="Learner")
     assert sidebar_count(reload(app)) == 1
-    lab_of(app).run(source.init_db)
+    lab_of(app).run(initialize_sandbox)
     lab_of(app).run(source.create_user, email="learner@example.com", name="Learner Again")
     reloaded = reload(app)
     assert sidebar_count(reloaded) == 2  # a second user is no new step
-    assert [c.value for c in reloaded.sidebar.caption if c.value.startswith("Next: section 3, add three sample")]
-    assert [b for b in reloaded.sidebar.get("download_button") if "Download my sandbox" in str(b.proto.label)]
+    assert [
+        c.value
+        for c in reloaded.sidebar.caption
+        if c.value.startswith("Next: section 3, add three sample")
+    ]
+    assert [
+        b
+        for b in reloaded.sidebar.get("download_button")
+        if "Download my sandbox" in str(b.proto.label)
+    ]
 
 
 def test_section_1_lists_its_step_and_the_recap_once_the_form_created_a_user(app):
@@ -69,7 +89,7 @@ def test_section_1_lists_its_step_and_the_recap_once_the_form_created_a_user(app
 
 
 def test_section_3_lists_its_steps_done_and_not_yet_and_the_next_one(app):
-    lab_of(app).run(source.init_db)
+    lab_of(app).run(initialize_sandbox)
     open_page(app, "pages/repository_n_plus_one.py")
     alex = next(user.id for user in lab_of(app).run(source.list_users) if user.name == "Alex Smith")
     text_input(app, "User ID").input(alex).run()
@@ -84,4 +104,8 @@ def test_section_3_lists_its_steps_done_and_not_yet_and_the_next_one(app):
 
     click(app, "Fetch User & Scores (Simulated N+1)")
     assert "not yet" not in section_list(app).split("(optional)")[0]
-    assert [recap for recap in recaps(app) if "Section 3 complete" in recap and "N+1 ran 5 statements" in recap]
+    assert [
+        recap
+        for recap in recaps(app)
+        if "Section 3 complete" in recap and "N+1 ran 5 statements" in recap
+    ]

@@ -6,10 +6,13 @@ Each AppTest is one browser session: it holds its sandbox while it lives, as a c
 from __future__ import annotations
 
 import pytest
+from pagetools import click, open_page, start_app, text_input, texts
 from streamlit.testing.v1 import AppTest
 
 import source
-from pagetools import click, open_page, start_app, text_input, texts
+from classroom.browser import SANDBOX_STATE_KEY
+from classroom.config import Settings, resolve_database_target
+from classroom.runtime import get_runtime
 
 
 def create_user(app: AppTest, *, email: str, name: str) -> None:
@@ -20,7 +23,7 @@ def create_user(app: AppTest, *, email: str, name: str) -> None:
 
 
 def emails_in(sandbox_id: str) -> list[str]:
-    return [user.email for user in source.get_runtime().lab(sandbox_id).run(source.list_users)]
+    return [user.email for user in get_runtime().lab(sandbox_id).run(source.list_users)]
 
 
 @pytest.fixture
@@ -39,8 +42,8 @@ def test_a_third_learner_sees_the_class_is_full_and_the_first_two_keep_their_dat
     assert [title.value for title in third.title] == ["The class is full"]
     shown = texts(third)
     assert "2 learners are working" in shown and "room for 2" in shown and "minute" in shown
-    assert emails_in(first.session_state[source.SANDBOX_STATE_KEY]) == ["first@example.com"]
-    assert emails_in(second.session_state[source.SANDBOX_STATE_KEY]) == ["second@example.com"]
+    assert emails_in(first.session_state[SANDBOX_STATE_KEY]) == ["first@example.com"]
+    assert emails_in(second.session_state[SANDBOX_STATE_KEY]) == ["second@example.com"]
     first.run()  # the first two still work as before
     assert not first.exception and "The class is full" not in [title.value for title in first.title]
 
@@ -51,8 +54,12 @@ def test_the_sidebar_says_the_link_is_the_key_and_shows_the_class(fresh_global_r
     assert "is the key to this sandbox" in sidebar and "?sandbox=" in sidebar
     assert "private to this browser tab" not in sidebar.lower()
     assert "1 active" in sidebar and "room for" in sidebar
-    on_postgresql = source.resolve_database_target(source.Settings.from_environment().database_url).kind == "postgresql"
-    assert ("pre-ping on" if on_postgresql else "pre-ping off") in sidebar  # a local file never drops a connection
+    on_postgresql = (
+        resolve_database_target(Settings.from_environment().database_url).kind == "postgresql"
+    )
+    assert (
+        "pre-ping on" if on_postgresql else "pre-ping off"
+    ) in sidebar  # a local file never drops a connection
 
 
 def test_the_sidebar_offers_new_sandbox_and_reset_my_sandbox(fresh_global_runtime):
@@ -62,7 +69,9 @@ def test_the_sidebar_offers_new_sandbox_and_reset_my_sandbox(fresh_global_runtim
     assert {"New sandbox", "Reset my sandbox"} <= {b.label for b in app.sidebar.button}
 
 
-def test_an_unreachable_database_at_start_up_gets_quLabs_own_message(monkeypatch, fresh_global_runtime):
+def test_an_unreachable_database_at_start_up_gets_quLabs_own_message(
+    monkeypatch, fresh_global_runtime
+):
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://alex:s3cr3t@127.0.0.1:1/qulab")
     app = start_app()
     assert not app.exception
@@ -71,7 +80,9 @@ def test_an_unreachable_database_at_start_up_gets_quLabs_own_message(monkeypatch
     assert "127.0.0.1:1" in message and "DATABASE_URL" in message and "s3cr3t" not in message
 
 
-def test_an_unreachable_redis_at_start_up_is_named_with_its_password_masked(monkeypatch, fresh_global_runtime):
+def test_an_unreachable_redis_at_start_up_is_named_with_its_password_masked(
+    monkeypatch, fresh_global_runtime
+):
     monkeypatch.setenv("REDIS_URL", "redis://:s3cr3t@127.0.0.1:1/0")
     app = start_app()
     assert not app.exception

@@ -9,10 +9,14 @@ import ast
 from pathlib import Path
 
 import pytest
+from pagetools import button, charts, lab_of, open_listings, open_page, start_app, text_input
 from streamlit.testing.v1 import AppTest
 
 import source
-from pagetools import button, charts, lab_of, open_listings, open_page, start_app, text_input
+from classroom.browser import SANDBOX_STATE_KEY
+from classroom.sandboxes.reset import initialize_sandbox
+from classroom.status import runtime_status
+from pages.common.formatting import milliseconds_text
 
 PAGES = [
     "pages/introduction.py",
@@ -44,7 +48,7 @@ def test_every_page_renders_without_an_exception(app, page):
 def test_sidebar_shows_backends_and_the_sandbox(app):
     sidebar_text = " ".join(str(element.value) for element in app.sidebar.caption)
     assert "Database:" in sidebar_text and "Redis:" in sidebar_text
-    assert app.session_state[source.SANDBOX_STATE_KEY] in [code.value for code in app.sidebar.code]
+    assert app.session_state[SANDBOX_STATE_KEY] in [code.value for code in app.sidebar.code]
 
 
 def test_data_models_page_shows_the_live_model_source(app):
@@ -82,7 +86,9 @@ def test_create_user_through_the_form_shows_the_new_id(app):
         ("ok@example.com", "x" * 300, "too long"),
     ],
 )
-def test_create_user_with_bad_input_shows_a_clear_message_and_writes_nothing(app, email, name, message):
+def test_create_user_with_bad_input_shows_a_clear_message_and_writes_nothing(
+    app, email, name, message
+):
     open_page(app, "pages/data_models.py")
     fill_create_user(app, email=email, name=name)
     assert not app.exception
@@ -123,19 +129,29 @@ def test_pool_experiment_runs_from_the_page_and_shows_measured_throughput(app):
 
 
 def test_the_pool_table_shows_figures_as_text_at_a_sensible_precision(app):
-    """A table pads floats to four decimals ("2,565.9000"): each cell is text, rounded for what it measures."""
+    """A table pads floats to four decimals ("2,565.9000"): each cell is text, rounded for what it
+    measures."""
     open_page(app, "pages/connectivity_pooling.py")
     button(app, "Run Pooling Experiment").click().run()
-    trials = app.session_state["pool_trials"]
+    trials = app.session_state["pool_experiment_result"].trials
     rows = app.table[0].value.to_dict("records")
     assert all(isinstance(cell, str) for row in rows for cell in row.values()), rows
     for row, trial in zip(rows, trials, strict=True):
-        assert row["throughput (req/s)"] == f"{trial.throughput:,.0f}" and "." not in row["throughput (req/s)"]
-        assert row["median latency (ms)"] == source.milliseconds_text(trial.median_latency_ms)
+        assert (
+            row["throughput (req/s)"] == f"{trial.throughput:,.0f}"
+            and "." not in row["throughput (req/s)"]
+        )
+        assert row["median latency (ms)"] == milliseconds_text(trial.median_latency_ms)
         assert len(row["seconds"].partition(".")[2]) == 3
-    assert [source.milliseconds_text(value) for value in (7.4123, 47.04, 1864.1, None)] == ["7.41", "47.0", "1,864.1", "n/a"]
+    assert [milliseconds_text(value) for value in (7.4123, 47.04, 1864.1, None)] == [
+        "7.41",
+        "47.0",
+        "1,864.1",
+        "n/a",
+    ]
     [(spec, bars)] = charts(app)
-    assert spec["encoding"]["y"]["axis"]["labelLimit"] == 0  # the pools' names whole, not "QueuePool (pool…"
+    # The pools' names whole, not "QueuePool (pool…".
+    assert spec["encoding"]["y"]["axis"]["labelLimit"] == 0
     assert bars["throughput (req/s)"].tolist() == [trial.throughput for trial in trials]
 
 
@@ -143,20 +159,27 @@ def test_two_browser_sessions_get_separate_sandboxes(fresh_global_runtime):
     first, second = start_app(), start_app()
     open_page(first, "pages/data_models.py")
     fill_create_user(first, email="only.first@example.com", name="First")
-    assert first.session_state[source.SANDBOX_STATE_KEY] != second.session_state[source.SANDBOX_STATE_KEY]
+    assert first.session_state[SANDBOX_STATE_KEY] != second.session_state[SANDBOX_STATE_KEY]
     assert sandbox_users(second) == []
 
 
 def test_page_one_names_and_explains_every_table_its_diagram_draws(app):
     open_page(app, "pages/data_models.py")
     listed = app.table[0].value.to_dict("records")
+    # The lesson's tables (the progress journal, lab_journal, is the platform's: not drawn here).
     assert [row["table"] for row in listed] == [
-        "users", "assessments", "air_scores", "domain_events", "consumed_events", "lab_journal"
+        "users",
+        "assessments",
+        "air_scores",
+        "domain_events",
+        "consumed_events",
     ]
     assert all(row["what it holds"].strip() for row in listed)
     diagram = app.get("graphviz_chart")[0].proto.spec
     drawn = {table.name for table in source.Base.metadata.sorted_tables}
-    assert drawn == {row["table"] for row in listed} and all(f"<b>{name}</b>" in diagram for name in drawn)
+    assert drawn == {row["table"] for row in listed} and all(
+        f"<b>{name}</b>" in diagram for name in drawn
+    )
     assert "class ConsumedEvent(Base):" in "\n".join(code.value for code in app.code)
 
 
@@ -165,51 +188,64 @@ def test_years_of_experience_out_of_range_gets_a_clear_message(app, years):
     open_page(app, "pages/data_models.py")
     app.number_input[0].set_value(years)
     fill_create_user(app, email="years@example.com", name="Years")
-    assert [e.value for e in app.error] == ["User not created. Years of experience must be between 0 and 80."]
+    assert [e.value for e in app.error] == [
+        "User not created. Years of experience must be between 0 and 80."
+    ]
     assert sandbox_users(app) == []
 
 
 def test_page_one_says_that_initialize_starts_fresh(app):
     open_page(app, "pages/data_models.py")
-    assert "initialize button starts your sandbox fresh" in " ".join(info.value for info in app.info)
+    assert "initialize button starts your sandbox fresh" in " ".join(
+        info.value for info in app.info
+    )
 
 
 def test_no_page_has_a_bare_expression_that_streamlit_magic_would_draw():
     """Streamlit's magic st.writes every bare expression statement but a call: section 3's
-    `st.table(...) if scores else st.info(...)` line drew the whole help text of a DeltaGenerator."""
+    `st.table(...) if scores else st.info(...)` line drew the whole help text of a
+    DeltaGenerator."""
     drawn = []
     for page in ["app.py", *PAGES]:
         tree = ast.parse((Path(source.__file__).parent / page).read_text())
-        for body in (node.body for node in ast.walk(tree) if isinstance(getattr(node, "body", None), list)):
+        for body in (
+            node.body for node in ast.walk(tree) if isinstance(getattr(node, "body", None), list)
+        ):
             for index, statement in enumerate(body):
-                if not isinstance(statement, ast.Expr) or isinstance(statement.value, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom)):
+                if not isinstance(statement, ast.Expr) or isinstance(
+                    statement.value, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom)
+                ):
                     continue
-                if index == 0 and isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str):
+                if (
+                    index == 0
+                    and isinstance(statement.value, ast.Constant)
+                    and isinstance(statement.value.value, str)
+                ):
                     continue  # a docstring: magic leaves it alone
                 drawn.append(f"{page}, line {statement.lineno}: {ast.unparse(statement)[:60]}")
     assert not drawn, drawn
 
 
-THIN_PAGES = [
-    "pages/introduction.py", "pages/data_models.py", "pages/connectivity_pooling.py", "pages/repository_n_plus_one.py",
-    "pages/caching.py", "pages/eventing_outbox.py",
-]
 PAGES_WITHOUT_LISTINGS = {"pages/introduction.py"}
 
 
-@pytest.mark.parametrize("page", THIN_PAGES)
-def test_a_page_is_thin_and_its_listings_are_lesson_sized(app, page):
-    lab_of(app).run(source.init_db, reset=True)
+@pytest.mark.parametrize("page", PAGES)
+def test_a_pages_listings_are_lesson_sized(app, page):
+    lab_of(app).run(initialize_sandbox)
     open_page(app, page)
     listings = [code.value for code in open_listings(app).code if code.language == "python"]
     assert listings or page in PAGES_WITHOUT_LISTINGS
-    assert all(listing.count("\n") + 1 <= 80 for listing in listings), [listing.splitlines()[0] for listing in listings]
-    assert len((Path(source.__file__).parent / page).read_text().splitlines()) <= 150
+    assert all(listing.count("\n") + 1 <= 80 for listing in listings), [
+        listing.splitlines()[0] for listing in listings
+    ]
 
 
 def test_beside_the_initialize_button_the_page_says_what_it_really_works_on(app):
     open_page(app, "pages/connectivity_pooling.py")
-    status = lab_of(app).status()
+    status = runtime_status(lab_of(app))
     expected = "its own SQLite file" if status.backend == "sqlite" else "its own schema"
     captions = " ".join(caption.value for caption in app.caption)
-    assert f"Not in memory on this server: your sandbox is {expected} ({status.sandbox_location})" in captions
+    assert (
+        f"Not in memory on this server: your sandbox is {expected} ({status.sandbox_location})"
+        in captions
+    )

@@ -1,19 +1,26 @@
-"""Redis link: the outage switch really cuts the connection, the breaker skips a frozen server, health follows."""
+"""Redis link: the outage switch really cuts, the breaker skips a frozen server, health follows."""
 
 import asyncio
 import signal
 
 import pytest
-
 import servers
+
 import source
+from classroom.cache.breaker import REDIS_ERRORS
+from classroom.cache.coherent import cache_coherence, cached_users
+from classroom.cache.link import RedisService
+from classroom.config import Settings
+from classroom.demos.caching import cache_status, rename_user
+from classroom.sandboxes.registry import SandboxRegistry
+from classroom.sandboxes.sandbox import new_sandbox_id
 
 
 async def test_the_outage_switch_cuts_and_restores_with_health_updated_at_once(sandbox):
     link = sandbox.redis
     assert await link.switch_outage(cut=True) is False
     assert link.cut_off and link.health.degraded
-    with pytest.raises(source.REDIS_ERRORS):
+    with pytest.raises(REDIS_ERRORS):
         await link.client.get(link.key("anything"))
 
     assert await link.switch_outage(cut=False) is True
@@ -23,8 +30,8 @@ async def test_the_outage_switch_cuts_and_restores_with_health_updated_at_once(s
 
 
 async def test_an_outage_in_one_sandbox_leaves_another_connected(registry):
-    first = await registry.acquire(source.new_sandbox_id())
-    second = await registry.acquire(source.new_sandbox_id())
+    first = await registry.acquire(new_sandbox_id())
+    second = await registry.acquire(new_sandbox_id())
     await first.redis.switch_outage(cut=True)
     assert await second.redis.check() is True
     assert not second.redis.health.degraded
@@ -32,7 +39,7 @@ async def test_an_outage_in_one_sandbox_leaves_another_connected(registry):
 
 @pytest.fixture
 def freezable_redis():
-    """A redis-server of this test's own (URL and process), so the test can freeze it with SIGSTOP."""
+    """A redis-server of this test's own (URL and process), so the test can SIGSTOP it."""
     with servers.redis_server_process() as (url, process):
         yield url, process
 
@@ -46,51 +53,56 @@ async def wait_until(condition, *, seconds: float = 20.0) -> bool:
     return True
 
 
-async def test_a_frozen_redis_opens_the_breaker_reads_skip_it_and_it_closes_by_itself(settings, freezable_redis):
+async def test_a_frozen_redis_opens_the_breaker_reads_skip_it_and_it_closes_by_itself(
+    settings, freezable_redis
+):
     url, process = freezable_redis
-    on_redis = source.Settings(**{**settings.__dict__, "redis_url": url})
-    service = await source.RedisService.connect(on_redis)
+    on_redis = Settings(**{**settings.__dict__, "redis_url": url})
+    service = await RedisService.connect(on_redis)
     assert service.mode == "redis", service.reason
     service.command_timeout_seconds = 0.3
     breaker = service.breaker
     breaker.cooling_seconds, breaker.probe_timeout_seconds = 0.3, 0.3
-    registry = source.SandboxRegistry(on_redis, service)
+    registry = SandboxRegistry(on_redis, service)
     try:
-        sandbox = await registry.acquire(source.new_sandbox_id())
-        other = await registry.acquire(source.new_sandbox_id())
+        sandbox = await registry.acquire(new_sandbox_id())
+        other = await registry.acquire(new_sandbox_id())
         user = await source.create_user(sandbox, email="frozen@example.com", name="Before Freeze")
-        cache = source.cache_for(sandbox)
+        cache = cached_users(sandbox)
         await cache.get_user(user_id=user.id)
-        assert (await cache.get_user(user_id=user.id)).outcome == source.CACHE_HIT
-        assert breaker.state == "closed" and (await source.cache_status(sandbox)).breaker_state == "closed"
+        assert (await cache.get_user(user_id=user.id)).outcome == source.HIT
+        assert breaker.state == "closed" and (await cache_status(sandbox)).breaker_state == "closed"
 
         process.send_signal(signal.SIGSTOP)
-        first = await cache.get_user(user_id=user.id)  # waits one timeout, then the database answers
-        assert (first.outcome, first.value["name"]) == (source.CACHE_FALLBACK, "Before Freeze")
+        # waits one timeout, then the database answers
+        first = await cache.get_user(user_id=user.id)
+        assert (first.outcome, first.value["name"]) == (source.FALLBACK, "Before Freeze")
         assert first.redis_commands[-1].reply == "failed: TimeoutError"
         assert breaker.is_open and breaker.trips == 1
 
         skipped = await cache.get_user(user_id=user.id)  # no wait: the breaker skips Redis
-        assert skipped.outcome == source.CACHE_FALLBACK
+        assert skipped.outcome == source.FALLBACK
         assert [c.reply for c in skipped.redis_commands] == ["failed: RedisSkipped"]
-        await source.rename_user(sandbox, user_id=user.id, name="Renamed While Frozen")
-        assert cache.pending_invalidations == 1 and not cache.recent_invalidations[0].applied
+        await rename_user(sandbox, user_id=user.id, name="Renamed While Frozen")
+        coherence = cache_coherence(sandbox)
+        assert coherence.pending_writes == 1 and not coherence.recent_invalidations[0].applied
         assert (await cache.get_user(user_id=user.id)).value["name"] == "Renamed While Frozen"
         assert await other.redis.check() is False  # every sandbox skips the frozen server
-        status = await source.cache_status(sandbox)
+        status = await cache_status(sandbox)
         assert status.breaker_state in ("open", "half-open") and status.degraded
         assert not status.breaker.startswith("closed")
         assert await wait_until(lambda: breaker.state == "half-open")  # it probes by itself...
-        await asyncio.sleep(0.5)
-        assert breaker.is_open and breaker.trips == 1  # ...and a probe that times out keeps it open
+        assert await wait_until(lambda: breaker.state != "half-open")  # ...the probe's answer:
+        assert breaker.is_open and breaker.trips == 1  # ...a probe that times out keeps it open
 
         process.send_signal(signal.SIGCONT)
         assert await wait_until(lambda: breaker.state == "closed"), breaker.describe()
-        back = await cache.get_user(user_id=user.id)  # what Redis missed is settled first: no stale name
-        assert (back.outcome, back.value["name"]) == (source.CACHE_MISS, "Renamed While Frozen")
-        assert (await cache.get_user(user_id=user.id)).outcome == source.CACHE_HIT
-        assert cache.pending_invalidations == 0 and not sandbox.redis.health.degraded
-        assert (await source.cache_status(sandbox)).breaker_state == "closed"
+        # what Redis missed is settled first: no stale name
+        back = await cache.get_user(user_id=user.id)
+        assert (back.outcome, back.value["name"]) == (source.MISS, "Renamed While Frozen")
+        assert (await cache.get_user(user_id=user.id)).outcome == source.HIT
+        assert coherence.pending_writes == 0 and not sandbox.redis.health.degraded
+        assert (await cache_status(sandbox)).breaker_state == "closed"
     finally:
         process.send_signal(signal.SIGCONT)
         await registry.close()
@@ -99,7 +111,7 @@ async def test_a_frozen_redis_opens_the_breaker_reads_skip_it_and_it_closes_by_i
 
 async def test_the_outage_switch_never_opens_the_shared_breaker(sandbox):
     await sandbox.redis.switch_outage(cut=True)
-    with pytest.raises(source.REDIS_ERRORS):
+    with pytest.raises(REDIS_ERRORS):
         await sandbox.redis.execute("GET", sandbox.redis.key("x"))
     assert sandbox.redis.breaker.state == "closed" and sandbox.redis.breaker.trips == 0
     await sandbox.redis.switch_outage(cut=False)

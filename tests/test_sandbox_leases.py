@@ -11,39 +11,55 @@ import os
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import source
+from classroom.cache.link import RedisLink, RedisService
+from classroom.config import Settings
+from classroom.sandboxes.registry import SandboxRegistry
+from classroom.sandboxes.sandbox import new_sandbox_id
+from classroom.sandboxes.stores import SANDBOX_LEASE_TABLE
 
 AN_HOUR = 3600.0
 
 
-async def lease_of(registry: source.SandboxRegistry, schema: str):
+async def shared_engine(registry: SandboxRegistry) -> AsyncEngine:
+    """The PostgreSQL store's shared engine, the store started first if nothing used it yet."""
+    await registry.store.start(registry.budget)  # does nothing once started
+    return await registry.store.engine()
+
+
+async def lease_of(registry: SandboxRegistry, schema: str):
     """(last_used, holder) of a schema's lease row, or None."""
-    engine = await registry._postgres_engine()
+    engine = await shared_engine(registry)
     async with engine.connect() as connection:
         row = await connection.execute(
-            text(f"SELECT last_used, holder FROM {source.SANDBOX_LEASE_TABLE} WHERE schema_name = :schema"),
+            text(
+                f"SELECT last_used, holder FROM {SANDBOX_LEASE_TABLE} WHERE schema_name = :schema"
+            ),
             {"schema": schema},
         )
         return row.first()
 
 
-async def schema_exists(registry: source.SandboxRegistry, schema: str) -> bool:
-    engine = await registry._postgres_engine()
+async def schema_exists(registry: SandboxRegistry, schema: str) -> bool:
+    engine = await shared_engine(registry)
     async with engine.connect() as connection:
         found = await connection.execute(
-            text("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = :schema"), {"schema": schema}
+            text("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = :schema"),
+            {"schema": schema},
         )
         return found.first() is not None
 
 
-async def age_lease(registry: source.SandboxRegistry, schema: str, *, seconds: float) -> None:
+async def age_lease(registry: SandboxRegistry, schema: str, *, seconds: float) -> None:
     """Pretend the schema was last used this many seconds ago."""
-    engine = await registry._postgres_engine()
+    engine = await shared_engine(registry)
     async with engine.begin() as connection:
         await connection.execute(
             text(
-                f"UPDATE {source.SANDBOX_LEASE_TABLE} SET last_used = now() - make_interval(secs => :seconds) "
+                f"UPDATE {SANDBOX_LEASE_TABLE} "
+                "SET last_used = now() - make_interval(secs => :seconds) "
                 "WHERE schema_name = :schema"
             ),
             {"schema": schema, "seconds": seconds},
@@ -53,23 +69,28 @@ async def age_lease(registry: source.SandboxRegistry, schema: str, *, seconds: f
 @pytest.fixture
 async def other_replica(settings, postgres_url):
     """A second replica: another registry on the same PostgreSQL."""
-    on_postgres = source.Settings(**{**settings.__dict__, "database_url": postgres_url})
-    redis_service = await source.RedisService.connect(on_postgres)
-    replica = source.SandboxRegistry(on_postgres, redis_service)
+    on_postgres = Settings(**{**settings.__dict__, "database_url": postgres_url})
+    redis_service = await RedisService.connect(on_postgres)
+    replica = SandboxRegistry(on_postgres, redis_service)
     yield replica
     await replica.close()  # drops whatever a test left alive; already-dropped schemas are skipped
     await redis_service.close()
 
 
-async def die(replica: source.SandboxRegistry) -> None:
-    """What a killed process leaves: its connections close, nothing is released."""
-    assert replica._shared_engine is not None
-    await replica._shared_engine.dispose()
-    replica._sandboxes.clear()
+async def die(replica: SandboxRegistry) -> None:
+    """What a killed process leaves: its connections close, nothing is released.
+
+    Closing without deleting data leaves the database as a kill would (every schema and lease
+    in place, its Redis keys too); the registry forgets its sandboxes, so if it is used again
+    it is the replica restarted.
+    """
+    assert replica.store.shared_engine is not None
+    await replica.close(delete_data=False)
+    assert replica.all() == [] and replica.store.shared_engine is None
 
 
 async def test_a_sandbox_schema_holds_a_lease_until_it_is_released(postgres_registry):
-    sandbox = await postgres_registry.acquire(source.new_sandbox_id())
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
     lease = await lease_of(postgres_registry, sandbox.location)
     assert lease is not None and lease.holder.endswith(f":{os.getpid()}")
 
@@ -79,10 +100,12 @@ async def test_a_sandbox_schema_holds_a_lease_until_it_is_released(postgres_regi
     assert not await schema_exists(postgres_registry, sandbox.location)
 
 
-async def test_schemas_of_a_other_replica_are_dropped_once_their_lease_expires(postgres_registry, other_replica):
-    abandoned = await other_replica.acquire(source.new_sandbox_id())
+async def test_schemas_of_a_other_replica_are_dropped_once_their_lease_expires(
+    postgres_registry, other_replica
+):
+    abandoned = await other_replica.acquire(new_sandbox_id())
     await source.create_user(abandoned, email="left@example.com", name="Left Behind")
-    recent = await other_replica.acquire(source.new_sandbox_id())
+    recent = await other_replica.acquire(new_sandbox_id())
     await die(other_replica)
 
     await age_lease(postgres_registry, abandoned.location, seconds=2 * AN_HOUR)
@@ -95,20 +118,25 @@ async def test_schemas_of_a_other_replica_are_dropped_once_their_lease_expires(p
 
 
 async def test_this_replicas_live_sandboxes_are_never_reaped(postgres_registry):
-    live = await postgres_registry.acquire(source.new_sandbox_id())
+    live = await postgres_registry.acquire(new_sandbox_id())
     await age_lease(postgres_registry, live.location, seconds=2 * AN_HOUR)
 
-    assert live.location not in await postgres_registry.reap_abandoned_schemas(expired_after_seconds=AN_HOUR)
+    assert live.location not in await postgres_registry.reap_abandoned_schemas(
+        expired_after_seconds=AN_HOUR
+    )
     assert await schema_exists(postgres_registry, live.location)
 
 
 async def test_a_schema_without_a_lease_gets_one_and_goes_one_idle_period_later(postgres_registry):
-    schema = f"qulab_{source.new_sandbox_id()}"
-    engine = await postgres_registry._postgres_engine()
+    schema = f"qulab_{new_sandbox_id()}"
+    engine = await shared_engine(postgres_registry)
     async with engine.begin() as connection:
-        await connection.execute(text(f'CREATE SCHEMA "{schema}"'))  # as a process without leases left it
+        # As a process without leases left it.
+        await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
 
-    assert schema not in await postgres_registry.reap_abandoned_schemas(expired_after_seconds=AN_HOUR)
+    assert schema not in await postgres_registry.reap_abandoned_schemas(
+        expired_after_seconds=AN_HOUR
+    )
     assert await lease_of(postgres_registry, schema) is not None
 
     await age_lease(postgres_registry, schema, seconds=2 * AN_HOUR)
@@ -117,7 +145,7 @@ async def test_a_schema_without_a_lease_gets_one_and_goes_one_idle_period_later(
 
 
 async def test_use_renews_the_lease_at_most_once_per_renewal_interval(postgres_registry):
-    sandbox = await postgres_registry.acquire(source.new_sandbox_id())
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
     await age_lease(postgres_registry, sandbox.location, seconds=30)
     aged = (await lease_of(postgres_registry, sandbox.location)).last_used
 
@@ -132,11 +160,13 @@ async def test_use_renews_the_lease_at_most_once_per_renewal_interval(postgres_r
 async def test_a_sandbox_whose_schema_another_replica_reaped_starts_afresh_with_a_notice(
     postgres_registry, other_replica
 ):
-    sandbox = await postgres_registry.acquire(source.new_sandbox_id())
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
     await source.create_user(sandbox, email="gone@example.com", name="Gone")
     await age_lease(postgres_registry, sandbox.location, seconds=2 * AN_HOUR)
     # The other replica does not hold this sandbox, so to it the expired lease means abandoned.
-    assert sandbox.location in await other_replica.reap_abandoned_schemas(expired_after_seconds=AN_HOUR)
+    assert sandbox.location in await other_replica.reap_abandoned_schemas(
+        expired_after_seconds=AN_HOUR
+    )
 
     sandbox.lease_renewed_at -= postgres_registry.lease_renewal_seconds  # next use renews the lease
     again = await postgres_registry.acquire(sandbox.id)
@@ -147,8 +177,10 @@ async def test_a_sandbox_whose_schema_another_replica_reaped_starts_afresh_with_
     assert await lease_of(postgres_registry, again.location) is not None
 
 
-async def test_two_replicas_reaping_at_once_drop_each_schema_exactly_once(postgres_registry, other_replica):
-    abandoned = [await other_replica.acquire(source.new_sandbox_id()) for _ in range(4)]
+async def test_two_replicas_reaping_at_once_drop_each_schema_exactly_once(
+    postgres_registry, other_replica
+):
+    abandoned = [await other_replica.acquire(new_sandbox_id()) for _ in range(4)]
     await die(other_replica)
     for sandbox in abandoned:
         await age_lease(postgres_registry, sandbox.location, seconds=2 * AN_HOUR)
@@ -166,21 +198,23 @@ async def test_two_replicas_reaping_at_once_drop_each_schema_exactly_once(postgr
 
 
 async def test_sqlite_sandboxes_have_no_schemas_to_reap(settings):
-    embedded = source.Settings(**{**settings.__dict__, "database_url": None})
-    redis_service = await source.RedisService.connect(embedded)
-    registry = source.SandboxRegistry(embedded, redis_service)
+    embedded = Settings(**{**settings.__dict__, "database_url": None})
+    redis_service = await RedisService.connect(embedded)
+    registry = SandboxRegistry(embedded, redis_service)
     try:
-        await registry.acquire(source.new_sandbox_id())
+        await registry.acquire(new_sandbox_id())
         assert await registry.reap_abandoned_schemas(expired_after_seconds=0) == []
     finally:
         await registry.close()
         await redis_service.close()
 
 
-async def test_another_replica_serving_the_same_sandbox_id_finds_its_data(postgres_registry, other_replica):
+async def test_another_replica_serving_the_same_sandbox_id_finds_its_data(
+    postgres_registry, other_replica
+):
     # The sandbox id travels in the page URL: after a reload on (or a failover to) another
     # replica, that replica opens the same schema, with everything the learner stored.
-    sandbox_id = source.new_sandbox_id()
+    sandbox_id = new_sandbox_id()
     here = await postgres_registry.acquire(sandbox_id)
     user = await source.create_user(here, email="stays@example.com", name="Stays Put")
 
@@ -190,8 +224,10 @@ async def test_another_replica_serving_the_same_sandbox_id_finds_its_data(postgr
     assert [u.id for u in await source.list_users(there)] == [user.id]
 
 
-async def test_an_idle_sandbox_another_replica_now_serves_is_never_dropped(postgres_registry, other_replica):
-    sandbox_id = source.new_sandbox_id()
+async def test_an_idle_sandbox_another_replica_now_serves_is_never_dropped(
+    postgres_registry, other_replica
+):
+    sandbox_id = new_sandbox_id()
     here = await postgres_registry.acquire(sandbox_id, holder="tab-here")
     user = await source.create_user(here, email="moved@example.com", name="Moved Over")
     postgres_registry.release_holder("tab-here")  # the learner reloads on the other replica
@@ -202,21 +238,25 @@ async def test_an_idle_sandbox_another_replica_now_serves_is_never_dropped(postg
 
     assert sandbox_id in report["kept"] and sandbox_id not in report["deleted"]
     assert postgres_registry.get_existing(sandbox_id) is None  # forgotten here...
-    assert await schema_exists(postgres_registry, here.location)  # ...but its data stays for the other
+    # ...but its data stays for the other
+    assert await schema_exists(postgres_registry, here.location)
     assert [u.id for u in await source.list_users(there)] == [user.id]
 
 
 async def test_reaping_a_schema_also_deletes_its_redis_keys(postgres_registry, other_replica):
-    abandoned = await other_replica.acquire(source.new_sandbox_id())
-    kept = await postgres_registry.acquire(source.new_sandbox_id())
-    shared_redis = postgres_registry.redis_service  # replicas share one Redis (here: this registry's)
-    left_behind = source.RedisLink(shared_redis, abandoned.id)
+    abandoned = await other_replica.acquire(new_sandbox_id())
+    kept = await postgres_registry.acquire(new_sandbox_id())
+    # Replicas share one Redis (here: this registry's).
+    shared_redis = postgres_registry.redis_service
+    left_behind = RedisLink(shared_redis, abandoned.id)
     await left_behind.client.set(left_behind.key("cache", "x"), "1")
     await kept.redis.client.set(kept.redis.key("cache", "x"), "1")
     await die(other_replica)
     await age_lease(postgres_registry, abandoned.location, seconds=2 * AN_HOUR)
 
-    assert abandoned.location in await postgres_registry.reap_abandoned_schemas(expired_after_seconds=AN_HOUR)
+    assert abandoned.location in await postgres_registry.reap_abandoned_schemas(
+        expired_after_seconds=AN_HOUR
+    )
 
     assert await shared_redis.client.get(left_behind.key("cache", "x")) is None
     assert await shared_redis.client.get(kept.redis.key("cache", "x")) == "1"

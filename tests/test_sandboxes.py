@@ -9,16 +9,25 @@ import pytest
 from sqlalchemy import text
 
 import source
+from classroom.cache.coherent import cache_coherence
+from classroom.cache.link import RedisService
+from classroom.config import RAM_BACKED_DIRECTORY, Settings
+from classroom.demos.caching import create_cache_demo_user, rename_user
+from classroom.sandboxes.admission import ClassFullError
+from classroom.sandboxes.registry import SandboxRegistry
+from classroom.sandboxes.reset import initialize_sandbox, reset_sandbox
+from classroom.sandboxes.sandbox import SANDBOX_ACTIVE, SANDBOX_DORMANT, new_sandbox_id
+from classroom.sandboxes.stores import SANDBOX_LEASE_TABLE
 
 
 async def test_resetting_one_sandbox_leaves_another_intact(registry):
-    first = await registry.acquire(source.new_sandbox_id())
-    second = await registry.acquire(source.new_sandbox_id())
+    first = await registry.acquire(new_sandbox_id())
+    second = await registry.acquire(new_sandbox_id())
     await source.create_user(first, email="mine@example.com", name="Mine")
     await source.create_user(second, email="theirs@example.com", name="Theirs")
     await second.redis.client.set(second.redis.key("note"), "kept")
 
-    await source.init_db(first, reset=True)
+    await initialize_sandbox(first)
 
     assert sorted(u.email for u in await source.list_users(first)) == [
         "alex.smith@innovateai.example",
@@ -36,14 +45,14 @@ async def test_init_db_twice_gives_exactly_the_two_sample_users(sandbox):
     assert (await source.count_rows(sandbox))["users"] == 2
 
 
-async def test_init_db_clears_the_sandbox_redis_namespace(sandbox):
+async def test_initialize_clears_the_sandbox_redis_namespace(sandbox):
     await sandbox.redis.client.set(sandbox.redis.key("stale"), "x")
-    await source.init_db(sandbox, reset=True)
+    await initialize_sandbox(sandbox)
     assert await sandbox.redis.client.get(sandbox.redis.key("stale")) is None
 
 
 async def test_acquire_returns_the_same_sandbox_for_the_same_id(registry):
-    sandbox_id = source.new_sandbox_id()
+    sandbox_id = new_sandbox_id()
     assert await registry.acquire(sandbox_id) is await registry.acquire(sandbox_id)
 
 
@@ -58,11 +67,12 @@ async def age(registry, sandbox, *, seconds: float) -> None:
     sandbox.last_used -= seconds
     sandbox.unheld_since -= seconds
     if sandbox.backend == "postgresql":
-        engine = await registry._postgres_engine()
+        engine = await registry.store.engine()
         async with engine.begin() as connection:
             await connection.execute(
                 text(
-                    f"UPDATE {source.SANDBOX_LEASE_TABLE} SET last_used = now() - make_interval(secs => :seconds) "
+                    f"UPDATE {SANDBOX_LEASE_TABLE} "
+                    "SET last_used = now() - make_interval(secs => :seconds) "
                     "WHERE schema_name = :schema"
                 ),
                 {"schema": sandbox.location, "seconds": seconds},
@@ -72,10 +82,11 @@ async def age(registry, sandbox, *, seconds: float) -> None:
 async def storage_exists(registry, sandbox) -> bool:
     if sandbox.backend == "sqlite":
         return Path(sandbox.location).exists()
-    engine = await registry._postgres_engine()
+    engine = await registry.store.engine()
     async with engine.connect() as connection:
         found = await connection.execute(
-            text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :name"), {"name": sandbox.location}
+            text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :name"),
+            {"name": sandbox.location},
         )
         return found.first() is not None
 
@@ -83,9 +94,9 @@ async def storage_exists(registry, sandbox) -> bool:
 @pytest.fixture
 async def small_class(settings):
     """A registry with room for two awake sandboxes and no grace period."""
-    limited = source.Settings(**{**settings.__dict__, "max_sandboxes": 2, "sandbox_grace_seconds": 0})
-    redis_service = await source.RedisService.connect(limited)
-    registry = source.SandboxRegistry(limited, redis_service)
+    limited = Settings(**{**settings.__dict__, "max_sandboxes": 2, "sandbox_grace_seconds": 0})
+    redis_service = await RedisService.connect(limited)
+    registry = SandboxRegistry(limited, redis_service)
     try:
         yield registry
     finally:
@@ -94,8 +105,8 @@ async def small_class(settings):
 
 
 async def test_idle_sandboxes_are_released_with_their_storage_and_keys(registry):
-    idle = await registry.acquire(source.new_sandbox_id())
-    busy = await registry.acquire(source.new_sandbox_id())
+    idle = await registry.acquire(new_sandbox_id())
+    busy = await registry.acquire(new_sandbox_id())
     await source.create_user(idle, email="a@example.com", name="A")
     await idle.redis.client.set(idle.redis.key("k"), "v")
     idle.last_used -= 3600
@@ -110,7 +121,7 @@ async def test_idle_sandboxes_are_released_with_their_storage_and_keys(registry)
 
 
 async def test_a_released_sandbox_comes_back_empty_with_a_notice(registry):
-    sandbox_id = source.new_sandbox_id()
+    sandbox_id = new_sandbox_id()
     sandbox = await registry.acquire(sandbox_id)
     await source.create_user(sandbox, email="a@example.com", name="A")
     await registry.release(sandbox_id, "it was idle for more than 30 minutes")
@@ -123,42 +134,42 @@ async def test_a_released_sandbox_comes_back_empty_with_a_notice(registry):
 
 
 async def test_at_capacity_an_unheld_sandbox_goes_dormant_with_its_data_kept(small_class):
-    oldest = await small_class.acquire(source.new_sandbox_id())
+    oldest = await small_class.acquire(new_sandbox_id())
     await source.create_user(oldest, email="kept@example.com", name="Kept")
     oldest.last_used -= 100
-    newer = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
-    newest = await small_class.acquire(source.new_sandbox_id(), holder="tab-2")
+    newer = await small_class.acquire(new_sandbox_id(), holder="tab-1")
+    newest = await small_class.acquire(new_sandbox_id(), holder="tab-2")
 
-    assert oldest.state == source.SANDBOX_DORMANT and oldest._engine is None
+    assert oldest.state == SANDBOX_DORMANT and oldest._engine is None
     assert len(small_class) == 2 and newer.awake and newest.awake
     assert await storage_exists(small_class, oldest)
 
 
 async def test_connected_learners_are_never_released_and_a_newcomer_gets_class_full(small_class):
-    first = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
-    second = await small_class.acquire(source.new_sandbox_id(), holder="tab-2")
+    first = await small_class.acquire(new_sandbox_id(), holder="tab-1")
+    second = await small_class.acquire(new_sandbox_id(), holder="tab-2")
     await source.create_user(first, email="first@example.com", name="First")
     await source.create_user(second, email="second@example.com", name="Second")
     first.last_used -= 3600  # connected but quiet for an hour: still in class
 
-    with pytest.raises(source.ClassFullError) as full:
-        await small_class.acquire(source.new_sandbox_id(), holder="tab-3")
+    with pytest.raises(ClassFullError) as full:
+        await small_class.acquire(new_sandbox_id(), holder="tab-3")
 
     assert full.value.in_class == 2 and full.value.capacity == 2
     assert "class is full" in str(full.value)
     assert [u.email for u in await source.list_users(first)] == ["first@example.com"]
     assert [u.email for u in await source.list_users(second)] == ["second@example.com"]
-    assert first.state == second.state == source.SANDBOX_ACTIVE
+    assert first.state == second.state == SANDBOX_ACTIVE
 
 
 async def test_a_page_load_that_leaves_frees_its_place_for_the_next(small_class):
-    await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
-    await small_class.acquire(source.new_sandbox_id(), holder="tab-2")
+    await small_class.acquire(new_sandbox_id(), holder="tab-1")
+    await small_class.acquire(new_sandbox_id(), holder="tab-2")
     small_class.release_holder("tab-2")  # that browser tab was closed
 
-    newcomer = await small_class.acquire(source.new_sandbox_id(), holder="tab-3")
+    newcomer = await small_class.acquire(new_sandbox_id(), holder="tab-3")
 
-    assert newcomer.state == source.SANDBOX_ACTIVE
+    assert newcomer.state == SANDBOX_ACTIVE
     assert small_class.counts() == {"active": 2, "idle": 0, "dormant": 1}
 
 
@@ -172,9 +183,11 @@ async def settled_thread_count() -> int:
     return threading.active_count()
 
 
-async def test_a_disconnected_sandbox_goes_dormant_after_the_grace_period_and_wakes_with_its_data(small_class):
+async def test_a_disconnected_sandbox_goes_dormant_after_the_grace_period_and_wakes_with_its_data(
+    small_class,
+):
     before = await settled_thread_count()
-    sandbox = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    sandbox = await small_class.acquire(new_sandbox_id(), holder="tab-1")
     await source.create_user(sandbox, email="back@example.com", name="Comes Back")
     await sandbox.redis.client.set(sandbox.redis.key("note"), "kept")
     dormant_calls, wake_calls = [], []
@@ -185,7 +198,11 @@ async def test_a_disconnected_sandbox_goes_dormant_after_the_grace_period_and_wa
     small_class.release_holder("tab-1")
     assert sandbox.id in (await small_class.sweep())["dormant"]
 
-    assert sandbox.state == source.SANDBOX_DORMANT and sandbox._engine is None and dormant_calls == [sandbox.id]
+    assert (
+        sandbox.state == SANDBOX_DORMANT
+        and sandbox._engine is None
+        and dormant_calls == [sandbox.id]
+    )
     if sandbox.backend == "sqlite":
         assert await settled_thread_count() <= before  # its driver threads are gone
         assert Path(sandbox.location).exists()
@@ -194,7 +211,7 @@ async def test_a_disconnected_sandbox_goes_dormant_after_the_grace_period_and_wa
     assert await sandbox.redis.client.get(sandbox.redis.key("note")) == "kept"
 
     again = await small_class.acquire(sandbox.id, holder="tab-after-reload")
-    assert again is sandbox and again.state == source.SANDBOX_ACTIVE and wake_calls == [sandbox.id]
+    assert again is sandbox and again.state == SANDBOX_ACTIVE and wake_calls == [sandbox.id]
     assert [u.email for u in await source.list_users(again)] == ["back@example.com"]
 
 
@@ -203,7 +220,7 @@ async def _record(calls, sandbox):
 
 
 async def test_after_the_idle_limit_its_data_and_redis_keys_are_deleted(small_class):
-    sandbox = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    sandbox = await small_class.acquire(new_sandbox_id(), holder="tab-1")
     await source.create_user(sandbox, email="gone@example.com", name="Gone")
     await sandbox.redis.client.set(sandbox.redis.key("note"), "x")
     small_class.release_holder("tab-1")
@@ -218,16 +235,16 @@ async def test_after_the_idle_limit_its_data_and_redis_keys_are_deleted(small_cl
 
 
 async def test_a_held_sandbox_is_never_deleted_however_long_it_sits(small_class):
-    sandbox = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
+    sandbox = await small_class.acquire(new_sandbox_id(), holder="tab-1")
     await age(small_class, sandbox, seconds=10 * small_class.settings.sandbox_idle_seconds)
     report = await small_class.sweep()
     assert sandbox.id not in report["deleted"] + report["dormant"]
-    assert sandbox.state == source.SANDBOX_ACTIVE and await storage_exists(small_class, sandbox)
+    assert sandbox.state == SANDBOX_ACTIVE and await storage_exists(small_class, sandbox)
 
 
 async def test_reset_sandbox_empties_it_and_keeps_its_id(sandbox_with_users):
     await sandbox_with_users.redis.client.set(sandbox_with_users.redis.key("k"), "v")
-    counts = await source.reset_sandbox(sandbox_with_users)
+    counts = await reset_sandbox(sandbox_with_users)
     assert set(counts.values()) == {0}
     assert await sandbox_with_users.redis.client.get(sandbox_with_users.redis.key("k")) is None
     assert await source.list_users(sandbox_with_users) == []
@@ -236,30 +253,34 @@ async def test_reset_sandbox_empties_it_and_keeps_its_id(sandbox_with_users):
 async def test_embedded_sandbox_files_are_ram_backed_when_the_os_offers_it(sandbox):
     if sandbox.backend != "sqlite" or os.environ.get("QULAB_SANDBOX_DIR"):
         pytest.skip("only the embedded default chooses its directory")
-    if source.RAM_BACKED_DIRECTORY.is_dir() and os.access(source.RAM_BACKED_DIRECTORY, os.W_OK):
-        assert Path(sandbox.location).parent == source.RAM_BACKED_DIRECTORY
+    if RAM_BACKED_DIRECTORY.is_dir() and os.access(RAM_BACKED_DIRECTORY, os.W_OK):
+        assert Path(sandbox.location).parent == RAM_BACKED_DIRECTORY
     assert Path(sandbox.location).exists()
 
 
-async def test_sqlite_file_sandboxes_are_deleted_on_release_and_stale_ones_at_start(settings, tmp_path):
-    on_file = source.Settings(**{**settings.__dict__, "database_url": f"sqlite:///{tmp_path}/qulab.db"})
-    redis_service = await source.RedisService.connect(on_file)
-    registry = source.SandboxRegistry(on_file, redis_service)
+async def test_sqlite_file_sandboxes_are_deleted_on_release_and_stale_ones_at_start(
+    settings, tmp_path
+):
+    on_file = Settings(**{**settings.__dict__, "database_url": f"sqlite:///{tmp_path}/qulab.db"})
+    redis_service = await RedisService.connect(on_file)
+    registry = SandboxRegistry(on_file, redis_service)
     stale = tmp_path / "qulab-abcdefgh12345678.db"
     stale.write_bytes(b"")
     os.utime(stale, (0, 0))  # last touched in 1970
     fresh_other = tmp_path / "qulab-fedcba9876543210.db"
     fresh_other.write_bytes(b"")
-    written_lately = tmp_path / "qulab-0123456789abcdef.db"  # old main file, recent commits in its WAL
+    # Old main file, recent commits in its WAL.
+    written_lately = tmp_path / "qulab-0123456789abcdef.db"
     written_lately.write_bytes(b"")
     Path(f"{written_lately}-wal").write_bytes(b"recent commits")
     os.utime(written_lately, (0, 0))
     try:
-        sandbox = await registry.acquire(source.new_sandbox_id())
+        sandbox = await registry.acquire(new_sandbox_id())
         await source.create_user(sandbox, email="a@example.com", name="A")
         assert Path(sandbox.location).parent == tmp_path and Path(sandbox.location).exists()
         assert not stale.exists() and fresh_other.exists()  # the start-up swept only the stale one
-        assert written_lately.exists() and Path(f"{written_lately}-wal").exists()  # its WAL is recent: kept
+        # Its WAL is recent: kept.
+        assert written_lately.exists() and Path(f"{written_lately}-wal").exists()
 
         await registry.release(sandbox.id)
 
@@ -270,11 +291,12 @@ async def test_sqlite_file_sandboxes_are_deleted_on_release_and_stale_ones_at_st
 
 
 async def test_a_dormant_sandbox_keeps_no_cache_settler_running_and_resumes_it_on_wake(small_class):
-    sandbox = await small_class.acquire(source.new_sandbox_id(), holder="tab-1")
-    alex = (await source.prepare_cache_demo(sandbox)).user_id
-    sandbox.redis.cut()  # Redis misses the rename: an invalidation is left pending, settled in the background
-    await source.rename_user(sandbox, user_id=alex, name="Alex Renamed")
-    coherence = source.cache_coherence(sandbox)
+    sandbox = await small_class.acquire(new_sandbox_id(), holder="tab-1")
+    alex = (await create_cache_demo_user(sandbox)).user_id
+    # Redis misses the rename: an invalidation is left pending, settled in the background.
+    sandbox.redis.cut()
+    await rename_user(sandbox, user_id=alex, name="Alex Renamed")
+    coherence = cache_coherence(sandbox)
     assert coherence.pending_writes == 1 and not coherence._settler.done()
 
     small_class.release_holder("tab-1")
@@ -291,29 +313,35 @@ async def test_a_dormant_sandbox_keeps_no_cache_settler_running_and_resumes_it_o
     assert coherence.pending_writes == 0
 
 
-async def test_a_release_racing_a_returning_learner_never_flushes_with_the_registry_locked(registry):
-    """The learner wakes the sandbox while its release waits; the release puts it back to sleep outside the lock."""
-    sandbox = await registry.acquire(source.new_sandbox_id())
+async def test_a_release_racing_a_returning_learner_never_flushes_with_the_registry_locked(
+    registry,
+):
+    """The learner wakes the sandbox while its release waits; the release puts it back to sleep
+    outside the lock."""
+    sandbox = await registry.acquire(new_sandbox_id())
     first_flush_may_end, second_flush_may_end = asyncio.Event(), asyncio.Event()
+    second_flush_began = asyncio.Event()
     flushes = 0
 
     async def slow_flush(_sandbox) -> None:  # as a flush to a slow broker
         nonlocal flushes
         flushes += 1
+        if flushes == 2:
+            second_flush_began.set()
         await (first_flush_may_end if flushes == 1 else second_flush_may_end).wait()
 
     sandbox.dormant_listeners.append(slow_flush)
     async with registry._lock:  # a sweep puts it to sleep
-        sleeping = registry._begin_sleep(sandbox)
+        sleeping = registry.dormancy.begin_sleep(sandbox)
     back = asyncio.create_task(registry.acquire(sandbox.id, holder="learner"))
     release = asyncio.create_task(registry.release(sandbox.id, "the learner asked for it"))
     await asyncio.sleep(0)
     first_flush_may_end.set()
     await sleeping
     assert await back is sandbox  # woken for the learner...
-    while flushes < 2:  # ...then the release puts it to sleep again
-        await asyncio.sleep(0.01)
-    newcomer = await asyncio.wait_for(registry.acquire(source.new_sandbox_id(), holder="someone else"), 10)
+    # ...then the release puts it to sleep again.
+    await asyncio.wait_for(second_flush_began.wait(), 10)
+    newcomer = await asyncio.wait_for(registry.acquire(new_sandbox_id(), holder="someone else"), 10)
     assert newcomer.awake and not release.done()  # got in while the release's flush still waits
     second_flush_may_end.set()
     assert await release is True and registry.get_existing(sandbox.id) is None

@@ -6,6 +6,12 @@ import pytest
 from sqlalchemy import func, select
 
 import source
+from classroom.engines import (
+    SQLITE_WAL_LIMIT_BYTES,
+    CommittedChanges,
+    engine_connection_limit,
+    engine_pre_pings,
+)
 from source import User, get_session
 
 
@@ -46,15 +52,17 @@ async def test_twenty_concurrent_two_insert_transactions_keep_all_forty_rows(san
             await asyncio.sleep(0)  # let the other transactions interleave
             session.add(User(email=f"second{number}@example.com", name="Second"))
 
-    results = await asyncio.gather(*(transaction(number) for number in range(20)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(transaction(number) for number in range(20)), return_exceptions=True
+    )
     assert [result for result in results if result is not None] == []
     assert await _user_count(sandbox) == 40
 
 
 async def test_commit_listeners_hear_committed_changes_only(sandbox):
-    heard: list[source.CommittedChanges] = []
+    heard: list[CommittedChanges] = []
 
-    async def listener(changes: source.CommittedChanges) -> None:
+    async def listener(changes: CommittedChanges) -> None:
         heard.append(changes)
 
     sandbox.commit_listeners.append(listener)
@@ -86,7 +94,9 @@ async def test_sqlite_sandboxes_use_wal_and_enforce_foreign_keys(sandbox):
         assert (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
         assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
         assert (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar() > 0
-        assert (await connection.exec_driver_sql("PRAGMA journal_size_limit")).scalar() == source.SQLITE_WAL_LIMIT_BYTES
+        assert (
+            await connection.exec_driver_sql("PRAGMA journal_size_limit")
+        ).scalar() == SQLITE_WAL_LIMIT_BYTES
 
 
 async def test_engines_use_a_real_queue_pool_with_the_configured_size(sandbox, settings):
@@ -94,8 +104,11 @@ async def test_engines_use_a_real_queue_pool_with_the_configured_size(sandbox, s
     assert status["pool_class"] == "AsyncAdaptedQueuePool"
     if sandbox.backend == "sqlite":  # one learner's file: a small pool, no pre-ping
         assert status["size"] == settings.sqlite_pool_size
-        assert source.engine_connection_limit(sandbox.engine) == settings.sqlite_pool_size + settings.sqlite_max_overflow
-        assert not source.engine_pre_pings(sandbox.engine)
+        assert (
+            engine_connection_limit(sandbox.engine)
+            == settings.sqlite_pool_size + settings.sqlite_max_overflow
+        )
+        assert not engine_pre_pings(sandbox.engine)
     else:  # the shared PostgreSQL pool, pre-pinged: server restarts do kill connections
         assert status["size"] == settings.pool_size
-        assert source.engine_pre_pings(sandbox.engine)
+        assert engine_pre_pings(sandbox.engine)

@@ -3,12 +3,11 @@
 import asyncio
 
 import pytest
-
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-import source
-from source import User, capture_statements, get_session
+from classroom.statements import _STARTED_AT_KEY, capture_statements
+from source import User, get_session
 
 
 async def test_every_statement_is_recorded_in_order_with_its_duration(sandbox):
@@ -60,9 +59,10 @@ async def test_a_failed_statement_does_not_corrupt_timing(sandbox):
             started_at = connection.sync_connection.info
             for _ in range(3):
                 with pytest.raises(DBAPIError):  # "no such table" / "relation does not exist"
-                    await connection.execute(source.text("SELECT * FROM no_such_table"))
+                    await connection.execute(text("SELECT * FROM no_such_table"))
                 await connection.rollback()
-                assert started_at.get(source._STARTED_AT_KEY) == []  # nothing left behind by the failure
+                assert started_at.get(_STARTED_AT_KEY) == []  # nothing left behind by the failure
             await connection.execute(select(User))
-            assert started_at.get(source._STARTED_AT_KEY) == []
-    assert log.count == 1 and log.sql()[0].startswith("SELECT")  # the failures are not counted as run
+            assert started_at.get(_STARTED_AT_KEY) == []
+    # the failures are not counted as run
+    assert log.count == 1 and log.sql()[0].startswith("SELECT")

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import servers
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
-import servers
-import source
+from classroom.config import DatabaseTarget, resolve_database_target
+from classroom.sandboxes.sandbox import SANDBOX_ID_PATTERN
+from pages.common.sections import SECTIONS
 
 try:
     from playwright.sync_api import sync_playwright
@@ -57,9 +59,13 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 # stApp's data-test-script-state ends a run as notRunning; CONNECTED means the websocket is up.
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning'][data-test-connection-state='CONNECTED']"
+IDLE = (
+    "[data-testid='stApp'][data-test-script-state='notRunning']"
+    "[data-test-connection-state='CONNECTED']"
+)
 SKELETON = "[data-testid='stSkeleton']"
-# app.py draws the sidebar's section links itself (st.page_link, each carrying ?sandbox=) in this container.
+# app.py draws the sidebar's section links itself (st.page_link, each carrying ?sandbox=) in this
+# container.
 _NAV_LINKS = "[data-testid='stSidebar'] .st-key-qulab_navigation [data-testid='stPageLink-NavLink']"
 _NAV_LABEL = "[data-testid='stMarkdownContainer']"
 UUID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -91,27 +97,10 @@ def browser_missing_reason() -> Optional[str]:
 
 # --- the app's pages, as app.py declares them ---------------------------------------------------
 
-_PAGE_DECLARATION = re.compile(r"^\s*st\.Page\((?P<arguments>.*)\),?\s*$", re.MULTILINE)
-
 
 def app_pages() -> list[tuple[str, str]]:
-    """(title, url path) of every section in app.py's sidebar, in order; the default page's is ''.
-
-    Reads the one-line `st.Page(...)` entries of app.py's PAGES list (the hidden second address of
-    the introduction is declared over several lines, so it is not one of them).
-    """
-    pages = []
-    for declaration in _PAGE_DECLARATION.finditer(APP.read_text()):
-        arguments = declaration["arguments"]
-        script = re.match(r'\s*"([^"]+)"', arguments)
-        title = re.search(r'title="([^"]+)"', arguments)
-        url_path = re.search(r'url_path="([^"]+)"', arguments)
-        assert script and title, f"app.py declares a page without a script or title: {arguments}"
-        # Streamlit serves the default page at the root URL, whatever its url_path says, and
-        # names the others after their file unless url_path says otherwise.
-        path = url_path[1] if url_path else Path(script[1]).stem
-        pages.append((title[1], "" if "default=True" in arguments else path))
-    return pages
+    """(title, url path) of every section in the sidebar, in order; the default page's is ''."""
+    return [(section.title, section.url_path) for section in SECTIONS]
 
 
 # --- the server ----------------------------------------------------------------------------------
@@ -131,21 +120,25 @@ class AppServer:
         """The end of the server's output, for failure messages."""
         return self.log_path.read_text(errors="replace")[-characters:]
 
-    def stored_rows(self, sandbox_id: str, table: str, columns: tuple[str, ...], *, order_by: str) -> list[tuple]:
+    def stored_rows(
+        self, sandbox_id: str, table: str, columns: tuple[str, ...], *, order_by: str
+    ) -> list[tuple]:
         """Rows of one table in one sandbox's database, read straight from the database.
 
         e.g. stored_rows(sandbox, "domain_events", ("event_type", "status"), order_by="created_at")
         """
-        if not source.SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
+        if not SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
             raise ValueError(f"not a sandbox id: {sandbox_id!r}")
         for identifier in (table, *columns, order_by):
             if not re.fullmatch(r"[a-z_][a-z0-9_]*", identifier):
                 raise ValueError(f"not a plain SQL identifier: {identifier!r}")
         select = f"SELECT {', '.join(columns)} FROM {{table}} ORDER BY {order_by}"
-        target = source.resolve_database_target(self.database_url)
+        target = resolve_database_target(self.database_url)
         if target.kind == "postgresql":
             return _query_postgres(target, select.format(table=f'"qulab_{sandbox_id}".{table}'))
-        with sqlite3.connect(f"file:{self._sqlite_file(target, sandbox_id)}?mode=ro", uri=True) as connection:
+        with sqlite3.connect(
+            f"file:{self._sqlite_file(target, sandbox_id)}?mode=ro", uri=True
+        ) as connection:
             return connection.execute(select.format(table=table)).fetchall()
 
     def stored_users(self, sandbox_id: str) -> list[tuple[str, str]]:
@@ -158,19 +151,25 @@ class AppServer:
         rows = self.stored_rows(sandbox_id, "consumed_events", ("event_id",), order_by="event_id")
         return [event_id for (event_id,) in rows]
 
-    def _sqlite_file(self, target: source.DatabaseTarget, sandbox_id: str) -> Path:
+    def _sqlite_file(self, target: DatabaseTarget, sandbox_id: str) -> Path:
         if target.kind == "embedded":
             assert self.sandbox_directory is not None
             directory = self.sandbox_directory
         else:
             assert target.url is not None and target.url.database
             directory = Path(target.url.database).parent
-        found = [path for path in directory.glob(f"*-{sandbox_id}.*") if path.suffix in {".sqlite3", ".db", ".sqlite"}]
-        assert len(found) == 1, f"expected one database file for sandbox {sandbox_id} in {directory}, found {found}"
+        found = [
+            path
+            for path in directory.glob(f"*-{sandbox_id}.*")
+            if path.suffix in {".sqlite3", ".db", ".sqlite"}
+        ]
+        assert len(found) == 1, (
+            f"expected one database file for sandbox {sandbox_id} in {directory}, found {found}"
+        )
         return found[0]
 
 
-def _query_postgres(target: source.DatabaseTarget, sql: str) -> list[tuple[Any, ...]]:
+def _query_postgres(target: DatabaseTarget, sql: str) -> list[tuple[Any, ...]]:
     import asyncpg
 
     assert target.url is not None
@@ -209,8 +208,12 @@ def start_app_server() -> Iterator[AppServer]:
         "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-    server = AppServer(f"http://127.0.0.1:{port}", process, log_path, database_url, sandbox_directory)
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = AppServer(
+        f"http://127.0.0.1:{port}", process, log_path, database_url, sandbox_directory
+    )
     try:
         _wait_until_healthy(server)
         yield server
@@ -228,7 +231,9 @@ def _wait_until_healthy(server: AppServer) -> None:
     deadline = time.monotonic() + SERVER_START_SECONDS
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {server.process.returncode}:\n{server.log_tail()}")
+            raise RuntimeError(
+                f"streamlit exited with {server.process.returncode}:\n{server.log_tail()}"
+            )
         try:
             with urllib.request.urlopen(f"{server.url}/_stcore/health", timeout=2) as response:
                 if response.status == 200:
@@ -236,11 +241,13 @@ def _wait_until_healthy(server: AppServer) -> None:
         except OSError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"streamlit did not answer within {SERVER_START_SECONDS:g} s:\n{server.log_tail()}")
+    raise RuntimeError(
+        f"streamlit did not answer within {SERVER_START_SECONDS:g} s:\n{server.log_tail()}"
+    )
 
 
 @contextmanager
-def chromium() -> Iterator["Browser"]:
+def chromium() -> Iterator[Browser]:
     """Debian's Chromium, headless, driven by Playwright."""
     assert sync_playwright is not None
     with sync_playwright() as playwright:
@@ -252,12 +259,14 @@ def chromium() -> Iterator["Browser"]:
 
 
 @contextmanager
-def fresh_visitor(browser: "Browser") -> Iterator["Page"]:
-    """A page in a browser context of its own: no cookies or storage, like a new learner's browser."""
+def fresh_visitor(browser: Browser) -> Iterator[Page]:
+    """A page in a browser context of its own: no cookies or storage, like a new learner's
+    browser."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(30_000)
     context.add_init_script(_COUNT_RECEIVED_MESSAGES)
-    # Every page of the context, including a tab a link opens (open_in_new_tab), from its creation on.
+    # Every page of the context, including a tab a link opens (open_in_new_tab), from its creation
+    # on.
     context.on("page", lambda page: page.on("websocket", _ScriptRuns.attach(page)))
     try:
         yield context.new_page()
@@ -280,7 +289,7 @@ class _ScriptRuns:
         self.messages_at_last_finish = 0
 
     @staticmethod
-    def attach(page: "Page") -> Callable[[Any], None]:
+    def attach(page: Page) -> Callable[[Any], None]:
         page.qulab_runs = _ScriptRuns()  # type: ignore[attr-defined]
 
         def on_websocket(websocket: Any) -> None:
@@ -309,14 +318,14 @@ class _ScriptRuns:
         return self.fragment_runs if fragment else self.full_runs
 
 
-def _runs(page: "Page") -> _ScriptRuns:
+def _runs(page: Page) -> _ScriptRuns:
     return page.qulab_runs  # type: ignore[attr-defined]
 
 
 # --- driving a page ------------------------------------------------------------------------------
 
 
-def open_page(page: "Page", server: AppServer, url_path: str = "") -> "Page":
+def open_page(page: Page, server: AppServer, url_path: str = "") -> Page:
     """Load a page by its url_path ('' for the introduction) and wait until its script finished."""
     page.qulab_runs = _ScriptRuns()  # type: ignore[attr-defined]  # until the new page's websocket opens
     page.goto(f"{server.url}/{url_path}")
@@ -324,7 +333,7 @@ def open_page(page: "Page", server: AppServer, url_path: str = "") -> "Page":
     return page
 
 
-def open_section(page: "Page", server: AppServer, title: str) -> "Page":
+def open_section(page: Page, server: AppServer, title: str) -> Page:
     """Open a section by its link (a deep link), as a learner following a shared URL would."""
     [url_path] = [path for shown, path in app_pages() if shown == title]
     open_page(page, server, url_path)
@@ -332,13 +341,17 @@ def open_section(page: "Page", server: AppServer, title: str) -> "Page":
     return page
 
 
-def _section_link(page: "Page", title: str) -> Any:
-    link = page.locator(_NAV_LINKS).filter(has=page.locator(_NAV_LABEL).get_by_text(title, exact=True))
-    assert link.count() == 1, f"expected one sidebar link {title!r}, found {link.count()}: {section_titles(page)}"
+def _section_link(page: Page, title: str) -> Any:
+    link = page.locator(_NAV_LINKS).filter(
+        has=page.locator(_NAV_LABEL).get_by_text(title, exact=True)
+    )
+    assert link.count() == 1, (
+        f"expected one sidebar link {title!r}, found {link.count()}: {section_titles(page)}"
+    )
     return link
 
 
-def go_to_section(page: "Page", title: str) -> None:
+def go_to_section(page: Page, title: str) -> None:
     """Follow the sidebar link with this exact title, as the guide tells the learner to."""
     link = _section_link(page, title)
     expected = _runs(page).count(fragment=False) + 1
@@ -349,14 +362,17 @@ def go_to_section(page: "Page", title: str) -> None:
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
     while current_section(page) != title:
         if time.monotonic() > deadline:
-            raise AssertionError(f"still on {current_section(page)!r}, not {title!r}: {_run_state(page)}")
+            raise AssertionError(
+                f"still on {current_section(page)!r}, not {title!r}: {_run_state(page)}"
+            )
         page.wait_for_timeout(50)
         _wait_for_runs(page, full_runs=_runs(page).count(fragment=False), fragment=False)
 
 
-def open_in_new_tab(page: "Page", title: str) -> "Page":
+def open_in_new_tab(page: Page, title: str) -> Page:
     """Middle-click the sidebar link with this exact title, as a learner opening a section in a new
-    tab does; return the new tab once its first script run finished. The first tab stays as it is."""
+    tab does; return the new tab once its first script run finished. The first tab stays as it
+    is."""
     with page.context.expect_page() as opened:
         _section_link(page, title).click(button="middle")
     tab = opened.value
@@ -364,12 +380,12 @@ def open_in_new_tab(page: "Page", title: str) -> "Page":
     return tab
 
 
-def fill(page: "Page", label: str, value: str) -> None:
+def fill(page: Page, label: str, value: str) -> None:
     """Type into the text input with this exact label (replacing what it held)."""
     page.get_by_label(label, exact=True).fill(value)
 
 
-def flip(page: "Page", label: str) -> None:
+def flip(page: Page, label: str) -> None:
     """Flip the st.toggle with this exact label (on to off or back) and wait for its rerun."""
     switch = page.get_by_role("switch", name=label, exact=True)
     expected = _runs(page).count(fragment=False) + 1
@@ -381,12 +397,12 @@ def flip(page: "Page", label: str) -> None:
 class PendingRun:
     """A click whose rerun may still be running (see press and wait_for_rerun)."""
 
-    page: "Page"
+    page: Page
     expected_runs: int
     fragment: bool
 
 
-def press(page: "Page", label: str, *, fragment: bool = False) -> PendingRun:
+def press(page: Page, label: str, *, fragment: bool = False) -> PendingRun:
     """Click the one button with this exact label and return at once; wait_for_rerun waits.
 
     fragment=True for a button inside an st.fragment, whose click reruns only the fragment.
@@ -397,31 +413,35 @@ def press(page: "Page", label: str, *, fragment: bool = False) -> PendingRun:
 
 
 def wait_for_rerun(pending: PendingRun) -> None:
-    """Wait until a pressed button's rerun has finished and the page shows it; check it is healthy."""
+    """Wait until a pressed button's rerun has finished and the page shows it; check it is
+    healthy."""
     _wait_for_runs(pending.page, full_runs=pending.expected_runs, fragment=pending.fragment)
 
 
-def click(page: "Page", label: str, *, fragment: bool = False) -> None:
+def click(page: Page, label: str, *, fragment: bool = False) -> None:
     """Click the button with this exact label, wait for its rerun, check no exception showed."""
     wait_for_rerun(press(page, label, fragment=fragment))
 
 
-def _wait_for_runs(page: "Page", *, full_runs: int, fragment: bool) -> None:
+def _wait_for_runs(page: Page, *, full_runs: int, fragment: bool) -> None:
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
     while _runs(page).count(fragment=fragment) < full_runs:
         if time.monotonic() > deadline:
-            raise AssertionError(f"the script run did not finish within {RUN_TIMEOUT_SECONDS:g} s: {_run_state(page)}")
+            raise AssertionError(
+                f"the script run did not finish within {RUN_TIMEOUT_SECONDS:g} s: "
+                f"{_run_state(page)}"
+            )
         page.wait_for_timeout(20)  # lets Playwright deliver the websocket frames meanwhile
     received = _runs(page).messages_at_last_finish
     page.wait_for_function(f"() => (window.__qulabMessagesReceived || 0) >= {received}")
     page.wait_for_selector(IDLE)
     # Some elements (code blocks among them) load their renderer lazily, showing a skeleton first.
-    page.wait_for_function(f"() => document.querySelectorAll(\"{SKELETON}\").length === 0")
+    page.wait_for_function(f'() => document.querySelectorAll("{SKELETON}").length === 0')
     page.locator(_NAV_LINKS).first.wait_for()
     assert_page_healthy(page)
 
 
-def _run_state(page: "Page") -> dict[str, Any]:
+def _run_state(page: Page) -> dict[str, Any]:
     app = page.locator("[data-testid='stApp']")
     return {
         "runs finished": vars(_runs(page)),
@@ -433,7 +453,7 @@ def _run_state(page: "Page") -> dict[str, Any]:
     }
 
 
-def assert_page_healthy(page: "Page") -> None:
+def assert_page_healthy(page: Page) -> None:
     """No exception box and no modal dialog (such as 'Page not found') on the page."""
     exceptions = page.locator("[data-testid='stException']").all_inner_texts()
     assert not exceptions, f"the page shows an exception: {exceptions}"
@@ -443,8 +463,11 @@ def assert_page_healthy(page: "Page") -> None:
 
 # --- reading what the learner sees ---------------------------------------------------------------
 
-# Each read is one evaluate call, so a fragment that redraws itself meanwhile cannot tear the result.
-_READ_TABLES = """() => Array.from(document.querySelectorAll("[data-testid='stMain'] [data-testid='stTable']")).map(table => {
+# Each read is one evaluate call, so a fragment that redraws itself meanwhile cannot tear the
+# result.
+_READ_TABLES = """() => Array.from(
+  document.querySelectorAll("[data-testid='stMain'] [data-testid='stTable']")
+).map(table => {
   const headers = Array.from(table.querySelectorAll("thead th")).map(cell => cell.innerText.trim());
   return Array.from(table.querySelectorAll("tbody tr")).map(row => {
     const cells = Array.from(row.querySelectorAll("th, td")).map(cell => cell.innerText.trim());
@@ -452,93 +475,114 @@ _READ_TABLES = """() => Array.from(document.querySelectorAll("[data-testid='stMa
     return Object.fromEntries(names.map((name, i) => [name, cells[i]]));
   });
 })"""
-_READ_METRICS = """() => Array.from(document.querySelectorAll("[data-testid='stMain'] [data-testid='stMetric']")).map(metric => [
+_READ_METRICS = """() => Array.from(
+  document.querySelectorAll("[data-testid='stMain'] [data-testid='stMetric']")
+).map(metric => [
   metric.querySelector("[data-testid='stMetricLabel']").innerText.trim(),
   metric.querySelector("[data-testid='stMetricValue']").innerText.trim(),
 ])"""
-_READ_ALERTS = """kind => Array.from(document.querySelectorAll("[data-testid='stMain'] [data-testid='stAlert']"))
+_READ_ALERTS = """kind => Array.from(
+    document.querySelectorAll("[data-testid='stMain'] [data-testid='stAlert']")
+  )
   .filter(alert => !kind || alert.querySelector(`[data-testid='stAlertContent${kind}']`))
   .map(alert => alert.innerText.trim())"""
 
 
-def alerts(page: "Page", kind: Optional[str] = None) -> list[str]:
-    """Texts of the alerts in the main area; kind 'success', 'info', 'warning' or 'error' filters."""
+def alerts(page: Page, kind: Optional[str] = None) -> list[str]:
+    """Texts of the alerts in the main area; kind 'success', 'info', 'warning' or 'error'
+    filters."""
     return page.evaluate(_READ_ALERTS, kind.capitalize() if kind else "")
 
 
-def code_blocks(page: "Page") -> list[str]:
+def code_blocks(page: Page) -> list[str]:
     """Texts of the code blocks in the main area (those in hidden tabs and expanders too)."""
-    return [text.strip() for text in page.locator("[data-testid='stMain'] [data-testid='stCode']").all_text_contents()]
+    return [
+        text.strip()
+        for text in page.locator(
+            "[data-testid='stMain'] [data-testid='stCode']"
+        ).all_text_contents()
+    ]
 
 
-def shown_ids(page: "Page") -> list[str]:
+def shown_ids(page: Page) -> list[str]:
     """Every UUID shown alone in a code block of the main area (new ids are shown that way)."""
     return [text for text in code_blocks(page) if UUID_PATTERN.match(text)]
 
 
-def tables(page: "Page") -> list[list[dict[str, str]]]:
+def tables(page: Page) -> list[list[dict[str, str]]]:
     """Every st.table in the main area, in page order, each as rows of {column: cell text}."""
     return page.evaluate(_READ_TABLES)
 
 
-def table_rows(page: "Page", index: int = 0) -> list[dict[str, str]]:
+def table_rows(page: Page, index: int = 0) -> list[dict[str, str]]:
     """The rows of the index-th st.table in the main area, as {column: cell text}."""
     return tables(page)[index]
 
 
-def tables_with_column(page: "Page", column: str) -> list[list[dict[str, str]]]:
+def tables_with_column(page: Page, column: str) -> list[list[dict[str, str]]]:
     """The st.tables in the main area that have this column (e.g. 'published_at'), in page order."""
     return [rows for rows in tables(page) if rows and column in rows[0]]
 
 
-def metric_values(page: "Page", label: str) -> list[str]:
-    """The values of every st.metric with this label in the main area, in page order (left to right)."""
+def metric_values(page: Page, label: str) -> list[str]:
+    """The values of every st.metric with this label in the main area, in page order (left to
+    right)."""
     return [value for shown_label, value in page.evaluate(_READ_METRICS) if shown_label == label]
 
 
-def metrics(page: "Page") -> dict[str, str]:
-    """{label: value} of every st.metric in the main area (a repeated label keeps its last value)."""
+def metrics(page: Page) -> dict[str, str]:
+    """{label: value} of every st.metric in the main area (a repeated label keeps its last
+    value)."""
     return dict(page.evaluate(_READ_METRICS))
 
 
-def cache_counts(page: "Page") -> tuple[str, str, str]:
+def cache_counts(page: Page) -> tuple[str, str, str]:
     """Section 4's cache metrics as shown: (hits, misses, errors)."""
     shown = metrics(page)
     return shown["Hits"], shown["Misses"], shown["Errors"]
 
 
-def dataframe_hidden_widths(page: "Page") -> list[int]:
-    """For each st.dataframe in the main area: how many pixels of its columns lie beyond its right edge,
-    which a learner would have to scroll sideways to see (the grid itself keeps a few pixels of margin)."""
+def dataframe_hidden_widths(page: Page) -> list[int]:
+    """For each st.dataframe in the main area: how many pixels of its columns lie beyond its right
+    edge, which a learner would have to scroll sideways to see (the grid itself keeps a few pixels
+    of margin)."""
     return page.evaluate("""() => Array.from(document.querySelectorAll(
-        "[data-testid='stMain'] [data-testid='stDataFrame'] .dvn-scroller")).map(grid => grid.scrollWidth - grid.clientWidth)""")
+        "[data-testid='stMain'] [data-testid='stDataFrame'] .dvn-scroller"))
+        .map(grid => grid.scrollWidth - grid.clientWidth)""")
 
 
-def clipped_chart_texts(page: "Page") -> list[str]:
-    """Texts the main area's charts draw partly outside their own drawing area, where they are cut off
-    (an axis title whose glyphs run past the chart's left edge, say)."""
-    return page.evaluate("""() => Array.from(document.querySelectorAll("[data-testid='stMain'] svg text")).filter(text => {
-        const box = text.getBoundingClientRect(), frame = text.ownerSVGElement.getBoundingClientRect();
+def clipped_chart_texts(page: Page) -> list[str]:
+    """Texts the main area's charts draw partly outside their own drawing area, where they are cut
+    off (an axis title whose glyphs run past the chart's left edge, say)."""
+    return page.evaluate("""() => Array.from(
+        document.querySelectorAll("[data-testid='stMain'] svg text")
+    ).filter(text => {
+        const box = text.getBoundingClientRect();
+        const frame = text.ownerSVGElement.getBoundingClientRect();
         return box.width > 0 && (box.left < frame.left - 0.5 || box.right > frame.right + 0.5
                                  || box.top < frame.top - 0.5 || box.bottom > frame.bottom + 0.5);
     }).map(text => text.textContent)""")
 
 
-def chart_texts(page: "Page") -> list[str]:
-    """Every text the main area's charts draw (axis labels and titles, legends), as Vega-Lite drew it.
+def chart_texts(page: Page) -> list[str]:
+    """Every text the main area's charts draw (axis labels and titles, legends), as Vega-Lite drew
+    it.
 
     Vega-Lite cuts a long label short with an ellipsis ("QueuePool (pool…") unless told not to.
     """
     return page.locator("[data-testid='stMain'] svg text").all_text_contents()
 
 
-def main_text(page: "Page") -> str:
+def main_text(page: Page) -> str:
     """Everything the main area shows, as text."""
     return page.locator("[data-testid='stMain']").inner_text()
 
 
-def wait_until(page: "Page", what: str, condition: Callable[[], Any], *, timeout_seconds: float = 20.0) -> Any:
-    """Check condition() (reading the page or the database) until it returns something true; return that.
+def wait_until(
+    page: Page, what: str, condition: Callable[[], Any], *, timeout_seconds: float = 20.0
+) -> Any:
+    """Check condition() (reading the page or the database) until it returns something true;
+    return that.
 
     For what a page shows on its own, with no click: a fragment that refreshes itself, a background
     worker's progress. Fails with `what` and the page's state after timeout_seconds.
@@ -549,56 +593,68 @@ def wait_until(page: "Page", what: str, condition: Callable[[], Any], *, timeout
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not seen within {timeout_seconds:g} s: {_run_state(page)}")
+            raise AssertionError(
+                f"{what}: not seen within {timeout_seconds:g} s: {_run_state(page)}"
+            )
         page.wait_for_timeout(100)  # lets Playwright deliver the websocket frames meanwhile
 
 
-def wait_for_text(page: "Page", text: str, *, timeout_seconds: float = 20.0) -> None:
-    """Wait until the main area shows this text (after a click on a page that redraws part of itself)."""
-    wait_until(page, f"the text {text!r}", lambda: text in main_text(page), timeout_seconds=timeout_seconds)
+def wait_for_text(page: Page, text: str, *, timeout_seconds: float = 20.0) -> None:
+    """Wait until the main area shows this text (after a click on a page that redraws part of
+    itself)."""
+    wait_until(
+        page, f"the text {text!r}", lambda: text in main_text(page), timeout_seconds=timeout_seconds
+    )
 
 
-def headings(page: "Page") -> list[str]:
+def headings(page: Page) -> list[str]:
     """Texts of the main area's titles and headers (h1-h3)."""
-    return [text.strip() for text in page.locator("[data-testid='stMain'] :is(h1, h2, h3)").all_inner_texts()]
+    return [
+        text.strip()
+        for text in page.locator("[data-testid='stMain'] :is(h1, h2, h3)").all_inner_texts()
+    ]
 
 
-# st.page_link marks the page being shown by setting its label in bold (and shading it): no attribute says so.
-_READ_NAV_LINKS = f"""() => Array.from(document.querySelectorAll({json.dumps(_NAV_LINKS)})).map(link => {{
+# st.page_link marks the page being shown by setting its label in bold (and shading it): no
+# attribute says so.
+_READ_NAV_LINKS = f"""() => Array.from(
+  document.querySelectorAll({json.dumps(_NAV_LINKS)})
+).map(link => {{
   const label = link.querySelector({json.dumps(_NAV_LABEL)});
   const text = label.firstElementChild || label;  // the <p> the bold style applies to
   return [label.innerText.trim(), link.href, Number(getComputedStyle(text).fontWeight) >= 600];
 }})"""
 
 
-def current_section(page: "Page") -> str:
+def current_section(page: Page) -> str:
     """The title of the sidebar link marked as the current page ('' if none is)."""
     current = [title for title, _, bold in page.evaluate(_READ_NAV_LINKS) if bold]
     assert len(current) <= 1, f"more than one sidebar link is marked current: {current}"
     return current[0] if current else ""
 
 
-def section_titles(page: "Page") -> list[str]:
+def section_titles(page: Page) -> list[str]:
     """The titles of the sidebar's navigation links, in order (icons left out)."""
     return [title for title, _, _ in page.evaluate(_READ_NAV_LINKS)]
 
 
-def section_links(page: "Page") -> dict[str, str]:
-    """{title: absolute URL} of the sidebar's navigation links: where a middle-click would open them."""
+def section_links(page: Page) -> dict[str, str]:
+    """{title: absolute URL} of the sidebar's navigation links: where a middle-click would open
+    them."""
     return {title: href for title, href, _ in page.evaluate(_READ_NAV_LINKS)}
 
 
-def sidebar_text(page: "Page") -> str:
+def sidebar_text(page: Page) -> str:
     """Everything the sidebar shows, as text."""
     return page.locator("[data-testid='stSidebar']").inner_text()
 
 
-def sandbox_id(page: "Page") -> str:
+def sandbox_id(page: Page) -> str:
     """This browser session's sandbox id, as the sidebar status panel shows it."""
     codes = page.locator("[data-testid='stSidebar'] [data-testid='stCode']")
     codes.first.wait_for()
     shown = codes.all_inner_texts()
-    ids = [text.strip() for text in shown if source.SANDBOX_ID_PATTERN.fullmatch(text.strip())]
+    ids = [text.strip() for text in shown if SANDBOX_ID_PATTERN.fullmatch(text.strip())]
     assert len(ids) == 1, f"expected one sandbox id in the sidebar, found {shown}"
     return ids[0]
 
@@ -614,7 +670,7 @@ _SCROLL_HEADING_TO_TOP = """text => {
 }"""
 
 
-def screenshot(page: "Page", name: str, *, heading: Optional[str] = None) -> Path:
+def screenshot(page: Page, name: str, *, heading: Optional[str] = None) -> Path:
     """Save what the learner sees now as tests/e2e/screenshots/<name>.png (git-ignored).
 
     Streamlit scrolls its main area inside the window, so this is the window as it stands:
@@ -622,7 +678,9 @@ def screenshot(page: "Page", name: str, *, heading: Optional[str] = None) -> Pat
     main area is first scrolled to put that heading (its exact text) at the top.
     """
     if heading is not None:
-        assert page.evaluate(_SCROLL_HEADING_TO_TOP, heading), f"no heading {heading!r}: {headings(page)}"
+        assert page.evaluate(_SCROLL_HEADING_TO_TOP, heading), (
+            f"no heading {heading!r}: {headings(page)}"
+        )
     SCREENSHOTS.mkdir(exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path))

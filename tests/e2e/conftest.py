@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import servers
 
 from . import browsertools
-import servers
 
 
 @pytest.fixture(scope="package")
-def browser() -> Iterator["browsertools.Browser"]:
+def browser() -> Iterator[browsertools.Browser]:
     """Debian's Chromium; the suite skips (or fails under QULAB_REQUIRE_SERVERS=1) without it."""
     reason = browsertools.browser_missing_reason()
     if reason:
@@ -32,7 +32,7 @@ def app_server(browser) -> Iterator[browsertools.AppServer]:
 
 
 @pytest.fixture
-def visitor(browser) -> Iterator["browsertools.Page"]:
+def visitor(browser) -> Iterator[browsertools.Page]:
     """A new learner's browser page (a context of its own), closed after the test."""
     with browsertools.fresh_visitor(browser) as page:
         yield page

@@ -1,4 +1,5 @@
-"""A class at capacity, in real browsers: the newcomer is told the class is full; nobody loses work."""
+"""A class at capacity, in real browsers: the newcomer is told the class is full; nobody loses
+work."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ def test_with_room_for_two_a_third_browser_sees_the_class_is_full_and_the_first_
     browser, monkeypatch
 ):
     monkeypatch.setenv("QULAB_MAX_SANDBOXES", "2")
-    with start_app_server() as server, fresh_visitor(browser) as first, fresh_visitor(browser) as second:
+    with (
+        start_app_server() as server,
+        fresh_visitor(browser) as first,
+        fresh_visitor(browser) as second,
+    ):
         made = {}
         for page, email in ((first, "first@example.com"), (second, "second@example.com")):
             open_section(page, server, "1. Data Models")
@@ -37,9 +42,17 @@ def test_with_room_for_two_a_third_browser_sees_the_class_is_full_and_the_first_
 
         with fresh_visitor(browser) as third:
             third.goto(server.url)
-            wait_until(third, "the class-full page", lambda: "The class is full" in main_text(third), timeout_seconds=60)
+            wait_until(
+                third,
+                "the class-full page",
+                lambda: "The class is full" in main_text(third),
+                timeout_seconds=60,
+            )
             assert "2 learners are working" in main_text(third)
 
-        for sandbox, row in made.items():  # both connected learners still have exactly what they made
+        for (
+            sandbox,
+            row,
+        ) in made.items():  # both connected learners still have exactly what they made
             assert server.stored_users(sandbox) == [row]
         assert not alerts(first, "error") and not alerts(second, "error")

@@ -1,4 +1,5 @@
-"""A link to any section, opened in a fresh browser, lands on that section with the sidebar status."""
+"""A link to any section, opened in a fresh browser, lands on that section with the sidebar
+status."""
 
 from __future__ import annotations
 
@@ -35,5 +36,7 @@ def test_every_deep_link_lands_on_its_section_with_the_sidebar_status(visitor, a
 def test_a_deep_link_as_the_first_visit_after_start_up_lands_framed_without_a_dialog(browser):
     # Until app.py has run once, Streamlit serves a pages/ folder the old way (pages/__init__.py).
     with start_app_server() as fresh_server, fresh_visitor(browser) as page:
-        open_section(page, fresh_server, "2. DB Connectivity & Pooling")  # checks: no dialog, no exception
+        open_section(
+            page, fresh_server, "2. DB Connectivity & Pooling"
+        )  # checks: no dialog, no exception
         assert "Database:" in sidebar_text(page)

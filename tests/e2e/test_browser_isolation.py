@@ -66,10 +66,22 @@ def test_two_browsers_at_once_have_their_own_cache_and_outbox(browser, app_serve
     with fresh_visitor(browser) as first, fresh_visitor(browser) as second:
         learners = (first, second)
         for page in learners:
-            open_section(page, app_server, "4. Caching with Redis")  # each gets a Cache Demo User
+            open_section(page, app_server, "4. Caching with Redis")
         first_sandbox, second_sandbox = sandbox_id(first), sandbox_id(second)
-        first_user, second_user = (demo_user_id(app_server, sandbox) for sandbox in (first_sandbox, second_sandbox))
-        assert first_user != second_user and first_user in code_blocks(first) and second_user in code_blocks(second)
+        # Opening the page writes nothing: with no users, each learner asks for a Cache Demo User.
+        assert (
+            app_server.stored_users(first_sandbox) == app_server.stored_users(second_sandbox) == []
+        )
+        for run in [press(page, "Create the Cache Demo User") for page in learners]:
+            wait_for_rerun(run)
+        first_user, second_user = (
+            demo_user_id(app_server, sandbox) for sandbox in (first_sandbox, second_sandbox)
+        )
+        assert (
+            first_user != second_user
+            and first_user in code_blocks(first)
+            and second_user in code_blocks(second)
+        )
 
         # Reads at the same moment: each cache counts only its own learner's reads.
         for run in [press(page, "Fetch User (Cached)") for page in learners]:
@@ -83,15 +95,24 @@ def test_two_browsers_at_once_have_their_own_cache_and_outbox(browser, app_serve
         click(second, "Cut Redis for My Sandbox")
         assert "cannot reach Redis" in sidebar_text(second)
         click(first, "Fetch User (Cached)")
-        assert metrics(first)["Outcome"] == "HIT" and "cannot reach Redis" not in sidebar_text(first)
+        assert metrics(first)["Outcome"] == "HIT" and "cannot reach Redis" not in sidebar_text(
+            first
+        )
 
-        # An event in the first outbox, published by the first learner's publisher, never shows in the second.
+        # An event in the first outbox, published by the first learner's publisher, never shows in
+        # the second.
         for page in learners:
             go_to_section(page, "5. Eventing (Outbox Pattern)")
         click(first, "Calculate & Store AIRScore (Creates Pending Event)")
         click(first, "Start Event Publisher (Background)")
-        [(event_id,)] = app_server.stored_rows(first_sandbox, "domain_events", ("id",), order_by="id")
-        wait_until(first, "the first learner's event delivered", lambda: app_server.stored_inbox(first_sandbox))
+        [(event_id,)] = app_server.stored_rows(
+            first_sandbox, "domain_events", ("id",), order_by="id"
+        )
+        wait_until(
+            first,
+            "the first learner's event delivered",
+            lambda: app_server.stored_inbox(first_sandbox),
+        )
         assert app_server.stored_inbox(first_sandbox) == [event_id]
         click(second, "Refresh Event Status Now", fragment=True)
         shown = metrics(second)
@@ -104,8 +125,7 @@ def test_two_browsers_at_once_have_their_own_cache_and_outbox(browser, app_serve
 
 
 def demo_user_id(server, sandbox: str) -> str:
-    """The id of the Cache Demo User section 4 created in a sandbox that had no users."""
+    """The id of the Cache Demo User section 4's button created in a sandbox that had no users."""
     [(user_id, name)] = server.stored_rows(sandbox, "users", ("id", "name"), order_by="id")
     assert name == "Cache Demo User"
     return str(user_id)
-

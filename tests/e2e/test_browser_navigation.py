@@ -1,4 +1,5 @@
-"""The sidebar's section links keep the learner's sandbox: a section opened in a new tab is the same sandbox.
+"""The sidebar's section links keep the learner's sandbox: a section opened in a new tab is the
+same sandbox.
 
 Runs on its own (`pytest tests/e2e/test_browser_navigation.py`): each test is a new learner.
 """
@@ -9,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-import source
+from classroom.browser import SANDBOX_URL_PARAMETER
 
 from .browsertools import (
     app_pages,
@@ -32,20 +33,23 @@ pytestmark = pytest.mark.e2e
 
 def where_links_go(page) -> dict[str, tuple[str, dict[str, list[str]]]]:
     """{title: (path, query parameters)} of the sidebar's links, as a new tab would open them."""
-    return {title: (urlsplit(href).path, parse_qs(urlsplit(href).query)) for title, href in section_links(page).items()}
+    return {
+        title: (urlsplit(href).path, parse_qs(urlsplit(href).query))
+        for title, href in section_links(page).items()
+    }
 
 
 def test_every_section_link_carries_the_sandbox_on_every_page(visitor, app_server):
     open_page(visitor, app_server)
     sandbox = sandbox_id(visitor)
-    for title, url_path in app_pages():
+    for title, _url_path in app_pages():
         if title != "Introduction":
             go_to_section(visitor, title)  # checks the link it clicked is now the current one
-        assert parse_qs(urlsplit(visitor.url).query) == {source.SANDBOX_URL_PARAMETER: [sandbox]}
+        assert parse_qs(urlsplit(visitor.url).query) == {SANDBOX_URL_PARAMETER: [sandbox]}
         links = where_links_go(visitor)
         assert list(links) == [shown for shown, _ in app_pages()]
-        for shown, (path, query) in links.items():
-            assert query == {source.SANDBOX_URL_PARAMETER: [sandbox]}, (title, shown, query)
+        for shown, (_path, query) in links.items():
+            assert query == {SANDBOX_URL_PARAMETER: [sandbox]}, (title, shown, query)
         # Each link opens its own section, never the page it is clicked from.
         expected = {shown: f"/{path}" for shown, path in app_pages()}
         expected["Introduction"] = "/" if title == "Introduction" else "/introduction"
@@ -54,7 +58,9 @@ def test_every_section_link_carries_the_sandbox_on_every_page(visitor, app_serve
     click(visitor, "New sandbox")  # the links follow the sandbox the session switches to
     new_sandbox = sandbox_id(visitor)
     assert new_sandbox != sandbox
-    assert {tuple(query[source.SANDBOX_URL_PARAMETER]) for _, query in where_links_go(visitor).values()} == {(new_sandbox,)}
+    assert {
+        tuple(query[SANDBOX_URL_PARAMETER]) for _, query in where_links_go(visitor).values()
+    } == {(new_sandbox,)}
 
 
 def test_a_section_opened_in_a_new_tab_shows_the_same_sandboxs_data(visitor, app_server):
@@ -80,7 +86,9 @@ def test_a_section_opened_in_a_new_tab_shows_the_same_sandboxs_data(visitor, app
     assert current_section(visitor) == "1. Data Models"  # the first tab stayed where it was
 
 
-def test_a_score_stored_in_another_tab_shows_in_this_tabs_idle_status_panel_without_a_click(visitor, app_server):
+def test_a_score_stored_in_another_tab_shows_in_this_tabs_idle_status_panel_without_a_click(
+    visitor, app_server
+):
     open_page(visitor, app_server)
     go_to_section(visitor, "2. DB Connectivity & Pooling")
     click(visitor, "Initialize In-Memory SQLite Database & Create Sample Users")
@@ -91,5 +99,10 @@ def test_a_score_stored_in_another_tab_shows_in_this_tabs_idle_status_panel_with
     click(other_tab, "Calculate & Store AIRScore (Creates Pending Event)")
     assert metrics(other_tab)["Pending"] == "1"
 
-    # The first tab is idle: its panel looks every few seconds whether the outbox moved, and redraws.
-    wait_until(visitor, "the other tab's event in this tab's panel", lambda: metrics(visitor)["Pending"] == "1")
+    # The first tab is idle: its panel looks every few seconds whether the outbox moved, and
+    # redraws.
+    wait_until(
+        visitor,
+        "the other tab's event in this tab's panel",
+        lambda: metrics(visitor)["Pending"] == "1",
+    )

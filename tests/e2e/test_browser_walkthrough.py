@@ -2,9 +2,10 @@
 
 Each test is a new learner (a browser page and a sandbox of their own) who first does what the
 guide asks before that section (section 2's initialize button), so any test runs alone:
-`pytest tests/e2e -k section_4`. The last one walks every section with one learner. Each section saves a
-screenshot in tests/e2e/screenshots/. A section's test goes to it with go_to_section, clicks the
-guide's buttons with click, and asserts what alerts, tables, metrics and the sandbox's rows show.
+`pytest tests/e2e -k section_4`. The last one walks every section with one learner. Each section
+saves a screenshot in tests/e2e/screenshots/. A section's test goes to it with go_to_section,
+clicks the guide's buttons with click, and asserts what alerts, tables, metrics and the sandbox's
+rows show.
 What a page shows with no click (section 5's self-refreshing status panel) is awaited with
 wait_until or wait_for_text, never a fixed sleep.
 """
@@ -19,16 +20,16 @@ from typing import Any
 
 import pytest
 
-import source
+from classroom.progress.steps import STEPS
 
 from .browsertools import (
     AppServer,
     alerts,
+    app_pages,
     cache_counts,
     chart_texts,
-    clipped_chart_texts,
-    app_pages,
     click,
+    clipped_chart_texts,
     code_blocks,
     current_section,
     dataframe_hidden_widths,
@@ -81,21 +82,35 @@ class Learner:
 
     def stored_user_names(self) -> list[str]:
         """The names of the users stored in this learner's sandbox."""
-        return [name for (name,) in self.server.stored_rows(self.sandbox_id, "users", ("name",), order_by="name")]
+        return [
+            name
+            for (name,) in self.server.stored_rows(
+                self.sandbox_id, "users", ("name",), order_by="name"
+            )
+        ]
 
     def stored_scores(self) -> list[tuple[str, str]]:
         """(id, user_id) of every AIRScore stored in this learner's sandbox."""
-        return self.server.stored_rows(self.sandbox_id, "air_scores", ("id", "user_id"), order_by="id")
+        return self.server.stored_rows(
+            self.sandbox_id, "air_scores", ("id", "user_id"), order_by="id"
+        )
 
     def latest_score_id(self, user_id: str) -> str:
         """The id of the user's most recent stored AIRScore (latest created_at, then highest id)."""
-        rows = self.server.stored_rows(self.sandbox_id, "air_scores", ("created_at", "id", "user_id"), order_by="id")
-        return max((created_at, score_id) for created_at, score_id, owner in rows if owner == user_id)[1]
+        rows = self.server.stored_rows(
+            self.sandbox_id, "air_scores", ("created_at", "id", "user_id"), order_by="id"
+        )
+        return max(
+            (created_at, score_id) for created_at, score_id, owner in rows if owner == user_id
+        )[1]
 
     def stored_events(self) -> list[tuple[str, str, int, Any]]:
-        """(id, status, attempts, published_at) of every domain event in this learner's outbox, oldest first."""
+        """(id, status, attempts, published_at) of every domain event in this learner's outbox,
+        oldest first."""
         columns = ("id", "status", "attempts", "published_at")
-        return self.server.stored_rows(self.sandbox_id, "domain_events", columns, order_by="created_at")
+        return self.server.stored_rows(
+            self.sandbox_id, "domain_events", columns, order_by="created_at"
+        )
 
     def inbox(self) -> list[str]:
         """The event ids the downstream consumer has recorded (its inbox), in id order."""
@@ -111,7 +126,8 @@ def learner(browser, app_server) -> Iterator[Learner]:
 
 
 def initialize_unless_done(learner: Learner) -> None:
-    """What the guide asks before sections 3 to 5: section 2's initialize, unless this learner did it."""
+    """What the guide asks before sections 3 to 5: section 2's initialize, unless this learner did
+    it."""
     if "alex_id" not in learner.notes:
         initialize(learner)
 
@@ -120,7 +136,9 @@ def initialize(learner: Learner) -> None:
     """Section 2's initialize button; notes the sample users' ids."""
     go_to_section(learner.page, "2. DB Connectivity & Pooling")
     click(learner.page, INITIALIZE)
-    assert any("2 sample users" in text for text in alerts(learner.page, "success")), alerts(learner.page)
+    assert any("2 sample users" in text for text in alerts(learner.page, "success")), alerts(
+        learner.page
+    )
     shown = {row["name"]: row["id"] for row in table_rows(learner.page)}
     assert sorted(shown) == ["Alex Smith", "Jane Doe"]
     learner.notes.update(alex_id=shown["Alex Smith"], jane_id=shown["Jane Doe"])
@@ -132,7 +150,8 @@ def shows_error(page, *parts: str) -> bool:
 
 
 def delivered_row(page, event_id: str) -> dict[str, str]:
-    """The event's row in Published Events once it shows a delivered_at and nothing is pending, else {}."""
+    """The event's row in Published Events once it shows a delivered_at and nothing is pending,
+    else {}."""
     shown = tables(page)
     if any(rows and "next_attempt_at" in rows[0] for rows in shown):  # the Pending Events table
         return {}
@@ -182,7 +201,9 @@ def test_section_1_creates_a_user_and_refuses_duplicates_and_bad_input(learner):
     assert page.locator("[data-testid='stMain'] b", has_text="Sam").count() == 0
 
     assert learner.stored_users() == [(new_id, "sam.learner@example.com")]
-    [hidden] = dataframe_hidden_widths(page)  # the users table: every column in view (it hid 200 px at 1280 wide)
+    [hidden] = dataframe_hidden_widths(
+        page
+    )  # the users table: every column in view (it hid 200 px at 1280 wide)
     assert hidden < 16, hidden
     screenshot(page, "1-data-models")
 
@@ -195,7 +216,9 @@ def test_section_2_initializes_the_sample_users_and_measures_pooling(learner):
 
     initialize(learner)
     stored = sorted(user_id for user_id, _ in learner.stored_users())
-    assert stored == sorted([learner.notes["alex_id"], learner.notes["jane_id"]])  # the section-1 user is gone
+    assert stored == sorted(
+        [learner.notes["alex_id"], learner.notes["jane_id"]]
+    )  # the section-1 user is gone
 
     click(page, "Run Pooling Experiment")
     shown_metrics = metrics(page)
@@ -205,13 +228,22 @@ def test_section_2_initializes_the_sample_users_and_measures_pooling(learner):
     assert pooled["pool"].startswith("QueuePool") and unpooled["pool"].startswith("NullPool")
     assert pooled["connections opened"] == "0"  # the warmed pool lent its connections out
     assert unpooled["connections opened"] == unpooled["requests"]  # one new connection per query
-    for row in (pooled, unpooled):  # text at a sensible precision, never padded to four decimals ("2,565.9000")
+    for row in (
+        pooled,
+        unpooled,
+    ):  # text at a sensible precision, never padded to four decimals ("2,565.9000")
         assert re.fullmatch(r"\d{1,3}(,\d{3})*", row["throughput (req/s)"]), row
         assert re.fullmatch(r"[\d,]+\.\d{1,2}", row["median latency (ms)"]), row
     # The bar chart names both pools whole (Vega-Lite draws it a moment after the run).
-    wait_until(page, "the chart's pool names", lambda: {pooled["pool"], unpooled["pool"]} <= set(chart_texts(page)))
+    wait_until(
+        page,
+        "the chart's pool names",
+        lambda: {pooled["pool"], unpooled["pool"]} <= set(chart_texts(page)),
+    )
     assert not [text for text in chart_texts(page) if text.endswith("…")], chart_texts(page)
-    assert not clipped_chart_texts(page)  # the axis's last label ("1,600") used to run past the chart's edge
+    assert not clipped_chart_texts(
+        page
+    )  # the axis's last label ("1,600") used to run past the chart's edge
     screenshot(page, "2-pooling")
 
 
@@ -222,7 +254,10 @@ def test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strateg
     alex_id = learner.notes["alex_id"]
 
     # A malformed id and an unknown one: a clear error from every button, and nothing written.
-    for bad_id, message in (("not-a-user-id", "not a valid user id"), (str(uuid.uuid4()), "No user has the id")):
+    for bad_id, message in (
+        ("not-a-user-id", "not a valid user id"),
+        (str(uuid.uuid4()), "No user has the id"),
+    ):
         fill(page, "User ID", bad_id)
         click(page, ADD_SCORES)
         assert shows_error(page, "No scores were added.", message), alerts(page)
@@ -236,14 +271,18 @@ def test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strateg
     click(page, ADD_SCORES)
     assert any("Added 3 sample scores" in text for text in alerts(page, "success")), alerts(page)
     added = [row["id"] for row in table_rows(page)]
-    assert sorted(added) == sorted(score_id for score_id, user_id in learner.stored_scores() if user_id == alex_id)
+    assert sorted(added) == sorted(
+        score_id for score_id, user_id in learner.stored_scores() if user_id == alex_id
+    )
     assert len(added) == 3
 
     # N+1: the user (1), the ids of the scores (1), then each score (N = 3).
     click(page, FETCH_NAIVE)
     assert metric_values(page, "SQL statements") == ["5"]
     [naive_sql] = [code for code in code_blocks(page) if code.startswith("-- statement 1:")]
-    assert naive_sql.count("-- statement ") == 5 and len(FROM_SCORES.findall(naive_sql)) == 4, naive_sql
+    assert naive_sql.count("-- statement ") == 5 and len(FROM_SCORES.findall(naive_sql)) == 4, (
+        naive_sql
+    )
     assert len(table_rows(page)) == 3  # the scores it fetched
 
     # Eager loading: the user, then all the scores in one IN query; the N+1 result stays beside it.
@@ -252,7 +291,9 @@ def test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strateg
     assert len(metric_values(page, "Time taken")) == 2
     eager_sql = [code for code in code_blocks(page) if code.startswith("-- statement 1:")][1]
     assert eager_sql.count("-- statement ") == 2 and " IN (" in eager_sql, eager_sql
-    assert [len(rows) for rows in tables_with_column(page, "air_score")] == [3]  # one full-width table
+    assert [len(rows) for rows in tables_with_column(page, "air_score")] == [
+        3
+    ]  # one full-width table
     screenshot(page, "3-n-plus-one", heading="Step 2: fetch the user and their scores, two ways")
 
     # Scale up, kept small: N = 10 only.
@@ -268,13 +309,21 @@ def test_section_3_adds_scores_and_counts_the_statements_of_each_loading_strateg
         "subqueryload": "2",
     }
     assert {(row["N (users)"], row["scores loaded"]) for row in comparison} == {("10", "50")}
-    wait_until(page, "the chart's y title", lambda: "median time (ms, log scale)" in chart_texts(page))
-    assert not clipped_chart_texts(page)  # the y title's glyphs used to run past the chart's left edge
-    scale_up_users = [name for name in learner.stored_user_names() if name.startswith("Scale-up user #")]
+    wait_until(
+        page, "the chart's y title", lambda: "median time (ms, log scale)" in chart_texts(page)
+    )
+    assert not clipped_chart_texts(
+        page
+    )  # the y title's glyphs used to run past the chart's left edge
+    scale_up_users = [
+        name for name in learner.stored_user_names() if name.startswith("Scale-up user #")
+    ]
     assert len(scale_up_users) == 10
 
     click(page, "Remove Scale-up Users")
-    assert any("Removed 10 scale-up users" in text for text in alerts(page, "success")), alerts(page)
+    assert any("Removed 10 scale-up users" in text for text in alerts(page, "success")), alerts(
+        page
+    )
     assert sorted(learner.stored_user_names()) == ["Alex Smith", "Jane Doe"]
     assert len(learner.stored_scores()) == 3  # Alex's, untouched
 
@@ -284,7 +333,9 @@ def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
     initialize_unless_done(learner)
     go_to_section(page, "4. Caching with Redis")
     alex_id = learner.notes["alex_id"]
-    latest_id = learner.latest_score_id(alex_id)
+    # Opening the page writes nothing: Alex's latest score is shown if section 3 gave him one.
+    has_scores = any(user_id == alex_id for _, user_id in learner.stored_scores())
+    latest_id = learner.latest_score_id(alex_id) if has_scores else "none yet"
     shown = code_blocks(page)
     assert alex_id in shown and latest_id in shown, shown
     assert table_rows(page) == [{"demo user": "Alex Smith"}]
@@ -295,7 +346,9 @@ def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
         shown_metrics = metrics(page)
         assert shown_metrics["Outcome"] == expected_outcome, (label, shown_metrics, alerts(page))
         # A hit answers from Redis alone; a miss or a fallback reads the database.
-        assert (shown_metrics["Database statements"] == "0") == (expected_outcome == "HIT"), shown_metrics
+        assert (shown_metrics["Database statements"] == "0") == (expected_outcome == "HIT"), (
+            shown_metrics
+        )
 
     fetch(FETCH_USER, "MISS")
     fetch(FETCH_USER, "HIT")
@@ -309,13 +362,16 @@ def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
     fetch(FETCH_USER, "MISS")
     assert cache_counts(page) == ("2", "3", "0")
 
-    # The outage switch: reads still succeed, from the database, and the sidebar says Redis is cut off.
+    # The outage switch: reads still succeed, from the database, and the sidebar says Redis is cut
+    # off.
     click(page, "Cut Redis for My Sandbox")
     assert any("Redis is cut off" in text for text in alerts(page, "warning")), alerts(page)
     assert "cannot reach Redis" in sidebar_text(page)
     fetch(FETCH_USER, "FALLBACK")
     assert any("so the database did" in text for text in alerts(page, "warning")), alerts(page)
-    assert any("-> failed: " in code for code in code_blocks(page)), code_blocks(page)  # the GET Redis refused
+    assert any("-> failed: " in code for code in code_blocks(page)), code_blocks(
+        page
+    )  # the GET Redis refused
     assert "cannot reach Redis" in sidebar_text(page)
     assert cache_counts(page) == ("2", "3", "1")
     screenshot(page, "4-cache", heading="Interactive caching demonstration")
@@ -332,12 +388,18 @@ def test_section_4_reads_through_the_cache_and_survives_a_redis_outage(learner):
     times = [row[column] for row in trials for column in row if column.endswith("(ms)")]
     assert all(time == "n/a" or re.fullmatch(r"\d+\.\d{3}", time) for time in times), times
     wait_until(page, "the experiment's chart", lambda: "hit ratio H" in chart_texts(page))
-    assert not clipped_chart_texts(page)  # "T_avg (ms)" used to touch, and cross, the chart's left edge
+    assert not clipped_chart_texts(
+        page
+    )  # "T_avg (ms)" used to touch, and cross, the chart's left edge
 
     # The code listings are drawn when their expander opens (a rerun), not on every rerun before.
     assert not any(code.startswith("async def read(") for code in code_blocks(page))
-    page.locator("[data-testid='stExpander'] summary", has_text="The read-through cache, as it runs").click()
-    wait_until(page, "the cache's listing", lambda: any(code.startswith("async def read(") for code in code_blocks(page)))
+    page.locator("[data-testid='stExpander'] summary", has_text="The read-through pattern").click()
+    wait_until(
+        page,
+        "the cache's listing",
+        lambda: any(code.startswith("async def read(") for code in code_blocks(page)),
+    )
 
 
 def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker_outage(learner):
@@ -362,7 +424,9 @@ def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker
     # The publisher runs in the background; the status panel refreshes itself: no click needed.
     click(page, START_PUBLISHER)
     wait_for_text(page, "Publisher and consumer started.")
-    published = wait_until(page, "the event delivered, none pending", lambda: delivered_row(page, event_id))
+    published = wait_until(
+        page, "the event delivered, none pending", lambda: delivered_row(page, event_id)
+    )
     assert published["status"] == "published" and published["published_at"], published
     [(_, status, _, published_at)] = learner.stored_events()
     assert status == "published" and published_at is not None
@@ -371,7 +435,8 @@ def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker
     click(page, STOP_PUBLISHER)
     wait_for_text(page, "Stopped after finishing the current batch.")
 
-    # A broker outage while the publisher runs: the relay pauses, the new event waits and goes out after.
+    # A broker outage while the publisher runs: the relay pauses, the new event waits and goes out
+    # after.
     click(page, START_PUBLISHER)
     wait_for_text(page, "Publisher and consumer started.")
     flip(page, "Broker outage")
@@ -381,7 +446,9 @@ def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker
     wait_until(page, "a second event stored", lambda: len(learner.stored_events()) == 2)
     [second_id] = [event for event, *_ in learner.stored_events() if event != event_id]
 
-    def paused_and_waiting() -> Any:  # the relay pauses for the outage; the event keeps its attempts
+    def paused_and_waiting() -> (
+        Any
+    ):  # the relay pauses for the outage; the event keeps its attempts
         if not any("relay paused" in text for text in alerts(page, "warning")):
             return []
         pending = [row for rows in tables_with_column(page, "next_attempt_at") for row in rows]
@@ -389,18 +456,28 @@ def test_section_5_publishes_events_in_the_background_and_loses_none_in_a_broker
 
     [waiting] = wait_until(page, "the relay paused, the new event pending", paused_and_waiting)
     assert waiting["status"] == "pending" and waiting["attempts"] == "0", waiting
-    [(status, attempts, published_at)] = [row[1:] for row in learner.stored_events() if row[0] == second_id]
+    [(status, attempts, published_at)] = [
+        row[1:] for row in learner.stored_events() if row[0] == second_id
+    ]
     assert status == "pending" and attempts == 0 and published_at is None
     screenshot(page, "5-outbox", heading="Current event status")
 
     flip(page, "Broker outage")
-    wait_until(page, "the sidebar without the outage", lambda: "cannot reach Redis" not in sidebar_text(page))
+    wait_until(
+        page,
+        "the sidebar without the outage",
+        lambda: "cannot reach Redis" not in sidebar_text(page),
+    )
     assert "degraded" not in sidebar_text(page), sidebar_text(page)
     wait_until(page, "the event delivered after the outage", lambda: delivered_row(page, second_id))
     assert {status for _, status, _, _ in learner.stored_events()} == {"published"}
     assert sorted(learner.inbox()) == sorted([event_id, second_id])  # none lost, none twice
     # The panel refreshes itself while events move: its counters catch up with the inbox.
-    wait_until(page, "the panel counting both", lambda: (metrics(page)["Published"], metrics(page)["Delivered"]) == ("2", "2"))
+    wait_until(
+        page,
+        "the panel counting both",
+        lambda: (metrics(page)["Published"], metrics(page)["Delivered"]) == ("2", "2"),
+    )
 
     click(page, STOP_PUBLISHER)
     wait_for_text(page, "Stopped after finishing the current batch.")
@@ -420,8 +497,10 @@ def test_the_walk_through_ends_with_every_step_done(learner):
         walk_section(learner)
     page = learner.page
     go_to_section(page, "Introduction")
-    required = sum(not step.optional for step in source.STEPS)
-    optional = len(source.STEPS) - required
+    required = sum(not step.optional for step in STEPS)
+    optional = len(STEPS) - required
     shown = sidebar_text(page)
-    assert f"{required} of {required} steps" in shown and "Every step of the guide is done." in shown, shown
+    assert (
+        f"{required} of {required} steps" in shown and "Every step of the guide is done." in shown
+    ), shown
     assert f"Beyond the guide: {optional} of {optional} optional steps." in shown, shown

@@ -1,0 +1,216 @@
+"""SQLite for asyncio without a thread per connection: aiosqlite connections on shared workers.
+
+aiosqlite gives every connection a thread of its own, parked while the connection is idle. A class
+of 200 learners, each with a pooled connection and a publisher, is then 200 to 400 threads that
+mostly sleep. Here a connection keeps aiosqlite's API and its promise (its operations run one at a
+time, in the order they were asked for), but they run on a pool of workers shared by the whole
+process. A worker exists only while there is work: the pool starts one when every worker is busy,
+and a worker idle for `idle_seconds` ends. So the number of threads follows how many SQLite
+operations run *at the same moment*, not how many learners are connected.
+
+Never a deadlock: a SQLite operation can block for the busy timeout while another connection
+holds the write lock, and that holder's next operation needs a worker. The pool may grow to
+`max_workers`, which SQLAlchemy's dialect is given as the process's connection budget, so every
+open connection can always have a worker of its own.
+
+SQLAlchemy takes it through the aiosqlite dialect's `async_creator_fn` connect argument:
+
+    create_async_engine("sqlite+aiosqlite:///file.db", connect_args={"async_creator_fn": connect})
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, Optional
+
+import aiosqlite
+from aiosqlite.core import _STOP_RUNNING_SENTINEL, set_exception, set_result
+
+__all__ = ["WorkerPool", "SharedWorkerConnection", "connect", "shared_workers"]
+
+
+class WorkerPool:
+    """Threads that run submitted callables.
+
+    One is started when all are busy, and ends after `idle_seconds` idle.
+    """
+
+    def __init__(
+        self, *, max_workers: int, idle_seconds: float = 30.0, name: str = "qulab-sqlite"
+    ) -> None:
+        self.max_workers = max_workers
+        self.idle_seconds = idle_seconds
+        self.name = name
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._spare = 0  # idle workers minus queued tasks (negative: tasks wait for a worker)
+        self.threads = 0
+        self.peak_threads = 0
+
+    def submit(self, task: Callable[[], Optional[bool]]) -> None:
+        """Run `task` on a worker: an idle one, a new one if all are busy, else the first to finish.
+
+        A task that returns True has already counted its worker idle (see `_SerialQueue._drain`).
+        """
+        with self._lock:
+            self._spare -= 1
+            start = self._spare < 0 and self.threads < self.max_workers
+            if start:
+                self._spare += 1  # the new worker takes this task
+                self.threads += 1
+                self.peak_threads = max(self.peak_threads, self.threads)
+        self._tasks.put(task)
+        if start:
+            threading.Thread(
+                target=self._work, name=f"{self.name}-{self.threads}", daemon=True
+            ).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                task = self._tasks.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    if self._spare > 0:  # more idle workers than queued tasks: this one may go
+                        self._spare -= 1
+                        self.threads -= 1
+                        return
+                continue
+            counted = False
+            try:
+                counted = bool(task())
+            finally:
+                if not counted:
+                    with self._lock:
+                        self._spare += 1
+
+    def count_idle_if(self, finished: Callable[[], bool]) -> bool:
+        """If `finished()`, count the calling worker idle at once and return True.
+
+        Both happen under the pool's one lock, so nobody can see the work finished while its worker
+        still looks busy, which would start a needless thread.
+        """
+        with self._lock:
+            if finished():
+                self._spare += 1
+                return True
+            return False
+
+
+class _SerialQueue:
+    """Stands in for a connection's aiosqlite queue.
+
+    Its items run one at a time, in order, on the pool.
+    """
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+        self._items: collections.deque[tuple[Optional[Any], Callable[[], Any]]] = (
+            collections.deque()
+        )
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._stopped = False
+
+    def put_nowait(self, item: tuple[Optional[Any], Callable[[], Any]]) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._pool.submit(self._drain)
+
+    def _finished(self) -> bool:
+        with self._lock:
+            if self._items:
+                return False
+            self._scheduled = False
+            return True
+
+    def _drain(self) -> bool:
+        if self._pool.count_idle_if(self._finished):
+            return True
+        while True:
+            with self._lock:
+                future, function = self._items.popleft()
+                stopped = self._stopped
+            outcome: tuple[Callable[..., None], Any]
+            if (
+                stopped
+            ):  # aiosqlite's thread has ended by now: say so instead of leaving the caller waiting
+                outcome = (set_exception, ValueError("Connection closed"))
+            else:
+                try:
+                    result = function()
+                    if result is _STOP_RUNNING_SENTINEL:
+                        with self._lock:
+                            self._stopped = True
+                    outcome = (set_result, result)
+                except BaseException as error:  # noqa: B036 - handed to the caller, as aiosqlite does
+                    outcome = (set_exception, error)
+            # Count this worker idle *before* the caller hears back: its next operation (on any
+            # connection) must find the worker free, not start another thread.
+            idle = self._pool.count_idle_if(self._finished)
+            if future is not None:
+                future.get_loop().call_soon_threadsafe(outcome[0], future, outcome[1])
+            if idle:
+                return True
+
+
+class _NoThread:
+    """What aiosqlite and SQLAlchemy expect in `connection._thread` (start, daemon).
+
+    The pool does the work.
+    """
+
+    daemon = True
+
+    def start(self) -> None:
+        pass
+
+
+class SharedWorkerConnection(aiosqlite.Connection):
+    """An aiosqlite connection whose operations run on a shared WorkerPool, not its own thread."""
+
+    def __init__(
+        self, connector: Callable[[], sqlite3.Connection], iter_chunk_size: int, pool: WorkerPool
+    ) -> None:
+        super().__init__(connector, iter_chunk_size)
+        self._tx = _SerialQueue(pool)  # type: ignore[assignment]
+        self._thread = _NoThread()  # type: ignore[assignment]
+
+
+_pool_lock = threading.Lock()
+_pool: Optional[WorkerPool] = None
+
+
+def shared_workers(*, max_workers: Optional[int] = None) -> WorkerPool:
+    """The process's pool; `max_workers` (the connection budget) can only raise its limit."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = WorkerPool(max_workers=max_workers or 64)
+        elif max_workers is not None and max_workers > _pool.max_workers:
+            _pool.max_workers = max_workers
+        return _pool
+
+
+def connect(
+    database: Any, *, iter_chunk_size: int = 64, max_workers: Optional[int] = None, **kwargs: Any
+) -> SharedWorkerConnection:
+    """Like aiosqlite.connect, but not bound to one thread.
+
+    The sqlite3 connection moves between workers.
+    """
+    kwargs["check_same_thread"] = (
+        False  # safe: the serial queue never lets two workers use it at once
+    )
+    connector = functools.partial(sqlite3.connect, database, **kwargs)
+    return SharedWorkerConnection(
+        connector, iter_chunk_size, shared_workers(max_workers=max_workers)
+    )
