@@ -1,20 +1,33 @@
-"""QuLab entry point: the codelab's navigation and the sidebar status panel.
+"""QuLab entry point: the codelab's navigation and a calm sidebar.
 
 Run with `streamlit run app.py`. Pages live in pages/ (one per codelab section); they run the
-lesson (source.py) through the classroom package, which gives each learner a sandbox.
+lesson (source.py) through the classroom package, which gives each learner a sandbox. The
+sidebar holds what a learner needs: the sections, their progress and "Download my sandbox" on
+top, their sandbox next; the server's details wait in a collapsed expander.
 """
 
 import streamlit as st
 
 import source
-from classroom.browser import SANDBOX_URL_PARAMETER, lab_for_browser_session, switch_to_new_sandbox
+from classroom.browser import (
+    SANDBOX_URL_PARAMETER,
+    choose_sandbox,
+    lab_for_browser_session,
+    remember_sandbox_script,
+    remembered_sandbox,
+    switch_to_new_sandbox,
+)
+from classroom.errors import OperationTimeoutError
+from classroom.runtime import Lab
 from classroom.sandboxes.admission import ClassFullError
 from classroom.sandboxes.reset import reset_sandbox
 from classroom.sandboxes.sandbox import new_sandbox_id
 from classroom.status import RuntimeStatus, runtime_status
-from pages.common import browser_session_hold
+from pages.common import browser_session_hold, plain_text
+from pages.common.instructor import render_class_message, render_instructor_sees
 from pages.common.progress import render_progress
-from pages.common.sections import SECTIONS
+from pages.common.sections import INSTRUCTOR, SECTIONS
+from pages.common.sidebar import remember_redis_shown, render_server_details
 
 st.set_page_config(
     page_title="QuLab: Data Architecture & Persistence", page_icon="🧪", layout="wide"
@@ -24,152 +37,159 @@ PAGES = [
     st.Page(s.script, title=s.title, icon=s.icon, default=s.default, url_path=s.url_path)
     for s in SECTIONS
 ]
-# The introduction again, at /introduction, for its link on the other pages: Streamlit gives a link
-# to the default page the empty path, so on /caching its href "?sandbox=…" would open /caching.
+# The introduction again, at /introduction, for its link on the other pages: Streamlit gives a
+# link to the default page the empty path, so on /caching its href "?sandbox=…" would open
+# /caching.
 INTRODUCTION_ELSEWHERE = st.Page(
-    "pages/introduction.py",
-    title="Introduction",
-    icon=":material/flag:",
+    SECTIONS[0].script,
+    title=SECTIONS[0].title,
+    icon=SECTIONS[0].icon,
     url_path="introduction",
     visibility="hidden",
 )
-# Hidden: st.navigation's own sidebar links carry no query parameters, so a section opened in a new
-# tab would start an empty sandbox. render_navigation draws the links, each with ?sandbox=<id>.
-navigation = st.navigation([*PAGES, INTRODUCTION_ELSEWHERE], position="hidden")
-sidebar_navigation = st.sidebar.container(
-    key="qulab_navigation"
-)  # the sidebar's top; filled once the sandbox is known
+# Not in the learners' navigation: the instructor opens it at its own path.
+INSTRUCTOR_PAGE = st.Page(
+    INSTRUCTOR.script, title=INSTRUCTOR.title, url_path=INSTRUCTOR.url_path, visibility="hidden"
+)
+# Hidden: st.navigation's own links carry no query parameters, so a section opened in a new tab
+# would start an empty sandbox. render_navigation draws the links, each with ?sandbox=<id>.
+navigation = st.navigation([*PAGES, INTRODUCTION_ELSEWHERE, INSTRUCTOR_PAGE], position="hidden")
+# Ctrl/Cmd/Shift-click on a sidebar link opens a new tab, as on any link: the app's own click
+# handler never hears those clicks, so the browser does what it always does.
+LINK_SCRIPT = """if (!window.qulabLinks) { window.qulabLinks = true;
+document.addEventListener("click", (event) => {
+  const link = event.target.closest("[data-testid='stSidebar'] a[href]");
+  if (link && (event.ctrlKey || event.metaKey || event.shiftKey)) event.stopImmediatePropagation();
+}, true); }"""
 
 
 def render_navigation(sandbox_id: str) -> None:
-    """The section links, in order, each keeping this learner's sandbox (?sandbox=<id>) in its href.
-
-    A click changes page without a reload, as st.navigation's links do; a middle-click or "open in
-    new tab" opens the same sandbox. st.page_link highlights the page being shown.
-    """
+    """The section links, in order, each keeping this learner's sandbox in its href."""
     on_the_root = navigation.url_path == ""
+    links = st.sidebar.container(key="qulab_navigation")
     for page in PAGES:
         if page.url_path == "" and not on_the_root:
             page = INTRODUCTION_ELSEWHERE
-        sidebar_navigation.page_link(
-            page, query_params={SANDBOX_URL_PARAMETER: sandbox_id}, width="stretch"
-        )
+        links.page_link(page, query_params={SANDBOX_URL_PARAMETER: sandbox_id}, width="stretch")
 
 
-def render_status(status: RuntimeStatus) -> None:
-    """The sidebar panel: where the data lives, how it is pooled, which Redis answers, the class.
-
-    Few elements, each with several lines: every element costs server CPU on every rerun of every
-    learner (bench/rerun_cost.py), so the panel is one caption, the sandbox id, two buttons and one
-    caption about the class.
-    """
-    sidebar = st.sidebar
-    redis_label = (
-        "real Redis server" if status.redis_mode == "redis" else "fakeredis (in-process Redis)"
+@st.dialog("Start a new sandbox?")
+def confirm_new_sandbox(sandbox_id: str) -> None:
+    """New sandbox, asked first: the current one is left as it is, reachable by its link."""
+    st.markdown(
+        "You get a new, empty sandbox and a new link. Your current sandbox keeps its data, "
+        "but only its link leads back to it:"
     )
-    redis_warning = (
-        "Outage switch on: your sandbox cannot reach Redis." if status.redis_cut_off
-        else "Cache degraded: the last Redis call failed; reads fall back to the database."
-        if status.redis_degraded
-        else ""
-    )  # fmt: skip
-    sidebar.caption(paragraphs(
-        "**Status**",
-        lines(
-            f"**Database:** {'PostgreSQL' if status.backend == 'postgresql' else 'SQLite'}",
-            status.database,
-            f"Note: {status.database_note}." if status.database_note else "",
-            f"Pool: {status.pool_size} connection{'s' if status.pool_size != 1 else ''}"
-            f" + {status.max_overflow} overflow, "
-            f"{status.pool_timeout_seconds:g} s checkout timeout, "
-            f"pre-ping {'on' if status.pool_pre_ping else 'off'}.",
-        ),
-        lines(f"**Redis:** {redis_label}", status.redis_reason, f"Breaker {status.redis_breaker}."),
-        "" if redis_warning else "**Your sandbox**",
-    ))  # fmt: skip
-    if redis_warning:  # under the Redis lines, and the sandbox's label stays next to its id
-        sidebar.warning(redis_warning)
-        sidebar.caption("**Your sandbox**")
-    sidebar.code(status.sandbox_id, language=None)
-    new_column, reset_column = sidebar.columns(2)
-    if new_column.button(
-        "New sandbox",
-        key="qulab_new_sandbox",
-        help="Start over in a fresh, empty sandbox with a new link.",
-    ):
+    st.code(sandbox_id, language=None)
+    if st.button("Yes, start a new sandbox", type="primary"):
         switch_to_new_sandbox(st.session_state, st.query_params)
         st.rerun()
-    if reset_column.button(
-        "Reset my sandbox",
-        key="qulab_reset_sandbox",
-        help="Delete every row and cached key in this sandbox; keep its link.",
-    ):
+
+
+@st.dialog("Reset your sandbox?")
+def confirm_reset(lab: Lab) -> None:
+    """Reset my sandbox, asked first: say what is lost."""
+    st.markdown(
+        "This deletes everything in your sandbox: every user, score and event, its cached "
+        "values, and **your progress**. Its link stays the same. This cannot be undone."
+    )
+    if st.button("Yes, reset my sandbox", type="primary"):
         try:
-            lab_for_browser_session(st.session_state).run(reset_sandbox)
+            lab.run(reset_sandbox)
         except source.QuLabError as error:
-            sidebar.error(f"Reset failed; nothing was changed. {error}")
+            st.error(f"Nothing was reset. {error}")
         else:
-            sidebar.success("Your sandbox is empty again.")
-    states, durability = status.sandbox_states, status.broker_durability
-    sidebar.caption(lines(
-        "The link in your address bar (?sandbox=…) is the key to this sandbox: bookmark it to "
-        "come back, and anyone you give it to sees and changes the same data. While your tab is "
-        "open it stays active; "
-        f"{status.sandbox_grace_seconds:g} s after you close it, it goes dormant (data kept), and "
-        f"{status.sandbox_idle_minutes:g} minutes after that its data is deleted.",
-        f"Class on this process: {states['active']} active, {states['idle']} idle, "
-        f"{states['dormant']} dormant; "
-        f"room for {status.capacity} awake (set by {status.capacity_limited_by}). "
-        f"Connections: {status.connections_in_use} of {status.connection_budget} in use.",
-        # the outbox's promise depends on the broker keeping its stream
-        f"Outbox: a broker restart could lose events. {durability.description}"
-        if durability.restart_can_lose_events else "",
-    ))  # fmt: skip
-    if status.sandbox_notice:
-        st.info(status.sandbox_notice)
+            st.session_state["qulab_reset_done"] = True
+            st.rerun()
 
 
-def lines(*texts: str) -> str:
-    """Several lines in one Markdown element (a hard line break between the non-empty ones)."""
-    return "  \n".join(text for text in texts if text)
-
-
-def paragraphs(*texts: str) -> str:
-    """Several paragraphs in one Markdown element."""
-    return "\n\n".join(text for text in texts if text)
+def render_sandbox(lab: Lab, status: RuntimeStatus) -> None:
+    """The learner's sandbox: its id, and the two ways to start afresh (each asks first)."""
+    sidebar = st.sidebar
+    sidebar.caption(
+        "**Your sandbox**",
+        help="Your own database and Redis keys. The link in your address bar (?sandbox=…) brings "
+        "you back to it; anyone you give it to sees and changes the same data.",
+    )
+    sidebar.code(status.sandbox_id, language=None)
+    if sidebar.button("New sandbox", key="qulab_new_sandbox", width="stretch"):
+        confirm_new_sandbox(status.sandbox_id)
+    if sidebar.button("Reset my sandbox", key="qulab_reset_sandbox", width="stretch"):
+        confirm_reset(lab)
+    if st.session_state.pop("qulab_reset_done", False):
+        sidebar.success("Your sandbox is empty again.")
+    if not status.redis_answers:
+        sidebar.warning("Redis is not answering right now: reads come from the database.")
 
 
 def render_class_full(error: ClassFullError) -> None:
-    """The page a newcomer sees when every place is taken.
-
-    Nobody else's work is touched to make room.
-    """
+    """The page a newcomer sees when every place is taken: nobody else's work is touched."""
     st.title("The class is full")
     st.warning(
-        f"The class is full: {error.in_class} learners are working on this server right now, "
-        f"and it has room for {error.capacity} (set by {error.limited_by}). "
-        "Nobody's sandbox is closed to make room."
+        f"Every place on this server is taken: {error.in_class} learners are working right now. "
+        "Nobody's sandbox is closed to make room for a newcomer."
     )
+    minutes = max(1, round(error.retry_after_seconds / 60))
     st.markdown(
         f"A place frees as soon as a learner closes their tab. Reload this page in about "
-        f"{max(1, round(error.retry_after_seconds / 60))} minute(s). "
-        "If you had a sandbox link (?sandbox=…), keep it: your data is still there."
+        f"{minutes} minute{'s' if minutes != 1 else ''}. If you had a sandbox link "
+        "(?sandbox=…), keep it: your data is still there."
     )
 
 
+def render_welcome_back(remembered: str) -> None:
+    """A bare address, and this browser has a sandbox: offer it, or a new one."""
+    st.title("Welcome back to QuLab")
+    st.markdown("This browser used a sandbox here before. Go on where you left off?")
+    st.code(remembered, language=None)
+    left, right = st.columns(2)
+    left.button(
+        "Continue your last sandbox",
+        type="primary",
+        on_click=choose_sandbox,
+        args=(st.session_state, st.query_params, remembered),
+    )
+    right.button(
+        "Start a new sandbox",
+        on_click=choose_sandbox,
+        args=(st.session_state, st.query_params, new_sandbox_id()),
+    )
+
+
+if navigation.url_path == INSTRUCTOR.url_path:  # the instructor is not a learner: no sandbox
+    navigation.run()
+    st.stop()
+if remembered := remembered_sandbox(st.session_state, st.query_params, st.context.cookies):
+    render_welcome_back(remembered)
+    st.stop()
 try:
     hold = browser_session_hold(st.session_state.setdefault("qulab_session_key", new_sandbox_id()))
     lab = lab_for_browser_session(st.session_state, st.query_params, hold=hold)
-    render_navigation(
-        lab.sandbox_id
-    )  # before anything that can stop the run: the links always show
-    render_status(runtime_status(lab))
+    render_navigation(lab.sandbox_id)  # first: the links show whatever happens next
+    status = runtime_status(lab)
+    remember_redis_shown(status)  # section 4, drawn in this run, says the same
+    render_progress(lab)
+    render_sandbox(lab, status)
+    render_server_details(status)
+    render_instructor_sees(lab)  # only with an instructor key set; drawn only while open
+    if st.session_state.get("qulab_remembered") != lab.sandbox_id:  # once per session and id
+        st.session_state["qulab_remembered"] = lab.sandbox_id
+        script = remember_sandbox_script(lab.sandbox_id) + LINK_SCRIPT
+        st.sidebar.html(f"<script>{script}</script>", unsafe_allow_javascript=True)
 except ClassFullError as error:
     render_class_full(error)
     st.stop()
+except OperationTimeoutError:  # the server is overloaded, not broken: say so, and what to do
+    st.warning(
+        "The server is very busy: your sandbox did not open in time. Reload the page in a "
+        "moment; nothing of yours is lost."
+    )
+    st.stop()
 except source.QuLabError as error:
-    st.error(f"QuLab cannot start its data layer: {error}")
+    st.error(f"QuLab cannot start its data layer: {plain_text(str(error))}")  # a URL: no Markdown
     st.stop()
 
+if status.sandbox_notice:
+    st.info(status.sandbox_notice)
+render_class_message()  # only with an instructor key set: a small fragment, plain text
 navigation.run()
-render_progress(lab)  # after the page: counts this click too

@@ -212,20 +212,28 @@ def validate_education_level(value: Any) -> Optional[str]:
 
 
 def validate_years_experience(value: Any) -> Optional[float]:
-    """Years of experience from 0 to 80 (a number, or text of ASCII digits); None when not given."""
+    """Years of experience from 0 to 80, at most two decimals (a number, or text such as "2.5");
+    None when not given. What a form shows is what is stored: nothing rounded away."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, str):
         text_value = value.strip()
-        if not text_value.isascii() or not re.fullmatch(r"[0-9]*\.?[0-9]+", text_value):
+        # A sign is read, so "-5" is told the range rather than that it is not a number.
+        if not re.fullmatch(r"-?[0-9]*\.?[0-9]+", text_value):
             raise ValidationError(
                 f"Years of experience must be a number such as 4 or 2.5; got {text_value!r}.",
                 field="years_experience",
             )
-        value = float(text_value)
-    return validate_number(
+        value = float(text_value) or 0.0  # "-0" is 0
+    years = validate_number(
         value, label="Years of experience", low=0, high=80, field="years_experience"
     )
+    if round(years, 2) != years:
+        raise ValidationError(
+            "Years of experience takes at most two decimals (2.25, not 2.251).",
+            field="years_experience",
+        )
+    return years
 
 
 def validate_number(value: Any, *, label: str, low: float, high: float, field: str = "") -> float:
@@ -355,8 +363,10 @@ class Assessment(Base, TimestampMixin):
     items_administered: Mapped[int] = mapped_column(default=0)
     user: Mapped[User] = relationship(back_populates="assessments")
 
-    @validates("current_ability")
-    def _check_ability(self, key: str, value: Any) -> float:
+    @validates("current_ability", "items_administered")
+    def _check_numbers(self, key: str, value: Any) -> float:
+        if key == "items_administered":  # a count: True, 2.5, NaN and ±inf are refused
+            return validate_whole_number(value, label="Items administered", low=0, high=10_000)
         low, high = ABILITY_BOUNDS
         return validate_number(value, label="Current ability", low=low, high=high)
 
@@ -972,8 +982,7 @@ async def load_users_and_scores(
 CACHE_TTL_SECONDS = 300
 CACHE_TTL_JITTER = 0.10  # each key lives TTL ± 10 %, so keys written together expire apart
 HIT, MISS, FALLBACK = "HIT", "MISS", "FALLBACK"  # FALLBACK: Redis failed, the database answered
-# Every way a Redis call can fail.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (
+REDIS_ERRORS: tuple[type[BaseException], ...] = (  # every way a Redis call can fail
     redis.exceptions.RedisError,
     OSError,
     asyncio.TimeoutError,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -58,6 +59,32 @@ def result(
         "target": target,
         "met": met,
     }
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of one measure's rounds."""
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[0], ordered[-1]
+
+
+def spread_result(
+    benchmark: str,
+    measure: str,
+    rounds: list[float],
+    *,
+    unit: str = "×",
+    target: Optional[float] = None,
+) -> dict[str, Any]:
+    """A row whose value is the median of interleaved rounds, with their min and max beside it;
+    `met` (value ≤ target) judges the median."""
+    median, low, high = spread(rounds)
+    shown_unit = f"{unit} (min {low:.3g}, max {high:.3g}, {len(rounds)} interleaved rounds)"
+    if target is None:
+        return result(benchmark, measure, median, unit=shown_unit)
+    return result(
+        benchmark, measure, median, unit=shown_unit, target=f"≤ {target:g}{unit}",
+        met=median <= target,
+    )  # fmt: skip
 
 
 def import_bench_module(name: str) -> ModuleType:

@@ -35,6 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from sqlalchemy import text  # noqa: E402
+from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
+
 import source  # noqa: E402
 from classroom.cache.coherent import cached_users  # noqa: E402
 from classroom.cache.link import RedisService  # noqa: E402
@@ -140,6 +143,18 @@ async def measure_hung_redis(
             async with sandbox.session_factory() as session:
                 await source.UserRepository(session).get(user_id)
 
+        # The floor: the same row by a bare engine on the same file, no QuLab code at all.
+        bare = None
+        if registry.backend == "sqlite":
+            bare = create_async_engine(f"sqlite+aiosqlite:///{sandbox.location}")
+
+        async def bare_engine_read() -> None:
+            assert bare is not None
+            async with bare.connect() as connection:
+                await connection.execute(
+                    text("SELECT * FROM users WHERE id = :id"), {"id": user_id}
+                )
+
         async def cached_read_while_hung() -> None:
             if (await cache.get_user(user_id=user_id)).outcome != source.FALLBACK:
                 raise RuntimeError("expected the database to answer while Redis hangs")
@@ -149,14 +164,18 @@ async def measure_hung_redis(
             started = time.perf_counter()
             await cached_read_while_hung()  # waits one command timeout; the breaker opens
             first_ms = (time.perf_counter() - started) * 1000
-            samples: dict[str, list[float]] = {"uncached": [], "hung": []}
+            samples: dict[str, list[float]] = {"uncached": [], "hung": [], "bare": []}
             for round_number in range(rounds):
                 pairs = [("uncached", uncached_read), ("hung", cached_read_while_hung)]
+                if bare is not None:
+                    pairs.append(("bare", bare_engine_read))
                 for name, operation in pairs if round_number % 2 else reversed(pairs):
                     samples[name].append(await _mean_ms(operation, CALLS_PER_ROUND))
             trips = redis_service.breaker.trips
         finally:
             process.send_signal(signal.SIGCONT)
+            if bare is not None:
+                await bare.dispose()
         thawed = time.monotonic()
         while (await cache.get_user(user_id=user_id)).outcome == source.FALLBACK:
             if time.monotonic() - thawed > 120:
@@ -169,6 +188,11 @@ async def measure_hung_redis(
             "hung ÷ uncached": statistics.median(
                 h / u for h, u in zip(samples["hung"], samples["uncached"], strict=True)
             ),
+            "hung ÷ bare engine": statistics.median(
+                h / b for h, b in zip(samples["hung"], samples["bare"], strict=True)
+            )
+            if samples["bare"]
+            else None,
             "breaker trips": trips,
             "recovery (s)": time.monotonic() - thawed,
             "cooling (s)": redis_service.breaker.cooling_seconds,

@@ -22,13 +22,12 @@ from typing import Any, Optional
 
 import websockets
 from benchtools import PROJECT_ROOT, process_cpu_seconds  # puts the project first on sys.path
-from streamlit.proto.BackMsg_pb2 import BackMsg
-from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 from classroom.browser import SANDBOX_URL_PARAMETER
 
 sys.path.insert(1, str(PROJECT_ROOT / "tests"))  # after the project: tests/ holds no classroom
 sys.path.insert(2, str(PROJECT_ROOT / "tests" / "e2e"))
+from streamlit_socket import RunOutcome, StreamlitTab  # noqa: E402  (tests/streamlit_socket.py)
 
 INITIALIZE = "Initialize In-Memory SQLite Database & Create Sample Users"
 CREATE_USER = "Create User"
@@ -39,11 +38,9 @@ RUN_POOL_EXPERIMENT = "Run Pooling Experiment"
 RUN_CACHE_EXPERIMENT = "Run Cache Experiment"
 STORE_BURST = "Store Burst of AIRScores"
 BURST_SIZE = "Scores in the burst"
+SERVER_START_SECONDS = 60.0
 # The long experiments a heavy learner repeats, each at its maximum (see experiment_until).
 HEAVY_KINDS = ("strategies", "pool", "cache", "burst")
-CLICK_TIMEOUT_SECONDS = 60.0
-SERVER_START_SECONDS = 60.0
-_DONE = (ForwardMsg.FINISHED_SUCCESSFULLY, ForwardMsg.FINISHED_WITH_COMPILE_ERROR)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,21 +131,6 @@ def stop_replica(replica: Replica) -> None:
 
 
 @dataclass
-class RunOutcome:
-    """What one script run (a page load or a click) showed."""
-
-    seconds: float
-    buttons: dict[str, str] = field(default_factory=dict)  # label -> widget id
-    text_inputs: dict[str, str] = field(default_factory=dict)  # label -> widget id
-    sliders: dict[str, float] = field(default_factory=dict)  # widget id -> its maximum
-    number_inputs: dict[str, tuple[str, float]] = field(
-        default_factory=dict
-    )  # label -> (widget id, its maximum)
-    errors: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-
-
-@dataclass
 class LearnerReport:
     number: int
     sandbox_id: str = ""
@@ -160,90 +142,115 @@ class LearnerReport:
     email: str = ""
     moved: bool = False
     heavy: bool = False  # runs the long experiments over and over instead of walking the guide
+    initialized: bool = False  # its Initialize click finished (the sample users are expected)
+    # (connection lost at, back at) in time.monotonic(): each time its server went away and it
+    # reconnected and saw its page again, as a browser tab does
+    recoveries: list[tuple[float, float]] = field(default_factory=list)
+    interrupted: int = 0  # clicks whose answer never came (the server died under them)
 
 
-class SimulatedLearner:
-    """A browser tab reduced to its websocket: reruns with widget states, reads ForwardMsgs."""
+RECONNECT_SECONDS = 60.0  # how long a tab keeps trying to reach the app again
+RECONNECT_PAUSE_SECONDS = 0.5  # between two tries
 
-    def __init__(self, number: int, replica: Replica) -> None:
+
+class SimulatedLearner(StreamlitTab):
+    """A tab of the class: the guide's path or a heavy experiment, with what it saw recorded.
+
+    With reconnects=True it behaves as a browser tab when its server goes away (behind a load
+    balancer that sends it to another): it notices the closed websocket at once, even between
+    clicks, connects again and reruns its page (same ?sandbox=), and a click whose answer never
+    came is answered by that page instead (RunOutcome.interrupted).
+    """
+
+    def __init__(self, number: int, replica: Replica, *, reconnects: bool = False) -> None:
+        super().__init__(replica.port)
         self.report = LearnerReport(number)
         self.replica = replica
-        self.socket: Any = None
-        self.pages: dict[str, str] = {}  # url path ('' for the default page) -> page script hash
-        self.page_hash = ""
-        self.query_string = ""
+        self.reconnects = reconnects
+        self.closing = False
+        self.recovery: Optional[asyncio.Task[RunOutcome]] = None
+        self.watcher: Optional[asyncio.Task[None]] = None
 
-    async def connect(self, replica: Replica) -> None:
-        if self.socket is not None:
-            await self.socket.close()
-        self.replica = replica
-        self.socket = await websockets.connect(
-            f"ws://127.0.0.1:{replica.port}/_stcore/stream",
-            subprotocols=["streamlit"],
-            max_size=None,
-            open_timeout=30,
-        )
+    async def connect(self, replica: Optional[Replica] = None) -> None:  # type: ignore[override]
+        """Open the websocket, to this replica or to another one (a learner moved)."""
+        if replica is not None:
+            self.replica = replica
+        await super().connect(self.replica.port)
+        if self.reconnects:
+            self.watcher = asyncio.create_task(self._notice_loss(self.socket))
 
-    async def rerun(self, widget_states: tuple[tuple[str, str, Any], ...] = ()) -> RunOutcome:
-        """Send one rerun (the current page, these widget states) and read until its script ends."""
-        message = BackMsg()
-        message.rerun_script.query_string = self.query_string
-        message.rerun_script.page_script_hash = self.page_hash
-        for widget_id, kind, value in widget_states:
-            state = message.rerun_script.widget_states.widgets.add()
-            state.id = widget_id
-            if kind == "double_array_value":
-                state.double_array_value.data.extend(value)
-            else:
-                setattr(state, kind, value)
-        started = time.perf_counter()
-        await self.socket.send(message.SerializeToString())
-        outcome = RunOutcome(seconds=0.0)
-        async with asyncio.timeout(CLICK_TIMEOUT_SECONDS):
-            while True:
-                forward = ForwardMsg()
-                forward.ParseFromString(await self.socket.recv())
-                kind = forward.WhichOneof("type")
-                if kind == "navigation":
-                    self.pages = {
-                        page.url_pathname: page.page_script_hash
-                        for page in forward.navigation.app_pages
-                    }
-                    self.page_hash = forward.navigation.page_script_hash or self.page_hash
-                elif kind == "new_session" and forward.new_session.page_script_hash:
-                    self.page_hash = self.page_hash or forward.new_session.page_script_hash
-                elif kind == "page_info_changed":
-                    self.query_string = forward.page_info_changed.query_string
-                elif kind == "delta" and forward.delta.WhichOneof("type") == "new_element":
-                    _read_element(forward.delta.new_element, outcome)
-                elif kind == "script_finished" and forward.script_finished in _DONE:
-                    break
-        outcome.seconds = time.perf_counter() - started
+    async def close(self) -> None:
+        """Close the tab (no reconnect)."""
+        self.closing = True
+        await super().close()
+
+    async def _notice_loss(self, socket: Any) -> None:
+        """As the frontend does: a websocket that closes under the tab starts a reconnect."""
+        await socket.wait_closed()
+        if socket is self.socket and not self.closing and self.recovery is None:
+            self.recovery = asyncio.create_task(self._recover(time.monotonic()))
+
+    async def _recover(self, lost_at: float) -> RunOutcome:
+        """Connect again (bounded, with a pause between tries) and rerun the current page."""
+        deadline = lost_at + RECONNECT_SECONDS
+        while True:
+            try:
+                self.socket = None
+                await self.connect()
+                outcome = await StreamlitTab.rerun(self)
+                self.report.recoveries.append((lost_at, time.monotonic()))
+                return outcome
+            except (TimeoutError, OSError, websockets.WebSocketException) as error:
+                if time.monotonic() > deadline:
+                    self.report.errors.append(f"never reconnected: {type(error).__name__}")
+                    raise
+                await asyncio.sleep(RECONNECT_PAUSE_SECONDS)
+
+    async def rerun(
+        self, widget_states: tuple[tuple[str, str, Any], ...] = (), *, fragment_id: str = ""
+    ) -> RunOutcome:
+        """A rerun whose errors go into the learner's report (after a reconnect, if one runs)."""
+        if self.recovery is not None:
+            await self._recovered()
+        try:
+            outcome = await super().rerun(widget_states, fragment_id=fragment_id)
+        except (OSError, websockets.ConnectionClosed):
+            if not self.reconnects or self.closing:
+                raise
+            if self.recovery is None:
+                self.recovery = asyncio.create_task(self._recover(time.monotonic()))
+            outcome = await self._recovered()
+            outcome.interrupted = True
+            self.report.interrupted += 1
         self.report.errors.extend(outcome.errors)
         return outcome
 
+    async def _recovered(self) -> RunOutcome:
+        assert self.recovery is not None
+        try:
+            return await self.recovery
+        finally:
+            self.recovery = None
+
     async def open(self) -> RunOutcome:
         """Load the app as a new tab does (no ?sandbox=, or the one it has on a reload)."""
-        await self.connect(self.replica)
-        self.page_hash = ""
-        outcome = await self.rerun()
+        outcome = await super().open()
         self.report.sandbox_id = dict(
             part.split("=", 1) for part in self.query_string.split("&") if "=" in part
         ).get(SANDBOX_URL_PARAMETER, "")
-        if any(
-            "full" in text.lower() and "class" in text.lower()
-            for text in outcome.texts + outcome.errors
+        if any(  # app.py's render_class_full
+            "place on this server is taken" in text for text in outcome.texts + outcome.errors
         ):
             self.report.turned_away = True
         return outcome
 
     async def go_to(self, url_path: str) -> RunOutcome:
-        self.page_hash = self.pages[url_path]
-        outcome = await self.rerun()
-        self.report.clicks.append(outcome.seconds)
+        outcome = await super().go_to(url_path)
+        if not outcome.interrupted:
+            self.report.clicks.append(outcome.seconds)
         return outcome
 
-    async def press(
+    async def press(  # type: ignore[override]
         self,
         page: RunOutcome,
         label: str,
@@ -269,9 +276,9 @@ class SimulatedLearner:
                 (widget_id, "int_value", int(maximum))
                 for widget_id, maximum in page.number_inputs.values()
             ]
-        states.append((page.buttons[label], "trigger_value", True))
-        outcome = await self.rerun(tuple(states))
-        self.report.clicks.append(outcome.seconds)
+        outcome = await super().press(page, label, tuple(states))
+        if not outcome.interrupted:  # a click lost with its server is counted in recoveries
+            self.report.clicks.append(outcome.seconds)
         return outcome
 
     async def walk(
@@ -290,16 +297,22 @@ class SimulatedLearner:
             await think()
             page = await self.go_to("connectivity_pooling")
             await think()
-            await self.press(page, INITIALIZE)
+            before = len(self.report.errors)
+            initialized = await self.press(page, INITIALIZE)
+            self.report.initialized = (
+                not initialized.interrupted and len(self.report.errors) == before
+            )
             await think()
             page = await self.go_to("data_models")
             await think()
             self.report.email = f"learner{self.report.number}.{self.report.sandbox_id}@example.com"
-            await self.press(
+            created = await self.press(
                 page,
                 CREATE_USER,
                 {"Email": self.report.email, "Name": f"Learner {self.report.number}"},
             )
+            if created.interrupted:  # it never saw the user created: nothing promised
+                self.report.email = ""
             if (
                 other_replica is not None
             ):  # a reload that lands on the other replica, with ?sandbox=
@@ -316,15 +329,14 @@ class SimulatedLearner:
             page = await self.go_to("eventing_outbox")
             await think()
             before = len(self.report.errors)
-            await self.press(page, STORE_SCORE)
-            self.report.stores += len(self.report.errors) == before
+            stored = await self.press(page, STORE_SCORE)
+            self.report.stores += len(self.report.errors) == before and not stored.interrupted
             await think()
             await self.go_to("")
         except (TimeoutError, OSError, websockets.WebSocketException, KeyError) as error:
             self.report.errors.append(f"{type(error).__name__}: {error}")
         finally:
-            if self.socket is not None:
-                await self.socket.close()
+            await self.close()
 
     async def experiment_until(self, done: asyncio.Event, kind: str = "strategies") -> None:
         """The heavy learner: one long experiment (of HEAVY_KINDS) at its maximum, back to back.
@@ -343,7 +355,8 @@ class SimulatedLearner:
         try:
             await self.open()
             page = await self.go_to("connectivity_pooling")
-            await self.press(page, INITIALIZE)
+            initialized = await self.press(page, INITIALIZE)
+            self.report.initialized = not (initialized.interrupted or self.report.errors)
             while not done.is_set():
                 page = await self.go_to(page_of[kind])
                 if kind == "strategies":
@@ -357,31 +370,7 @@ class SimulatedLearner:
         except (TimeoutError, OSError, websockets.WebSocketException, KeyError) as error:
             self.report.errors.append(f"{type(error).__name__}: {error}")
         finally:
-            if self.socket is not None:
-                await self.socket.close()
-
-
-def _read_element(element: Any, outcome: RunOutcome) -> None:
-    kind = element.WhichOneof("type")
-    if kind == "button":
-        outcome.buttons[element.button.label] = element.button.id
-    elif kind == "text_input":
-        outcome.text_inputs[element.text_input.label] = element.text_input.id
-    elif kind == "slider":
-        outcome.sliders[element.slider.id] = element.slider.max
-    elif kind == "number_input":
-        outcome.number_inputs[element.number_input.label] = (
-            element.number_input.id,
-            element.number_input.max,
-        )
-    elif kind == "exception":
-        outcome.errors.append(f"exception: {element.exception.type}: {element.exception.message}")
-    elif kind == "alert":
-        if element.alert.format == element.alert.ERROR:
-            outcome.errors.append(f"error: {element.alert.body}")
-        outcome.texts.append(element.alert.body)
-    elif kind == "markdown":
-        outcome.texts.append(element.markdown.body)
+            await self.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +401,7 @@ def browser_walk(replica: Replica, count: int, reports: list[LearnerReport]) -> 
                         started = time.perf_counter()
                         step()
                         report.clicks.append(time.perf_counter() - started)
+                    report.initialized = True
                     report.email = f"browser{number}.{report.sandbox_id}@example.com"
                     bt.fill(page, "Email", report.email)
                     bt.fill(page, "Name", f"Browser Learner {number}")

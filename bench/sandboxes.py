@@ -31,6 +31,7 @@ from benchtools import print_table, result
 
 import source
 from classroom.config import Settings
+from classroom.demos import eventing
 from classroom.demos.pooling import (
     MAX_POOL_EXPERIMENT_REQUESTS,
     compare_pooling_on,
@@ -38,6 +39,7 @@ from classroom.demos.pooling import (
 )
 from classroom.engines import open_engine
 from classroom.runtime import Runtime
+from classroom.sandboxes.lifecycle import still_going_dormant
 from classroom.sandboxes.reset import initialize_sandbox
 from classroom.sandboxes.sandbox import Sandbox, new_sandbox_id
 
@@ -101,22 +103,48 @@ def footprint(runtime: Runtime, learners: int) -> list[dict[str, Any]]:
 
 
 def wal_after_burst(runtime: Runtime) -> list[dict[str, Any]]:
+    """Section 5's burst of 500 scores with the publisher on, as a connected learner makes it:
+    the sandbox's files in RAM once every event is delivered and one lifecycle pass ran (the
+    learner is still there, so the sandbox stays awake), then once it went dormant."""
     if runtime.sandboxes.backend != "sqlite":
         return []
     lab = runtime.lab(new_sandbox_id())
     lab.run(initialize_sandbox)
-    for number in range(500):
-        lab.run(source.create_user, email=f"burst{number}@example.com", name=f"Burst {number}")
-    wal = Path(runtime.sandboxes.get_existing(lab.sandbox_id).location + "-wal")
-    awake_mb = wal.stat().st_size / 1e6 if wal.exists() else 0.0
+    lab.run(eventing.start_event_publisher)
+    lab.run(eventing.store_airscore_burst, count=500, timeout=600)
+    wait_until(lambda: lab.run(eventing.outbox_status).delivered >= 500, seconds=120)
+    location = runtime.sandboxes.get_existing(lab.sandbox_id).location
+
+    def files_mb(suffixes: tuple[str, ...] = ("", "-wal", "-shm")) -> float:
+        paths = [Path(location + suffix) for suffix in suffixes]
+        return sum(path.stat().st_size for path in paths if path.exists()) / 1e6
+
+    before_pass_mb, wal_before_mb = files_mb(), files_mb(("-wal",))
+    runtime.run(runtime.sandboxes.sweep())  # the runtime's lifecycle pass, every 15 s or less
+    awake_mb = files_mb()
     lab.close()
-    wait_until(lambda: not runtime.sandboxes.get_existing(lab.sandbox_id).awake)
-    dormant_mb = wal.stat().st_size / 1e6 if wal.exists() else 0.0
+    sandbox = runtime.sandboxes.get_existing(lab.sandbox_id)
+    wait_until(lambda: not sandbox.awake and not still_going_dormant(sandbox), seconds=120)
+    dormant_mb = files_mb()
     return [
-        result("sandboxes", "WAL after a 500-write burst, awake", awake_mb, unit="MB"),
         result(
             "sandboxes",
-            "WAL after the burst, dormant (checkpointed)",
+            "files of an awake sandbox after a 500-write burst with the publisher on, "
+            f"before the next lifecycle pass (WAL {wal_before_mb:.2f} MB)",
+            before_pass_mb,
+            unit="MB",
+        ),
+        result(
+            "sandboxes",
+            "the same after the lifecycle pass (it trims the WAL of a sandbox at rest)",
+            awake_mb,
+            unit="MB",
+            target="≤ 1 MB",
+            met=awake_mb <= 1,
+        ),
+        result(
+            "sandboxes",
+            "the same once dormant (checkpointed)",
             dormant_mb,
             unit="MB",
             target="≤ 1 MB",

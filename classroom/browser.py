@@ -8,7 +8,7 @@ two learners never share a sandbox unless one hands the other the URL.
 from __future__ import annotations
 
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Optional
 
 from classroom.runtime import Lab, Runtime, get_runtime
@@ -17,6 +17,8 @@ from classroom.sandboxes.sandbox import SANDBOX_ID_PATTERN, new_sandbox_id
 SANDBOX_STATE_KEY = "qulab_sandbox_id"
 SANDBOX_HOLDER_KEY = "qulab_sandbox_holder"
 SANDBOX_URL_PARAMETER = "sandbox"
+LAST_SANDBOX_COOKIE = "qulab_last_sandbox"  # the browser's last sandbox, offered on a bare URL
+LAST_SANDBOX_COOKIE_SECONDS = 30 * 24 * 3600
 
 
 class BrowserSessionHold:
@@ -76,3 +78,40 @@ def switch_to_new_sandbox(
     state[SANDBOX_STATE_KEY] = sandbox_id
     url_parameters[SANDBOX_URL_PARAMETER] = sandbox_id
     return sandbox_id
+
+
+def remembered_sandbox(
+    state: Mapping[str, Any], url_parameters: Mapping[str, Any], cookies: Mapping[str, str]
+) -> Optional[str]:
+    """The sandbox this browser used last, to offer when a visit brings none of its own.
+
+    None when the session or the URL already names a sandbox, or the browser remembers none.
+    """
+    if state.get(SANDBOX_STATE_KEY) or url_parameters.get(SANDBOX_URL_PARAMETER):
+        return None
+    remembered = cookies.get(LAST_SANDBOX_COOKIE)
+    return (
+        remembered
+        if isinstance(remembered, str) and SANDBOX_ID_PATTERN.fullmatch(remembered)
+        else None
+    )
+
+
+def choose_sandbox(
+    state: MutableMapping[str, Any], url_parameters: MutableMapping[str, Any], sandbox_id: str
+) -> None:
+    """This browser session goes on in the sandbox with this id (a checked one)."""
+    if not SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
+        raise ValueError("malformed sandbox id")
+    state[SANDBOX_STATE_KEY] = sandbox_id
+    url_parameters[SANDBOX_URL_PARAMETER] = sandbox_id
+
+
+def remember_sandbox_script(sandbox_id: str) -> str:
+    """A script that makes the browser remember its sandbox (a first-party cookie, 30 days)."""
+    if not SANDBOX_ID_PATTERN.fullmatch(sandbox_id):
+        raise ValueError("malformed sandbox id")
+    return (
+        f"document.cookie = '{LAST_SANDBOX_COOKIE}={sandbox_id}; path=/; "
+        f"max-age={LAST_SANDBOX_COOKIE_SECONDS}; SameSite=Lax';"
+    )

@@ -27,6 +27,7 @@ import source
 logger = logging.getLogger("qulab")
 
 RAM_BACKED_DIRECTORY = Path("/dev/shm")
+CLASS_NAME_PATTERN = re.compile(r"[a-z0-9_]{1,24}")
 
 
 class ConfigurationError(source.QuLabError):
@@ -51,16 +52,24 @@ class Settings:
     max_sandboxes: int = 200  # at most this many awake sandboxes, whatever the budget allows
     memory_budget_mb: float = 1024.0  # memory this process may spend on awake sandboxes
     connection_budget: int = 800  # connections (SQLite: driver threads) this process may open
-    replicas: int = (
-        1  # app processes sharing one PostgreSQL: each takes 1/replicas of max_connections
-    )
+    # the fewest app processes each assumes share its PostgreSQL; each counts those it sees
+    replicas: int = 1
     sqlite_pool_size: int = 1  # one learner's sandbox: one connection kept, a few more in a burst
     sqlite_max_overflow: int = 2
     sandbox_directory: Optional[str] = None  # None: /dev/shm when writable, else the temp dir
     redis_connect_timeout_seconds: float = 1.0
+    # How long one Redis command may take before it counts as a failure (and the breaker opens):
+    # the wait of the first read after Redis hangs. A busy class delays the loop itself, so a
+    # value far below a second can trip the breaker that every sandbox shares.
+    redis_command_timeout_seconds: float = 1.0
+    # A server that takes the TCP connection and never answers (a wrong port, a hung host) fails
+    # after this long, with a message, instead of hanging the page for asyncpg's 60 s.
+    database_connect_timeout_seconds: float = 10.0
     gil_switch_interval_ms: float = (
         1.0  # how long a busy thread keeps the GIL from one that waits (Python's: 5 ms)
     )
+    stuck_minutes: float = 10.0  # the instructor's page: on one step longer than this is stuck
+    class_name: str = ""  # several classes on one PostgreSQL: each its own roster tables
 
     def __post_init__(self) -> None:
         for url in (
@@ -117,7 +126,25 @@ class Settings:
             gil_switch_interval_ms=number(
                 "QULAB_GIL_SWITCH_INTERVAL_MS", cls.gil_switch_interval_ms, minimum=0.1
             ),
+            database_connect_timeout_seconds=number(
+                "QULAB_DATABASE_CONNECT_TIMEOUT", cls.database_connect_timeout_seconds, minimum=0.1
+            ),
+            redis_command_timeout_seconds=number(
+                "QULAB_REDIS_TIMEOUT", cls.redis_command_timeout_seconds, minimum=0.01
+            ),
+            stuck_minutes=number("QULAB_STUCK_MINUTES", cls.stuck_minutes, minimum=0.01),
+            class_name=_class_name(environ.get("QULAB_CLASS", "")),
         )
+
+
+def _class_name(raw: str) -> str:
+    """QULAB_CLASS: lower-case letters, digits and _, up to 24 (it names tables)."""
+    name = raw.strip()
+    if name and not CLASS_NAME_PATTERN.fullmatch(name):
+        raise ConfigurationError(
+            f"QULAB_CLASS must be up to 24 lower-case letters, digits or _, got {name!r}."
+        )
+    return name
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,14 @@ SQLITE_WAL_LIMIT_BYTES = (
     512 * 1024
 )  # a checkpoint truncates the WAL back to this (RAM under /dev/shm)
 SQLITE_WAL_CHECKPOINT_PAGES = 200  # checkpoint every ~800 KB of WAL instead of SQLite's 4 MB
+# PostgreSQL shows it in pg_stat_activity: QuLab's connections are told from other clients', and
+# each replica's shared engine names itself (classroom.sandboxes.replicas) so replicas count it.
+QULAB_APPLICATION_NAME = "qulab"
+
+
+def application_name_arguments(name: str) -> dict[str, Any]:
+    """asyncpg's connect arguments that set the connection's application_name."""
+    return {"server_settings": {"application_name": name}}
 
 
 def _sqlite_connection_setup(busy_timeout_seconds: float) -> Callable[[Any, Any], None]:
@@ -70,6 +78,11 @@ def open_engine(url: URL, settings: Settings, **overrides: Any) -> AsyncEngine:
         "pre_ping": not is_sqlite,
     }
     options.update(overrides)
+    if url.get_backend_name() == "postgresql":
+        options.setdefault("connect_args", application_name_arguments(QULAB_APPLICATION_NAME))
+        # Bounded: a port that takes the connection and never speaks PostgreSQL fails in time.
+        timeout = {"timeout": settings.database_connect_timeout_seconds}
+        options["connect_args"] = {**timeout, **options["connect_args"]}
     if is_sqlite:  # no thread per connection: the process's shared SQLite workers run it
         creator = functools.partial(shared_sqlite.connect, max_workers=settings.connection_budget)
         options.setdefault(

@@ -13,7 +13,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 import source
-from classroom.config import Settings, mask_url, redact_secrets
+from classroom.config import ConfigurationError, Settings, mask_url, redact_secrets
+from classroom.diagnosis import diagnose_database_failure
 
 logger = logging.getLogger("qulab")
 
@@ -44,6 +45,12 @@ def as_qulab_error(error: Exception, what: str, settings: Settings) -> source.Qu
     """
     if isinstance(error, source.QuLabError):
         return error
+    diagnosis = diagnose_database_failure(error, settings)
+    if diagnosis is not None:  # a cause QuLab can name: the message says what to check
+        logger.warning("database unavailable in %s: %s", what, diagnosis.message, exc_info=error)
+        if diagnosis.configuration:
+            return ConfigurationError(diagnosis.message)
+        return BackendUnavailableError(diagnosis.message)
     if isinstance(error, (OperationalError, PoolTimeoutError, OSError)):
         logger.exception("database unavailable in %s", what)
         where = mask_url(settings.database_url) if settings.database_url else "the embedded files"

@@ -22,6 +22,7 @@ from typing import Any, Optional, TypeVar
 from classroom.cache.link import RedisService
 from classroom.config import Settings, resolve_database_target
 from classroom.errors import OperationTimeoutError, as_qulab_error
+from classroom.instructor.service import InstructorService
 from classroom.outbox.broker import BrokerDurability
 from classroom.outbox.status import read_durability_of
 from classroom.progress.evidence import run_and_record
@@ -30,6 +31,27 @@ from classroom.sandboxes.sandbox import Sandbox
 
 logger = logging.getLogger("qulab")
 T = TypeVar("T")
+CACHE_SETTLE_SECONDS = 5.0  # how stale another replica's cache can be after writes Redis missed
+
+
+class _RaisedTimeout(Exception):
+    """An operation's own TimeoutError (a connect timeout), on its way to the calling thread.
+
+    asyncio hands a TimeoutError across as a bare copy, without its traceback or cause, and it
+    is the very class run() meets when its own wait runs out: a database that never answered
+    would read as "the operation was too slow", and its cause could not be named.
+    """
+
+    def __init__(self, error: TimeoutError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _carrying_timeouts(coroutine: Awaitable[T]) -> T:
+    try:
+        return await coroutine
+    except TimeoutError as error:
+        raise _RaisedTimeout(error) from error
 
 
 class Runtime:
@@ -52,7 +74,9 @@ class Runtime:
         self.redis: RedisService
         self.broker_durability: BrokerDurability
         self.sandboxes: SandboxRegistry
+        self.instructor: InstructorService  # the class roster and the instructor's message
         self._lifecycle: Optional[asyncio.Task[None]] = None
+        self._settler: Optional[asyncio.Task[None]] = None
         self._thread.start()
         try:
             self.run(self._start())
@@ -70,7 +94,11 @@ class Runtime:
         # whether a broker restart could lose events (section 13).
         self.broker_durability = await read_durability_of(self.redis)
         self.sandboxes = SandboxRegistry(self.settings, self.redis)
+        self.instructor = InstructorService(self.settings, self.sandboxes)
+        await self.instructor.start()
         self._lifecycle = asyncio.get_running_loop().create_task(self._run_sandbox_lifecycle())
+        if self.sandboxes.backend == "postgresql":  # replicas share sandboxes and their keys
+            self._settler = asyncio.get_running_loop().create_task(self._run_cache_settler())
 
     @property
     def lifecycle_interval_seconds(self) -> float:
@@ -86,9 +114,19 @@ class Runtime:
             await asyncio.sleep(self.lifecycle_interval_seconds)
             try:
                 await self.sandboxes.sweep()
-                await self.sandboxes.reap_abandoned_schemas()
+                await self.sandboxes.reap_abandoned()
             except Exception:
                 logger.exception("the sandbox lifecycle pass failed")
+
+    async def _run_cache_settler(self) -> None:
+        """Every CACHE_SETTLE_SECONDS: writes any replica made while Redis missed them get a new
+        cache epoch, so no replica serves a value from before them for longer than that."""
+        while True:
+            await asyncio.sleep(CACHE_SETTLE_SECONDS)
+            try:
+                await self.sandboxes.settle_missed_invalidations()
+            except Exception:
+                logger.warning("settling missed cache invalidations failed", exc_info=True)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -111,10 +149,14 @@ class Runtime:
             raise RuntimeError(
                 "Runtime.run() was called from the runtime's own loop; await instead."
             )
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
+        future = asyncio.run_coroutine_threadsafe(_carrying_timeouts(coroutine), self._loop)
         try:
             return future.result(timeout)
+        except _RaisedTimeout as carried:
+            raise carried.error from carried.error.__cause__
         except concurrent.futures.TimeoutError:
+            if future.done():  # it finished just as the wait ran out
+                return future.result()
             future.cancel()
             raise OperationTimeoutError(
                 f"The operation did not finish within {timeout:g} seconds and was cancelled."
@@ -153,16 +195,20 @@ class Runtime:
 
         Embedded SQLite files belong to this process and are deleted. PostgreSQL schemas are kept
         (another replica may serve their learners) and reaped once their leases expire; files
-        beside DATABASE_URL=sqlite:///path are kept for the next start, which deletes them
-        once idle.
+        beside DATABASE_URL=sqlite:///path are kept for the next start, whose reaper deletes
+        them, with their Redis keys, once unused for the idle limit.
         """
         if self._closed:
             return
 
         async def shut_down() -> None:
-            if self._lifecycle is not None:
-                self._lifecycle.cancel()
-            await self.sandboxes.close(delete_data=self.sandboxes.target.kind == "embedded")
+            for task in (self._lifecycle, self._settler):
+                if task is not None:
+                    task.cancel()
+            try:
+                await self.sandboxes.close(delete_data=self.sandboxes.target.kind == "embedded")
+            finally:
+                await self.instructor.close()  # after: the sandboxes' last states are written
             await self.redis.close()
 
         try:

@@ -32,6 +32,7 @@ class RuntimeStatus:
     pool_pre_ping: bool
     redis_mode: str
     redis_reason: str
+    redis_answers: bool  # a probe shared with every page drawn meanwhile (RedisService.reading)
     redis_degraded: bool
     redis_cut_off: bool
     redis_last_error: str
@@ -55,13 +56,16 @@ def runtime_status(lab: Lab) -> RuntimeStatus:
     runtime = lab.runtime
 
     async def collect(sandbox: Sandbox) -> RuntimeStatus:
-        return _collect_status(runtime, sandbox, await broker_durability(sandbox))
+        durability = await broker_durability(sandbox)
+        # No await between the reading and the breaker's line: both describe the same moment.
+        answers = (await runtime.redis.reading()).answers and not sandbox.redis.cut_off
+        return _collect_status(runtime, sandbox, durability, answers)
 
     return lab.run(collect, timeout=30)
 
 
 def _collect_status(
-    runtime: Runtime, sandbox: Sandbox, durability: BrokerDurability
+    runtime: Runtime, sandbox: Sandbox, durability: BrokerDurability, redis_answers: bool
 ) -> RuntimeStatus:
     registry, settings = runtime.sandboxes, runtime.settings
     capacity = registry.capacity()
@@ -82,6 +86,7 @@ def _collect_status(
         pool_pre_ping=engine_pre_pings(sandbox.engine),
         redis_mode=runtime.redis.mode,
         redis_reason=runtime.redis.reason,
+        redis_answers=redis_answers,
         redis_degraded=sandbox.redis.health.degraded,
         redis_cut_off=sandbox.redis.cut_off,
         redis_last_error=sandbox.redis.health.last_error,

@@ -4,9 +4,16 @@ import pandas as pd
 import streamlit as st
 
 import source
-from pages.common import SEEN_USER_IDS, open_page, run_or_report, source_code
+from pages.common import (
+    SEEN_USER_IDS,
+    kept_outcome,
+    open_page,
+    run_and_keep,
+    run_or_report,
+    source_code,
+)
 from pages.common.formatting import USER_COLUMNS, entity_relationship_dot, user_as_row
-from pages.common.progress import show_section_progress
+from pages.common.progress import demo_fragment, show_section_progress
 
 lab = open_page()
 MODELS = source.MODEL_CLASSES  # the guide's four, and the inbox of section 5's consumer
@@ -51,58 +58,63 @@ user who does not exist.
     st.graphviz_chart(entity_relationship_dot())
 
 
-def render_create_user() -> None:
-    """The Create User form; bad input gets a message naming the field, and writes nothing."""
+FIELDS = ("email", "name", "occupation_code", "education_level", "years_experience")
+CREATED = "create_user_outcome"
+
+
+def create_user_from_form() -> None:
+    """The form's callback: create the user from what the form shows, and keep the outcome."""
+    values = {field: st.session_state[f"new_user_{field}"] for field in FIELDS}
+    run_and_keep(lab, CREATED, "User not created.", source.create_user, **values)
+
+
+@demo_fragment(lab)
+def create_user_demo() -> None:
+    """The Create User form and the users it made: a click reruns this part of the page only."""
     st.subheader("Try it: create a user")
     st.info(
-        "Section 2's initialize button starts your sandbox fresh: it deletes every user, this "
-        "one too, before creating Alex Smith and Jane Doe. For section 3, use those sample users, "
-        "or a user you create here after initializing."
+        "Section 2's initialize button starts your sandbox fresh: it deletes every user, this one "
+        "too, before creating Alex Smith and Jane Doe. For section 3, use those sample users, or "
+        "a user you create here after initializing."
     )
     with st.form("create_user"):
-        email = st.text_input("Email", placeholder="alex.smith@example.com")
-        name = st.text_input("Name", placeholder="Alex Smith")
+        st.text_input("Email", placeholder="alex.smith@example.com", key="new_user_email")
+        st.text_input("Name", placeholder="Alex Smith", key="new_user_name")
         left, middle, right = st.columns(3)
-        occupation_code = left.text_input("Occupation code (optional)", placeholder="15-1252.00")
-        education_level = middle.selectbox(
-            "Education level (optional)", ["", *source.EDUCATION_LEVELS]
+        left.text_input(
+            "Occupation code (optional)", placeholder="15-1252.00", key="new_user_occupation_code"
         )
-        # No min/max on the widget: out-of-range input reaches source.py's validation,
-        # which says what is wrong.
-        years_experience = right.number_input(
-            "Years of experience (optional, 0 to 80)", value=None, step=0.5
+        middle.selectbox(
+            "Education level (optional)",
+            ["", *source.EDUCATION_LEVELS],
+            key="new_user_education_level",
         )
-        submitted = st.form_submit_button("Create User", type="primary")
-    if not submitted:
-        return
-    user = run_or_report(
-        lab,
-        "User not created.",
-        source.create_user,
-        email=email,
-        name=name,
-        occupation_code=occupation_code,
-        education_level=education_level,
-        years_experience=years_experience,
-    )
-    if user is not None:
-        st.session_state.setdefault(SEEN_USER_IDS, set()).add(user.id)
-        st.success(
-            "User created. Their id (until an initialize in section 2 starts your sandbox fresh):"
+        # Text, not a number box: a browser's number box blanks what it cannot read, and the
+        # user would be created without a word. Here every refusal is said, next to the form.
+        right.text_input(
+            "Years of experience (optional, 0 to 80)",
+            placeholder="4.5",
+            key="new_user_years_experience",
         )
-        st.code(user.id, language=None)
+        st.form_submit_button("Create User", type="primary", on_click=create_user_from_form)
+    users = run_or_report(lab, "Could not list users.", source.list_users) or []
+    if user := kept_outcome(CREATED, keep=True):
+        if user.id in {listed.id for listed in users}:
+            st.session_state.setdefault(SEEN_USER_IDS, set()).add(user.id)
+            st.success("User created. Their id (until an initialize starts your sandbox fresh):")
+            st.code(user.id, language=None)
+        else:  # a result about a row that is gone describes nothing: say so once, then drop it
+            st.session_state.pop(CREATED, None)
+            st.info("The user you created last is gone: your sandbox was started afresh since.")
+    render_users(users)
 
 
-def render_users() -> None:
+def render_users(users: list[source.User]) -> None:
     """The users in this learner's sandbox, newest first."""
     st.subheader("Users in your sandbox")
-    users = run_or_report(lab, "Could not list users.", source.list_users) or []
     if users:
-        st.dataframe(
-            pd.DataFrame([user_as_row(user) for user in users]),
-            hide_index=True,
-            column_config=USER_COLUMNS,
-        )
+        rows = pd.DataFrame([user_as_row(user) for user in users])
+        st.dataframe(rows, hide_index=True, column_config=USER_COLUMNS)
     else:
         st.info("No users yet. Create one above, or initialize the sample users in section 2.")
 
@@ -125,6 +137,5 @@ st.latex(
     r"\text{Assessments}\right)"
 )
 render_models()
-render_create_user()
-render_users()
+create_user_demo()
 show_section_progress(lab, section=1)

@@ -3,6 +3,9 @@
 import streamlit as st
 
 from pages.common import open_page
+from pages.common.words import GLOSSARY
+
+GLOSSARY_KEY = "qulab_glossary_open"
 
 open_page()
 
@@ -54,6 +57,16 @@ right.markdown(
 )
 
 st.info(
-    "Use the sidebar to move through the sections in order. The status panel there shows which "
-    "database and Redis this server uses, and the id of your private sandbox."
+    "Use the sidebar to move through the sections in order. Your progress is there too, checked "
+    "against your own sandbox, with a button to download everything in it."
 )
+# Drawn only while open, as the code listings are: most reruns of the page never look at it.
+words = st.expander(
+    "Words you will meet before a section explains them", key=GLOSSARY_KEY, on_change="rerun"
+)
+if words.open:
+    words.markdown(
+        "\n".join(
+            f"- **{term}**: {meaning.split(': ', 1)[-1]}" for term, meaning in GLOSSARY.items()
+        )
+    )

@@ -12,13 +12,12 @@ from pages.common import (
     SEEN_USER_IDS,
     kept_outcome,
     open_page,
-    plain_text,
     run_and_keep,
     run_or_report,
     show_code,
 )
-from pages.common.formatting import score_as_row
-from pages.common.progress import show_section_progress
+from pages.common.formatting import markdown_table, score_as_row
+from pages.common.progress import demo_fragment, show_section_progress
 
 lab = open_page()
 USER_ID, PICK, ADDED = "n_plus_one_user_id", "n_plus_one_pick", "n_plus_one_added"
@@ -29,12 +28,12 @@ FETCH_BUTTONS = (
 )
 
 
+def ids_listed(listed: n_plus_one.UserList | None) -> set[str]:
+    return listed.ids() if listed is not None else set()
+
+
 def typed_user_id() -> str:
     return str(st.session_state.get(USER_ID, "")).strip().lower()
-
-
-def scores_table(scores: list[source.AIRScore]) -> pd.DataFrame:
-    return pd.DataFrame([score_as_row(score) for score in scores])
 
 
 def copy_picked_id() -> None:
@@ -47,13 +46,21 @@ def add_scores() -> None:  # a callback: it runs before the page draws the user 
     run_and_keep(lab, ADDED, "No scores were added.", operation, user_id=typed_user_id())
 
 
-def render_add_scores() -> None:
+@demo_fragment(lab)
+def scores_and_fetches() -> None:
+    """Steps 1 and 2 share the user id: one fragment, so a click reruns only them."""
+    listed = render_add_scores()
+    render_fetches(listed)
+
+
+def render_add_scores() -> n_plus_one.UserList | None:
     st.subheader("Step 1: choose a user and give them some scores")
     listed = run_or_report(
         lab, "Could not list your users.", n_plus_one.list_users_with_score_counts
     )
     users = listed.users if listed is not None else ()
     if users:
+        # A DataFrame, not Markdown: Markdown would turn a learner's email into a link.
         st.dataframe(pd.DataFrame(users), hide_index=True)
         names = {user.id: f"{user.name} ({user.scores} scores)" for user in users}
         st.selectbox(
@@ -76,13 +83,14 @@ def render_add_scores() -> None:
         )
     seen.update(listed.ids() if listed is not None else ())
     st.button("Add 3 Sample Scores for User", type="primary", on_click=add_scores)
-    if added := kept_outcome(ADDED):
+    if (added := kept_outcome(ADDED, keep=True)) and added[0].user_id in ids_listed(listed):
         st.success(f"Added {len(added)} sample scores; they are in the database now.")
-        st.table(scores_table(added))
+        st.markdown(markdown_table([score_as_row(score) for score in added]))
     show_code(source.add_sample_scores, label="The code Add 3 Sample Scores for User runs")
+    return listed
 
 
-def render_fetches() -> None:
+def render_fetches(listed: n_plus_one.UserList | None) -> None:
     st.subheader("Step 2: fetch the user and their scores, two ways")
     st.markdown(
         "Both buttons read the same rows in a fresh session and record every statement sent to "
@@ -97,24 +105,31 @@ def render_fetches() -> None:
                 lab, "Nothing was fetched.", operation, where=column, user_id=user_id
             )  # None when it failed: no older result stays on screen
         fetch = fetches.get(path)
+        gone = (
+            listed is not None and listed.complete and fetch and fetch.user.id not in listed.ids()
+        )
+        if gone:  # its rows were deleted since: show none of them
+            fetch = fetches[path] = None
         if fetch is not None and fetch.user.id == typed_user_id():  # never an older user's
-            left, right = column.columns(2)
-            left.metric("SQL statements", fetch.statements.count)
-            right.metric("Time taken", f"{fetch.elapsed_ms:.1f} ms")
-            column.caption(
-                f"Statements: {fetch.formula}. "
+            measured = {
+                "SQL statements": str(fetch.statements.count),
+                "Time taken": f"{fetch.elapsed_ms:.1f} ms",
+            }
+            column.markdown(
+                f"{markdown_table([measured])}\n\nStatements: {fetch.formula}. "
                 f"In the database driver: {fetch.statements.total_ms:.1f} ms."
             )
             column.code(fetch.sql_listing(), language="sql", wrap_lines=True)
     shown = [f for f in fetches.values() if f is not None and f.user.id == typed_user_id()]
     if shown:  # both fetches read the same rows: one full-width table
         user, scores = shown[0].user, shown[0].scores
-        st.markdown(
-            f"**{plain_text(user.name)}** ({plain_text(user.email)}): {len(scores)} scores"
+        # Plain text: Markdown would turn the email a learner typed into a link.
+        st.text(
+            f"{user.name} ({user.email}): {len(scores)} scores"
             + ("" if scores else ", add some in step 1")
         )
         if scores:
-            st.table(scores_table(scores))
+            st.markdown(markdown_table([score_as_row(score) for score in scores]))
     st.caption(
         "At a few scores the statement counts differ on every click, but the times do not tell "
         "the two apart: both take milliseconds and either may win. Step 3 grows N until the time "
@@ -163,6 +178,7 @@ def show_comparison(comparison: n_plus_one.StrategyComparison) -> None:
             st.code(run.sql_listing(), language="sql", wrap_lines=True)
 
 
+@demo_fragment(lab)
 def render_scale_up() -> None:
     st.subheader("Step 3: scale it up")
     st.markdown(
@@ -190,8 +206,18 @@ def render_scale_up() -> None:
         if (removed := run_or_report(lab, "Nothing was removed.", operation)) is not None:
             st.session_state.pop(COMPARISON, None)
             st.success(f"Removed {removed:,} scale-up users and their scores; yours are untouched.")
-    if st.session_state.get(COMPARISON) is not None:
-        show_comparison(st.session_state[COMPARISON])
+    comparison = st.session_state.get(COMPARISON)
+    if comparison is not None:
+        operation = n_plus_one.count_scale_up_users
+        remaining = run_or_report(lab, "Could not count the scale-up users.", operation)
+        if remaining is not None and remaining < comparison.largest:
+            st.info(
+                "Your last comparison's users are gone (section 2's initialize, or Remove "
+                "Scale-up Users, deleted them). Compare again to measure afresh."
+            )
+            st.session_state.pop(COMPARISON, None)
+        else:
+            show_comparison(comparison)
 
 
 st.title("3. Repository Pattern & N+1")
@@ -210,8 +236,7 @@ st.latex(
     r"\underbrace{2}_{\texttt{selectinload}} \quad\text{or}\quad "
     r"\underbrace{1}_{\texttt{joinedload}}"
 )
-render_add_scores()
-render_fetches()
+scores_and_fetches()
 render_scale_up()
 st.markdown("""
 **Which strategy when.** **lazy** (`await user.awaitable_attrs.scores`) suits one object, or

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,10 +140,11 @@ class RedisProcess:
     """A redis-server on loopback that a fault test can stop and start again on the same port.
 
     persistent=False runs it as a cache would (--save '' --appendonly no): a restart forgets
-    every stream. Start, stop and restart are bounded in time; close() always stops it.
+    every stream. options are more of redis-server's (["--maxmemory", "1mb"]). Start, stop and
+    restart are bounded in time; close() always stops it.
     """
 
-    def __init__(self, *, persistent: bool) -> None:
+    def __init__(self, *, persistent: bool, options: Sequence[str] = ()) -> None:
         program = shutil.which("redis-server")
         if program is None:
             unavailable("redis-server is not installed (apt-get install redis-server)")
@@ -151,6 +152,7 @@ class RedisProcess:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.persistent = persistent
+        self.options = list(options)
         self.directory = tempfile.mkdtemp(prefix="qulab-redis-fault-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -165,6 +167,7 @@ class RedisProcess:
                 "--save", "",
                 "--appendonly", appendonly,
                 "--dir", self.directory,
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -199,8 +202,11 @@ def _postgres_bin() -> Path | None:
 
 
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """Start a throwaway PostgreSQL cluster on a free loopback port; yields an asyncpg URL."""
+def postgres_server(*, password: str | None = None) -> Iterator[str]:
+    """Start a throwaway PostgreSQL cluster on a free loopback port; yields an asyncpg URL.
+
+    With a password, the cluster checks it (scram-sha-256) instead of trusting every client.
+    """
     bin_directory = _postgres_bin()
     if bin_directory is None:
         unavailable("PostgreSQL is not installed (apt-get install postgresql)")
@@ -216,9 +222,24 @@ def postgres_server() -> Iterator[str]:
         shutil.chown(directory, user="postgres")
     data = os.path.join(directory, "data")
     pg_ctl = [*as_user, str(bin_directory / "pg_ctl"), "-D", data]
+    authentication = ["-A", "trust"]
+    if password is not None:
+        password_file = os.path.join(directory, "password")
+        Path(password_file).write_text(password + "\n")
+        if as_user:
+            shutil.chown(password_file, user="postgres")
+        authentication = ["-A", "scram-sha-256", f"--pwfile={password_file}"]
     try:
         subprocess.run(
-            [*as_user, str(bin_directory / "initdb"), "-D", data, "-A", "trust", "-U", "postgres"],
+            [
+                *as_user,
+                str(bin_directory / "initdb"),
+                "-D",
+                data,
+                *authentication,
+                "-U",
+                "postgres",
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -229,7 +250,8 @@ def postgres_server() -> Iterator[str]:
             stdout=subprocess.DEVNULL,
         )
         try:
-            yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+            user = "postgres" if password is None else f"postgres:{password}"
+            yield f"postgresql+asyncpg://{user}@127.0.0.1:{port}/postgres"
         finally:
             subprocess.run(
                 [*pg_ctl, "-m", "immediate", "stop"],

@@ -154,11 +154,11 @@ def _everything_shown(app) -> str:
 
 
 def test_the_sidebar_never_shows_a_redis_password(fresh_global_runtime, monkeypatch):
-    from pagetools import start_app
+    from pagetools import open_server_details, start_app
 
     # Nothing listens on port 1: the app falls back to fakeredis and says which URL failed.
     monkeypatch.setenv("REDIS_URL", "redis://:Pw-user-7Qx@127.0.0.1:1/0?password=Pw-query-7Qx")
-    app = start_app()
+    app = open_server_details(start_app())  # the details name the URL: drawn while open
     shown = _everything_shown(app)
     assert "127.0.0.1:1" in shown  # the URL is shown, so the assertion below means something
     assert "Pw-user-7Qx" not in shown and "Pw-query-7Qx" not in shown
@@ -167,11 +167,11 @@ def test_the_sidebar_never_shows_a_redis_password(fresh_global_runtime, monkeypa
 def test_the_sidebar_never_shows_a_database_password(
     fresh_global_runtime, monkeypatch, postgres_url
 ):
-    from pagetools import start_app
+    from pagetools import open_server_details, start_app
 
     separator = "&" if "?" in postgres_url else "?"
     monkeypatch.setenv("DATABASE_URL", f"{postgres_url}{separator}password=Pw-db-7Qx")
-    app = start_app()
+    app = open_server_details(start_app())  # the details name the URL: drawn while open
     shown = _everything_shown(app)
     assert "PostgreSQL" in shown and "password=***" in shown
     assert "Pw-db-7Qx" not in shown

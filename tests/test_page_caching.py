@@ -4,31 +4,45 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import time
 
 import pytest
+import servers
 from pagetools import (
     button,
     charts,
     click,
+    initialize_in_section_2,
     lab_of,
+    markdown_tables,
     open_listings,
     open_page,
     reload,
+    sidebar_text,
     start_app,
+    table_value,
     text_input,
     texts,
 )
 from streamlit.testing.v1 import AppTest
 
+import classroom.status
 import source
+from classroom.browser import SANDBOX_STATE_KEY
+from classroom.cache.link import RedisReading, RedisService
 from classroom.demos.caching import fetch_latest_airscore_cached
+from classroom.progress.steps import learner_progress
+from classroom.runtime import shutdown_runtime
 from classroom.sandboxes.reset import initialize_sandbox
 
 PAGE = "pages/caching.py"
+FORGETS_KEY = "cache_forgets_open"  # the invalidations expander, open
 FETCH_USER, FETCH_SCORE = "Fetch User (Cached)", "Fetch Latest AIRScore (Cached)"
 INVALIDATE = "Invalidate Cache for this User"
 CREATE_DEMO_USER = "Create the Cache Demo User"
 FALLBACK_WARNING = "Redis did not answer, so the database did. The read still succeeded."
+SIDEBAR_WARNING = "Redis is not answering right now: reads come from the database."
 
 
 @pytest.fixture
@@ -44,7 +58,15 @@ def app(fresh: AppTest) -> AppTest:
 
 
 def metric(app: AppTest, label: str) -> str:
-    return next(m.value for m in app.metric if m.label == label)
+    """A value the page shows in its one-row tables (the last read, the cache metrics)."""
+    return table_value(app, label)
+
+
+def invalidations_shown(app: AppTest) -> list[dict[str, str]]:
+    """The rows of "What the cache was told to forget", opened as a learner opens it."""
+    app.session_state[FORGETS_KEY] = True
+    app.run()
+    return next(table for table in markdown_tables(app) if table and "why" in table[0])
 
 
 def shown_code(app: AppTest) -> str:
@@ -77,7 +99,7 @@ def test_an_empty_sandbox_gets_a_cache_demo_user_with_a_score(fresh):
     shown, real = texts(app), bool(os.environ.get("REDIS_URL"))
     assert ("Reads go to a real Redis server" in shown) is real
     assert ("runs **fakeredis**" in shown) is not real
-    assert "Redis breaker: closed" in shown
+    assert "Breaker: closed" in shown
 
 
 def test_the_sample_user_is_used_when_present(app):
@@ -85,7 +107,7 @@ def test_the_sample_user_is_used_when_present(app):
     app.run()
     alex = next(u for u in lab_of(app).run(source.list_users) if u.name == "Alex Smith")
     assert app.code[0].value == alex.id
-    assert app.table[0].value.to_dict("records") == [{"demo user": "Alex Smith"}]
+    assert any("The demo user: **Alex Smith**" in caption.value for caption in app.caption)
 
 
 def test_fetches_show_miss_then_hit_with_their_commands_and_the_metrics_count_them(app):
@@ -125,9 +147,7 @@ def test_a_rename_invalidates_and_the_next_fetch_shows_the_new_name(app):
     click(app, FETCH_USER)
     assert metric(app, "Outcome") == "MISS"
     assert app.json[0].value and "Renamed Learner" in app.json[0].value
-    assert any(
-        "a write committed (User)" in row["why"] for row in app.table[-1].value.to_dict("records")
-    )
+    assert any("a write committed (User)" in row["why"] for row in invalidations_shown(app))
 
 
 def test_a_bad_name_is_refused_with_a_message_and_the_cache_keeps_its_hit(app):
@@ -153,16 +173,13 @@ def test_an_outage_keeps_reads_answered_and_recovery_brings_hits_back(app):
     click(app, FETCH_USER)
     click(app, "Cut Redis for My Sandbox")
     assert any("Redis is cut off for your sandbox" in w.value for w in app.main.warning)
-    reloaded = reload(app)
-    assert any("cannot reach Redis" in w.value for w in reloaded.sidebar.warning)
+    reloaded = reload(app, details=True)
+    assert [w.value for w in reloaded.sidebar.warning] == [SIDEBAR_WARNING]
     shown = [(element.type, str(getattr(element, "value", ""))) for element in reloaded.sidebar]
-    warning_at = next(i for i, (kind, _) in enumerate(shown) if kind == "warning")
-    # the warning sits under the Redis lines, and the sandbox's label stays next to its id
-    assert "Redis:" in shown[warning_at - 1][1] and "Your sandbox" not in shown[warning_at - 1][1]
-    assert (
-        shown[warning_at + 1] == ("caption", "**Your sandbox**")
-        and shown[warning_at + 2][0] == "code"
-    )
+    # the sandbox's label stays next to its id; the details say why Redis is not answering
+    label_at = shown.index(("caption", "**Your sandbox**"))
+    assert shown[label_at + 1] == ("code", reloaded.session_state[SANDBOX_STATE_KEY])
+    assert "cut off for your sandbox" in sidebar_text(reloaded)
     click(app, FETCH_USER)
     assert metric(app, "Outcome") == "FALLBACK" and not app.error
     assert metric(app, "Errors") == "1"
@@ -220,3 +237,97 @@ def test_the_page_shows_the_lesson_and_the_hardening_on_request(app):
     assert any("def record_failure" in listing for listing in listings[1:])
     assert "How it survives faults" in [e.label for e in app.expander]
     assert button(app, FETCH_USER) and button(app, FETCH_SCORE) and button(app, INVALIDATE)
+
+
+def test_a_read_of_a_user_deleted_since_is_not_shown_when_the_learner_comes_back(fresh):
+    app = initialize_in_section_2(fresh)
+    click(open_page(app, PAGE), FETCH_USER)
+    assert [m.value for m in app.markdown if m.value.startswith("**Last read:**")]
+    assert metric(app, "Outcome") == "MISS" and app.json
+
+    initialize_in_section_2(app)  # Alex Smith is deleted and created again, with a new id
+    open_page(app, PAGE)
+    assert not [m.value for m in app.markdown if m.value.startswith("**Last read:**")]
+    assert "Outcome" not in [m.label for m in app.metric] and not app.json
+    assert not [c for c in app.code if c.value.startswith(("MGET ", "MULTI"))]
+
+
+def test_the_journal_counts_one_hit_as_one_hit(app):
+    click(app, FETCH_USER)
+    click(app, FETCH_USER)
+    journal = lab_of(app).run(learner_progress).journal
+    reads = [line.detail for line in journal if line.kind == "cache_read"]
+    assert [read.rpartition("; ")[2] for read in reads] == [
+        "0 hits of 1 read.",
+        "1 hit of 2 reads.",
+    ]
+    assert "1 hits" not in texts(app)  # nor the page (its progress panel)
+
+
+@pytest.fixture
+def freezable_redis(monkeypatch, fresh_global_runtime):
+    """A redis-server of this test's own, which the app's runtime uses (REDIS_URL); the test can
+    freeze it (SIGSTOP). Never the server the environment names: other tests share that one."""
+    with servers.redis_server_process() as (url, process):
+        monkeypatch.setenv("REDIS_URL", url)
+        try:
+            yield process
+        finally:
+            process.send_signal(signal.SIGCONT)
+            shutdown_runtime()  # while the server still runs: closing its clients is quick
+
+
+def test_with_redis_not_answering_the_sidebar_and_the_page_say_so_in_the_same_run(
+    freezable_redis,
+):
+    app = click(open_page(start_app(), PAGE), CREATE_DEMO_USER)
+    assert "Reads go to a real Redis server" in texts(app)  # the runtime is on this server
+    click(app, FETCH_USER)
+    freezable_redis.send_signal(signal.SIGSTOP)  # hung: its connections stay open, no answer
+
+    deadline = time.monotonic() + 60  # every run agrees; within a few runs both say it is down
+    while True:
+        shown = reload(app, PAGE, details=True)  # one run: app.py's sidebar, then section 4
+        sidebar_says_down = [w.value for w in shown.sidebar.warning] == [SIDEBAR_WARNING]
+        page_says_down = any(
+            w.value.startswith("Redis is not answering right now") for w in shown.main.warning
+        )
+        breaker = [c.value for c in shown.main.caption if c.value.startswith("Breaker: ")]
+        details = sidebar_text(shown)
+        assert sidebar_says_down == page_says_down, (shown.sidebar.warning, shown.main.warning)
+        assert len(breaker) == 1
+        if sidebar_says_down:
+            break
+        assert breaker[0].startswith("Breaker: closed") and "answering." in details
+        assert time.monotonic() < deadline, "Redis is frozen, yet the pages say it answers"
+    assert not breaker[0].startswith("Breaker: closed"), breaker
+    assert "not answering: reads use the database" in details
+    assert "Breaker (skips Redis while it fails): closed" not in details
+
+
+def test_the_page_says_what_the_sidebar_said_though_the_reading_changed_in_between(
+    fresh, monkeypatch
+):
+    """The Redis reading the sidebar and section 4 share lasts 2 s; when it ends between the two
+    (the next probe finds Redis gone), one run must still say one thing. Here it ends right after
+    the sidebar's status, every time."""
+    sidebar_statuses = []
+    sidebar_status = classroom.status.runtime_status
+    own_reading = RedisService.reading
+
+    def status_then_reading_ends(lab):
+        sidebar_statuses.append(sidebar_status(lab))
+        return sidebar_statuses[-1]
+
+    async def reading(service):
+        if sidebar_statuses:
+            return RedisReading(False, time.monotonic(), "ConnectionError: gone since")
+        return await own_reading(service)
+
+    monkeypatch.setattr(classroom.status, "runtime_status", status_then_reading_ends)
+    monkeypatch.setattr(RedisService, "reading", reading)
+    shown = reload(fresh, PAGE)  # one run: app.py's sidebar, then section 4
+    assert [status.redis_answers for status in sidebar_statuses] == [True]
+    assert not shown.sidebar.warning
+    assert not [w.value for w in shown.main.warning if "not answering" in w.value]
+    assert [c.value for c in shown.main.caption if c.value.startswith("Breaker: closed")]

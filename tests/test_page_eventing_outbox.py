@@ -11,7 +11,15 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
-from pagetools import click, lab_of, open_listings, open_page, start_app, texts
+from pagetools import (
+    click,
+    initialize_in_section_2,
+    lab_of,
+    open_listings,
+    open_page,
+    start_app,
+    texts,
+)
 from sqlalchemy import text
 from streamlit.testing.v1 import AppTest
 
@@ -297,3 +305,32 @@ def test_a_burst_that_fails_halfway_says_exactly_what_was_committed(app_with_use
     assert "80 writes failed and stored nothing" in error and "20 committed whole" in error, error
     assert "the event store is full" in error and "nothing was changed" not in error.lower()
     assert metric(app, "Score+event transactions") == "20"
+
+
+@pytest.mark.parametrize("size", [0, -5, 99999999])
+def test_a_burst_size_out_of_range_writes_nothing_and_says_why(app_with_users, size):
+    """Issue 22: a bounded number box kept its last valid value (500) while showing the invalid
+    one, and the burst wrote 500 scores. The value as shown reaches the burst, which refuses it."""
+    app = app_with_users
+    before = lab_of(app).run(source.count_rows)
+    [burst_size] = [box for box in app.number_input if box.label == "Scores in the burst"]
+    burst_size.set_value(size).run()
+    click(app, BURST)
+    assert [e.value for e in app.error] == [
+        "Nothing was written. Burst writes must be a whole number from 1 to 2,000."
+    ]
+    assert "Score+event transactions" not in [m.label for m in app.metric]
+    assert lab_of(app).run(source.count_rows) == before
+
+
+def test_a_stored_score_deleted_since_is_not_shown_when_the_learner_comes_back(app_with_users):
+    app = click(app_with_users, CALCULATE)
+    [stored] = [s.value for s in app.success if "one transaction stored AIRScore" in s.value]
+    assert app.json
+
+    initialize_in_section_2(app)  # deletes the score and its event with everything else
+    open_page(app, PAGE)
+    assert not [s.value for s in app.success if "one transaction stored AIRScore" in s.value]
+    assert not app.json
+    assert [i.value for i in app.info if "last stored score and its event are gone" in i.value]
+    assert lab_of(app).run(source.count_rows)["air_scores"] == 0

@@ -57,7 +57,7 @@ def test_plain_text_escapes_every_character_markdown_could_read():
     import re
     import string
 
-    from pages.common import plain_text
+    from pages.common import WORD_JOINER, plain_text
 
     for text in [
         "www.evil-site.com",
@@ -70,7 +70,19 @@ def test_plain_text_escapes_every_character_markdown_could_read():
         "Seán O'Brien-Ní Dhuibhir",
     ]:
         escaped = plain_text(text)
-        assert re.sub(r"\\(.)", r"\1", escaped) == text  # unescaped, it is the text as typed
+        shown = re.sub(r"\\(.)", r"\1", escaped).replace(WORD_JOINER, "")
+        assert shown == text  # unescaped, it is the text as typed (the joiners are invisible)
         # What is left outside the escapes has no punctuation at all.
         bare = re.sub(r"\\.", "", escaped)
         assert not set(bare) & set(string.punctuation), (text, escaped)
+
+
+def test_plain_text_keeps_what_streamlit_would_link_as_text():
+    """Streamlit links anything like an email, `www.` or `scheme://`, escaped or not; a word
+    joiner (invisible) before `@`, after `www` and before `://` keeps each one text."""
+    from pages.common import WORD_JOINER, plain_text
+
+    escaped = plain_text("alex.smith@example.com www.example.com http://example.com")
+    assert f"smith{WORD_JOINER}\\@example" in escaped
+    assert f"www{WORD_JOINER}\\.example" in escaped
+    assert f"http{WORD_JOINER}\\:\\/\\/" in escaped

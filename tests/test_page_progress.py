@@ -6,7 +6,16 @@ from __future__ import annotations
 import re
 
 import pytest
-from pagetools import button, click, lab_of, open_page, reload, start_app, text_input
+from pagetools import (
+    button,
+    click,
+    initialize_in_section_2,
+    lab_of,
+    open_page,
+    reload,
+    start_app,
+    text_input,
+)
 from streamlit.testing.v1 import AppTest
 
 import source
@@ -109,3 +118,18 @@ def test_section_3_lists_its_steps_done_and_not_yet_and_the_next_one(app):
         for recap in recaps(app)
         if "Section 3 complete" in recap and "N+1 ran 5 statements" in recap
     ]
+
+
+def test_a_done_step_whose_rows_were_deleted_since_says_so_and_how_to_see_it_again(app):
+    open_page(app, "pages/data_models.py")
+    text_input(app, "Email").input("learner@example.com")
+    text_input(app, "Name").input("Learner")
+    click(app, "Create User")
+    assert "Create a user**: done. User " in section_list(app)
+
+    initialize_in_section_2(app)  # deletes that user (and creates Alex Smith and Jane Doe)
+    open_page(app, "pages/data_models.py")
+    listed = section_list(app)
+    assert "Create a user**: done, but what it showed was deleted since" in listed
+    assert 'To see it again: Enter an email and a name, then click "Create User".' in listed
+    assert sidebar_count(reload(app)) == 2  # still done: the step happened

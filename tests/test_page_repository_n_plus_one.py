@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
-from pagetools import button, click, lab_of, open_page, start_app, text_input, texts
+from pagetools import (
+    button,
+    click,
+    initialize_in_section_2,
+    lab_of,
+    markdown_tables,
+    open_page,
+    start_app,
+    text_input,
+    texts,
+)
 from streamlit.testing.v1 import AppTest
 
 import source
@@ -45,7 +56,15 @@ def scores_of(app: AppTest, user_id: str) -> list[source.AIRScore]:
 
 
 def metric_values(app: AppTest, label: str) -> list[str]:
-    return [metric.value for metric in app.metric if metric.label == label]
+    """Each fetch's measured value under `label` (its one-row table), left to right."""
+    return [table[0][label] for table in markdown_tables(app) if table and label in table[0]]
+
+
+def score_tables(app: AppTest) -> list[pd.DataFrame]:
+    """The tables of scores the page shows (their columns as the page names them)."""
+    return [
+        pd.DataFrame(table) for table in markdown_tables(app) if table and "air_score" in table[0]
+    ]
 
 
 def test_the_pick_list_fills_the_id_and_add_scores_writes_three_valid_scores(app):
@@ -58,7 +77,7 @@ def test_the_pick_list_fills_the_id_and_add_scores_writes_three_valid_scores(app
     assert len(stored) == 3 and all(
         score.ci_lower <= score.air_score <= score.ci_upper for score in stored
     )
-    assert sorted(app.table[0].value["id"]) == sorted(score.id for score in stored)
+    assert sorted(score_tables(app)[0]["id"]) == sorted(score.id for score in stored)
     assert scores_of(app, sample_user_id(app, "Jane Doe")) == []
     listed = app.dataframe[0].value.set_index("name")["scores"].to_dict()
     assert listed == {
@@ -80,9 +99,7 @@ def test_both_fetch_buttons_show_the_user_the_scores_every_statement_and_the_tim
     assert metric_values(app, "SQL statements") == ["5", "2"]  # both results stay side by side
     assert all(value.endswith(" ms") for value in metric_values(app, "Time taken"))
     stored = scores_of(app, alex)
-    [table] = [
-        table.value for table in app.table
-    ]  # one full-width table: both fetches read the same rows
+    [table] = score_tables(app)  # one full-width table: both fetches read the same rows
     assert table["id"].tolist() == [score.id for score in stored]
     assert list(table.columns) == [
         "id",
@@ -106,10 +123,11 @@ def test_a_new_invalid_id_does_not_keep_the_previous_fetch(app):
     click(app, NAIVE)
     assert metric_values(app, "SQL statements") == ["2"]  # 1 + 1 + N with N = 0
     text_input(app, "User ID").input(UNKNOWN_ID).run()
-    assert not app.metric and not app.table  # the old result is not shown under the new id
+    # the old result is not shown under the new id
+    assert not metric_values(app, "SQL statements") and not score_tables(app)
     click(app, NAIVE)
     assert any("No user has the id" in error.value for error in app.error)
-    assert not app.metric and not app.table
+    assert not metric_values(app, "SQL statements") and not score_tables(app)
 
 
 def test_an_id_removed_by_initialize_is_named_as_such(app):
@@ -141,7 +159,7 @@ def test_bad_ids_get_a_clear_message_and_nothing_is_written(app, typed, message)
         assert [error.value for error in app.error if message in error.value], [
             e.value for e in app.error
         ]
-    assert not app.success and not app.metric
+    assert not app.success and not metric_values(app, "SQL statements")
     assert lab_of(app).run(source.count_rows)["air_scores"] == 0
 
 
@@ -203,3 +221,28 @@ def test_the_score_table_shows_each_part_as_stored_whole_numbers_included():
         "ci_lower": "66.9",
         "ci_upper": "75.1",
     }
+
+
+def test_a_comparison_whose_users_were_deleted_since_is_not_shown_again(app):
+    app.multiselect[0].set_value([10]).run()
+    click(app, COMPARE)
+    assert [table for table in app.table if "strategy" in table.value.columns]
+
+    initialize_in_section_2(app)  # deletes the scale-up users with everything else
+    open_page(app, PAGE)
+    assert not [table for table in app.table if "strategy" in table.value.columns]
+    assert not app.get("vega_lite_chart")
+    assert any("comparison's users are gone" in info.value for info in app.info)
+    assert lab_of(app).run(count_scale_up_users) == 0
+
+
+def test_no_email_is_drawn_as_markdown_where_it_would_become_a_link(app):
+    """Markdown turns a bare email into a mailto: link, escaped or not: a learner's email is
+    drawn as plain text or in a table, never in Markdown."""
+    alex = sample_user_id(app, "Alex Smith")
+    lab_of(app).run(source.add_sample_scores, user_id=alex)
+    text_input(app, "User ID").input(alex).run()
+    click(app, NAIVE)
+    email = next(u.email for u in lab_of(app).run(source.list_users) if u.id == alex)
+    assert email in texts(app)  # shown
+    assert not [m.value for m in app.markdown if "innovateai" in str(m.value).replace("\\", "")]

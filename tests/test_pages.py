@@ -9,7 +9,17 @@ import ast
 from pathlib import Path
 
 import pytest
-from pagetools import button, charts, lab_of, open_listings, open_page, start_app, text_input
+from pagetools import (
+    button,
+    charts,
+    lab_of,
+    open_listings,
+    open_page,
+    open_server_details,
+    sidebar_text,
+    start_app,
+    text_input,
+)
 from streamlit.testing.v1 import AppTest
 
 import source
@@ -27,6 +37,7 @@ PAGES = [
     "pages/eventing_outbox.py",
 ]
 INITIALIZE = "Initialize In-Memory SQLite Database & Create Sample Users"
+YEARS = "Years of experience (optional, 0 to 80)"
 
 
 @pytest.fixture
@@ -46,8 +57,8 @@ def test_every_page_renders_without_an_exception(app, page):
 
 
 def test_sidebar_shows_backends_and_the_sandbox(app):
-    sidebar_text = " ".join(str(element.value) for element in app.sidebar.caption)
-    assert "Database:" in sidebar_text and "Redis:" in sidebar_text
+    details = sidebar_text(open_server_details(app))  # in the collapsed "Server details"
+    assert "Database:" in details and "Redis:" in details
     assert app.session_state[SANDBOX_STATE_KEY] in [code.value for code in app.sidebar.code]
 
 
@@ -183,10 +194,10 @@ def test_page_one_names_and_explains_every_table_its_diagram_draws(app):
     assert "class ConsumedEvent(Base):" in "\n".join(code.value for code in app.code)
 
 
-@pytest.mark.parametrize("years", [-5.0, 1e9])
+@pytest.mark.parametrize("years", ["-5", "1000000000"])
 def test_years_of_experience_out_of_range_gets_a_clear_message(app, years):
     open_page(app, "pages/data_models.py")
-    app.number_input[0].set_value(years)
+    text_input(app, YEARS).input(years)  # a text box: what it shows is what is sent
     fill_create_user(app, email="years@example.com", name="Years")
     assert [e.value for e in app.error] == [
         "User not created. Years of experience must be between 0 and 80."
@@ -249,3 +260,47 @@ def test_beside_the_initialize_button_the_page_says_what_it_really_works_on(app)
         f"Not in memory on this server: your sandbox is {expected} ({status.sandbox_location})"
         in captions
     )
+
+
+def elements_in_order(app: AppTest) -> list[tuple[str, str]]:
+    """(type, text) of everything the main area draws, in page order."""
+    return [(element.type, str(getattr(element, "value", ""))) for element in app.main]
+
+
+@pytest.mark.parametrize("years", ["1e309", "NaN", "inf", "abc", "٥", "0.0000001", "-5"])
+def test_years_of_experience_the_form_cannot_store_as_shown_is_refused_beside_the_form(app, years):
+    """Issue 22: a number box blanked what it could not read, and the user was created without a
+    word (0.0000001 was stored as it came). Typed text now reaches the check as it is shown."""
+    open_page(app, "pages/data_models.py")
+    text_input(app, YEARS).input(years)
+    fill_create_user(app, email="years@example.com", name="Years")
+    [refusal] = [e.value for e in app.error]
+    assert refusal.startswith("User not created. Years of experience "), refusal
+    assert not app.success
+    shown = elements_in_order(app)
+    form = next(i for i, (kind, _) in enumerate(shown) if kind == "form")
+    listed = shown.index(("subheader", "Users in your sandbox"))
+    assert form < shown.index(("error", refusal)) < listed  # next to the form, above the users
+    assert lab_of(app).run(source.count_rows)["users"] == 0
+
+
+def test_years_of_experience_with_a_decimal_is_stored_as_typed(app):
+    open_page(app, "pages/data_models.py")
+    text_input(app, YEARS).input("2.5")
+    fill_create_user(app, email="years@example.com", name="Years")
+    assert app.success and not app.error
+    assert [user.years_experience for user in sandbox_users(app)] == [2.5]
+
+
+def test_the_introduction_explains_the_words_pages_use_before_teaching_them(app):
+    open_page(app, "pages/introduction.py")
+    app.session_state["qulab_glossary_open"] = True  # the learner opens it: drawn while open
+    app.run()
+    [glossary] = [
+        expander
+        for expander in app.main.expander
+        if expander.label == "Words you will meet before a section explains them"
+    ]
+    words = "\n".join(str(markdown.value) for markdown in glossary.markdown)
+    for term in ("breaker", "pre-ping", "WAL", "dormant", "epoch", "fence"):
+        assert f"- **{term}**: " in words, term

@@ -48,7 +48,14 @@ from classroom.outbox.service import (
     stop_event_publisher,
 )
 from classroom.progress.evidence import run_and_record
-from classroom.progress.journal import JournalBase, JournalEntry, journal_muted
+from classroom.progress.journal import (
+    MAX_LINES_KEPT,
+    Evidence,
+    JournalBase,
+    JournalEntry,
+    journal_muted,
+    record_evidence,
+)
 from classroom.progress.steps import STEPS, learner_progress
 from classroom.sandboxes.registry import SandboxRegistry
 from classroom.sandboxes.reset import initialize_sandbox, reset_sandbox
@@ -334,17 +341,16 @@ async def test_reset_my_sandbox_empties_the_progress_and_a_running_publisher_is_
     await run(stop_event_publisher, sandbox)
 
 
-async def test_the_journal_is_read_again_only_after_it_changed_on_sqlite_always_on_postgresql(
-    fresh,
-):
-    """The sidebar reads progress on every rerun: a SQLite sandbox reuses its last reading until
-    a journal write."""
+async def test_the_journal_lines_are_read_again_only_after_they_changed(fresh):
+    """Progress is read on every rerun: the journal's lines are read once, then only those a
+    write added (on PostgreSQL, after a one-statement probe; on SQLite, not even those: the
+    process kept what it wrote), and all of them again after a reset."""
     sandbox = fresh
     journal_reads: list[str] = []
 
     def count(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().startswith("SELECT") and "lab_journal" in statement:
-            journal_reads.append(statement)
+        if statement.lstrip().startswith("SELECT") and "lab_journal.kind" in statement:
+            journal_reads.append(statement)  # lines read (not the probe's count)
 
     event.listen(
         Engine, "before_cursor_execute", count
@@ -359,10 +365,52 @@ async def test_the_journal_is_read_again_only_after_it_changed_on_sqlite_always_
         assert await done_steps(sandbox) == set()  # and so is a reset
     finally:
         event.remove(Engine, "before_cursor_execute", count)
-    if sandbox.backend == "sqlite":
+    if sandbox.backend == "sqlite":  # the line it wrote is kept, not read; a reset reads anew
+        assert (unchanged, len(journal_reads)) == (1, 2)
+    else:  # another replica may have written it: the line after the newest is read
         assert (unchanged, len(journal_reads)) == (1, 3)
-    else:  # another replica may have written it
-        assert (unchanged, len(journal_reads)) == (2, 4)
+        assert "lab_journal.id >" in journal_reads[1]
+
+
+async def test_a_sqlite_reading_reads_no_line_it_wrote_and_asks_about_rows_after_deletes(fresh):
+    """A click adds a line to a journal of hundreds: on SQLite progress keeps the lines this
+    process wrote rather than read them back, and asks whether shown rows exist only about a row
+    not asked about yet or after a commit that deleted rows."""
+    sandbox = fresh
+    if sandbox.backend != "sqlite":
+        pytest.skip("PostgreSQL probes the journal instead (another replica may write it)")
+    reads: list[str] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        if "lab_journal" in statement and statement.lstrip().startswith("SELECT"):
+            reads.append("journal")
+        elif "FROM users" in statement and " IN (" in statement:
+            reads.append("rows")
+
+    user = await run(source.create_user, sandbox, email="gone@example.com", name="Gone")
+    event.listen(Engine, "before_cursor_execute", note)
+    try:
+        assert (await learner_progress(sandbox)).in_section(1)[0].done
+        assert reads == ["journal", "rows"]  # the first reading: all of it
+        reads.clear()
+        for _ in range(2):
+            await run(fetch_user_cached, sandbox, user_id=user.id)
+        steps = {status.step.key: status for status in (await learner_progress(sandbox)).steps}
+        assert steps["user_miss_then_hit"].done  # the two lines it kept
+        assert steps["user_miss_then_hit"].evidence.startswith("MISS at ")
+        assert reads == []  # nothing read back; the user was seen to exist
+        await run(source.delete_user, sandbox, user_id=user.id)
+        steps = {status.step.key: status for status in (await learner_progress(sandbox)).steps}
+        assert reads == ["rows"]  # a deletion: the shown rows asked about again
+        assert steps["create_user"].rows_gone and steps["user_miss_then_hit"].rows_gone
+        reads.clear()  # more lines than it keeps between two readings: read from the database
+        lines_before = len((await learner_progress(sandbox)).journal)
+        for number in range(MAX_LINES_KEPT + 1):
+            await record_evidence(sandbox, Evidence("note", f"line {number}"))
+        assert len((await learner_progress(sandbox)).journal) == lines_before + MAX_LINES_KEPT + 1
+        assert reads == ["journal"]
+    finally:
+        event.remove(Engine, "before_cursor_execute", note)
 
 
 async def test_another_replica_opening_the_sandbox_sees_the_same_progress(
@@ -374,7 +422,13 @@ async def test_another_replica_opening_the_sandbox_sees_the_same_progress(
     redis_service = await RedisService.connect(on_postgres)
     replica = SandboxRegistry(on_postgres, redis_service)
     try:
-        assert await done_steps(await replica.acquire(sandbox.id)) == {"create_user"}
+        there = await replica.acquire(sandbox.id)
+        assert await done_steps(there) == {"create_user"}
+        # what the first replica does next is seen there too, each time it is read
+        await run(initialize_sandbox, sandbox)
+        assert await done_steps(there) == {"create_user", "initialize"}
+        await reset_sandbox(sandbox)
+        assert await done_steps(there) == set()
     finally:
         replica._sandboxes.clear()  # leave the schema to the first replica
         await replica.close()

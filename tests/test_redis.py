@@ -4,6 +4,7 @@ import asyncio
 import signal
 
 import pytest
+import redis
 import servers
 
 import source
@@ -116,3 +117,32 @@ async def test_the_outage_switch_never_opens_the_shared_breaker(sandbox):
     assert sandbox.redis.breaker.state == "closed" and sandbox.redis.breaker.trips == 0
     await sandbox.redis.switch_outage(cut=False)
     assert await sandbox.redis.execute("SET", sandbox.redis.key("x"), "1") in (True, "OK")
+
+
+async def test_the_reading_pages_share_follows_the_breaker_so_they_never_disagree(settings):
+    """A reading is shared for 2 s, but never against the breaker: the sidebar's "not answering"
+    never stands beside the cache page's "breaker closed", nor "answering" beside "open"."""
+    service = await RedisService.connect(settings)
+    breaker = service.breaker
+    breaker.cooling_seconds = 0.2
+    try:
+        assert (await service.reading()).answers and breaker.state == "closed"
+        breaker.record_failure(redis.exceptions.ConnectionError("refused"))  # a call just failed
+        assert breaker.is_open
+        assert not (await service.reading()).answers  # not the "answers" read a moment ago
+        assert await wait_until(lambda: breaker.state == "closed")  # its probe: Redis is back
+        assert (await service.reading()).answers  # not the "not answering" read a moment ago
+    finally:
+        await service.close()
+
+
+async def test_qulab_redis_timeout_is_the_command_timeout_of_a_real_server(real_redis_url):
+    """What the first read waits when Redis hangs is an operator's choice (docs/operations.md)."""
+    settings = Settings.from_environment(
+        {"REDIS_URL": real_redis_url, "QULAB_REDIS_TIMEOUT": "0.25"}
+    )
+    service = await RedisService.connect(settings)
+    try:
+        assert service.command_timeout_seconds == 0.25
+    finally:
+        await service.close()

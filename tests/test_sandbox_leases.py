@@ -172,7 +172,7 @@ async def test_a_sandbox_whose_schema_another_replica_reaped_starts_afresh_with_
     again = await postgres_registry.acquire(sandbox.id)
 
     assert again is not sandbox
-    assert "reclaimed" in again.notice
+    assert "deleted because it was idle for more than" in again.notice
     assert await source.list_users(again) == []
     assert await lease_of(postgres_registry, again.location) is not None
 

@@ -31,3 +31,22 @@ def test_streamlit_is_the_minor_version_the_switch_was_tested_on():
         f"{TESTED_MINOR[0]}.{TESTED_MINOR[1]}. Run tests/e2e/test_browser_deep_links.py on it, "
         "then move TESTED_MINOR here and the pin in requirements.txt together."
     )
+
+
+def test_streamlit_still_has_what_the_reconnect_patch_uses():
+    """pages/common/reconnect.py wraps AppSession.request_rerun and reads the session's fragment
+    storage: a learner whose process died must not find every demo click ignored afterwards."""
+    from streamlit.runtime.app_session import AppSession
+    from streamlit.runtime.fragment import MemoryFragmentStorage
+
+    assert callable(getattr(AppSession, "request_rerun", None))
+    assert callable(getattr(AppSession, "has_fragment", None))
+    assert callable(getattr(AppSession, "_handle_scriptrunner_event_on_event_loop", None))
+    assert "_fragment_storage" in AppSession.__init__.__code__.co_names, (
+        "AppSession no longer keeps its fragments in _fragment_storage: update "
+        "pages/common/reconnect.py before moving the pin in requirements.txt."
+    )
+    assert isinstance(MemoryFragmentStorage()._fragments, dict), (
+        "Streamlit's fragment storage changed: update pages/common/reconnect.py (and check "
+        "tests/e2e/test_browser_replicas.py) before moving the pin in requirements.txt."
+    )

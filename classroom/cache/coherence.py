@@ -29,6 +29,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -92,6 +93,10 @@ class CacheCoherence:
         self.pending_writes = 0  # invalidations Redis did not take; a new epoch settles them all
         self.recent_invalidations: deque[CacheInvalidation] = deque(maxlen=recent)
         self._settler: Optional[asyncio.Task[None]] = None
+        # Told when a write's invalidation missed Redis (the sandbox's store keeps a note of it
+        # in the database, so that another replica, or this sandbox's next wake anywhere, sets a
+        # new epoch even if this process dies before Redis answers it again).
+        self.on_missed: Optional[Callable[[], Awaitable[None]]] = None
 
     async def get(self, key: str, trace: CommandTrace) -> CachedEntry:
         """MGET epoch and value; on a miss, GET the fence too.
@@ -177,6 +182,7 @@ class CacheCoherence:
             if not settling:  # a failed settle leaves the same writes pending, no new ones
                 self.pending_writes += 1
                 self._settle_in_background()
+                await self._tell_missed()
             applied = False
         else:
             self.pending_writes -= pending
@@ -187,6 +193,20 @@ class CacheCoherence:
         if remember:
             self.recent_invalidations.appendleft(invalidation)
         return invalidation
+
+    async def _tell_missed(self) -> None:
+        if self.on_missed is None:
+            return
+        try:
+            await self.on_missed()
+        except Exception:  # the database too: this process's own settling still runs
+            logger.warning("could not note a missed cache invalidation", exc_info=True)
+
+    def note_missed(self) -> None:
+        """Writes Redis missed elsewhere (another replica, a process that died): set a new
+        epoch before the next read, and in the background from now on."""
+        self.pending_writes += 1
+        self._settle_in_background()
 
     def _settle_in_background(self) -> None:
         # Another replica may read this sandbox's keys: it cannot wait for this process's next

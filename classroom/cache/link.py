@@ -23,14 +23,14 @@ from redis.backoff import NoBackoff
 
 from classroom.cache import breaker
 from classroom.cache.breaker import REDIS_ERRORS, CircuitBreaker, RedisSkipped
-from classroom.config import Settings, mask_url
+from classroom.config import ConfigurationError, Settings, mask_url
 
 logger = logging.getLogger("qulab")
 T = TypeVar("T")
 
-REDIS_COMMAND_TIMEOUT_SECONDS = (
-    1.0  # a hung Redis costs a call at most this; then the breaker opens
-)
+READING_FRESH_SECONDS = 2.0  # one probe answers every page drawn within this long
+# A hung Redis costs a call at most this; then the breaker opens.
+REDIS_COMMAND_TIMEOUT_SECONDS = 1.0  # fakeredis's; a real server's is QULAB_REDIS_TIMEOUT
 NAMESPACE_DELETE_TIMEOUT_SECONDS = 5.0  # at most this long deleting one sandbox's keys (SCAN + DEL)
 
 
@@ -61,10 +61,22 @@ class RedisHealth:
         return self.last_success_at is None or self.last_error_at > self.last_success_at
 
 
-class RedisService:
-    """The process's Redis: a real server at REDIS_URL, or an in-process fakeredis server.
+@dataclass(frozen=True)
+class RedisReading:
+    """Whether Redis answers now, as one bounded probe found; pages share it for a moment."""
 
-    Falling back to fakeredis is decided once, at start-up; the reason is kept for the sidebar.
+    answers: bool
+    at: float  # time.monotonic() of the probe
+    failure: str = ""  # why it does not answer
+
+
+class RedisService:
+    """The process's Redis: the server at REDIS_URL, or an in-process fakeredis when none is set.
+
+    With REDIS_URL set it is that server, even when it does not answer at start-up: the breaker
+    opens then (reads go to the database, events stay pending) and its probe finds the server
+    when it comes up. Settling on fakeredis instead would split a class of several replicas in
+    two for good: events that never reach the real stream, invalidations the others never see.
     Clients belong to the event loop that created them, so this lives in the runtime's loop.
     """
 
@@ -72,18 +84,64 @@ class RedisService:
         self, *, mode: str, reason: str, url: Optional[str], client: Any, fake_server: Any = None
     ) -> None:
         self.mode = mode  # "redis" or "fakeredis"
-        self.reason = reason
+        self._where = reason
+        self._startup_failure = ""  # why it did not answer at start-up, until it answers
         self.url = url
         self.client = client
         self.fake_server = fake_server
         self.command_timeout_seconds = REDIS_COMMAND_TIMEOUT_SECONDS
         # One breaker per server, shared by every sandbox: a frozen server is frozen for them all.
         self.breaker = CircuitBreaker(self.client.ping)
+        self._reading: Optional[RedisReading] = None
+        self._probing = asyncio.Lock()
+
+    @property
+    def reason(self) -> str:
+        """Which Redis this is, for the sidebar; while it has not answered since start-up, why."""
+        if self._startup_failure and not self.breaker.is_open:
+            self._startup_failure = ""  # the breaker's probe found it: it answers now
+        return f"{self._where}; {self._startup_failure}" if self._startup_failure else self._where
+
+    async def reading(self) -> RedisReading:
+        """Whether Redis answers now: the breaker's word when it is open, else a PING given as
+        long as any command (command_timeout_seconds: a shorter one would trip the breaker every
+        sandbox shares whenever the loop is busy), shared by every page drawn within
+        READING_FRESH_SECONDS (the sidebar and the cache page, drawn in one rerun, never
+        disagree). A failed PING opens the breaker, so the reads that follow skip Redis at once."""
+        async with self._probing:
+            now = time.monotonic()
+            kept = self._reading
+            # Kept only while the breaker still says the same: a probe that closed it (Redis is
+            # back) or a call that opened it since makes a new reading, else the page would say
+            # "not answering" beside "breaker closed" (or the reverse).
+            if (
+                kept is not None
+                and now - kept.at < READING_FRESH_SECONDS
+                and kept.answers != self.breaker.is_open
+            ):
+                return kept
+            if self.breaker.is_open:
+                self._reading = RedisReading(False, now, self.breaker.last_failure)
+                return self._reading
+            try:
+                async with asyncio.timeout(self.command_timeout_seconds):
+                    await self.client.ping()
+            except REDIS_ERRORS as error:
+                if isinstance(error, breaker.SERVER_FAILURES):
+                    self.breaker.record_failure(error)
+                self._reading = RedisReading(False, now, f"{type(error).__name__}: {error}"[:200])
+            else:
+                self._reading = RedisReading(True, now)
+            return self._reading
 
     @classmethod
     async def connect(cls, settings: Settings) -> RedisService:
-        """Connect to REDIS_URL when it answers a PING, else start fakeredis and say why."""
-        if settings.redis_url:
+        """The server at REDIS_URL, answering or not yet (then its breaker is open and probes
+        it); fakeredis only when REDIS_URL is not set. A URL redis-py cannot read stops the app."""
+        if not settings.redis_url:
+            return cls._fake("REDIS_URL is not set; using fakeredis, an in-process Redis")
+        where = mask_url(settings.redis_url)
+        try:
             client = redis_asyncio.from_url(
                 settings.redis_url,
                 decode_responses=True,
@@ -91,24 +149,23 @@ class RedisService:
                 socket_timeout=5,
                 health_check_interval=30,
             )
-            try:
-                await asyncio.wait_for(client.ping(), settings.redis_connect_timeout_seconds + 1)
-            except (*REDIS_ERRORS, ValueError) as error:
-                await client.aclose()
-                reason = (
-                    f"REDIS_URL ({mask_url(settings.redis_url)}) did not answer "
-                    f"({type(error).__name__}); using fakeredis"
-                )
-                logger.warning(reason)
-                return cls._fake(reason)
-            # Where, not how it is: the breaker's state says whether it answers now.
-            return cls(
-                mode="redis",
-                reason=f"REDIS_URL {mask_url(settings.redis_url)}",
-                url=settings.redis_url,
-                client=client,
+        except ValueError as error:
+            raise ConfigurationError(f"REDIS_URL ({where}) is not a Redis URL: {error}") from None
+        # Where, not how it is: the breaker's state says whether it answers now.
+        service = cls(
+            mode="redis", reason=f"REDIS_URL {where}", url=settings.redis_url, client=client
+        )
+        service.command_timeout_seconds = settings.redis_command_timeout_seconds
+        try:
+            await asyncio.wait_for(client.ping(), settings.redis_connect_timeout_seconds + 1)
+        except REDIS_ERRORS as error:
+            service._startup_failure = (
+                f"it did not answer at start-up ({type(error).__name__}): reads use the database "
+                "and events wait, until a probe finds it"
             )
-        return cls._fake("REDIS_URL is not set; using fakeredis, an in-process Redis")
+            logger.warning("REDIS_URL (%s) did not answer at start-up: %s", where, error)
+            service.breaker.record_failure(error)  # skip it now; the probe closes it later
+        return service
 
     @classmethod
     def _fake(cls, reason: str) -> RedisService:

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import source
@@ -38,16 +39,36 @@ class CacheDemo:
 async def find_cache_demo(sandbox: Sandbox) -> Optional[CacheDemo]:
     """Alex Smith, else Jane Doe, else the Cache Demo User; None when the sandbox has none.
 
-    Reads only.
+    Reads only, in one statement: the candidates with each one's newest AIRScore id.
     """
+    emails = [*(sample["email"] for sample in source.SAMPLE_USERS), CACHE_DEMO_EMAIL]
+    newest_score = (
+        select(source.AIRScore.id)
+        .where(source.AIRScore.user_id == source.User.id)
+        .order_by(source.AIRScore.created_at.desc(), source.AIRScore.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    candidates = select(source.User.id, source.User.name, source.User.email, newest_score).where(
+        func.lower(source.User.email).in_(emails)
+    )
     async with source.get_session(sandbox) as session:
-        users = source.UserRepository(session)
-        for email in (*(sample["email"] for sample in source.SAMPLE_USERS), CACHE_DEMO_EMAIL):
-            user = await users.get_by_email(email)
-            if user is not None:
-                score = await source.AIRScoreRepository(session).latest_for_user(user.id)
-                return CacheDemo(user.id, user.name, score.id if score else None)
-    return None
+        found = {row.email.lower(): row for row in await session.execute(candidates)}
+    row = next((found[email] for email in emails if email in found), None)
+    return CacheDemo(row[0], row[1], row[3]) if row is not None else None
+
+
+@dataclass(frozen=True)
+class CachePanel:
+    """What the cache demo draws before any click: the cache's state and the demo user."""
+
+    status: CacheStatus
+    demo: Optional[CacheDemo]
+
+
+async def cache_panel(sandbox: Sandbox) -> CachePanel:
+    """The cache's state and the demo user, read together (one call from the page)."""
+    return CachePanel(await cache_status(sandbox), await find_cache_demo(sandbox))
 
 
 async def create_cache_demo_user(sandbox: Sandbox) -> CacheDemo:
@@ -130,6 +151,7 @@ class CacheStatus:
     metrics: source.CacheMetrics
     redis_mode: str  # "redis" or "fakeredis"
     redis_reason: str
+    answers: bool  # Redis answers now (a probe shared with the sidebar), and is not cut off
     breaker_state: str  # "closed", "open" or "half-open"
     breaker: str  # the breaker's state in one line
     cut_off: bool
@@ -140,11 +162,13 @@ class CacheStatus:
 
 
 async def cache_status(sandbox: Sandbox) -> CacheStatus:
-    """A snapshot of the sandbox's cache metrics and Redis health (no Redis call)."""
+    """The sandbox's cache metrics and Redis's state, read as the sidebar reads it."""
     repository, link = cached_users(sandbox), sandbox.redis
     coherence = cache_coherence(sandbox)
+    reading = await link.service.reading()
     return CacheStatus(
         metrics=replace(repository.metrics),
+        answers=reading.answers and not link.cut_off,
         redis_mode=link.service.mode,
         redis_reason=link.service.reason,
         breaker_state=link.breaker.state,
@@ -155,6 +179,16 @@ async def cache_status(sandbox: Sandbox) -> CacheStatus:
         pending_invalidations=coherence.pending_writes,
         recent_invalidations=tuple(coherence.recent_invalidations),
     )
+
+
+async def cache_metrics(sandbox: Sandbox) -> source.CacheMetrics:
+    """The sandbox's cache counters as they stand (a copy)."""
+    return replace(cached_users(sandbox).metrics)
+
+
+async def recent_invalidations(sandbox: Sandbox) -> tuple[CacheInvalidation, ...]:
+    """What the sandbox's cache was told to forget lately, newest first."""
+    return tuple(cache_coherence(sandbox).recent_invalidations)
 
 
 async def set_redis_outage(sandbox: Sandbox, *, cut: bool) -> bool:

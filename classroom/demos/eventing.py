@@ -77,6 +77,23 @@ async def event_delivery(sandbox: Sandbox, *, event_id: str) -> Optional[EventDe
 
 
 @dataclass(frozen=True)
+class StoredNow:
+    """Where a stored score and its event are now: whether the score still exists, the event's
+    delivery (None once the event is gone)."""
+
+    score_exists: bool
+    delivery: Optional[EventDelivery]
+
+
+async def stored_score_now(sandbox: Sandbox, *, score_id: str, event_id: str) -> StoredNow:
+    """The score and its event as they are now, for a page that keeps showing them."""
+    delivery = await event_delivery(sandbox, event_id=event_id)
+    async with source.get_session(sandbox) as session:
+        score = await source.AIRScoreRepository(session).find(score_id)
+    return StoredNow(score is not None, delivery)
+
+
+@dataclass(frozen=True)
 class PublisherState:
     """Whether the publisher runs and whether the broker is cut off (no database call)."""
 

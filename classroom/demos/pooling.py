@@ -3,7 +3,8 @@
 The experiment's code is the lesson's (source.compare_pooling). What the platform adds: it runs
 in the experiment process (thousands of queries are seconds of CPU that would stall everyone
 else's clicks), on fresh engines on the learner's own database, and it reserves its
-connections from the class's budget first, so learners who run it at its maximum together take
+connections from the class's budget first (on PostgreSQL, granted against every replica's
+connections as the server counts them), so learners who run it at its maximum together take
 turns instead of meeting "too many clients".
 """
 
@@ -88,6 +89,7 @@ async def run_pool_experiment(
     ):
         source.validate_whole_number(value, label=label, low=1, high=upper)
     budget = sandbox.connection_budget or ConnectionBudget(MAX_POOL_EXPERIMENT_CONCURRENCY)
+    await budget.refresh()  # PostgreSQL: this replica's share among the replicas it shows now
     granted = min(max(pool_size, concurrency), budget.most_one_reservation_gets)
     capped = granted < max(pool_size, concurrency)
     concurrency, pool_size = min(concurrency, granted), min(pool_size, granted)

@@ -23,6 +23,7 @@ class BrokerCircuit:
     error: str = ""
     probes_failed: int = 0
     outages: int = 0
+    closed_at: Optional[float] = None  # time.monotonic() when the last outage ended
     _random: random.Random = field(default_factory=random.Random, repr=False)
 
     @property
@@ -36,7 +37,9 @@ class BrokerCircuit:
         if self.opened_at is not None:
             return False
         self.opened_at = time.monotonic()
-        self.probes_failed = 0
+        # Soon after the last (a broker at the edge of its memory): go on with that backoff.
+        relapse = self.closed_at is not None and self.opened_at - self.closed_at < self.max_seconds
+        self.probes_failed = self.probes_failed + 1 if relapse else 0
         self.outages += 1
         return True
 
@@ -48,8 +51,9 @@ class BrokerCircuit:
         """The broker answers again; returns how long the outage lasted (None if there was none)."""
         if self.opened_at is None:
             return None
-        lasted = time.monotonic() - self.opened_at
-        self.opened_at, self.error, self.probes_failed = None, "", 0
+        self.closed_at = time.monotonic()
+        lasted = self.closed_at - self.opened_at
+        self.opened_at, self.error = None, ""  # probes_failed kept, for a relapse
         return lasted
 
     def seconds_until_probe(self) -> float:

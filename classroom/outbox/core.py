@@ -15,8 +15,12 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Optional
 
+import redis.exceptions
+
 import source
+from classroom.cache.breaker import REDIS_ERRORS
 from classroom.outbox.audit import AuditReport, PublishedEventAudit, prune_delivered_events
+from classroom.outbox.broker import is_broker_wide_refusal
 from classroom.outbox.circuit import BrokerCircuit
 from classroom.outbox.notify import CommitNotifications
 from classroom.outbox.settings import OutboxSettings
@@ -116,8 +120,7 @@ class OutboxCore:
         if not self._probe_requested and time.monotonic() < self._probe_at:
             return False
         self._probe_requested = False
-        link = self.sandbox.redis
-        if not await link.check(timeout_seconds=self.settings.broker_timeout_seconds):
+        if not await self.broker_takes_writes():
             self.circuit.probe_failed()
             self._probe_at = time.monotonic() + self.circuit.seconds_until_probe()
             return False
@@ -128,6 +131,28 @@ class OutboxCore:
             "outbox broker answers again in sandbox %s after %.1f s", self.sandbox.id, lasted
         )
         self.activity.note(f"broker answers again after {lasted:.1f} s: publishing resumes")
+        return True
+
+    async def broker_takes_writes(self) -> bool:
+        """PING, then a write the broker refuses whenever it would refuse an XADD.
+
+        A full Redis (OOM), a read-only replica (READONLY) or one whose snapshots fail (MISCONF)
+        still answers PING: probing with PING alone closed the circuit at once, the next batch met
+        the refusal again, and the relay flapped (an outage logged per pass). XADD NOMKSTREAM to
+        a stream that never exists is refused exactly like the relay's XADD, and adds nothing.
+        """
+        link = self.sandbox.redis
+        if not await link.check(timeout_seconds=self.settings.broker_timeout_seconds):
+            return False
+        try:
+            await link.execute("XADD", link.key("outbox", "probe"), "NOMKSTREAM", "*", "probe", "1")
+        except redis.exceptions.ResponseError as refusal:
+            if is_broker_wide_refusal(refusal):
+                self.circuit.error = f"broker still refuses writes: {refusal!r}"[:300]
+                return False
+            return True  # a reply about the command itself (an old Redis): PING's word stands
+        except REDIS_ERRORS:
+            return False
         return True
 
     async def after_batch(self, report: source.BatchReport) -> None:

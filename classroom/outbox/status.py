@@ -49,6 +49,10 @@ async def read_durability_of(service: RedisService) -> BrokerDurability:
     """
     known = _broker_durability.get(service)
     if known is None:
+        if service.breaker.is_open:  # not answering: asking would cost every page a timeout
+            return BrokerDurability(
+                "unknown", "the broker does not answer, so how it persists is not known yet."
+            )
         try:
             known = await asyncio.wait_for(
                 read_broker_durability(service.client, in_process=service.mode == "fakeredis"), 2.0

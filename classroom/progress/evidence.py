@@ -29,6 +29,10 @@ T = TypeVar("T")
 Describer = Callable[["Sandbox", Any], Optional[Evidence]]
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _user_created(sandbox: Sandbox, user: source.User) -> Evidence:
     return Evidence(
         "user_created", f"User {user.id} created: a new row in users.", {"user_id": user.id}
@@ -93,7 +97,7 @@ def _cache_read(sandbox: Sandbox, fetch: caching.CachedFetch) -> Evidence:
     return Evidence(
         "cache_read",
         f"Cache read ({what}): {read.outcome} on key {read.key}; "
-        f"{metrics.hits} hits of {metrics.requests} reads.",
+        f"{_count(metrics.hits, 'hit')} of {_count(metrics.requests, 'read')}.",
         {
             "read": fetch.kind,
             "outcome": read.outcome,

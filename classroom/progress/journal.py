@@ -10,6 +10,7 @@ declarative base of its own: the lesson's models and its initialize never touch 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("qulab")
 JOURNAL_TABLE = "lab_journal"
+MAX_LINES_KEPT = 500  # written lines kept for the next progress reading (SQLite)
 
 
 class JournalBase(DeclarativeBase):
@@ -45,6 +47,17 @@ class JournalEntry(JournalBase):
     kind: Mapped[str] = mapped_column(String(40))
     detail: Mapped[str] = mapped_column(String(300))
     facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    """One journal entry as the progress checks read it."""
+
+    id: int
+    recorded_at: datetime
+    kind: str
+    detail: str
+    facts: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -81,13 +94,24 @@ async def record_evidence(sandbox: Sandbox, evidence: Optional[Evidence]) -> Non
         "detail": evidence.detail[:300],
         "facts": evidence.facts,
     }
+    line: Optional[JournalLine] = None
     try:
         with statements_hidden():
             async with sandbox.engine.begin() as connection:
-                await connection.execute(insert(JournalEntry.__table__), row)
+                written = await connection.execute(insert(JournalEntry.__table__), row)
+        facts = json.loads(json.dumps(row["facts"]))  # as the JSON column reads it back
+        line = JournalLine(
+            written.inserted_primary_key[0], row["recorded_at"], row["kind"], row["detail"], facts
+        )
     except Exception:  # the demo already succeeded: a lost journal line must not undo it
         logger.warning(
             "could not journal %s in sandbox %s", evidence.kind, sandbox.id, exc_info=True
         )
     finally:
         sandbox.journal_generation += 1
+        if (
+            line is not None
+            and sandbox.backend == "sqlite"
+            and len(sandbox.journal_written) < MAX_LINES_KEPT
+        ):
+            sandbox.journal_written.append(line)  # the next progress reading need not read it

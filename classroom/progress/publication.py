@@ -66,7 +66,7 @@ async def journal_background_publication(
     watch.recorded_this_run, watch.outages_recorded = True, outages
     events = source.DomainEvent
     newest = (
-        select(events.id, events.published_at)
+        select(events.id, events.published_at, events.aggregate_id)
         .where(events.status == "published")
         .order_by(events.published_at.desc())
         .limit(1)
@@ -74,7 +74,7 @@ async def journal_background_publication(
     try:
         with statements_hidden():
             async with sandbox.engine.connect() as connection:
-                event_id, published_at = (await connection.execute(newest)).one()
+                event_id, published_at, score_id = (await connection.execute(newest)).one()
     except Exception:
         logger.warning("could not read the published event of %s", sandbox.id, exc_info=True)
         return
@@ -85,6 +85,11 @@ async def journal_background_publication(
             "published_after_outage" if after_outage else "events_published",
             f"Event {event_id} published at {published_at:%H:%M:%S} by the background publisher "
             f"{publisher}{survived} ({report.published} in that batch).",
-            {"event_id": event_id, "publisher": publisher, "batch": report.published},
+            {
+                "event_id": event_id,
+                "score_id": score_id,
+                "publisher": publisher,
+                "batch": report.published,
+            },
         ),
     )

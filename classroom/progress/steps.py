@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 import source
-from classroom.progress.journal import JournalEntry
+from classroom.progress.journal import JournalEntry, JournalLine
 from classroom.statements import statements_hidden
 
 if TYPE_CHECKING:
@@ -26,17 +25,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("qulab")
 CACHE_HIT, CACHE_MISS, CACHE_FALLBACK = source.HIT, source.MISS, source.FALLBACK
-
-
-@dataclass(frozen=True)
-class JournalLine:
-    """One journal entry as the checks read it."""
-
-    id: int
-    recorded_at: datetime
-    kind: str
-    detail: str
-    facts: dict[str, Any]
+# sandbox.services key: callables told every progress reading (the class roster notes changes)
+PROGRESS_LISTENERS = "progress_listeners"
 
 
 Check = Callable[
@@ -133,8 +123,9 @@ def _metrics_moved(journal: Sequence[JournalLine]) -> Optional[str]:
     for line in _cache_reads(journal):
         facts = line.facts
         if facts["hits"] >= 1 and facts["misses"] >= 1:
+            hits = f"{facts['hits']} hit{'' if facts['hits'] == 1 else 's'}"
             return (
-                f"H = {facts['hits']} hits ÷ {facts['requests']} requests "
+                f"H = {hits} ÷ {facts['requests']} requests "
                 f"= {facts['hits'] / facts['requests']:.2f}."
             )
     return None
@@ -270,12 +261,32 @@ STEPS: tuple[Step, ...] = (
 )
 
 
+# The rows a step's evidence shows: (journal kind, the fact naming the row, its table). A step
+# stays done when they are deleted (by an initialize, say), but its learner is told, since what
+# the step showed is gone. The newest entry of the kind is the one checked.
+ROWS_SHOWN = {
+    "create_user": ("user_created", "user_id", "users"),
+    "initialize": ("initialized", "sample_user_ids", "users"),
+    "add_scores": ("sample_scores_added", "user_id", "users"),
+    "fetch_n_plus_one": ("user_and_scores_fetched", "user_id", "users"),
+    "fetch_eager": ("user_and_scores_fetched", "user_id", "users"),
+    "compare_fetches": ("user_and_scores_fetched", "user_id", "users"),
+    "user_miss_then_hit": ("cache_read", "user_id", "users"),
+    "score_miss_then_hit": ("cache_read", "user_id", "users"),
+    "metrics_move": ("cache_read", "user_id", "users"),
+    "invalidate_then_miss": ("cache_read", "user_id", "users"),
+    "store_airscore": ("airscore_stored", "score_id", "air_scores"),
+    "event_published": ("events_published", "score_id", "air_scores"),
+}
+
+
 @dataclass(frozen=True)
 class StepStatus:
     """A step and, when it is done, the evidence this sandbox shows for it."""
 
     step: Step
     evidence: Optional[str]
+    rows_gone: bool = False  # done, but the rows its evidence showed were deleted since
 
     @property
     def done(self) -> bool:
@@ -327,38 +338,189 @@ class LearnerProgress:
 MAX_JOURNAL_LINES_READ = 5000
 
 
+@dataclass(frozen=True)
+class ProgressReading:
+    """A sandbox's last progress reading, and what it was read from."""
+
+    journal_generation: int  # this process's journal writes and deletions when it was read
+    deletion_generation: int
+    progress: LearnerProgress
+    existing: frozenset[str]  # shown row ids seen to exist since the last deletion
+    gone: frozenset[str]  # shown row ids seen gone (ids are UUIDs: they never come back)
+    lines: int = 0  # PostgreSQL: the journal's line count and newest id when it was read
+    newest_id: int = 0
+
+
 async def learner_progress(sandbox: Sandbox) -> LearnerProgress:
-    """Read the sandbox's journal once and run every step's check on it.
+    """Read the sandbox's journal, run every step's check on it, and see which done steps showed
+    rows that are gone.
 
-    Every rerun draws the sidebar's progress, so a SQLite sandbox keeps its last reading until
-    this process writes or deletes journal lines (only this process opens its file). On
-    PostgreSQL another replica may write the journal too, so it is read every time.
+    Every click draws some progress, so the last reading is kept and only what changed is read.
+    A SQLite sandbox is opened by this process only: the journal lines it wrote since are kept
+    as they were written (not read back), and the shown rows are asked about again only after a
+    commit that deleted rows or for a row not asked about yet. On PostgreSQL another replica may
+    write too, so one statement first asks how many lines the journal has, its newest id, and
+    how many of the rows seen are still there: the lines after the newest are read when that
+    accounts for the count, everything otherwise.
     """
-    generation = sandbox.journal_generation
-    if (
-        sandbox.backend == "sqlite"
-        and sandbox.progress_read is not None
-        and sandbox.progress_read[0] == generation
-    ):
-        return sandbox.progress_read[1]
-    progress = await _read_learner_progress(sandbox)
-    sandbox.progress_read = (generation, progress)
-    return progress
+    kept: Optional[ProgressReading] = sandbox.progress_read
+    written, sandbox.journal_written = sandbox.journal_written, []
+    if sandbox.backend == "sqlite":
+        reading = await _read_own(sandbox, kept, written)
+    else:
+        reading = await _read_shared(sandbox, kept)
+    sandbox.progress_read = reading
+    _tell_progress_listeners(sandbox, reading.progress)
+    return reading.progress
 
 
-async def _read_learner_progress(sandbox: Sandbox) -> LearnerProgress:
+def _tell_progress_listeners(sandbox: Sandbox, progress: LearnerProgress) -> None:
+    """Each reading goes to the listeners (synchronous and cheap: they write only on change)."""
+    for listener in sandbox.services.get(PROGRESS_LISTENERS, ()):
+        try:
+            listener(progress)
+        except Exception:  # the reading stands whatever a listener does
+            logger.exception("progress listener failed in sandbox %s", sandbox.id)
+
+
+async def _read_own(
+    sandbox: Sandbox, kept: Optional[ProgressReading], written: list[JournalLine]
+) -> ProgressReading:
+    """SQLite: only this process writes the file, so its own counters say what changed."""
+    generations = (sandbox.journal_generation, sandbox.deletion_generation)
+    if kept is not None and (kept.journal_generation, kept.deletion_generation) == generations:
+        return kept
+    if kept is None:
+        progress = _checked(await _read_journal(sandbox))
+    elif kept.journal_generation == generations[0]:
+        progress = kept.progress
+    else:
+        newest_id = kept.progress.journal[-1].id if kept.progress.journal else 0
+        if len(written) != generations[0] - kept.journal_generation:  # one not seen written
+            written = list(await _read_journal(sandbox, after_id=newest_id))
+        journal = (*kept.progress.journal, *(line for line in written if line.id > newest_id))
+        progress = _checked(journal[-MAX_JOURNAL_LINES_READ:])
+    unchanged_rows = kept is not None and kept.deletion_generation == generations[1]
+    progress, existing, gone = await _mark_rows_gone(
+        sandbox,
+        progress,
+        kept.existing if kept is not None and unchanged_rows else frozenset(),
+        kept.gone if kept is not None else frozenset(),
+    )
+    return ProgressReading(*generations, progress, existing, gone)
+
+
+async def _read_shared(sandbox: Sandbox, kept: Optional[ProgressReading]) -> ProgressReading:
+    """PostgreSQL: one probe of the journal and the rows seen; then only what it says changed."""
+    seen = kept.existing if kept is not None else frozenset()
+    lines, newest_id, still_there = await _probe(sandbox, seen)
+    if kept is not None and (lines, newest_id) == (kept.lines, kept.newest_id):
+        progress = kept.progress
+    else:
+        progress = None
+        if kept is not None and newest_id > kept.newest_id:
+            added = await _read_journal(sandbox, after_id=kept.newest_id)
+            if kept.lines + len(added) == lines:  # nothing committed out of order, nothing gone
+                journal = (*kept.progress.journal, *added)
+                progress = _checked(journal[-MAX_JOURNAL_LINES_READ:])
+        if progress is None:
+            progress = _checked(await _read_journal(sandbox))
+    progress, existing, gone = await _mark_rows_gone(
+        sandbox,
+        progress,
+        seen if still_there == len(seen) else frozenset(),
+        kept.gone if kept is not None else frozenset(),
+    )
+    return ProgressReading(
+        sandbox.journal_generation,
+        sandbox.deletion_generation,
+        progress,
+        existing,
+        gone,
+        lines,
+        newest_id,
+    )
+
+
+async def _probe(sandbox: Sandbox, seen: frozenset[str]) -> tuple[int, int, int]:
+    """(journal lines, newest journal id, how many of the `seen` rows still exist): one query."""
+    journal = JournalEntry.__table__
+    columns = [
+        select(func.count()).select_from(journal).scalar_subquery(),
+        select(func.coalesce(func.max(journal.c.id), 0)).scalar_subquery(),
+    ]
+    for model in (source.User, source.AIRScore):
+        if seen:
+            columns.append(
+                select(func.count()).select_from(model).where(model.id.in_(seen)).scalar_subquery()
+            )
+    with statements_hidden():
+        async with sandbox.engine.connect() as connection:
+            row = (await connection.execute(select(*columns))).one()
+    return row[0], row[1], sum(row[2:])
+
+
+def _shown_rows(progress: LearnerProgress) -> dict[str, tuple[str, str]]:
+    """Step key -> (table, row id) of the row each done step's newest evidence showed."""
+    shown: dict[str, tuple[str, str]] = {}
+    for status in progress.steps:
+        if status.done and status.step.key in ROWS_SHOWN:
+            kind, fact, table = ROWS_SHOWN[status.step.key]
+            line = next((ln for ln in reversed(progress.journal) if ln.kind == kind), None)
+            row_id = line.facts.get(fact) if line is not None else None
+            row_id = row_id[0] if isinstance(row_id, list) and row_id else row_id
+            if isinstance(row_id, str):
+                shown[status.step.key] = (table, row_id)
+    return shown
+
+
+async def _mark_rows_gone(
+    sandbox: Sandbox, progress: LearnerProgress, existing: frozenset[str], gone: frozenset[str]
+) -> tuple[LearnerProgress, frozenset[str], frozenset[str]]:
+    """Each done step whose shown row no longer exists, marked; the rows known to exist and
+    known gone are not asked again (one query per table with rows to ask about)."""
+    shown = _shown_rows(progress)
+    models = {"users": source.User, "air_scores": source.AIRScore}
+    unknown = {
+        table: {row_id for named, row_id in shown.values() if named == table} - existing - gone
+        for table in models
+    }
+    if any(unknown.values()):
+        found: set[str] = set()
+        with statements_hidden():
+            async with sandbox.engine.connect() as connection:
+                for table, ids in unknown.items():
+                    if ids:
+                        model = models[table]
+                        rows = await connection.execute(select(model.id).where(model.id.in_(ids)))
+                        found.update(rows.scalars())
+        asked = set().union(*unknown.values())
+        existing, gone = existing | (asked & found), gone | (asked - found)
+    steps = tuple(
+        replace(status, rows_gone=status.step.key in shown and shown[status.step.key][1] in gone)
+        for status in progress.steps
+    )
+    return replace(progress, steps=steps), existing, gone
+
+
+async def _read_journal(sandbox: Sandbox, *, after_id: int = 0) -> tuple[JournalLine, ...]:
+    """The journal's newest lines (those after `after_id`), oldest first."""
     newest_first = (
         select(JournalEntry.__table__)
+        .where(JournalEntry.id > after_id)
         .order_by(JournalEntry.id.desc())
         .limit(MAX_JOURNAL_LINES_READ)
     )
     with statements_hidden():
         async with sandbox.engine.connect() as connection:
             rows = (await connection.execute(newest_first)).all()
-    journal = tuple(
+    return tuple(
         JournalLine(row.id, row.recorded_at, row.kind, row.detail, row.facts or {})
         for row in reversed(rows)
     )
+
+
+def _checked(journal: tuple[JournalLine, ...]) -> LearnerProgress:
     return LearnerProgress(
         tuple(StepStatus(step, _run_check(step, journal)) for step in STEPS), journal
     )

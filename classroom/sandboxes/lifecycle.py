@@ -4,7 +4,8 @@
   last holder goes it is idle, and its grace period starts.
 - Dormancy: a sleep in two parts: dormant at once (under the registry's lock), then its flush and
   close as a task (outside the lock: a slow broker never holds up another learner's open).
-  A wake takes the sandbox's connections from the budget again and tells its wake listeners.
+  A wake renews the sandbox's lease first (another replica may have deleted it meanwhile), then
+  takes its connections from the budget again and tells its wake listeners.
 - Deletion: a sandbox's data, storage and Redis keys deleted (after the idle limit, or on
   request), and why it was deleted remembered, for the notice its learner sees on return.
 """
@@ -45,7 +46,7 @@ class Holds:
                 self.drop(holder)
             self._holder_sandbox[holder] = sandbox.id
         sandbox.holders.add(holder)
-        sandbox.state = SANDBOX_ACTIVE
+        sandbox.change_state(SANDBOX_ACTIVE)
 
     def drop(self, holder: str) -> None:
         """A holder let go (a browser session ended, a Lab closed): idle if nobody else holds it."""
@@ -53,7 +54,7 @@ class Holds:
         if sandbox is not None and holder in sandbox.holders:
             sandbox.holders.discard(holder)
             if not sandbox.holders:
-                sandbox.state = SANDBOX_IDLE
+                sandbox.change_state(SANDBOX_IDLE)
                 sandbox.unheld_since = time.monotonic()
                 sandbox.touch()  # idle time counts from the moment the last holder left
 
@@ -84,7 +85,7 @@ class Dormancy:
         """
         if not sandbox.awake:
             return sandbox.going_dormant if still_going_dormant(sandbox) else None
-        sandbox.state = SANDBOX_DORMANT
+        sandbox.change_state(SANDBOX_DORMANT)
         sandbox.going_dormant = asyncio.get_running_loop().create_task(
             self._finish_sleep(sandbox), name=f"sandbox-dormant-{sandbox.id}"
         )
@@ -110,17 +111,20 @@ class Dormancy:
         finally:
             await self.budget.give_back(self.store.connections_per_sandbox)
 
-    async def wake(self, sandbox: Sandbox) -> None:
+    async def wake(self, sandbox: Sandbox) -> bool:
         """Dormant -> idle; the caller's hold makes it active.
 
-        PostgreSQL renews its lease first.
+        The lease is renewed first, before anything touches the sandbox's storage: False (and
+        nothing woken) when another replica deleted the sandbox after the idle limit.
         """
-        if sandbox.backend == "postgresql":
-            sandbox.lease_renewed_at = 0.0  # acquire renews the lease (or finds it reaped)
+        if not await self.store.renew_lease(sandbox):
+            return False
+        sandbox.lease_renewed_at = time.monotonic()
         self.budget.take(self.store.connections_per_sandbox)
-        sandbox.state = SANDBOX_IDLE
+        sandbox.change_state(SANDBOX_IDLE)
         sandbox.unheld_since = time.monotonic()
         await sandbox.notify(sandbox.wake_listeners, "wake")
+        return True
 
 
 class Deletion:
@@ -131,23 +135,37 @@ class Deletion:
         self.reasons: dict[str, str] = {}  # sandbox id -> why it was deleted (bounded)
 
     async def delete(self, sandbox: Sandbox, reason: str, *, only_if_expired: bool) -> bool:
-        """Delete the (dormant) sandbox's data; False when another replica used it lately."""
-        if not await self.store.delete(sandbox, only_if_expired=only_if_expired):
+        """Delete the (dormant) sandbox's data and keys; False when another replica (or, on
+        sqlite:///path, another process) used it lately."""
+
+        async def forget_keys() -> None:  # the store calls it while it holds the sandbox's lease
+            try:
+                await sandbox.redis.restore()
+                await sandbox.redis.delete_namespace()
+            except REDIS_ERRORS:
+                logger.warning("could not delete Redis keys of released sandbox %s", sandbox.id)
+
+        deleted = await self.store.delete(
+            sandbox, only_if_expired=only_if_expired, reason=reason, forget_keys=forget_keys
+        )
+        if not deleted:
             return False  # its data stays for the replica that used it
         await sandbox.notify(sandbox.release_listeners, "release")
-        self.reasons[sandbox.id] = reason
-        while len(self.reasons) > MAX_REMEMBERED_DELETIONS:
-            self.reasons.pop(next(iter(self.reasons)))
-        try:
-            await sandbox.redis.restore()
-            await sandbox.redis.delete_namespace()
-        except REDIS_ERRORS:
-            logger.warning("could not delete Redis keys of released sandbox %s", sandbox.id)
+        self.remember(sandbox.id, reason)
         return True
 
-    def notice_for(self, sandbox_id: str) -> Optional[str]:
-        """What to tell a learner whose sandbox was deleted, once; None if it never was."""
-        reason = self.reasons.pop(sandbox_id, None)
+    def remember(self, sandbox_id: str, reason: str) -> None:
+        """Keep why a sandbox was deleted, for its learner's return to this process (bounded)."""
+        self.reasons[sandbox_id] = reason
+        while len(self.reasons) > MAX_REMEMBERED_DELETIONS:
+            self.reasons.pop(next(iter(self.reasons)))
+
+    def notice_for(self, sandbox_id: str, stored_reason: Optional[str] = None) -> Optional[str]:
+        """What to tell a learner whose sandbox was deleted, once; None if it never was.
+
+        stored_reason is the one the database kept (PostgreSQL: any replica may have deleted it).
+        """
+        reason = self.reasons.pop(sandbox_id, None) or stored_reason
         if reason is None:
             return None
-        return f"Your previous sandbox was released because {reason}; this one starts empty."
+        return f"Your previous sandbox was deleted because {reason}; this one starts empty."

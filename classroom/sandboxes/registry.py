@@ -4,8 +4,11 @@ A sandbox is held while a browser session (or a Lab) has it open; a held sandbox
 sleep or deleted. When its last holder goes it stays awake for a grace period (a reload comes
 back at once), then goes dormant: engine, pool and background tasks freed, data kept. Any use
 wakes it. Only after the idle limit is its data deleted (on PostgreSQL only if no replica used
-the schema meanwhile). The registry is a facade over Admission (capacity), Holds, Dormancy and
-Deletion; it owns the lock that keeps their decisions consistent.
+the schema meanwhile). What a dead process left (schemas with expired leases, files no live
+process holds) is reaped by any process after the idle limit. A sandbox another replica deleted
+while it slept here is never half-used: its learner gets a new one and is told why. The registry
+is a facade over Admission (capacity), Holds, Dormancy and Deletion; it owns the lock that keeps
+their decisions consistent.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Optional
 
 import source
 from classroom.budget import ConnectionBudget
-from classroom.cache.coherent import invalidate_cached_changes
+from classroom.cache.coherence import SETTLE_REASON, CacheCoherence
+from classroom.cache.coherent import cache_coherence, invalidate_cached_changes
 from classroom.cache.link import RedisLink, RedisService
 from classroom.config import Settings, resolve_database_target
 from classroom.sandboxes.admission import Admission, SandboxCapacity
@@ -34,7 +38,10 @@ from classroom.sandboxes.sandbox import (
 from classroom.sandboxes.stores import (
     PostgresSandboxStore,
     SQLiteSandboxStore,
+    abandoned_after_seconds,
     create_schema,
+    idle_reason,
+    lease_renewal_seconds,
     note_journal_writes,
 )
 
@@ -51,7 +58,7 @@ class SandboxRegistry:
         self.store: SQLiteSandboxStore | PostgresSandboxStore = (
             PostgresSandboxStore(settings, self.target, redis_service)
             if self.target.kind == "postgresql"
-            else SQLiteSandboxStore(settings, self.target)
+            else SQLiteSandboxStore(settings, self.target, redis_service)
         )
         self.budget = ConnectionBudget(settings.connection_budget)
         self._sandboxes: dict[str, Sandbox] = {}
@@ -63,8 +70,13 @@ class SandboxRegistry:
         self.deletion = Deletion(self.store)
         self._lock = asyncio.Lock()
         self._started = False
-        # Renew often enough that a lease never looks expired while its sandbox is in use.
-        self.lease_renewal_seconds = min(60.0, settings.sandbox_idle_seconds / 4)
+        # Told of each sandbox this process makes (to attach per-sandbox listeners), and of the
+        # ids of sandboxes reaped after their process died (no listener of theirs runs here).
+        self.created_listeners: list[Callable[[Sandbox], None]] = []
+        self.reaped_listeners: list[Callable[[list[str]], Awaitable[None]]] = []
+        # Renew often enough that a lease (PostgreSQL's row, a SQLite file's lock file) never
+        # looks expired while its sandbox is in use.
+        self.lease_renewal_seconds = lease_renewal_seconds(settings)
 
     @property
     def backend(self) -> str:
@@ -97,6 +109,11 @@ class SandboxRegistry:
         """Every sandbox this process knows (awake or dormant)."""
         return list(self._sandboxes.values())
 
+    async def start(self) -> None:
+        """Connect the store now (it also connects on first use)."""
+        async with self._lock:
+            await self._start()
+
     async def _start(self) -> None:
         if not self._started:
             await self.store.start(self.budget)
@@ -126,24 +143,26 @@ class SandboxRegistry:
                     if sandbox is None or not sandbox.awake:
                         for sleeper in self.admission.make_room(self._sandboxes.values()):
                             self.dormancy.begin_sleep(sleeper)  # its flush goes on meanwhile
+                    # A wake renews the lease first; it fails when another replica deleted the
+                    # sandbox after the idle limit while it slept here.
+                    if sandbox is not None and not sandbox.awake:
+                        if await self.dormancy.wake(sandbox):
+                            await self._settle_if_missed(sandbox)
+                        else:
+                            await self._forget(sandbox)
+                            sandbox = None
                     if sandbox is None:
                         sandbox = await self._create(sandbox_id)
-                        sandbox.notice = self.deletion.notice_for(sandbox_id)
-                        self._sandboxes[sandbox_id] = sandbox
-                    elif not sandbox.awake:
-                        await self.dormancy.wake(sandbox)
             break
         if holder is not None:
             self.holds.hold(sandbox, holder)
         sandbox.touch()
-        if (
-            sandbox.backend == "postgresql"
-            and time.monotonic() - sandbox.lease_renewed_at >= self.lease_renewal_seconds
-        ):
+        if time.monotonic() - sandbox.lease_renewed_at >= self.lease_renewal_seconds:
             sandbox.lease_renewed_at = time.monotonic()
             if not await self.store.renew_lease(sandbox):
-                # Another replica found the lease expired and dropped the schema: start afresh.
-                await self.release(sandbox_id, "its storage was reclaimed after it sat idle")
+                # Another replica found the lease expired and deleted the sandbox: a new one,
+                # and the learner is told (its storage is not ours to touch any more).
+                await self._forget_awake(sandbox)
                 return await self.acquire(sandbox_id, holder=holder)
         return sandbox
 
@@ -165,7 +184,11 @@ class SandboxRegistry:
         self.holds.drop(holder)
 
     async def _create(self, sandbox_id: str) -> Sandbox:
-        location, open_engine = await self.store.open(sandbox_id)
+        """A new Sandbox for this id (its storage opened, or created), registered here.
+
+        Its notice says why the sandbox this id had before was deleted, if it was.
+        """
+        location, open_engine, deleted_because = await self.store.open(sandbox_id)
         sandbox = Sandbox(
             id=sandbox_id,
             backend=self.backend,
@@ -187,26 +210,88 @@ class SandboxRegistry:
             await self.budget.give_back(self.store.connections_per_sandbox)
             await self.store.delete(sandbox, only_if_expired=False)
             raise
+        sandbox.notice = self.deletion.notice_for(sandbox_id, deleted_because)
+        await self._watch_missed_invalidations(sandbox)
+        self._sandboxes[sandbox_id] = sandbox
+        for listener in self.created_listeners:
+            listener(sandbox)
         return sandbox
+
+    async def _watch_missed_invalidations(self, sandbox: Sandbox) -> None:
+        """Its writes that miss Redis are noted in the database; writes that missed it before
+        (another replica's, a dead process's) are settled before its first cached read."""
+        coherence = cache_coherence(sandbox)
+        coherence.on_missed = lambda: self.store.note_cache_missed(sandbox)
+        await self._settle_if_missed(sandbox)
+
+    async def _settle_if_missed(self, sandbox: Sandbox) -> None:
+        if await self.store.cache_missed(sandbox):
+            cache_coherence(sandbox).note_missed()
+
+    async def settle_missed_invalidations(self) -> list[str]:
+        """For every sandbox whose writes missed Redis on any replica (or in a process that
+        died), set a new cache epoch if Redis answers this replica, and clear the note: no
+        replica serves a value from before those writes after this. Returns the ids settled.
+        Run every few seconds (Runtime), only while a sandbox is awake here; on SQLite only
+        adopted files are ever noted."""
+        settled: list[str] = []
+        if not any(sandbox.awake for sandbox in self._sandboxes.values()):
+            return settled  # nothing is read here: a wake settles first (idle costs nothing)
+        for sandbox_id, noted_at in await self.store.cache_missed():
+            sandbox = self._sandboxes.get(sandbox_id)
+            if sandbox is not None and sandbox.awake:
+                coherence = cache_coherence(sandbox)
+                coherence.note_missed()
+                done = await coherence.settle_pending()
+            else:  # not awake here: its keys are set through a link of its own
+                link = RedisLink(self.redis_service, sandbox_id)
+                invalidation = await CacheCoherence(link).invalidate(
+                    [], reason=SETTLE_REASON, everything=True, remember=False, settling=True
+                )
+                done = invalidation.applied
+            if done:
+                await self.store.clear_cache_missed(sandbox_id, noted_at)
+                settled.append(sandbox_id)
+        return settled
+
+    async def _forget(self, sandbox: Sandbox) -> None:
+        """Forget a dormant sandbox whose storage another replica deleted (under the lock).
+
+        Its storage and keys are left alone: the id may be a new sandbox's already.
+        """
+        self._sandboxes.pop(sandbox.id, None)
+        self.holds.forget(sandbox)
+        await sandbox.notify(sandbox.release_listeners, "release")
+
+    async def _forget_awake(self, sandbox: Sandbox) -> None:
+        """As _forget, for an awake sandbox: it goes to sleep first (outside the lock)."""
+        async with self._lock:
+            if self._sandboxes.get(sandbox.id) is not sandbox:
+                return  # forgotten (or deleted) meanwhile
+            self._sandboxes.pop(sandbox.id)
+            self.holds.forget(sandbox)
+            going = self.dormancy.begin_sleep(sandbox)
+        if going is not None:
+            await asyncio.shield(going)
+        await sandbox.notify(sandbox.release_listeners, "release")
 
     async def sweep(self) -> dict[str, list[str]]:
         """One pass: idle past the grace period -> dormant; unused past idle limit -> deleted."""
         now = time.monotonic()
         slept, deleted, kept_for_another_replica = [], [], []
         going_dormant: list[Optional[asyncio.Task[None]]] = []
+        resting: list[Sandbox] = []  # awake, nothing running: their WAL may be trimmed
         async with self._lock:
             for sandbox in list(self._sandboxes.values()):
                 if sandbox.holders or sandbox.operations_in_flight:
-                    if (
-                        sandbox.backend == "postgresql"
-                        and now - sandbox.lease_renewed_at >= self.lease_renewal_seconds
-                    ):
+                    if now - sandbox.lease_renewed_at >= self.lease_renewal_seconds:
                         sandbox.lease_renewed_at = now  # a connected learner keeps the lease
                         await self.store.renew_lease(sandbox)
+                    if sandbox.awake and not sandbox.operations_in_flight:
+                        resting.append(sandbox)
                     continue
                 if now - sandbox.last_used > self.settings.sandbox_idle_seconds:
-                    minutes = self.settings.sandbox_idle_seconds / 60
-                    reason = f"it was idle for more than {minutes:g} minutes"
+                    reason = idle_reason(self.settings)
                     if await self._delete(sandbox, reason, only_if_expired=True):
                         deleted.append(sandbox.id)
                     else:
@@ -219,6 +304,14 @@ class SandboxRegistry:
                     slept.append(sandbox.id)
         # Their flushes (up to seconds each with a slow broker) run after the lock is released.
         await asyncio.gather(*(asyncio.shield(task) for task in going_dormant if task is not None))
+        for sandbox in resting:
+            if sandbox.awake and not sandbox.operations_in_flight:
+                try:
+                    await self.store.trim_wal(sandbox)
+                except Exception:  # it stays as it is until the next pass or its sleep
+                    logger.warning(
+                        "could not trim the WAL of sandbox %s", sandbox.id, exc_info=True
+                    )
         return {"dormant": slept, "deleted": deleted, "kept": kept_for_another_replica}
 
     async def release(self, sandbox_id: str, reason: str = "released") -> bool:
@@ -258,27 +351,47 @@ class SandboxRegistry:
                         released.append(sandbox.id)
         return released
 
+    async def reap_abandoned(
+        self, *, expired_after_seconds: Optional[float] = None
+    ) -> list[tuple[str, str]]:
+        """Delete what nobody holds and nobody used for longer than the idle limit.
+
+        On PostgreSQL, schemas whose lease expired (a dead process's, on this replica or any
+        other; replicas reaping at once share the work with FOR UPDATE SKIP LOCKED); on SQLite,
+        sandbox files no live process holds (their lock died with their process). Their Redis
+        keys go too. Returns (sandbox id, schema or file) of each. Then the connection budget
+        follows what PostgreSQL says about the replicas.
+        """
+        if expired_after_seconds is None:
+            expired_after_seconds = abandoned_after_seconds(self.settings)
+        async with self._lock:
+            await self._start()
+            reaped = await self.store.reap_abandoned(
+                unused_for_seconds=expired_after_seconds,
+                live=set(self._sandboxes),
+                reason=idle_reason(self.settings),
+            )
+        await self.budget.refresh()
+        if reaped:
+            where = ", ".join(location for _, location in reaped)
+            logger.info("deleted %d abandoned sandboxes: %s", len(reaped), where)
+            for sandbox_id, _ in reaped:
+                self.deletion.remember(sandbox_id, idle_reason(self.settings))
+            for told in self.reaped_listeners:
+                try:
+                    await told([sandbox_id for sandbox_id, _ in reaped])
+                except Exception:
+                    logger.exception("a listener of reaped sandboxes failed")
+        return reaped
+
     async def reap_abandoned_schemas(
         self, *, expired_after_seconds: Optional[float] = None
     ) -> list[str]:
-        """Drop sandbox schemas nobody used for longer than the idle limit (PostgreSQL).
-
-        Covers schemas left by a process that died, on this replica or any other; replicas
-        reaping at once share the work (FOR UPDATE SKIP LOCKED). Their Redis keys go too.
-        """
+        """reap_abandoned on PostgreSQL, returning the schemas dropped; [] on SQLite."""
         if self.backend != "postgresql":
             return []
-        if expired_after_seconds is None:
-            expired_after_seconds = self.settings.sandbox_idle_seconds + self.lease_renewal_seconds
-        async with self._lock:
-            await self._start()
-            live = [sandbox.location for sandbox in self._sandboxes.values()]
-            reaped = await self.store.reap_abandoned_schemas(
-                expired_after_seconds=expired_after_seconds, live=live
-            )
-        if reaped:
-            logger.info("dropped %d abandoned sandbox schemas: %s", len(reaped), ", ".join(reaped))
-        return reaped
+        reaped = await self.reap_abandoned(expired_after_seconds=expired_after_seconds)
+        return [schema for _, schema in reaped]
 
     async def close(self, *, delete_data: bool = True) -> None:
         """Stop every sandbox; delete their data too unless told to keep it."""

@@ -3,7 +3,8 @@ view on it, and a namespace in Redis. It is what the lesson calls a Sandbox (sou
 
 Listeners let the rest of the platform react to its life: commit (what a transaction changed),
 reset (emptied), dormant (stop background work and flush: the engine is about to go), wake
-(awake again), release (its data is about to be deleted).
+(awake again), release (its data is about to be deleted), and state (active, idle, dormant:
+told at once, synchronously, on every change; the class roster notes it).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SANDBOX_SCHEMA_PATTERN = re.compile(r"qulab_[a-z0-9]{8,32}")
 SANDBOX_ACTIVE, SANDBOX_IDLE, SANDBOX_DORMANT = "active", "idle", "dormant"
 CommitListener = Callable[[CommittedChanges], Awaitable[None]]
 SandboxListener = Callable[["Sandbox"], Awaitable[None]]
+StateListener = Callable[["Sandbox"], None]
 
 
 def new_sandbox_id() -> str:
@@ -83,6 +85,7 @@ class Sandbox:
     dormant_listeners: list[SandboxListener] = field(default_factory=list)
     wake_listeners: list[SandboxListener] = field(default_factory=list)
     release_listeners: list[SandboxListener] = field(default_factory=list)
+    state_listeners: list[StateListener] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
     notice: Optional[str] = None  # set when this id had a sandbox before that was released
     lease_renewed_at: float = field(default_factory=time.monotonic)  # PostgreSQL: last lease write
@@ -90,10 +93,14 @@ class Sandbox:
     connection_budget: Optional[ConnectionBudget] = None
     # the flush and close of a sleep in progress
     going_dormant: Optional[asyncio.Task[None]] = None
-    # bumped by every journal write or delete in this process (13a's cache)
+    # bumped by every journal write in this process
     journal_generation: int = 0
-    # (journal_generation, LearnerProgress) last read
-    progress_read: Optional[tuple[int, Any]] = None
+    # SQLite: the journal lines this process wrote since progress was last read
+    journal_written: list[Any] = field(default_factory=list)
+    # bumped by every commit in this process that deleted rows: what "rows gone" depends on
+    deletion_generation: int = 0
+    # SQLite: the progress last read (classroom.progress.steps.ProgressReading), None to read anew
+    progress_read: Any = None
     _engine: Optional[AsyncEngine] = None
     _session_factory: Optional[async_sessionmaker[AsyncSession]] = None
 
@@ -123,6 +130,17 @@ class Sandbox:
     def awake(self) -> bool:
         """True unless dormant."""
         return self.state != SANDBOX_DORMANT
+
+    def change_state(self, state: str) -> None:
+        """Active, idle or dormant; the state listeners hear of a change (and only of a change)."""
+        if state == self.state:
+            return
+        self.state = state
+        for listener in list(self.state_listeners):
+            try:
+                listener(self)
+            except Exception:  # the change stands whatever a listener does
+                logger.exception("state listener failed in sandbox %s", self.id)
 
     def touch(self) -> None:
         """Mark the sandbox as in use now (idle time counts from here)."""
@@ -164,4 +182,6 @@ class Sandbox:
 
     async def after_commit(self, changes: CommittedChanges) -> None:
         """What SandboxSession calls once a transaction committed: tell the commit listeners."""
+        if changes.deleted or changes.bulk_tables:
+            self.deletion_generation += 1
         await self.notify_committed(changes)

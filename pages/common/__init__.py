@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import string
 import threading
 from collections.abc import Awaitable, Callable
@@ -31,14 +32,19 @@ import streamlit as st
 
 import source
 from classroom.browser import SANDBOX_STATE_KEY, BrowserSessionHold, lab_for_browser_session
+from classroom.progress.steps import learner_progress
 from classroom.runtime import Lab, get_runtime
+from pages.common.reconnect import rerun_whole_page_for_a_new_session
 
 try:  # Streamlit's switch for the v1 mode; if a later version drops it, there is no v1 mode.
     from streamlit.runtime.pages_manager import PagesManager
 except ImportError:  # pragma: no cover
     PagesManager = None
 
+rerun_whole_page_for_a_new_session()  # once per process: a reconnected tab's clicks work
 T = TypeVar("T")
+WORD_JOINER = "\u2060"  # zero width, no break: keeps Streamlit from making a link (plain_text)
+STEPS_AFTER_CLICK = "qulab_steps_after_click"  # set by run_and_keep; pages.common.progress reads it
 # A chart axis that shows its labels and title whole (Vega-Lite cuts long ones otherwise).
 FULL_LABELS = alt.Axis(labelLimit=0, titleLimit=0)
 # Room inside a chart for what Vega-Lite draws past its plot.
@@ -93,17 +99,33 @@ class Outcome:
 
 
 def run_and_keep(
-    lab: Lab, key: str, what: str, operation: Callable[..., Awaitable[Any]], /, **kwargs: Any
+    lab: Lab,
+    key: str,
+    what: str,
+    operation: Callable[..., Awaitable[Any]],
+    /,
+    *,
+    clears: tuple[str, ...] = (),
+    **kwargs: Any,
 ) -> None:
     """Run an operation from a button's on_click callback and keep its Outcome under `key`.
 
     A callback runs before the page draws, so it cannot place a message; the page calls
-    kept_outcome(key) where the result belongs.
+    kept_outcome(key, keep=True) where the result belongs, and it stays there across reruns
+    (a click that completes a step redraws the whole app) until the next click replaces it.
+    `clears` names the results of the same demo's other buttons, which this click replaces.
     """
+    for other in clears:
+        st.session_state.pop(other, None)
     try:
         st.session_state[key] = Outcome(result=lab.run(operation, **kwargs))
     except source.QuLabError as error:
         st.session_state[key] = Outcome(error=f"{what} {error}")
+    try:  # the step count after the click: its fragment redraws the whole app, not itself, if moved
+        progress = lab.run(learner_progress)
+        st.session_state[STEPS_AFTER_CLICK] = sum(status.done for status in progress.required)
+    except source.QuLabError:
+        pass
 
 
 def kept_outcome(key: str, *, where: Any = st, keep: bool = False) -> Any:
@@ -172,12 +194,19 @@ def _location(code_object: Any) -> str:
 
 
 def plain_text(text: Optional[str]) -> str:
-    """Text a learner typed (or a server wrote), for st.markdown: ASCII punctuation escaped.
+    """Text a learner typed (or a server wrote), for st.markdown: nothing in it renders.
 
-    User text is never rendered as Markdown: a name such as `www.example.com` would become a
-    link, and `_x_` italics. CommonMark lets any ASCII punctuation be backslash-escaped.
+    User text is never rendered as Markdown: a name such as `_x_` would turn italic, `<b>`
+    bold. CommonMark lets any ASCII punctuation be backslash-escaped, so every one is. Streamlit
+    also turns anything that looks like an email, `www.` or `scheme://` into a link, escaped or
+    not (and so do st.table's cells); an invisible WORD JOINER (U+2060) before the `@`, the `.`
+    after `www` and the `://` keeps them text, shown exactly as typed.
     """
-    return "".join(f"\\{c}" if c in string.punctuation else c for c in text or "")
+    escaped = "".join(f"\\{c}" if c in string.punctuation else c for c in text or "")
+    escaped = escaped.replace("\\@", WORD_JOINER + "\\@").replace(
+        "\\:\\/\\/", WORD_JOINER + "\\:\\/\\/"
+    )
+    return re.sub(r"(?i)(www)(\\\.)", "\\1" + WORD_JOINER + "\\2", escaped)
 
 
 SEEN_USER_IDS = "qulab_seen_user_ids"  # users this session was shown: a later miss means removed

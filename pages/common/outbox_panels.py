@@ -67,10 +67,12 @@ def show_broker(status: OutboxStatus) -> None:
             f"Broker unreachable for {status.broker_outage_seconds:,.0f} s: "
             "relay paused, no event loses an attempt."
         )
-    if status.durability.restart_can_lose_events:
+    if status.durability.restart_can_lose_events and status.durability.kind != "in-process":
+        # fakeredis lives and dies with this server, and so does an embedded sandbox: a restart
+        # loses the sandbox with its events, not events alone. A real Redis without its log does.
         st.warning(
-            f"A broker restart could lose events: {status.durability.description} "
-            "The audit below catches that."
+            "This server's Redis keeps no log of its stream on disk: if it restarts, events it "
+            "holds for the consumer are lost. The audit below notices and sends them again."
         )
     length = "unreachable" if status.stream_length is None else f"{status.stream_length:,}"
     lag = "unknown" if status.consumer_lag is None else f"{status.consumer_lag:,}"
@@ -121,7 +123,7 @@ def show_event_status(status: OutboxStatus) -> None:
     )
     if status.activity:
         st.markdown("**Publisher and consumer activity** (newest first)")
-        st.code("\n".join(status.activity[:15]), language=None)
+        st.code("\n".join(status.activity[:15]), language=None, wrap_lines=True)
 
 
 def watch_for_changes(lab: Lab, *, refresh_key: str, watching: bool) -> None:

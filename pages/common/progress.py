@@ -1,12 +1,17 @@
 """Where the learner is: the sidebar's progress line, each section's steps, "Download my sandbox".
 
-Each reads the learner's progress after the page's actions have run, so a step done by this very
-click is already counted: app.py calls render_progress after navigation.run(), and each section
-page calls show_section_progress at its end. What a step asks the learner to do, with the
-guide's button labels, is written here (HOW); whether it is done is classroom.progress's.
+app.py draws the sidebar's line before the page; a click inside a section's demo reruns only
+that demo (a fragment), which calls refresh_after_click at its end: when the click changed the
+learner's step count, the whole app is drawn again once, so the sidebar counts it. What a step
+asks the learner to do, with the guide's button labels, is written here (HOW); whether it is
+done is classroom.progress's.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
@@ -15,9 +20,11 @@ import source
 from classroom.export import export_file_name, export_sandbox
 from classroom.progress.steps import LearnerProgress, StepStatus, learner_progress
 from classroom.runtime import Lab
-from pages.common import plain_text
+from pages.common import STEPS_AFTER_CLICK, plain_text
 
 _READ_THIS_RUN = "qulab_progress_read_this_run"
+P = ParamSpec("P")
+STEPS_DRAWN = "qulab_steps_drawn"  # the step count the sidebar shows now
 
 HOW = {
     "create_user": 'Enter an email and a name, then click "Create User".',
@@ -52,12 +59,19 @@ RECAPS = {
 
 
 def show_section_progress(lab: Lab, *, section: int) -> None:
-    """This section's steps, done or not yet, the next one, and a recap once it is complete."""
+    """This section's steps, done or not yet, the next one, and a recap once it is complete.
+
+    Read afresh (the page's own widgets may have done a step since the sidebar was drawn): if
+    the step count moved, the whole app is drawn again once, so the sidebar counts it too.
+    """
     try:
-        progress = _progress_this_run(lab)
+        progress = lab.run(learner_progress)
     except source.QuLabError as error:
         st.caption(f"Your progress is unavailable right now. {error}")
         return
+    drawn = st.session_state.get(STEPS_DRAWN)
+    if drawn is not None and _steps_done(progress) != drawn:
+        st.rerun(scope="app")
     _section_panel(progress, section)
 
 
@@ -69,6 +83,50 @@ def render_progress(lab: Lab) -> None:
         st.sidebar.caption(f"Your progress is unavailable right now. {error}")
         return
     _sidebar(lab, progress)
+
+
+def demo_fragment(lab: Lab) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    """st.fragment for a demo: a click reruns the demo only, unless it moved the step count.
+
+    A click whose operation ran in its button's callback (run_and_keep) already knows the count:
+    then the whole app is drawn at once, instead of the fragment and then the app, and the count
+    is not read again. An operation the body runs itself is checked at the end
+    (refresh_after_click).
+    """
+
+    def wrap(body: Callable[P, None]) -> Callable[P, None]:
+        @functools.wraps(body)
+        def demo(*args: P.args, **kwargs: P.kwargs) -> None:
+            after = st.session_state.pop(STEPS_AFTER_CLICK, None)
+            drawn = st.session_state.get(STEPS_DRAWN)
+            if after is not None and drawn is not None and after != drawn:
+                st.rerun(scope="app")
+            body(*args, **kwargs)
+            during = st.session_state.pop(STEPS_AFTER_CLICK, None)  # run_and_keep in the body
+            if during is not None:
+                if drawn is not None and during != drawn:
+                    st.rerun(scope="app")
+            elif after is None:  # else the callback's operation was checked already
+                refresh_after_click(lab)
+
+        return st.fragment(demo)
+
+    return wrap
+
+
+def refresh_after_click(lab: Lab) -> None:
+    """At the end of a demo: if the learner's step count moved, draw the whole app again once."""
+    drawn = st.session_state.get(STEPS_DRAWN)
+    try:
+        progress = lab.run(learner_progress)
+    except source.QuLabError:
+        return  # the next full render says so
+    if drawn is not None and _steps_done(progress) != drawn:
+        st.rerun(scope="app")
+
+
+def _steps_done(progress: LearnerProgress) -> int:
+    return sum(status.done for status in progress.required)
 
 
 def _progress_this_run(lab: Lab) -> LearnerProgress:
@@ -90,17 +148,19 @@ def _progress_this_run(lab: Lab) -> LearnerProgress:
 def _sidebar(lab: Lab, progress: LearnerProgress) -> None:
     sidebar = st.sidebar
     required, optional = progress.required, progress.optional
-    done = sum(status.done for status in required)
+    done = _steps_done(progress)
+    st.session_state[STEPS_DRAWN] = done
+    st.session_state.pop(STEPS_AFTER_CLICK, None)  # this run draws the count it left
     sidebar.progress(
         done / len(required), text=f"**Your progress:** {done} of {len(required)} steps"
     )
     next_step = progress.next_step()
-    extra = sum(status.done for status in optional)
     if next_step is None:
         where = "Every step of the guide is done."
     else:
         where = f"Next: section {next_step.step.section}, {next_step.step.title.lower()}."
-    sidebar.caption(f"{where}  \nBeyond the guide: {extra} of {len(optional)} optional steps.")
+    extra = sum(status.done for status in optional)
+    sidebar.caption(where, help=f"Beyond the guide: {extra} of {len(optional)} optional steps.")
     file_name, mime = export_file_name(
         backend=lab.runtime.sandboxes.backend, sandbox_id=lab.sandbox_id
     )
@@ -136,6 +196,11 @@ def _section_panel(progress: LearnerProgress, section: int) -> None:
 def _step_line(status: StepStatus) -> str:
     step = status.step
     label = f"**{step.title}**" + (" (optional)" if step.optional else "")
+    if status.done and status.rows_gone:
+        return (
+            f"- ✅ {label}: done, but what it showed was deleted since (an initialize or a reset "
+            f"starts your sandbox afresh). To see it again: {plain_text(HOW[step.key])}"
+        )
     if status.done:
         return f"- ✅ {label}: done. {plain_text(status.evidence)}"
     return f"- ⬜ {label}: not yet. {plain_text(HOW[step.key])}"

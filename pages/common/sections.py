@@ -43,3 +43,6 @@ SECTIONS = (
         "eventing_outbox",
     ),
 )
+
+# The instructor's page: at its own address, never in the learners' navigation.
+INSTRUCTOR = Section("pages/instructor.py", "Instructor", ":material/school:", "instructor")

@@ -37,9 +37,11 @@ from classroom.sandboxes.sandbox import SANDBOX_ID_PATTERN
 from pages.common.sections import SECTIONS
 
 try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import sync_playwright
 except ImportError:  # the suite skips with a reason instead of failing to import
     sync_playwright = None
+    PlaywrightTimeoutError = TimeoutError
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -188,14 +190,15 @@ def _query_postgres(target: DatabaseTarget, sql: str) -> list[tuple[Any, ...]]:
 
 
 @contextmanager
-def start_app_server() -> Iterator[AppServer]:
+def start_app_server(environment: Optional[dict[str, str]] = None) -> Iterator[AppServer]:
     """Start `python3 -m streamlit run app.py` headless on a free loopback port; stop it afterwards.
 
-    The server inherits DATABASE_URL and REDIS_URL. On the embedded default its sandbox files go
+    The server inherits DATABASE_URL and REDIS_URL, and the variables in `environment` over them
+    (REDIS_URL of a Redis the test can stop, say). On the embedded default its sandbox files go
     to a directory of its own, so the tests can read them and nothing is left behind.
     """
     workspace = Path(tempfile.mkdtemp(prefix="qulab-e2e-"))
-    environment = dict(os.environ)
+    environment = {**os.environ, **(environment or {})}
     database_url = environment.get("DATABASE_URL", "").strip() or None
     sandbox_directory = None
     if database_url is None:
@@ -259,10 +262,10 @@ def chromium() -> Iterator[Browser]:
 
 
 @contextmanager
-def fresh_visitor(browser: Browser) -> Iterator[Page]:
+def fresh_visitor(browser: Browser, *, width: int = 1280, height: int = 900) -> Iterator[Page]:
     """A page in a browser context of its own: no cookies or storage, like a new learner's
-    browser."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    browser (a window of width × height)."""
+    context = browser.new_context(viewport={"width": width, "height": height})
     context.set_default_timeout(30_000)
     context.add_init_script(_COUNT_RECEIVED_MESSAGES)
     # Every page of the context, including a tab a link opens (open_in_new_tab), from its creation
@@ -274,12 +277,29 @@ def fresh_visitor(browser: Browser) -> Iterator[Page]:
         context.close()
 
 
+@dataclass(frozen=True)
+class FinishedRun:
+    """One script run the server finished: a full run (no fragment ids) or a fragment run."""
+
+    fragment_ids: tuple[str, ...]
+    messages: int  # messages the page had been sent on this websocket up to and with this one
+
+    @property
+    def full(self) -> bool:
+        return not self.fragment_ids
+
+
 class _ScriptRuns:
-    """What the server said on a page's current websocket: how many script runs have finished.
+    """What the server said on a page's current websocket: the script runs it finished, and in
+    which fragment it drew each labelled widget.
 
     A click is done when the server has finished the run it started and the page has received
     every message up to that point; the page's own script-state attribute alone can skip its
-    'running' phase when the browser is busy, which makes it unreliable to wait on.
+    'running' phase when the browser is busy, which makes it unreliable to wait on. A widget
+    drawn inside an st.fragment (or an st.dialog) reruns that fragment only when used, which
+    ends with FINISHED_FRAGMENT_RUN_SUCCESSFULLY naming the fragment; a fragment that asks for
+    the whole app (st.rerun(scope="app"), as a click that completes a step does) ends its own run
+    early, and the full run that follows is the one to wait for.
     """
 
     def __init__(self) -> None:
@@ -287,6 +307,8 @@ class _ScriptRuns:
         self.full_runs = 0
         self.fragment_runs = 0
         self.messages_at_last_finish = 0
+        self.finished: list[FinishedRun] = []
+        self.fragment_of: dict[str, str] = {}  # widget or expander label -> fragment id ('' none)
 
     @staticmethod
     def attach(page: Page) -> Callable[[Any], None]:
@@ -304,32 +326,75 @@ class _ScriptRuns:
         self.messages += 1
         message = ForwardMsg()
         message.ParseFromString(payload)
-        if message.WhichOneof("type") != "script_finished":
+        kind = message.WhichOneof("type")
+        if kind == "delta":
+            self._note_label(message.delta)
+            return
+        if kind != "script_finished":
             return
         if message.script_finished in _FULL_RUN_FINISHED:
             self.full_runs += 1
+            fragment_ids: tuple[str, ...] = ()
         elif message.script_finished == ForwardMsg.FINISHED_FRAGMENT_RUN_SUCCESSFULLY:
             self.fragment_runs += 1
+            # A fragment run the server did not name (never seen) counts as some fragment's.
+            fragment_ids = tuple(message.metadata.run.fragment_ids) or ("?",)
         else:
             return  # FINISHED_EARLY_FOR_RERUN: the run that replaces it is the one to wait for
         self.messages_at_last_finish = self.messages
+        self.finished.append(FinishedRun(fragment_ids, self.messages))
+
+    def _note_label(self, delta: Any) -> None:
+        which = delta.WhichOneof("type")
+        if which == "new_element":
+            element = delta.new_element
+            element_kind = element.WhichOneof("type")
+            widget = getattr(element, element_kind) if element_kind else None
+            if widget is None or "label" not in widget.DESCRIPTOR.fields_by_name:
+                return
+            label = widget.label
+        elif which == "add_block" and delta.add_block.WhichOneof("type") == "expandable":
+            label = delta.add_block.expandable.label
+        else:
+            return
+        if label:
+            self.fragment_of[label] = delta.fragment_id
 
     def count(self, *, fragment: bool) -> int:
         return self.fragment_runs if fragment else self.full_runs
+
+    def done_since(self, start: int, fragment_id: Optional[str]) -> Optional[FinishedRun]:
+        """The first run finished after the start-th that ends a click in this fragment ('' for
+        none, None when unknown): a full run, or a run of the fragment itself (of any fragment
+        when unknown)."""
+        for finish in self.finished[start:]:
+            if finish.full or fragment_id is None or fragment_id in finish.fragment_ids:
+                return finish
+        return None
 
 
 def _runs(page: Page) -> _ScriptRuns:
     return page.qulab_runs  # type: ignore[attr-defined]
 
 
+def finished_runs(page: Page) -> list[FinishedRun]:
+    """The script runs the server finished on this page's websocket, oldest first, each a full
+    run or a fragment's (FinishedRun.full); a run cut short by a rerun is left out."""
+    return list(_runs(page).finished)
+
+
 # --- driving a page ------------------------------------------------------------------------------
 
 
-def open_page(page: Page, server: AppServer, url_path: str = "") -> Page:
-    """Load a page by its url_path ('' for the introduction) and wait until its script finished."""
+def open_page(page: Page, server: AppServer, url_path: str = "", *, framed: bool = True) -> Page:
+    """Load a page by its url_path ('' for the introduction) and wait until its script finished.
+
+    framed=False for a page drawn without the sidebar's section links (the welcome-back page a
+    bare URL shows a browser that used a sandbox before).
+    """
     page.qulab_runs = _ScriptRuns()  # type: ignore[attr-defined]  # until the new page's websocket opens
     page.goto(f"{server.url}/{url_path}")
-    _wait_for_runs(page, full_runs=1, fragment=False)
+    _wait_for_runs(page, full_runs=1, framed=framed)
     return page
 
 
@@ -356,7 +421,7 @@ def go_to_section(page: Page, title: str) -> None:
     link = _section_link(page, title)
     expected = _runs(page).count(fragment=False) + 1
     link.click()
-    _wait_for_runs(page, full_runs=expected, fragment=False)
+    _wait_for_runs(page, full_runs=expected)
     # The run that just finished may be one already under way when the link was clicked (CI saw
     # it once): wait for the section's own run, and say where the page is if it never comes.
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
@@ -366,31 +431,22 @@ def go_to_section(page: Page, title: str) -> None:
                 f"still on {current_section(page)!r}, not {title!r}: {_run_state(page)}"
             )
         page.wait_for_timeout(50)
-        _wait_for_runs(page, full_runs=_runs(page).count(fragment=False), fragment=False)
+        _wait_for_runs(page, full_runs=_runs(page).count(fragment=False))
 
 
-def open_in_new_tab(page: Page, title: str) -> Page:
-    """Middle-click the sidebar link with this exact title, as a learner opening a section in a new
-    tab does; return the new tab once its first script run finished. The first tab stays as it
-    is."""
+def open_in_new_tab(page: Page, title: str, *, modifier: Optional[str] = None) -> Page:
+    """Open the sidebar link with this exact title in a new tab, as a learner does with a
+    middle-click (modifier=None) or a Ctrl-click (modifier="Control"); return the new tab once
+    its first script run finished. The first tab stays as it is."""
+    link = _section_link(page, title)
     with page.context.expect_page() as opened:
-        _section_link(page, title).click(button="middle")
+        if modifier is None:
+            link.click(button="middle")
+        else:
+            link.click(modifiers=[modifier])
     tab = opened.value
-    _wait_for_runs(tab, full_runs=1, fragment=False)
+    _wait_for_runs(tab, full_runs=1)
     return tab
-
-
-def fill(page: Page, label: str, value: str) -> None:
-    """Type into the text input with this exact label (replacing what it held)."""
-    page.get_by_label(label, exact=True).fill(value)
-
-
-def flip(page: Page, label: str) -> None:
-    """Flip the st.toggle with this exact label (on to off or back) and wait for its rerun."""
-    switch = page.get_by_role("switch", name=label, exact=True)
-    expected = _runs(page).count(fragment=False) + 1
-    page.locator("[data-testid='stCheckbox'] label").filter(has=switch).click()
-    _wait_for_runs(page, full_runs=expected, fragment=False)
 
 
 @dataclass(frozen=True)
@@ -398,53 +454,127 @@ class PendingRun:
     """A click whose rerun may still be running (see press and wait_for_rerun)."""
 
     page: Page
-    expected_runs: int
-    fragment: bool
+    finished_before: int  # runs the page had seen finish when it was clicked
+    # The fragment the clicked widget is drawn in ('' for none; None for a control that is no
+    # widget of its own, such as a multiselect's "Remove 100": then any run that finishes).
+    fragment_id: Optional[str]
+    dialog: bool = False  # the click opens a dialog (st.dialog), which stays open after it
 
 
-def press(page: Page, label: str, *, fragment: bool = False) -> PendingRun:
+def _pending(page: Page, label: str, *, dialog: bool = False) -> PendingRun:
+    runs = _runs(page)
+    return PendingRun(page, len(runs.finished), runs.fragment_of.get(label), dialog)
+
+
+def fill(page: Page, label: str, value: str) -> None:
+    """Type into the text or number input with this exact label (replacing what it held).
+
+    In a form, the value goes with the form's submit button. Elsewhere Streamlit applies a
+    value on Enter (or when the field loses focus) with a rerun, of the field's fragment only
+    when it is drawn in one: that rerun is pressed here and waited for, so the click that
+    follows is a run of its own.
+    """
+    field = page.get_by_label(label, exact=True)
+    if field.evaluate("element => Boolean(element.closest(\"[data-testid='stForm']\"))"):
+        field.fill(value)
+        return
+    if field.input_value() == value:
+        return
+    pending = _pending(page, label)
+    field.fill(value)
+    field.press("Enter")
+    wait_for_rerun(pending)
+
+
+def flip(page: Page, label: str) -> None:
+    """Flip the st.toggle with this exact label (on to off or back) and wait for its rerun."""
+    switch = page.get_by_role("switch", name=label, exact=True)
+    pending = _pending(page, label)
+    page.locator("[data-testid='stCheckbox'] label").filter(has=switch).click()
+    wait_for_rerun(pending)
+
+
+def press(page: Page, label: str, *, dialog: bool = False) -> PendingRun:
     """Click the one button with this exact label and return at once; wait_for_rerun waits.
 
-    fragment=True for a button inside an st.fragment, whose click reruns only the fragment.
+    A button drawn in an st.fragment (or an st.dialog) reruns that fragment only; if the click
+    asks for the whole app (it completed a step, say), the full run that follows is waited for.
+    dialog=True for a button that opens a dialog.
     """
-    expected = _runs(page).count(fragment=fragment) + 1
+    pending = _pending(page, label, dialog=dialog)
     page.get_by_role("button", name=label, exact=True).click()
-    return PendingRun(page, expected, fragment)
+    return pending
 
 
 def wait_for_rerun(pending: PendingRun) -> None:
     """Wait until a pressed button's rerun has finished and the page shows it; check it is
     healthy."""
-    _wait_for_runs(pending.page, full_runs=pending.expected_runs, fragment=pending.fragment)
-
-
-def click(page: Page, label: str, *, fragment: bool = False) -> None:
-    """Click the button with this exact label, wait for its rerun, check no exception showed."""
-    wait_for_rerun(press(page, label, fragment=fragment))
-
-
-def _wait_for_runs(page: Page, *, full_runs: int, fragment: bool) -> None:
+    page = pending.page
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-    while _runs(page).count(fragment=fragment) < full_runs:
+    while (finish := _runs(page).done_since(pending.finished_before, pending.fragment_id)) is None:
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"the script run did not finish within {RUN_TIMEOUT_SECONDS:g} s: "
                 f"{_run_state(page)}"
             )
         page.wait_for_timeout(20)  # lets Playwright deliver the websocket frames meanwhile
-    received = _runs(page).messages_at_last_finish
+    _settle(page, finish.messages, dialog=pending.dialog)
+
+
+def click(page: Page, label: str, *, dialog: bool = False) -> None:
+    """Click the button with this exact label, wait for its rerun, check no exception showed.
+
+    dialog=True for a button that opens a dialog (the dialog is then expected, not an error).
+    """
+    wait_for_rerun(press(page, label, dialog=dialog))
+
+
+def open_expander(page: Page, label: str) -> Any:
+    """Open the collapsed expander with this label (its content is drawn by the rerun opening
+    it starts) and wait for that rerun; return the expander."""
+    expander = page.locator("[data-testid='stExpander']").filter(
+        has=page.locator("summary", has_text=label)
+    )
+    assert expander.count() == 1, f"expected one expander {label!r}, found {expander.count()}"
+    if expander.locator("details").get_attribute("open") is None:
+        pending = _pending(page, label)
+        expander.locator("summary").click()
+        wait_for_rerun(pending)
+    return expander
+
+
+def _wait_for_runs(page: Page, *, full_runs: int, framed: bool = True) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while _runs(page).full_runs < full_runs:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the script run did not finish within {RUN_TIMEOUT_SECONDS:g} s: "
+                f"{_run_state(page)}"
+            )
+        page.wait_for_timeout(20)  # lets Playwright deliver the websocket frames meanwhile
+    _settle(page, _runs(page).messages_at_last_finish, framed=framed)
+
+
+def _settle(page: Page, received: int, *, framed: bool = True, dialog: bool = False) -> None:
+    """Wait until the page has taken in the first `received` messages and drawn them."""
     page.wait_for_function(f"() => (window.__qulabMessagesReceived || 0) >= {received}")
     page.wait_for_selector(IDLE)
     # Some elements (code blocks among them) load their renderer lazily, showing a skeleton first.
     page.wait_for_function(f'() => document.querySelectorAll("{SKELETON}").length === 0')
-    page.locator(_NAV_LINKS).first.wait_for()
-    assert_page_healthy(page)
+    if framed:
+        page.locator(_NAV_LINKS).first.wait_for()
+    assert_page_healthy(page, dialog=dialog)
 
 
 def _run_state(page: Page) -> dict[str, Any]:
     app = page.locator("[data-testid='stApp']")
     return {
-        "runs finished": vars(_runs(page)),
+        "runs finished": {
+            "full": _runs(page).full_runs,
+            "fragment": _runs(page).fragment_runs,
+            "last": _runs(page).finished[-3:],
+            "messages": _runs(page).messages,
+        },
         "messages received by the page": page.evaluate("window.__qulabMessagesReceived"),
         "script state": app.get_attribute("data-test-script-state"),
         "connection state": app.get_attribute("data-test-connection-state"),
@@ -453,34 +583,56 @@ def _run_state(page: Page) -> dict[str, Any]:
     }
 
 
-def assert_page_healthy(page: Page) -> None:
-    """No exception box and no modal dialog (such as 'Page not found') on the page."""
+def assert_page_healthy(page: Page, *, dialog: bool = False) -> None:
+    """No exception box, and no modal dialog (such as 'Page not found') on the page, unless
+    dialog=True: then the dialog a click opened (st.dialog) is on screen."""
     exceptions = page.locator("[data-testid='stException']").all_inner_texts()
     assert not exceptions, f"the page shows an exception: {exceptions}"
-    dialogs = page.locator("[role='dialog']").all_inner_texts()
-    assert not dialogs, f"the page shows a dialog: {dialogs}"
+    dialogs = page.locator("[role='dialog']")
+    if dialog:
+        dialogs.first.wait_for(state="visible")
+        return
+    if dialogs.count():  # a dialog the run closed may take a moment to leave the page
+        try:
+            dialogs.first.wait_for(state="detached", timeout=5_000)
+        except PlaywrightTimeoutError:
+            pass
+    shown = dialogs.all_inner_texts()
+    assert not shown, f"the page shows a dialog: {shown}"
 
 
 # --- reading what the learner sees ---------------------------------------------------------------
 
 # Each read is one evaluate call, so a fragment that redraws itself meanwhile cannot tear the
 # result.
-_READ_TABLES = """() => Array.from(
-  document.querySelectorAll("[data-testid='stMain'] [data-testid='stTable']")
-).map(table => {
+# A table is an st.table or a Markdown table (pages draw measured values as one Markdown element).
+_TABLES = (
+    "[data-testid='stMain'] [data-testid='stTable'], "
+    "[data-testid='stMain'] [data-testid='stMarkdownContainer'] table"
+)
+_READ_TABLES = """() => Array.from(document.querySelectorAll(TABLES)).map(table => {
   const headers = Array.from(table.querySelectorAll("thead th")).map(cell => cell.innerText.trim());
   return Array.from(table.querySelectorAll("tbody tr")).map(row => {
     const cells = Array.from(row.querySelectorAll("th, td")).map(cell => cell.innerText.trim());
     const names = headers.slice(headers.length - cells.length);
     return Object.fromEntries(names.map((name, i) => [name, cells[i]]));
   });
+})""".replace("TABLES", json.dumps(_TABLES))
+# A measured value is an st.metric tile, or a column of a one-row Markdown table (its header the
+# label, its cell the value): both in page order.
+_READ_METRICS = """() => Array.from(document.querySelectorAll(
+  "[data-testid='stMain'] :is([data-testid='stMetric'], [data-testid='stMarkdownContainer'] table)"
+)).flatMap(shown => {
+  if (shown.matches("[data-testid='stMetric']")) return [[
+    shown.querySelector("[data-testid='stMetricLabel']").innerText.trim(),
+    shown.querySelector("[data-testid='stMetricValue']").innerText.trim(),
+  ]];
+  const rows = shown.querySelectorAll("tbody tr");
+  if (rows.length !== 1) return [];
+  const labels = Array.from(shown.querySelectorAll("thead th")).map(cell => cell.innerText.trim());
+  const values = Array.from(rows[0].querySelectorAll("td")).map(cell => cell.innerText.trim());
+  return labels.map((label, i) => [label, values[i]]);
 })"""
-_READ_METRICS = """() => Array.from(
-  document.querySelectorAll("[data-testid='stMain'] [data-testid='stMetric']")
-).map(metric => [
-  metric.querySelector("[data-testid='stMetricLabel']").innerText.trim(),
-  metric.querySelector("[data-testid='stMetricValue']").innerText.trim(),
-])"""
 _READ_ALERTS = """kind => Array.from(
     document.querySelectorAll("[data-testid='stMain'] [data-testid='stAlert']")
   )
@@ -510,29 +662,30 @@ def shown_ids(page: Page) -> list[str]:
 
 
 def tables(page: Page) -> list[list[dict[str, str]]]:
-    """Every st.table in the main area, in page order, each as rows of {column: cell text}."""
+    """Every table in the main area (st.table or Markdown), in page order, each as rows of
+    {column: cell text}."""
     return page.evaluate(_READ_TABLES)
 
 
 def table_rows(page: Page, index: int = 0) -> list[dict[str, str]]:
-    """The rows of the index-th st.table in the main area, as {column: cell text}."""
+    """The rows of the index-th table in the main area, as {column: cell text}."""
     return tables(page)[index]
 
 
 def tables_with_column(page: Page, column: str) -> list[list[dict[str, str]]]:
-    """The st.tables in the main area that have this column (e.g. 'published_at'), in page order."""
+    """The tables in the main area that have this column (e.g. 'published_at'), in page order."""
     return [rows for rows in tables(page) if rows and column in rows[0]]
 
 
 def metric_values(page: Page, label: str) -> list[str]:
-    """The values of every st.metric with this label in the main area, in page order (left to
-    right)."""
+    """The values of every measured value with this label in the main area (an st.metric, or a
+    column of a one-row Markdown table), in page order (left to right)."""
     return [value for shown_label, value in page.evaluate(_READ_METRICS) if shown_label == label]
 
 
 def metrics(page: Page) -> dict[str, str]:
-    """{label: value} of every st.metric in the main area (a repeated label keeps its last
-    value)."""
+    """{label: value} of every measured value in the main area: st.metric tiles and the columns
+    of one-row Markdown tables (a repeated label keeps its last value)."""
     return dict(page.evaluate(_READ_METRICS))
 
 
@@ -647,6 +800,21 @@ def section_links(page: Page) -> dict[str, str]:
 def sidebar_text(page: Page) -> str:
     """Everything the sidebar shows, as text."""
     return page.locator("[data-testid='stSidebar']").inner_text()
+
+
+def sidebar_tooltip(page: Page, caption: str) -> str:
+    """The tooltip of the sidebar caption that shows this text (its help icon, hovered)."""
+    shown = page.locator("[data-testid='stSidebar'] [data-testid='stCaptionContainer']")
+    shown.filter(has_text=caption).locator("[data-testid='stTooltipHoverTarget']").hover()
+    tooltip = page.locator("[data-testid='stTooltipContent']").first
+    tooltip.wait_for(state="visible")
+    return tooltip.inner_text()
+
+
+def server_details(page: Page) -> str:
+    """The lines of the sidebar's "Server details" expander (database, pool, Redis, breaker,
+    class), opened first: they are drawn only while it is open."""
+    return open_expander(page, "Server details").inner_text()
 
 
 def sandbox_id(page: Page) -> str:

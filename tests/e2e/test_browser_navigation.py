@@ -55,7 +55,10 @@ def test_every_section_link_carries_the_sandbox_on_every_page(visitor, app_serve
         expected["Introduction"] = "/" if title == "Introduction" else "/introduction"
         assert {shown: path for shown, (path, _) in links.items()} == expected, title
 
-    click(visitor, "New sandbox")  # the links follow the sandbox the session switches to
+    click(visitor, "New sandbox", dialog=True)  # asks first
+    click(
+        visitor, "Yes, start a new sandbox"
+    )  # the links follow the sandbox the session switches to
     new_sandbox = sandbox_id(visitor)
     assert new_sandbox != sandbox
     assert {
