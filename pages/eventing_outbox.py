@@ -122,18 +122,20 @@ def publisher_switches() -> None:
     sidebar's steps change with them)."""
     st.subheader("Event publisher", help=RELAY)
     left, middle, right = st.columns(3)
-    if left.button("Start Event Publisher (Background)"):
-        started = run_or_report(lab, "The publisher did not start.", eventing.start_event_publisher)
-        if started is not None:
-            done = "Publisher and consumer started."
-            st.session_state[SWITCH] = done if started else "The publisher was already running."
-            st.rerun(scope="app")
-    if middle.button("Stop Event Publisher"):
-        stopped = run_or_report(lab, "The publisher did not stop.", eventing.stop_event_publisher)
-        if stopped is not None:
-            done = "Stopped after finishing the current batch."
-            st.session_state[SWITCH] = done if stopped else "The publisher was not running."
-            st.rerun(scope="app")
+    switches = (
+        (left, "Start Event Publisher (Background)", eventing.start_event_publisher,
+         "The publisher did not start.", "Publisher and consumer started.",
+         "The publisher was already running."),
+        (middle, "Stop Event Publisher", eventing.stop_event_publisher,
+         "The publisher did not stop.", "Stopped after finishing the current batch.",
+         "The publisher was not running."),
+    )  # fmt: skip
+    for column, label, operation, failed, done, unchanged in switches:
+        if column.button(label):
+            switched = run_or_report(lab, failed, operation)
+            if switched is not None:
+                st.session_state[SWITCH] = done if switched else unchanged
+                st.rerun(scope="app")
     if switched := st.session_state.get(SWITCH):
         st.success(switched)
     state = run_or_report(

@@ -330,10 +330,6 @@ class LearnerProgress:
         """True once every required step of the section is done."""
         return all(status.done for status in self.in_section(section) if not status.step.optional)
 
-    def evidence_of(self, key: str) -> Optional[str]:
-        """The evidence of one step (None while it is not done)."""
-        return next((status.evidence for status in self.steps if status.step.key == key), None)
-
 
 MAX_JOURNAL_LINES_READ = 5000
 
