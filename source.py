@@ -1336,12 +1336,10 @@ class ClaimedEvent:
 
 @dataclass
 class StreamDelivery:
-    """What the broker did with one batch: entries it took, events it refused, events unsent."""
+    """What the broker did with one batch: the entries it took, and the events it refused."""
 
     stream_ids: dict[str, str] = field(default_factory=dict)  # event id -> stream entry id
-    rejected: dict[str, str] = field(default_factory=dict)  # event id -> why it can never go
-    unsent: list[str] = field(default_factory=list)  # the broker was down: not the event's fault
-    broker_error: str = ""
+    refused: dict[str, Exception] = field(default_factory=dict)  # event id -> the broker's error
 
 
 @dataclass
@@ -1350,10 +1348,8 @@ class BatchReport:
 
     claimed: int = 0
     published: int = 0
-    failed: int = 0  # refused by the broker for what they are: 'failed' at once
-    released: int = 0  # not sent, the broker being down: pending again, attempts untouched
+    refused: int = 0  # the broker refused them: still leased, claimed again when the lease ends
     lease_lost: int = 0  # published, but another publisher had taken the lease meanwhile
-    broker_error: str = ""
     seconds: float = 0.0
 
 
@@ -1365,7 +1361,9 @@ class OutboxPublisher:
 
     Several publishers may run on one database: the claim is one UPDATE … RETURNING whose
     subquery takes FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite runs it under its one write
-    lock), and only the publisher whose name holds an event's lease may mark it.
+    lock), and only the publisher whose name holds an event's lease may mark it. QuLab runs
+    classroom.outbox.relay.GuardedPublisher, which also marks refused events failed at once and
+    gives a batch back the moment the broker fails, instead of waiting for the leases to end.
     """
 
     def __init__(
@@ -1387,7 +1385,11 @@ class OutboxPublisher:
         self.stream_key = sandbox.redis.key("events")
 
     async def publish_due_batch(self) -> BatchReport:
-        """One round: lease due events, send them in one pipeline, record what the broker did."""
+        """One round: lease due events, send them in one pipeline, mark those the broker took.
+
+        An event it did not take keeps its lease until the lease ends; then a publisher claims it
+        again. A broker that is down raises here, and every lease of the batch ends the same way.
+        """
         started = time.perf_counter()
         async with self.sandbox.engine.connect() as connection:
             # Each statement commits by itself: the claim and the mark are one statement each.
@@ -1398,11 +1400,7 @@ class OutboxPublisher:
                 delivery = await self.send_to_stream(events)
                 report.published = await self.mark_published(connection, delivery.stream_ids)
                 report.lease_lost = len(delivery.stream_ids) - report.published
-                report.failed = await self.mark_failed(connection, delivery.rejected)
-                report.released = await self.release(
-                    connection, delivery.unsent, delivery.broker_error
-                )
-                report.broker_error = delivery.broker_error
+                report.refused = len(delivery.refused)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -1448,27 +1446,18 @@ class OutboxPublisher:
         return sorted((ClaimedEvent(*row) for row in rows), key=lambda e: (e.created_at, e.id))
 
     async def send_to_stream(self, events: list[ClaimedEvent]) -> StreamDelivery:
-        """XADD every event in one pipeline; sort the replies into taken, refused and unsent."""
-        delivery = StreamDelivery()
+        """XADD every event in one pipeline; sort the replies into entries taken and refusals."""
         pipeline = self.sandbox.redis.client.pipeline(transaction=False)
         for claimed in events:  # no MAXLEN: retention never drops entries nobody has read
             pipeline.xadd(self.stream_key, claimed.stream_message())
-        try:
-            replies = await self.call_broker(pipeline.execute(raise_on_error=False))
-        except REDIS_ERRORS as error:  # the broker is down: nothing here is the events' fault
-            delivery.unsent = [claimed.id for claimed in events]
-            delivery.broker_error = f"broker unavailable: {type(error).__name__}: {error}"[:300]
-            return delivery
+        replies = await self.call_broker(pipeline.execute(raise_on_error=False))
+        delivery = StreamDelivery()
         for claimed, reply in zip(events, replies, strict=True):
             if isinstance(reply, Exception):
-                self.refused(delivery, claimed.id, reply)
+                delivery.refused[claimed.id] = reply
             else:
                 delivery.stream_ids[claimed.id] = reply
         return delivery
-
-    def refused(self, delivery: StreamDelivery, event_id: str, reply: Exception) -> None:
-        """The broker refused this event: it will be marked failed, with the broker's reason."""
-        delivery.rejected[event_id] = f"the broker refused this event: {reply}"[:300]
 
     async def call_broker(self, call: Awaitable[T]) -> T:
         """Await one broker call, for at most broker_timeout_seconds."""
@@ -1507,38 +1496,6 @@ class OutboxPublisher:
         }
         return int((await connection.execute(mark, parameters)).rowcount)
 
-    async def mark_failed(self, connection: Any, reasons: dict[str, str]) -> int:
-        """Mark the events the broker refused for what they are: 'failed', with the reason."""
-        if not reasons:
-            return 0
-        events = _EVENTS.c
-        record = (
-            update(_EVENTS)
-            .where(events.id == bindparam("event_id"), events.claimed_by == self.name)
-            .values(
-                status="failed",
-                attempts=events.attempts + 1,
-                last_error=bindparam("reason"),
-                claimed_by=None,
-                claimed_until=None,
-            )
-        )
-        rows = [{"event_id": key, "reason": reason[:500]} for key, reason in reasons.items()]
-        await connection.execute(record, rows)
-        return len(rows)
-
-    async def release(self, connection: Any, event_ids: list[str], error: str) -> int:
-        """Give unsent events back, pending, their attempts untouched: the outage was not theirs."""
-        if not event_ids:
-            return 0
-        events = _EVENTS.c
-        release = (
-            update(_EVENTS)
-            .where(events.id.in_(event_ids), events.claimed_by == self.name)
-            .values(last_error=error[:500], claimed_by=None, claimed_until=None)
-        )
-        return int((await connection.execute(release)).rowcount)
-
     def idle_seconds(self, report: BatchReport) -> float:
         """How long the loop sleeps once caught up, unless a commit wakes it sooner."""
         return self.idle_wait_seconds
@@ -1565,7 +1522,10 @@ async def run_publisher(
     """
     while not stopping.is_set():
         wake.clear()
-        report = await publisher.publish_due_batch()
+        try:
+            report = await publisher.publish_due_batch()
+        except REDIS_ERRORS:  # the broker is down: the batch's leases end, its events go later
+            report = BatchReport()
         if report.claimed < publisher.batch_size:
             await sleep_until_woken(wake, stopping, publisher.idle_seconds(report))
 

@@ -262,7 +262,8 @@ show_code(
 show_code(
     source.OutboxPublisher.claim_due_events,
     GuardedPublisher.publish_due_batch,
-    GuardedPublisher.refused,
+    GuardedPublisher.send_to_stream,
+    GuardedPublisher.settle_undelivered,
     BrokerCircuit,
     trim_acknowledged_entries,
     PublishedEventAudit.run,

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Optional
 
 import redis.exceptions
 
-import source
 from classroom.cache.breaker import REDIS_ERRORS
 from classroom.outbox.audit import AuditReport, PublishedEventAudit, prune_delivered_events
 from classroom.outbox.broker import is_broker_wide_refusal
 from classroom.outbox.circuit import BrokerCircuit
 from classroom.outbox.notify import CommitNotifications
+from classroom.outbox.report import RelayReport
 from classroom.outbox.settings import OutboxSettings
 from classroom.progress.publication import journal_background_publication
 
@@ -155,7 +155,7 @@ class OutboxCore:
             return False
         return True
 
-    async def after_batch(self, report: source.BatchReport) -> None:
+    async def after_batch(self, report: RelayReport) -> None:
         """A batch went through: note it, journal it, wake the consumer, schedule the audit."""
         if not report.claimed:
             return

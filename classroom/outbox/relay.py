@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Optional, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 
 import source
 from classroom.cache.breaker import REDIS_ERRORS
@@ -31,6 +32,7 @@ from classroom.outbox.broker import (
     outbox_broker_call,
     trim_acknowledged_entries,
 )
+from classroom.outbox.report import RelayReport
 from classroom.outbox.settings import OutboxSettings
 from classroom.outbox.watch import stream_watch
 
@@ -46,6 +48,18 @@ def backoff_seconds(settings: OutboxSettings, failures: int) -> float:
     base, ceiling = settings.outage_backoff_base_seconds, settings.outage_backoff_max_seconds
     delay = min(ceiling, base * 2 ** min(failures - 1, 30))
     return delay / 2 + random.uniform(0, delay / 2)
+
+
+@dataclass
+class Undelivered:
+    """The events of a batch the broker did not take, sorted by whose fault it was."""
+
+    refused: dict[str, str] = field(default_factory=dict)  # event id -> why it can never go
+    unsent: list[str] = field(default_factory=list)  # the broker was down: not the event's fault
+    broker_error: str = ""
+
+
+_EVENTS = source.DomainEvent.__table__
 
 
 class GuardedPublisher(source.OutboxPublisher):
@@ -66,15 +80,18 @@ class GuardedPublisher(source.OutboxPublisher):
         self._database_failures = 0
         self._next_claimable: Optional[float] = None  # seconds; math.inf: nothing pending
         self._backoff = settings.idle_wait_seconds
+        self._undelivered = Undelivered()
 
-    async def publish_due_batch(self) -> source.BatchReport:
+    async def publish_due_batch(self) -> RelayReport:
         """The lesson's batch, unless the broker is down; then the audit, if it is due."""
         outbox = self.outbox
         self._paused = outbox.circuit.is_open and not await outbox.probe_broker_if_due()
         if self._paused:
-            return source.BatchReport()
+            return RelayReport()
         try:
-            report = await super().publish_due_batch()
+            self._undelivered = Undelivered()
+            report = RelayReport(**vars(await super().publish_due_batch()))
+            await self.settle_undelivered(report)
             self._next_claimable = None
             if report.claimed < self.batch_size and not report.broker_error:
                 self._next_claimable = await self.seconds_until_claimable()
@@ -82,7 +99,7 @@ class GuardedPublisher(source.OutboxPublisher):
         except Exception as error:  # the database failed: keep running, try again later
             self._database_failures += 1
             outbox.activity.note_error("publisher", error)
-            return source.BatchReport()
+            return RelayReport()
         self._database_failures = 0
         outbox.activity.clear_error("publisher")
         await outbox.after_batch(report)
@@ -94,31 +111,85 @@ class GuardedPublisher(source.OutboxPublisher):
         return report
 
     async def send_to_stream(self, events: list[source.ClaimedEvent]) -> source.StreamDelivery:
-        """Refuse oversized messages here; send the rest as the lesson does."""
-        too_large: dict[str, str] = {}
+        """As the lesson, but oversized messages are refused here and never sent, and a broker
+        that is down, or refuses every event (out of memory, read-only…), leaves the events unsent
+        rather than refused: the outage is not their fault."""
+        undelivered = self._undelivered
         sendable = []
         for claimed in events:
             size = sum(
                 len(key) + len(value.encode()) for key, value in claimed.stream_message().items()
             )
             if size > self.settings.max_message_bytes:
-                too_large[claimed.id] = (
+                undelivered.refused[claimed.id] = (
                     f"message is {size} bytes; "
                     f"the broker's limit is {self.settings.max_message_bytes}"
                 )
             else:
                 sendable.append(claimed)
-        delivery = await super().send_to_stream(sendable) if sendable else source.StreamDelivery()
-        delivery.rejected.update(too_large)
+        if not sendable:
+            return source.StreamDelivery()
+        try:
+            delivery = await super().send_to_stream(sendable)
+        except REDIS_ERRORS as error:
+            undelivered.unsent = [claimed.id for claimed in sendable]
+            undelivered.broker_error = f"broker unavailable: {type(error).__name__}: {error}"[:300]
+            return source.StreamDelivery()
+        for event_id, reply in delivery.refused.items():
+            if is_broker_wide_refusal(reply):
+                undelivered.unsent.append(event_id)
+                undelivered.broker_error = (
+                    f"broker unavailable: it refused every message: {reply!r}"
+                )
+            else:
+                undelivered.refused[event_id] = f"the broker refused this event: {reply}"
+        delivery.refused = {}
         return delivery
 
-    def refused(self, delivery: source.StreamDelivery, event_id: str, reply: Exception) -> None:
-        """A refusal the broker would give every event (out of memory, read-only…) is an outage."""
-        if is_broker_wide_refusal(reply):
-            delivery.unsent.append(event_id)
-            delivery.broker_error = f"broker unavailable: it refused every message: {reply!r}"[:300]
-        else:
-            super().refused(delivery, event_id, reply)
+    async def settle_undelivered(self, report: RelayReport) -> None:
+        """Mark refused events failed with their reason; give unsent ones back at once."""
+        undelivered = self._undelivered
+        if not (undelivered.refused or undelivered.unsent):
+            return
+        async with self.sandbox.engine.connect() as connection:
+            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            report.failed = await self.mark_failed(connection, undelivered.refused)
+            report.released = await self.release(
+                connection, undelivered.unsent, undelivered.broker_error
+            )
+        report.broker_error = undelivered.broker_error[:300]
+
+    async def mark_failed(self, connection: Any, reasons: dict[str, str]) -> int:
+        """Mark the events the broker refused for what they are: 'failed', with the reason."""
+        if not reasons:
+            return 0
+        events = _EVENTS.c
+        record = (
+            update(_EVENTS)
+            .where(events.id == bindparam("event_id"), events.claimed_by == self.name)
+            .values(
+                status="failed",
+                attempts=events.attempts + 1,
+                last_error=bindparam("reason"),
+                claimed_by=None,
+                claimed_until=None,
+            )
+        )
+        rows = [{"event_id": key, "reason": reason[:500]} for key, reason in reasons.items()]
+        await connection.execute(record, rows)
+        return len(rows)
+
+    async def release(self, connection: Any, event_ids: list[str], error: str) -> int:
+        """Give unsent events back, pending, their attempts untouched: the outage was not theirs."""
+        if not event_ids:
+            return 0
+        events = _EVENTS.c
+        release = (
+            update(_EVENTS)
+            .where(events.id.in_(event_ids), events.claimed_by == self.name)
+            .values(last_error=error[:500], claimed_by=None, claimed_until=None)
+        )
+        return int((await connection.execute(release)).rowcount)
 
     async def call_broker(self, call: Awaitable[T]) -> T:
         """Through the process's outbox slots, with the timeout; the sandbox's health noted."""
@@ -150,7 +221,7 @@ class GuardedPublisher(source.OutboxPublisher):
             return 0.0
         return max(0.0, (row[0] - source.utc_now()).total_seconds())
 
-    def idle_seconds(self, report: source.BatchReport) -> float:
+    def idle_seconds(self, report: RelayReport) -> float:  # type: ignore[override]
         """How long to idle: until a probe, a backoff, or until a wake-up is sure.
 
         Broker down: until the next probe. Database down: a backoff. Nothing pending and every

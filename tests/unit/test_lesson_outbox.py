@@ -8,6 +8,7 @@ background loops deliver a new event once woken and stop when asked.
 import asyncio
 import time
 
+import fakeredis
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -120,7 +121,7 @@ async def test_the_publisher_sends_due_events_oldest_first_and_marks_them_with_t
     client = sandbox.redis.client
 
     first = await publisher.publish_due_batch()
-    assert (first.claimed, first.published, first.failed, first.released) == (2, 2, 0, 0)
+    assert (first.claimed, first.published, first.refused, first.lease_lost) == (2, 2, 0, 0)
     entries = await client.xrange(publisher.stream_key)
     assert [fields["event_id"] for _, fields in entries] == stored[:2]  # the two oldest
     second = await publisher.publish_due_batch()
@@ -150,6 +151,54 @@ async def test_an_event_leased_by_another_publisher_is_not_sent_twice(sandbox_wi
     other = source.OutboxPublisher(sandbox, name="other")
     assert (await other.publish_due_batch()).claimed == 0
     assert await sandbox.redis.client.xlen(other.stream_key) == 0
+
+
+async def test_events_the_broker_refuses_stay_leased_and_go_once_the_lease_ends(
+    sandbox_with_users,
+):
+    sandbox = sandbox_with_users
+    stored = await store(sandbox, await alex_id(sandbox), 2)
+    publisher = source.OutboxPublisher(sandbox, name="publisher-a", lease_seconds=60)
+    client = sandbox.redis.client
+    await client.set(publisher.stream_key, "not a stream")  # every XADD gets WRONGTYPE
+
+    refused = await publisher.publish_due_batch()
+    assert (refused.claimed, refused.published, refused.refused) == (2, 0, 2)
+    events = await events_oldest_first(sandbox)
+    assert {(event.status, event.claimed_by) for event in events} == {("pending", "publisher-a")}
+
+    await client.delete(publisher.stream_key)
+    assert (await publisher.publish_due_batch()).claimed == 0  # the leases have not ended
+    async with get_session(sandbox) as session:  # ... until they do
+        await session.execute(update(DomainEvent).values(claimed_until=source.utc_now()))
+    after = await publisher.publish_due_batch()
+    assert (after.claimed, after.published, after.refused) == (2, 2, 0)
+    entries = await client.xrange(publisher.stream_key)
+    assert [fields["event_id"] for _, fields in entries] == stored
+
+
+async def test_the_publishing_loop_outlives_a_broker_outage(sandbox_with_users):
+    sandbox = sandbox_with_users
+    [event_id] = await store(sandbox, await alex_id(sandbox), 1)
+    server = fakeredis.FakeServer()  # a server that can go down: connected = False
+    sandbox.redis.client = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    publisher = source.OutboxPublisher(sandbox, lease_seconds=0, idle_seconds=0.01)
+    server.connected = False
+    wake, stopping = asyncio.Event(), asyncio.Event()
+    loop = asyncio.create_task(source.run_publisher(publisher, wake=wake, stopping=stopping))
+    try:
+
+        async def claimed_and_unsent() -> bool:
+            [event] = await events_oldest_first(sandbox)
+            return event.claimed_by == publisher.name and event.status == "pending"
+
+        await eventually(claimed_and_unsent)
+        assert not loop.done()
+        server.connected = True
+        await eventually(lambda: published(sandbox, event_id))
+    finally:
+        stopping.set()
+        await asyncio.wait_for(loop, timeout=10)
 
 
 # --- the consumer ---------------------------------------------------------------------------------
