@@ -27,6 +27,7 @@ from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import source
+from classroom.outbox.counts import SQLITE_REMOVAL
 from classroom.progress.journal import JournalBase
 
 
@@ -42,6 +43,9 @@ def sqlite_snapshot(database_path: str) -> bytes:
             copy = sqlite3.connect(copy_path)
             try:
                 source.backup(copy)  # pages=-1: every page in one step, one read transaction
+                for statement in SQLITE_REMOVAL:  # the outbox's counts stay with QuLab
+                    copy.execute(statement)
+                copy.commit()
                 copy.execute("PRAGMA journal_mode=DELETE")
             finally:
                 copy.close()

@@ -449,6 +449,8 @@ async def test_the_download_is_a_consistent_copy_with_the_learners_users(fresh, 
             emails = {row[0] for row in connection.execute("SELECT email FROM users")}
             assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
             assert connection.execute("SELECT count(*) FROM lab_journal").fetchone()[0] == 2
+            bookkeeping = "SELECT name FROM sqlite_master WHERE name LIKE 'qulab_%'"
+            assert connection.execute(bookkeeping).fetchall() == []  # the outbox's counts stayed
     else:
         with zipfile.ZipFile(io.BytesIO(export.content)) as archive:
             assert set(archive.namelist()) == {f"{t.name}.csv" for t in EXPORTED_TABLES}

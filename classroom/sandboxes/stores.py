@@ -34,6 +34,7 @@ from classroom.engines import (
     engine_connection_limit,
     open_engine,
 )
+from classroom.outbox.counts import install_outbox_counts
 from classroom.progress.journal import JOURNAL_TABLE, JournalBase
 from classroom.sandboxes.claims import (
     FileClaims,
@@ -578,10 +579,13 @@ class PostgresSandboxStore:
 
 
 async def create_schema(sandbox: Sandbox) -> None:
-    """Create the sandbox's tables (the lesson's and the journal) if they do not exist yet."""
+    """Create the sandbox's tables (the lesson's and the journal) and the outbox's counts, if
+    they do not exist yet."""
     async with sandbox.engine.begin() as connection:
         await connection.run_sync(source.Base.metadata.create_all)
         await connection.run_sync(JournalBase.metadata.create_all)
+        schema = quoted_schema(sandbox.location) if sandbox.backend == "postgresql" else ""
+        await install_outbox_counts(connection, schema)
 
 
 def note_journal_writes(sandbox: Sandbox) -> Callable[[CommittedChanges], Awaitable[None]]:
