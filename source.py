@@ -2,7 +2,7 @@
 
 Every page shows listings read from this file, and every button runs them. Top to bottom:
 
-1. Errors and validation - what a learner may be told; input checked before anything is written
+1. Errors                - what a learner may be told; the numeric checks the models make
 2. Models                - User, Assessment, AIRScore, DomainEvent, and the consumer's inbox
 3. Engine and sessions   - an async engine with an explicit pool; get_session, the unit of work
 4. Repositories          - one class per model: the only code here that writes queries
@@ -24,11 +24,9 @@ import asyncio
 import json
 import math
 import random
-import re
 import statistics
 import threading
 import time
-import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -87,8 +85,10 @@ T = TypeVar("T")
 
 
 # =================================================================================================
-# 1. Errors and validation
+# 1. Errors
 # =================================================================================================
+# What a form brings (an email, a name, an id typed by hand) is checked by QuLab before any code
+# here runs (classroom.validation); the models refuse impossible numbers themselves.
 
 
 class QuLabError(Exception):
@@ -103,14 +103,6 @@ class ValidationError(QuLabError, ValueError):
         self.field = field
 
 
-class InvalidEmailError(ValidationError):
-    """The email address is empty, too long or not an address."""
-
-
-class MalformedIdError(ValidationError):
-    """An id is not a UUID."""
-
-
 class DuplicateEmailError(QuLabError):
     """Another user already has this email (compared ignoring letter case)."""
 
@@ -123,8 +115,6 @@ class UserNotFoundError(NotFoundError):
     """No user has this id."""
 
 
-MAX_EMAIL_LENGTH = 255
-MAX_NAME_LENGTH = 255
 MAX_ROWS_PER_PAGE = 10_000
 ABILITY_BOUNDS = (-10.0, 10.0)  # an IRT ability estimate, in logits; real ones stay well inside
 EDUCATION_LEVELS = (
@@ -135,105 +125,6 @@ EDUCATION_LEVELS = (
     "Doctorate",
     "Other",
 )
-_EMAIL_PATTERN = re.compile(
-    r"^(?=[^@]{1,64}@)[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
-)
-# SOC (15-1252) or O*NET-SOC (15-1252.00) codes, ASCII digits only (\d also matches ٥ or ５).
-_OCCUPATION_CODE_PATTERN = re.compile(r"[0-9]{2}-[0-9]{4}(?:\.[0-9]{2})?")
-_NAME_PUNCTUATION = set(" .,'-\u2019")
-
-
-def required_text(value: Any, *, label: str, max_length: int, field: str) -> str:
-    """The text, whitespace collapsed; refused when blank, too long or holding markup."""
-    cleaned = " ".join(value.split()) if isinstance(value, str) else ""
-    if not cleaned:
-        problem = "is required; it cannot be blank"
-    elif len(cleaned) > max_length:
-        problem = f"is too long: {len(cleaned)} characters, the limit is {max_length}"
-    elif "<" in cleaned or ">" in cleaned:
-        problem = "must not contain markup such as < or >"
-    else:
-        return cleaned
-    raise ValidationError(f"{label} {problem}.", field=field)
-
-
-def validate_email(value: Any) -> str:
-    """The trimmed email, or InvalidEmailError saying what is wrong with it."""
-    email = value.strip() if isinstance(value, str) else ""
-    if not email:
-        problem = "Email is required."
-    elif len(email) > MAX_EMAIL_LENGTH:
-        problem = f"Email is too long: {len(email)} characters, the limit is {MAX_EMAIL_LENGTH}."
-    elif not _EMAIL_PATTERN.fullmatch(email):
-        problem = (
-            "That is not a valid email address; expected something like alex.smith@example.com."
-        )
-    else:
-        return email
-    raise InvalidEmailError(problem, field="email")
-
-
-def validate_name(value: Any) -> str:
-    """The name, whitespace collapsed: letters, digits, spaces and . , ' - only."""
-    name = required_text(value, label="Name", max_length=MAX_NAME_LENGTH, field="name")
-    for character in name:
-        if character not in _NAME_PUNCTUATION and unicodedata.category(character)[0] not in "LMN":
-            found = unicodedata.name(character, "a control character")
-            raise ValidationError(
-                f"Name may contain only letters, digits, spaces and . , ' - (found {found}).",
-                field="name",
-            )
-    if not any(unicodedata.category(character)[0] == "L" for character in name):
-        raise ValidationError("Name must contain at least one letter.", field="name")
-    return name
-
-
-def validate_occupation_code(value: Any, *, required: bool = False) -> Optional[str]:
-    """An SOC / O*NET-SOC code such as 15-1252 or 15-1252.00; None when optional and blank."""
-    blank = value is None or (isinstance(value, str) and not value.strip())
-    if blank and not required:
-        return None
-    if blank:
-        problem = "is required, e.g. 15-1252.00"
-    elif not isinstance(value, str) or not _OCCUPATION_CODE_PATTERN.fullmatch(value.strip()):
-        problem = "must look like 15-1252 or 15-1252.00 (an SOC / O*NET-SOC code)"
-    else:
-        return value.strip()
-    raise ValidationError(f"Occupation code {problem}.", field="occupation_code")
-
-
-def validate_education_level(value: Any) -> Optional[str]:
-    """One of EDUCATION_LEVELS, or None when blank."""
-    if value is None or value in EDUCATION_LEVELS or (isinstance(value, str) and not value.strip()):
-        return value or None
-    levels = ", ".join(EDUCATION_LEVELS)
-    raise ValidationError(f"Education level must be one of: {levels}.", field="education_level")
-
-
-def validate_years_experience(value: Any) -> Optional[float]:
-    """Years of experience from 0 to 80, at most two decimals (a number, or text such as "2.5");
-    None when not given. What a form shows is what is stored: nothing rounded away."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, str):
-        text_value = value.strip()
-        # A sign is read, so "-5" is told the range rather than that it is not a number.
-        if not re.fullmatch(r"-?[0-9]*\.?[0-9]+", text_value):
-            raise ValidationError(
-                f"Years of experience must be a number such as 4 or 2.5; got {text_value!r}.",
-                field="years_experience",
-            )
-        value = float(text_value) or 0.0  # "-0" is 0
-    years = validate_number(
-        value, label="Years of experience", low=0, high=80, field="years_experience"
-    )
-    if round(years, 2) != years:
-        raise ValidationError(
-            "Years of experience takes at most two decimals (2.25, not 2.251).",
-            field="years_experience",
-        )
-    return years
 
 
 def validate_number(value: Any, *, label: str, low: float, high: float, field: str = "") -> float:
@@ -255,22 +146,6 @@ def validate_whole_number(value: Any, *, label: str, low: int, high: int, field:
             field=field or label.lower(),
         )
     return value
-
-
-def parse_entity_id(value: Any, *, what: str = "user") -> str:
-    """The canonical lowercase UUID text, or MalformedIdError naming what was expected."""
-    if not isinstance(value, str) or not value.strip():
-        raise MalformedIdError(f"Enter a {what} id.", field=f"{what}_id")
-    try:
-        if len(value.strip()) > 64:
-            raise ValueError("far too long for a UUID")
-        return str(uuid.UUID(value.strip()))
-    except ValueError:
-        raise MalformedIdError(
-            f"That is not a valid {what} id: expected a UUID such as "
-            "3f2b9c1e-8d4a-4c7e-9b1f-2a6d5e8c0f11.",
-            field=f"{what}_id",
-        ) from None
 
 
 # =================================================================================================
@@ -344,7 +219,9 @@ class User(Base, TimestampMixin):
 
     @validates("years_experience")
     def _check_years(self, key: str, value: Any) -> Optional[float]:
-        return None if value is None else validate_number(value, label=key, low=0, high=80)
+        if value is None:
+            return None
+        return validate_number(value, label="Years of experience", low=0, high=80, field=key)
 
 
 # Emails are unique whatever their letter case: Alex@X.com and alex@x.com are one person.
@@ -570,8 +447,8 @@ class Repository(Generic[ModelT]):
         self.session = session
 
     async def find(self, entity_id: str) -> Optional[ModelT]:
-        """The row with this id, or None; a malformed id raises MalformedIdError."""
-        return await self.session.get(self.model, parse_entity_id(entity_id, what=self.id_label))
+        """The row with this id, or None."""
+        return await self.session.get(self.model, entity_id)
 
     async def get(self, entity_id: str) -> ModelT:
         """The row with this id; NotFoundError when there is none."""
@@ -599,17 +476,17 @@ class Repository(Generic[ModelT]):
         await self.session.flush()
 
     def _not_found(self, entity_id: str) -> NotFoundError:
-        return NotFoundError(f"No {self.id_label} has the id {entity_id.strip()}.")
+        return NotFoundError(f"No {self.id_label} has the id {entity_id}.")
 
 
 class UserRepository(Repository[User]):
-    """Users: created only through validation, unique by email whatever its letter case."""
+    """Users, unique by email whatever its letter case."""
 
     model = User
     id_label = "user"
 
     def _not_found(self, entity_id: str) -> NotFoundError:
-        return UserNotFoundError(f"No user has the id {entity_id.strip()} in your sandbox.")
+        return UserNotFoundError(f"No user has the id {entity_id} in your sandbox.")
 
     async def create(
         self,
@@ -618,15 +495,15 @@ class UserRepository(Repository[User]):
         name: str,
         occupation_code: Optional[str] = None,
         education_level: Optional[str] = None,
-        years_experience: Optional[float | str] = None,
+        years_experience: Optional[float] = None,
     ) -> User:
-        """Validate every field, then insert; a taken email raises DuplicateEmailError."""
+        """Insert a user; a taken email, in any letter case, raises DuplicateEmailError."""
         user = User(
-            email=validate_email(email),
-            name=validate_name(name),
-            occupation_code=validate_occupation_code(occupation_code),
-            education_level=validate_education_level(education_level),
-            years_experience=validate_years_experience(years_experience),
+            email=email,
+            name=name,
+            occupation_code=occupation_code,
+            education_level=education_level,
+            years_experience=years_experience,
         )
         try:
             await self.add(user)
@@ -641,16 +518,12 @@ class UserRepository(Repository[User]):
 
     async def get_by_email(self, email: str) -> Optional[User]:
         """The user with this email in any letter case, or None."""
-        statement = select(User).where(func.lower(User.email) == validate_email(email).lower())
+        statement = select(User).where(func.lower(User.email) == email.lower())
         return await self.session.scalar(statement)
 
     async def get_user_with_scores_eager(self, user_id: str) -> User:
         """The user with every score loaded up front: 2 statements, whatever N is."""
-        statement = (
-            select(User)
-            .where(User.id == parse_entity_id(user_id))
-            .options(selectinload(User.scores))
-        )
+        statement = select(User).where(User.id == user_id).options(selectinload(User.scores))
         user = await self.session.scalar(statement)
         if user is None:
             raise self._not_found(user_id)
@@ -664,9 +537,7 @@ class UserOwnedRepository(Repository[ModelT]):
         """The user's rows, oldest first."""
         model: Any = self.model
         statement = (
-            select(model)
-            .where(model.user_id == parse_entity_id(user_id))
-            .order_by(model.created_at, model.id)
+            select(model).where(model.user_id == user_id).order_by(model.created_at, model.id)
         )
         return list((await self.session.scalars(statement)).all())
 
@@ -682,9 +553,8 @@ class AssessmentRepository(UserOwnedRepository[Assessment]):
     ) -> Assessment:
         """Start an assessment for an existing user."""
         user = await UserRepository(self.session).get(user_id)
-        name = required_text(component, label="Component", max_length=50, field="component")
         return await self.add(
-            Assessment(user_id=user.id, component=name, current_ability=current_ability)
+            Assessment(user_id=user.id, component=component, current_ability=current_ability)
         )
 
 
@@ -709,10 +579,8 @@ class AIRScoreRepository(UserOwnedRepository[AIRScore]):
             raise ValidationError(f"A score needs exactly these parts: {', '.join(SCORE_FIELDS)}.")
         score = AIRScore(
             user_id=user.id,
-            occupation_code=validate_occupation_code(occupation_code, required=True),
-            parameter_version=required_text(
-                parameter_version, label="Parameter version", max_length=20, field="version"
-            ),
+            occupation_code=occupation_code,
+            parameter_version=parameter_version,
             calculation_metadata=dict(calculation_metadata or {}),
             **scores,
         )
@@ -726,7 +594,7 @@ class AIRScoreRepository(UserOwnedRepository[AIRScore]):
         """The ids of a user's scores, oldest first (ids only: no score enters the session)."""
         statement = (
             select(AIRScore.id)
-            .where(AIRScore.user_id == parse_entity_id(user_id))
+            .where(AIRScore.user_id == user_id)
             .order_by(AIRScore.created_at, AIRScore.id)
         )
         return list((await self.session.scalars(statement)).all())
@@ -735,7 +603,7 @@ class AIRScoreRepository(UserOwnedRepository[AIRScore]):
         """A user's most recent score, or None."""
         statement = (
             select(AIRScore)
-            .where(AIRScore.user_id == parse_entity_id(user_id))
+            .where(AIRScore.user_id == user_id)
             .order_by(AIRScore.created_at.desc(), AIRScore.id.desc())
             .limit(1)
         )
@@ -1158,14 +1026,12 @@ class CachedUserRepository:
 
     async def get_user(self, *, user_id: str) -> CacheRead:
         """The user's profile, from Redis when cached; an unknown id raises UserNotFoundError."""
-        user_id = parse_entity_id(user_id)
         read = await self.cache.read(self.user_key(user_id), lambda: self._load_user(user_id))
         self.metrics.record(read)
         return read
 
     async def get_latest_airscore(self, *, user_id: str) -> CacheRead:
         """The user's newest AIRScore (value None when they have none), from Redis when cached."""
-        user_id = parse_entity_id(user_id)
         key = self.latest_airscore_key(user_id)
         read = await self.cache.read(key, lambda: self._load_latest_airscore(user_id))
         self.metrics.record(read)
@@ -1173,7 +1039,6 @@ class CachedUserRepository:
 
     async def invalidate_user(self, *, user_id: str) -> Any:
         """Delete the user's cached profile and latest AIRScore."""
-        user_id = parse_entity_id(user_id)
         keys = [self.user_key(user_id), self.latest_airscore_key(user_id)]
         return await self.cache.invalidate(keys, reason="requested on the page")
 
@@ -1230,17 +1095,15 @@ def calculate_airscore(
     Synergy = VR·HR/100 and AIR = (α·VR + (1 − α)·HR + β·Synergy) / (1 + β), all from 0 to 100.
     The 95% interval is AIR ± 1.96·σ with σ = 10/√(1 + pieces of evidence), clipped to 0–100.
     """
-    code = validate_occupation_code(occupation_code, required=True) or ""
     evidence: list[float] = []
     if education_level:
-        evidence.append(EDUCATION_READINESS[validate_education_level(education_level) or "Other"])
+        evidence.append(EDUCATION_READINESS.get(education_level, EDUCATION_READINESS["Other"]))
     if years_experience is not None:
-        years = validate_years_experience(years_experience) or 0.0
-        evidence.append(100 * (1 - math.exp(-years / AIR_EXPERIENCE_SCALE_YEARS)))
+        evidence.append(100 * (1 - math.exp(-years_experience / AIR_EXPERIENCE_SCALE_YEARS)))
     thetas = [min(6.0, max(-6.0, theta)) for theta in abilities if math.isfinite(theta)]
     evidence.extend(100 / (1 + math.exp(-theta)) for theta in thetas)
     vr = statistics.fmean(evidence) if evidence else 50.0
-    hr = OCCUPATION_GROUP_READINESS.get(code[:2], DEFAULT_OCCUPATION_READINESS)
+    hr = OCCUPATION_GROUP_READINESS.get(occupation_code[:2], DEFAULT_OCCUPATION_READINESS)
     synergy = vr * hr / 100
     air = (AIR_ALPHA * vr + (1 - AIR_ALPHA) * hr + AIR_BETA * synergy) / (1 + AIR_BETA)
     half_width = 1.96 * AIR_EVIDENCE_SPREAD / math.sqrt(1 + len(evidence))

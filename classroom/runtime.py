@@ -28,6 +28,7 @@ from classroom.outbox.status import read_durability_of
 from classroom.progress.evidence import run_and_record
 from classroom.sandboxes.registry import SandboxRegistry
 from classroom.sandboxes.sandbox import Sandbox
+from classroom.validation import checked_arguments
 
 logger = logging.getLogger("qulab")
 T = TypeVar("T")
@@ -244,11 +245,16 @@ class Lab:
         timeout: Optional[float] = 120.0,
         **kwargs: Any,
     ) -> T:
-        """Run `operation(sandbox, **kwargs)` in this lab's sandbox and return what it returns."""
+        """Run `operation(sandbox, **kwargs)` in this lab's sandbox and return what it returns.
+
+        What the learner typed is checked first (classroom.validation): a refusal raises
+        ValidationError before the sandbox is touched.
+        """
+        arguments = checked_arguments(operation, kwargs)
 
         async def call() -> T:
             async with self.runtime.sandboxes.using(self.sandbox_id, holder=self.holder) as sandbox:
-                return await run_and_record(operation, sandbox, **kwargs)
+                return await run_and_record(operation, sandbox, **arguments)
 
         try:
             return self.runtime.run(call(), timeout=timeout)

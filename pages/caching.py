@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import source
+from classroom import validation
 from classroom.cache.breaker import CircuitBreaker
 from classroom.cache.coherence import CacheCoherence
 from classroom.cache.coherent import CoherentCache, invalidate_cached_changes
@@ -211,7 +212,7 @@ def render_writes(demo: caching.CacheDemo) -> None:
     )
     with st.form("rename_demo_user"):
         st.text_input(
-            "New name for the demo user", max_chars=source.MAX_NAME_LENGTH, key=NEW_NAME_KEY
+            "New name for the demo user", max_chars=validation.MAX_NAME_LENGTH, key=NEW_NAME_KEY
         )
         st.form_submit_button("Rename User", on_click=rename_demo_user, args=(demo.user_id,))
     if kept_outcome(RENAMED, keep=True) is not None:

@@ -19,6 +19,7 @@ from sqlalchemy import delete, event, update
 
 import classroom.cache.coherence
 import source
+from classroom import validation
 from classroom.cache.coherent import CoherentCache, cache_coherence, cached_users
 from classroom.cache.coherent import recent_invalidations as recent
 from classroom.cache.link import RedisLink, RedisService
@@ -28,6 +29,7 @@ from classroom.demos.caching import (
     add_demo_airscore,
     cache_status,
     create_cache_demo_user,
+    fetch_latest_airscore_cached,
     fetch_user_cached,
     find_cache_demo,
     invalidate_user_cache,
@@ -376,10 +378,11 @@ async def test_concurrent_misses_for_an_unknown_user_all_get_the_error_and_nothi
 async def test_malformed_ids_are_refused_before_redis_or_the_database(sandbox_with_users, bad_id):
     sandbox = sandbox_with_users
     cache = cached_users(sandbox)
+    buttons = (fetch_user_cached, fetch_latest_airscore_cached, invalidate_user_cache)
     with capture_statements() as log:
-        for read in (cache.get_user, cache.get_latest_airscore, cache.invalidate_user):
-            with pytest.raises(source.MalformedIdError):
-                await read(user_id=bad_id)
+        for button in buttons:
+            with pytest.raises(validation.MalformedIdError):
+                await button(sandbox, user_id=bad_id)
     assert log.count == 0 and await cache_keys(sandbox) == [] and cache.metrics.requests == 0
 
 

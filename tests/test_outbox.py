@@ -21,6 +21,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 import source
+from classroom import validation
 from classroom.demos import eventing
 from classroom.outbox.audit import VACUUM_AFTER_PRUNING, prune_delivered_events
 from classroom.outbox.circuit import BrokerCircuit
@@ -310,7 +311,7 @@ async def test_when_the_event_insert_fails_no_score_remains(sandbox_with_users):
     ("user_id", "occupation_code", "error"),
     [
         ("3f2b9c1e-8d4a-4c7e-9b1f-2a6d5e8c0f11", "15-1252", source.UserNotFoundError),
-        ("not-a-uuid", "15-1252", source.MalformedIdError),
+        ("not-a-uuid", "15-1252", validation.MalformedIdError),
         (None, "<script>", source.ValidationError),
         (None, "", source.ValidationError),
         (None, "15-1252'; DROP TABLE air_scores; --", source.ValidationError),
@@ -318,10 +319,10 @@ async def test_when_the_event_insert_fails_no_score_remains(sandbox_with_users):
 )
 async def test_bad_input_stores_nothing(sandbox_with_users, user_id, occupation_code, error):
     user_id = user_id or (await source.list_users(sandbox_with_users))[0].id
-    with pytest.raises(error):
-        await source.calculate_and_store_airscore(
-            sandbox_with_users, user_id=user_id, occupation_code=occupation_code
-        )
+    operation = source.calculate_and_store_airscore
+    arguments = {"user_id": user_id, "occupation_code": occupation_code}
+    with pytest.raises(error):  # as Lab.run runs it: what was typed is checked first
+        await operation(sandbox_with_users, **validation.checked_arguments(operation, arguments))
     counts = await source.count_rows(sandbox_with_users)
     assert (counts["air_scores"], counts["domain_events"]) == (0, 0)
 

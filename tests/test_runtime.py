@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import source
+from classroom import validation
 from classroom.browser import (
     SANDBOX_STATE_KEY,
     SANDBOX_URL_PARAMETER,
@@ -55,7 +56,7 @@ def test_each_lab_has_its_own_sandbox(runtime):
 
 def test_qulab_errors_pass_through_unchanged(runtime):
     lab = runtime.lab(new_sandbox_id())
-    with pytest.raises(source.InvalidEmailError, match="Email is required"):
+    with pytest.raises(validation.InvalidEmailError, match="Email is required"):
         lab.run(source.create_user, email="", name="A")
 
 

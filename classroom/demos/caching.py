@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import source
+from classroom import validation
 from classroom.cache.coherence import CacheInvalidation
 from classroom.cache.coherent import TracedRead, cache_coherence, cached_users
 from classroom.experiments import HeavyWorkPacer
@@ -110,29 +111,31 @@ class CachedFetch:
 
 async def fetch_user_cached(sandbox: Sandbox, *, user_id: str) -> CachedFetch:
     """The Fetch User (Cached) button."""
+    user_id = validation.parse_entity_id(user_id)
     repository = cached_users(sandbox)
     read = await repository.get_user(user_id=user_id)
-    return CachedFetch("user", source.parse_entity_id(user_id), read, replace(repository.metrics))
+    return CachedFetch("user", user_id, read, replace(repository.metrics))
 
 
 async def fetch_latest_airscore_cached(sandbox: Sandbox, *, user_id: str) -> CachedFetch:
     """The Fetch Latest AIRScore (Cached) button."""
+    user_id = validation.parse_entity_id(user_id)
     repository = cached_users(sandbox)
     read = await repository.get_latest_airscore(user_id=user_id)
-    user = source.parse_entity_id(user_id)
-    return CachedFetch("latest_airscore", user, read, replace(repository.metrics))
+    return CachedFetch("latest_airscore", user_id, read, replace(repository.metrics))
 
 
 async def invalidate_user_cache(sandbox: Sandbox, *, user_id: str) -> CacheInvalidation:
     """The Invalidate Cache for this User button."""
+    user_id = validation.parse_entity_id(user_id)
     return await cached_users(sandbox).invalidate_user(user_id=user_id)
 
 
 async def rename_user(sandbox: Sandbox, *, user_id: str, name: str) -> source.User:
     """Change a user's name (the commit invalidates their cached profile)."""
-    new_name = source.validate_name(name)
+    new_name = validation.validate_name(name)
     async with source.get_session(sandbox) as session:
-        user = await source.UserRepository(session).get(user_id)
+        user = await source.UserRepository(session).get(validation.parse_entity_id(user_id))
         user.name = new_name
     return user
 
@@ -235,7 +238,7 @@ async def run_cache_experiment(
             field="hit_ratios",
         )
     repository = cached_users(sandbox)
-    user_id = source.parse_entity_id(user_id)
+    user_id = validation.parse_entity_id(user_id)
     # Reads of the experiment's own: the same cache and keys, counters of their own.
     experiment = source.CachedUserRepository(sandbox, repository.cache)
     key = experiment.user_key(user_id)

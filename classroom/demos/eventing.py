@@ -18,6 +18,7 @@ from typing import Optional
 from sqlalchemy import select, update
 
 import source
+from classroom import validation
 from classroom.demos.n_plus_one import is_scale_up_user
 from classroom.experiments import HeavyWorkPacer
 from classroom.outbox.service import (  # noqa: F401  (section 5's switches, in one place)
@@ -59,7 +60,7 @@ class EventDelivery:
 
 async def event_delivery(sandbox: Sandbox, *, event_id: str) -> Optional[EventDelivery]:
     """The event's state now (None once it is gone: pruned after delivery, or initialized away)."""
-    event_id = source.parse_entity_id(event_id, what="event")
+    event_id = validation.parse_entity_id(event_id, what="event")
     DomainEvent, ConsumedEvent = source.DomainEvent, source.ConsumedEvent
     statement = (
         select(DomainEvent, ConsumedEvent.consumed_at)

@@ -91,7 +91,7 @@ async def test_an_unknown_user_is_refused_and_nothing_is_cached(sandbox_with_use
     unknown = source.new_id()
     with pytest.raises(source.UserNotFoundError):
         await repository.get_user(user_id=unknown)
-    with pytest.raises(source.MalformedIdError):
+    with pytest.raises(source.UserNotFoundError):
         await repository.get_user(user_id="not-a-uuid")
     assert await sandbox.redis.client.exists(repository.user_key(unknown)) == 0
     assert repository.metrics.requests == 0

@@ -39,9 +39,9 @@ async def test_naive_fetch_sends_one_plus_one_plus_n_statements_and_eager_sends_
 
 @pytest.mark.parametrize(
     ("user_id", "error"),
-    [("not-a-uuid", source.MalformedIdError), (source.new_id(), source.UserNotFoundError)],
+    [("not-a-uuid", source.UserNotFoundError), (source.new_id(), source.UserNotFoundError)],
 )
-async def test_both_fetches_refuse_a_bad_or_unknown_id(sandbox_with_users, user_id, error):
+async def test_both_fetches_refuse_an_unknown_id(sandbox_with_users, user_id, error):
     for fetch in (source.fetch_user_and_scores_naive, source.fetch_user_and_scores_eager):
         with pytest.raises(error):
             await fetch(sandbox_with_users, user_id=user_id)
