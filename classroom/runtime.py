@@ -250,14 +250,13 @@ class Lab:
         What the learner typed is checked first (classroom.validation): a refusal raises
         ValidationError before the sandbox is touched.
         """
-        arguments = checked_arguments(operation, kwargs)
 
-        async def call() -> T:
+        async def call(arguments: dict[str, Any]) -> T:
             async with self.runtime.sandboxes.using(self.sandbox_id, holder=self.holder) as sandbox:
                 return await run_and_record(operation, sandbox, **arguments)
 
         try:
-            return self.runtime.run(call(), timeout=timeout)
+            return self.runtime.run(call(checked_arguments(operation, kwargs)), timeout=timeout)
         except Exception as error:
             what = getattr(operation, "__name__", str(operation))
             converted = as_qulab_error(error, what, self.runtime.settings)

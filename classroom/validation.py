@@ -177,18 +177,21 @@ def _user_id(value: Any) -> str:
     return parse_entity_id(value)
 
 
-# Each lesson operation's typed-in arguments and their checks; anything else passes as given.
-_ARGUMENT_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "user_id": _user_id,
-    "occupation_code": lambda value: validate_occupation_code(value, required=True),
-}
+# A typed-in argument of any lesson operation, and its check; anything else passes as given.
+_ARGUMENT_CHECKS: dict[str, Callable[[Any], Any]] = {"user_id": _user_id}
+# The operations that store a score need its occupation code.
+_SCORING = (source.calculate_and_store_airscore,)
 
 
 def checked_arguments(operation: Callable[..., Any], arguments: dict[str, Any]) -> dict[str, Any]:
     """The arguments of a lesson operation, checked and cleaned; ValidationError if refused."""
     if operation is source.create_user:
         return new_user_fields(**arguments)
-    return {
+    checked = {
         name: _ARGUMENT_CHECKS[name](value) if name in _ARGUMENT_CHECKS else value
         for name, value in arguments.items()
     }
+    if operation in _SCORING:
+        code = arguments.get("occupation_code")
+        checked["occupation_code"] = validate_occupation_code(code, required=True)
+    return checked

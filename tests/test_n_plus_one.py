@@ -20,6 +20,8 @@ from classroom.demos.n_plus_one import (
     load_scale_up_users,
     remove_scale_up_users,
 )
+from classroom.sandboxes.reset import initialize_sandbox
+from classroom.sandboxes.sandbox import new_sandbox_id
 from classroom.statements import capture_statements
 from pages.common.formatting import score_as_row
 from source import AIRScoreRepository, get_session
@@ -136,10 +138,9 @@ async def test_sample_scores_are_valid_rows_for_that_user_only(sandbox_with_user
         (UNKNOWN_ID, source.UserNotFoundError),
     ],
 )
-async def test_bad_ids_are_refused_by_every_path_and_write_nothing(
-    sandbox_with_users, user_id, error
-):
-    sandbox = sandbox_with_users
+def test_bad_ids_are_refused_by_every_path_and_write_nothing(runtime, user_id, error):
+    lab = runtime.lab(new_sandbox_id())  # as a page runs them: through Lab.run
+    lab.run(initialize_sandbox)
     for operation in (
         source.add_sample_scores,
         source.fetch_user_and_scores_naive,
@@ -147,11 +148,9 @@ async def test_bad_ids_are_refused_by_every_path_and_write_nothing(
         fetch_naive,
         fetch_eager,
     ):
-        with pytest.raises(error):  # as Lab.run runs it: the typed id checked first
-            await operation(
-                sandbox, **validation.checked_arguments(operation, {"user_id": user_id})
-            )
-    assert await source.count_rows(sandbox) == {
+        with pytest.raises(error):
+            lab.run(operation, user_id=user_id)
+    assert lab.run(source.count_rows) == {
         "users": 2,
         "assessments": 0,
         "air_scores": 0,

@@ -317,13 +317,15 @@ async def test_when_the_event_insert_fails_no_score_remains(sandbox_with_users):
         (None, "15-1252'; DROP TABLE air_scores; --", source.ValidationError),
     ],
 )
-async def test_bad_input_stores_nothing(sandbox_with_users, user_id, occupation_code, error):
-    user_id = user_id or (await source.list_users(sandbox_with_users))[0].id
-    operation = source.calculate_and_store_airscore
-    arguments = {"user_id": user_id, "occupation_code": occupation_code}
-    with pytest.raises(error):  # as Lab.run runs it: what was typed is checked first
-        await operation(sandbox_with_users, **validation.checked_arguments(operation, arguments))
-    counts = await source.count_rows(sandbox_with_users)
+def test_bad_input_stores_nothing(runtime, user_id, occupation_code, error):
+    lab = runtime.lab(new_sandbox_id())  # as the page runs it: through Lab.run
+    lab.run(initialize_sandbox)
+    user_id = user_id or lab.run(source.list_users)[0].id
+    with pytest.raises(error):
+        lab.run(
+            source.calculate_and_store_airscore, user_id=user_id, occupation_code=occupation_code
+        )
+    counts = lab.run(source.count_rows)
     assert (counts["air_scores"], counts["domain_events"]) == (0, 0)
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from test_outbox import FAST, add_pending_events, drain, drain_consumer
 
 import source
@@ -181,6 +181,27 @@ def test_the_rate_is_the_growth_since_a_reading_a_window_ago():
     assert rate.per_second(170, now=36.0) == pytest.approx(10 / 6.0)
 
 
+def test_the_rate_counts_only_the_window_even_when_the_last_reading_before_it_is_older():
+    rate = PublishedRate(window_seconds=5.0)
+    rate.per_second(0, now=0.0)
+    rate.per_second(0, now=4.0)  # quiet until 4 s...
+    assert rate.per_second(50, now=8.0) == pytest.approx(50 / 5.0)  # ...then 50 in the window
+
+
+async def test_a_redelivered_event_recorded_again_is_not_delivered_twice(sandbox_with_users):
+    sandbox = sandbox_with_users
+    service = outbox_service(sandbox, FAST)
+    await eventing.store_airscore_burst(sandbox, count=3)
+    await drain(service.publisher)
+    await drain_consumer(service.consumer)
+    stream = sandbox.redis.key("events")
+    entries = await sandbox.redis.client.xrange(stream)
+    for _, fields in entries:  # the broker hands every entry out again
+        await sandbox.redis.client.xadd(stream, fields)
+    assert await drain_consumer(service.consumer) == 3  # read, and ignored by the inbox
+    await assert_counts(sandbox, {"pending": 0, "published": 3, "failed": 0, "delivered": 3})
+
+
 async def test_on_postgresql_a_mark_and_a_record_in_flight_together_count_the_event_once(
     postgres_registry,
 ):
@@ -215,3 +236,98 @@ async def test_on_postgresql_a_mark_and_a_record_in_flight_together_count_the_ev
         await recording
         await consumer.commit()
     await assert_counts(sandbox, {"pending": 0, "published": 1, "failed": 0, "delivered": 1})
+
+
+async def test_on_postgresql_a_record_in_flight_before_the_mark_counts_the_event_once(
+    postgres_registry,
+):
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
+    [event_id] = await add_pending_events(sandbox, 1)
+    mark = update(DomainEvent).where(DomainEvent.id == event_id).values(status="published")
+    record = insert(ConsumedEvent).values(
+        event_id=event_id,
+        event_type="TestEvent",
+        stream_message_id="1-0",
+        consumer_name="racer",
+        consumed_at=source.utc_now(),
+    )
+    async with (
+        sandbox.engine.connect() as relay,
+        sandbox.engine.connect() as consumer,
+        sandbox.engine.connect() as observer,
+    ):
+        await consumer.begin()
+        await consumer.execute(record)  # recorded, not committed yet
+        await relay.begin()
+        marking = asyncio.create_task(relay.execute(mark))  # marked meanwhile
+        await _until_someone_waits_on_the_counts_lock(observer, marking)
+        await consumer.commit()
+        await marking
+        await relay.commit()
+    await assert_counts(sandbox, {"pending": 0, "published": 1, "failed": 0, "delivered": 1})
+
+
+async def _until_someone_waits_on_the_counts_lock(observer, task) -> None:
+    waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    deadline = time.monotonic() + 10
+    while not await observer.scalar(waiting):
+        assert not task.done(), "the second writer did not wait for the first's transaction"
+        assert time.monotonic() < deadline, "nobody waited on the counts' lock"
+        await observer.rollback()
+
+
+async def test_on_postgresql_a_writer_that_asks_for_the_lock_late_never_deadlocks(
+    postgres_registry,
+):
+    """A reset deletes events (no lock needed) before the inbox (the lock): it holds a counts
+    row while it waits for the lock. A consumer holding the lock must never wait for that row,
+    even when both connections' pids choose the same row."""
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
+    [published_id] = await add_pending_events(sandbox, 1)
+    async with get_session(sandbox) as session:
+        await session.execute(
+            update(DomainEvent).where(DomainEvent.id == published_id).values(status="published")
+        )
+    [pending_id] = await add_pending_events(sandbox, 1)
+
+    def record(event_id: str) -> object:
+        return insert(ConsumedEvent).values(
+            event_id=event_id,
+            event_type="TestEvent",
+            stream_message_id="1-0",
+            consumer_name="consumer",
+            consumed_at=source.utc_now(),
+        )
+
+    async with get_session(sandbox) as session:  # already consumed, so a reset deletes it
+        await session.execute(record(published_id))
+    connections = []
+    try:
+        by_row: dict[int, object] = {}
+        while True:  # two connections whose pids choose the same counts row
+            connection = await sandbox.engine.connect()
+            connections.append(connection)
+            row = await connection.scalar(text("SELECT pg_backend_pid() % 8"))
+            await connection.rollback()
+            if row in by_row:
+                resetting, consuming = by_row[row], connection
+                break
+            by_row[row] = connection
+        observer = await sandbox.engine.connect()
+        connections.append(observer)
+        await resetting.begin()
+        await resetting.execute(delete(DomainEvent).where(DomainEvent.id == pending_id))
+        await consuming.begin()
+        recording = consuming.execute(record(pending_id))  # the lock (an inbox write), a row
+        await asyncio.wait_for(recording, timeout=10)  # it must not wait for the reset's row
+        deleting = asyncio.create_task(
+            resetting.execute(delete(ConsumedEvent).where(ConsumedEvent.event_id == published_id))
+        )
+        await _until_someone_waits_on_the_counts_lock(observer, deleting)
+        await consuming.commit()  # no deadlock: the consumer never waited on the reset's row
+        await deleting
+        await resetting.commit()
+    finally:
+        for connection in connections:
+            await connection.close()
+    await assert_counts(sandbox, {"pending": 0, "published": 1, "failed": 0, "delivered": 0})

@@ -14,7 +14,7 @@ event that became published), and the rate is its growth between two readings.
   concurrent writers seldom wait on one another. "Delivered" joins two tables written by two
   transactions (the relay marks an event published while the consumer records it): those
   triggers take a transaction-level advisory lock first, so the second of the two sees the
-  first's committed row and counts the event once.
+  first's committed row and counts the event once; they write to a row of their own.
 
 install_outbox_counts runs whenever a sandbox opens: once per database (per schema), under a lock,
 it creates the table and the triggers and counts the rows already there.
@@ -29,7 +29,8 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, Table, func, selec
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 COUNTS_TABLE = "qulab_outbox_counts"
-COUNT_SLOTS = 8  # PostgreSQL: rows the counts are spread over (a writer updates its pid's row)
+COUNT_SLOTS = 8  # PostgreSQL: rows the counts are spread over (a writer updates its pid's row),
+# and one more for the triggers that hold the advisory lock
 COUNTED = ("pending", "published", "failed", "delivered", "published_total")
 
 outbox_counts = Table(
@@ -115,8 +116,13 @@ SQLITE_REMOVAL = (  # for a copy that leaves QuLab: the lesson's tables without 
 def _postgresql_statements(schema: str) -> list[str]:
     """The table, its slots' rows, the trigger functions and the triggers, in one schema."""
     s = schema  # quoted
-    lock = f"PERFORM pg_advisory_xact_lock(hashtext({_literal(schema)} || '.outbox_counts'));"
-    slot = f"pg_backend_pid() % {COUNT_SLOTS}"
+    # A trigger that takes the lock writes to the lock holders' own row (slot COUNT_SLOTS): it
+    # never waits on a row a writer without the lock holds while asking for the lock (a reset
+    # that deletes events, then the inbox), so the lock and the rows make no cycle.
+    lock = (
+        f"PERFORM pg_advisory_xact_lock(hashtext({_literal(schema)} || '.outbox_counts')); "
+        f"slot_number := {COUNT_SLOTS};"
+    )
     inbox_has = f"EXISTS (SELECT 1 FROM {s}.consumed_events c WHERE c.event_id = r.id)"
 
     def add(pending: str, published: str, failed: str, delivered: str, total: str) -> str:
@@ -124,13 +130,15 @@ def _postgresql_statements(schema: str) -> list[str]:
             f"UPDATE {s}.{COUNTS_TABLE} SET pending = pending + {pending}, "
             f"published = published + {published}, failed = failed + {failed}, "
             f"delivered = delivered + {delivered}, published_total = published_total + {total} "
-            f"WHERE slot = {slot};"
+            "WHERE slot = slot_number;"
         )
 
     def function(name: str, body: str) -> str:
         return (
             f"CREATE OR REPLACE FUNCTION {s}.{name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            f"DECLARE d record; delivered_change bigint := 0; BEGIN {body} RETURN NULL; END $$"
+            "DECLARE d record; delivered_change bigint := 0; "
+            f"slot_number integer := pg_backend_pid() % {COUNT_SLOTS}; "
+            f"BEGIN {body} RETURN NULL; END $$"
         )
 
     def by_status(rows: str) -> str:
@@ -202,7 +210,7 @@ def _postgresql_statements(schema: str) -> list[str]:
         f"CREATE TABLE {s}.{COUNTS_TABLE} (slot integer PRIMARY KEY, "
         + ", ".join(f"{name} bigint NOT NULL DEFAULT 0" for name in COUNTED)
         + ")",
-        f"INSERT INTO {s}.{COUNTS_TABLE} (slot) SELECT generate_series(0, {COUNT_SLOTS - 1})",
+        f"INSERT INTO {s}.{COUNTS_TABLE} (slot) SELECT generate_series(0, {COUNT_SLOTS})",
         events_inserted,
         events_deleted,
         events_changed,
@@ -258,9 +266,11 @@ def _recount_statement(prefix: str) -> str:
 async def install_outbox_counts(connection: AsyncConnection, quoted_schema: str = "") -> bool:
     """Create the counts and their triggers unless they exist; True when it installed them.
 
-    `connection` is in the transaction that created the lesson's tables; on PostgreSQL
-    `quoted_schema` names the sandbox's schema, and the events and the inbox are locked against
-    writers until the commit, so none writes between the recount and its triggers.
+    On PostgreSQL `connection` is in the transaction that created the lesson's tables, and
+    `quoted_schema` names the sandbox's schema: the events and the inbox are locked against
+    writers until the commit, so none writes between the recount and the triggers. On SQLite
+    each statement commits as it runs (Python's sqlite3 opens no transaction for DDL): the
+    triggers exist before the one-statement recount, which runs under SQLite's write lock.
     """
     if connection.dialect.name == "sqlite":
         found = await connection.exec_driver_sql(
@@ -291,7 +301,8 @@ async def install_outbox_counts(connection: AsyncConnection, quoted_schema: str 
 
 class PublishedRate:
     """Events published per second over the last `window` seconds, from readings of
-    published_total (which only grows): its growth since the reading about a window ago."""
+    published_total (which only grows): its growth since the window began, the total then
+    interpolated between the two readings around that moment."""
 
     def __init__(self, window_seconds: float) -> None:
         self.window_seconds = window_seconds
@@ -302,9 +313,12 @@ class PublishedRate:
         reading, or one after a long quiet): then the caller counts the window's events."""
         readings, window = self._readings, self.window_seconds
         readings.append((now, published_total))
-        while len(readings) > 1 and now - readings[1][0] >= window:
+        while len(readings) > 2 and now - readings[1][0] >= window:
             readings.popleft()  # keep the newest reading at least a window old, and the rest
         then, total_then = readings[0]
-        if window <= now - then <= 2 * window:
-            return max(0, published_total - total_then) / (now - then)
-        return None
+        if not window <= now - then <= 2 * window:
+            return None
+        after, total_after = readings[1]  # the first reading inside the window
+        start = now - window
+        at_start = total_then + (total_after - total_then) * (start - then) / (after - then)
+        return max(0.0, published_total - at_start) / window

@@ -99,6 +99,8 @@ class GuardedPublisher(source.OutboxPublisher):
         except Exception as error:  # the database failed: keep running, try again later
             self._database_failures += 1
             outbox.activity.note_error("publisher", error)
+            if self._undelivered.broker_error:  # the broker failed first: that is still news
+                outbox.broker_failed(self._undelivered.broker_error[:300])
             return RelayReport()
         self._database_failures = 0
         outbox.activity.clear_error("publisher")
@@ -151,13 +153,13 @@ class GuardedPublisher(source.OutboxPublisher):
         undelivered = self._undelivered
         if not (undelivered.refused or undelivered.unsent):
             return
+        report.broker_error = undelivered.broker_error[:300]
         async with self.sandbox.engine.connect() as connection:
             connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
             report.failed = await self.mark_failed(connection, undelivered.refused)
             report.released = await self.release(
                 connection, undelivered.unsent, undelivered.broker_error
             )
-        report.broker_error = undelivered.broker_error[:300]
 
     async def mark_failed(self, connection: Any, reasons: dict[str, str]) -> int:
         """Mark the events the broker refused for what they are: 'failed', with the reason."""
