@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from sqlalchemy import delete, func, insert, select, text, update
@@ -202,22 +203,28 @@ async def test_a_redelivered_event_recorded_again_is_not_delivered_twice(sandbox
     await assert_counts(sandbox, {"pending": 0, "published": 3, "failed": 0, "delivered": 3})
 
 
-async def test_on_postgresql_a_mark_and_a_record_in_flight_together_count_the_event_once(
-    postgres_registry,
-):
-    sandbox = await postgres_registry.acquire(new_sandbox_id())
-    [event_id] = await add_pending_events(sandbox, 1)
-    mark = update(DomainEvent).where(DomainEvent.id == event_id).values(status="published")
-    record = insert(ConsumedEvent).values(
+def mark_published(event_id: str) -> Any:
+    """What the relay's mark does to one event."""
+    return update(DomainEvent).where(DomainEvent.id == event_id).values(status="published")
+
+
+def record_in_inbox(event_id: str) -> Any:
+    """What the consumer's record does for one event."""
+    return insert(ConsumedEvent).values(
         event_id=event_id,
         event_type="TestEvent",
         stream_message_id="1-0",
         consumer_name="racer",
         consumed_at=source.utc_now(),
     )
-    waiting_on_the_counts_lock = text(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-    )
+
+
+async def test_on_postgresql_a_mark_and_a_record_in_flight_together_count_the_event_once(
+    postgres_registry,
+):
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
+    [event_id] = await add_pending_events(sandbox, 1)
+    mark, record = mark_published(event_id), record_in_inbox(event_id)
     async with (
         sandbox.engine.connect() as relay,
         sandbox.engine.connect() as consumer,
@@ -227,11 +234,7 @@ async def test_on_postgresql_a_mark_and_a_record_in_flight_together_count_the_ev
         await relay.execute(mark)  # marked, not committed yet
         await consumer.begin()
         recording = asyncio.create_task(consumer.execute(record))  # recorded meanwhile
-        deadline = time.monotonic() + 10
-        while not await observer.scalar(waiting_on_the_counts_lock):
-            assert not recording.done(), "the record did not wait for the mark's transaction"
-            assert time.monotonic() < deadline, "the record never waited on the counts' lock"
-            await observer.rollback()
+        await _until_someone_waits_on_the_counts_lock(observer, recording)
         await relay.commit()
         await recording
         await consumer.commit()
@@ -243,14 +246,7 @@ async def test_on_postgresql_a_record_in_flight_before_the_mark_counts_the_event
 ):
     sandbox = await postgres_registry.acquire(new_sandbox_id())
     [event_id] = await add_pending_events(sandbox, 1)
-    mark = update(DomainEvent).where(DomainEvent.id == event_id).values(status="published")
-    record = insert(ConsumedEvent).values(
-        event_id=event_id,
-        event_type="TestEvent",
-        stream_message_id="1-0",
-        consumer_name="racer",
-        consumed_at=source.utc_now(),
-    )
+    mark, record = mark_published(event_id), record_in_inbox(event_id)
     async with (
         sandbox.engine.connect() as relay,
         sandbox.engine.connect() as consumer,
@@ -290,17 +286,8 @@ async def test_on_postgresql_a_writer_that_asks_for_the_lock_late_never_deadlock
         )
     [pending_id] = await add_pending_events(sandbox, 1)
 
-    def record(event_id: str) -> object:
-        return insert(ConsumedEvent).values(
-            event_id=event_id,
-            event_type="TestEvent",
-            stream_message_id="1-0",
-            consumer_name="consumer",
-            consumed_at=source.utc_now(),
-        )
-
     async with get_session(sandbox) as session:  # already consumed, so a reset deletes it
-        await session.execute(record(published_id))
+        await session.execute(record_in_inbox(published_id))
     connections = []
     try:
         by_row: dict[int, object] = {}
@@ -318,7 +305,9 @@ async def test_on_postgresql_a_writer_that_asks_for_the_lock_late_never_deadlock
         await resetting.begin()
         await resetting.execute(delete(DomainEvent).where(DomainEvent.id == pending_id))
         await consuming.begin()
-        recording = consuming.execute(record(pending_id))  # the lock (an inbox write), a row
+        recording = consuming.execute(
+            record_in_inbox(pending_id)
+        )  # the lock (an inbox write), a row
         await asyncio.wait_for(recording, timeout=10)  # it must not wait for the reset's row
         deleting = asyncio.create_task(
             resetting.execute(delete(ConsumedEvent).where(ConsumedEvent.event_id == published_id))

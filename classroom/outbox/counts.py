@@ -184,21 +184,20 @@ def _postgresql_statements(schema: str) -> list[str]:
         + add("d.pending", "d.published", "d.failed", "delivered_change", "d.became_published")
         + " END IF;",
     )
-    inbox_join = f"{s}.domain_events e ON e.id = r.event_id AND e.status = 'published'"
-    inbox_inserted = function(
-        "qulab_count_inbox_inserted",
-        f"IF EXISTS (SELECT 1 FROM new_rows) THEN {lock} "
-        f"SELECT count(*) INTO delivered_change FROM new_rows r JOIN {inbox_join}; "
-        + add("0", "0", "0", "delivered_change", "0")
-        + " END IF;",
-    )
-    inbox_deleted = function(
-        "qulab_count_inbox_deleted",
-        f"IF EXISTS (SELECT 1 FROM old_rows) THEN {lock} "
-        f"SELECT count(*) INTO delivered_change FROM old_rows r JOIN {inbox_join}; "
-        + add("0", "0", "0", "-delivered_change", "0")
-        + " END IF;",
-    )
+
+    def inbox_changed(name: str, rows: str, sign: str) -> str:
+        """Inbox rows added (+) or removed (-): those of published events move "delivered"."""
+        published = f"{s}.domain_events e ON e.id = r.event_id AND e.status = 'published'"
+        return function(
+            name,
+            f"IF EXISTS (SELECT 1 FROM {rows}) THEN {lock} "
+            f"SELECT count(*) INTO delivered_change FROM {rows} r JOIN {published}; "
+            + add("0", "0", "0", f"{sign}delivered_change", "0")
+            + " END IF;",
+        )
+
+    inbox_inserted = inbox_changed("qulab_count_inbox_inserted", "new_rows", "")
+    inbox_deleted = inbox_changed("qulab_count_inbox_deleted", "old_rows", "-")
 
     def trigger(name: str, when: str, table: str, referencing: str) -> str:
         return (
