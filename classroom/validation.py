@@ -173,12 +173,8 @@ def new_user_fields(
     }
 
 
-def _user_id(value: Any) -> str:
-    return parse_entity_id(value)
-
-
 # A typed-in argument of any lesson operation, and its check; anything else passes as given.
-_ARGUMENT_CHECKS: dict[str, Callable[[Any], Any]] = {"user_id": _user_id}
+_ARGUMENT_CHECKS: dict[str, Callable[[Any], Any]] = {"user_id": parse_entity_id}
 # The operations that store a score need its occupation code.
 _SCORING = (source.calculate_and_store_airscore,)
 

@@ -219,47 +219,29 @@ def record_in_inbox(event_id: str) -> Any:
     )
 
 
+@pytest.mark.parametrize("first", ["mark", "record"])
 async def test_on_postgresql_a_mark_and_a_record_in_flight_together_count_the_event_once(
-    postgres_registry,
+    postgres_registry, first
 ):
+    """The relay's mark and the consumer's record of one event, each in a transaction still
+    open when the other writes: the second waits on the counts' lock, then sees the first."""
     sandbox = await postgres_registry.acquire(new_sandbox_id())
     [event_id] = await add_pending_events(sandbox, 1)
-    mark, record = mark_published(event_id), record_in_inbox(event_id)
+    writes = {"mark": mark_published(event_id), "record": record_in_inbox(event_id)}
+    second = "record" if first == "mark" else "mark"
     async with (
-        sandbox.engine.connect() as relay,
-        sandbox.engine.connect() as consumer,
+        sandbox.engine.connect() as earlier,
+        sandbox.engine.connect() as later,
         sandbox.engine.connect() as observer,
     ):
-        await relay.begin()
-        await relay.execute(mark)  # marked, not committed yet
-        await consumer.begin()
-        recording = asyncio.create_task(consumer.execute(record))  # recorded meanwhile
-        await _until_someone_waits_on_the_counts_lock(observer, recording)
-        await relay.commit()
-        await recording
-        await consumer.commit()
-    await assert_counts(sandbox, {"pending": 0, "published": 1, "failed": 0, "delivered": 1})
-
-
-async def test_on_postgresql_a_record_in_flight_before_the_mark_counts_the_event_once(
-    postgres_registry,
-):
-    sandbox = await postgres_registry.acquire(new_sandbox_id())
-    [event_id] = await add_pending_events(sandbox, 1)
-    mark, record = mark_published(event_id), record_in_inbox(event_id)
-    async with (
-        sandbox.engine.connect() as relay,
-        sandbox.engine.connect() as consumer,
-        sandbox.engine.connect() as observer,
-    ):
-        await consumer.begin()
-        await consumer.execute(record)  # recorded, not committed yet
-        await relay.begin()
-        marking = asyncio.create_task(relay.execute(mark))  # marked meanwhile
-        await _until_someone_waits_on_the_counts_lock(observer, marking)
-        await consumer.commit()
-        await marking
-        await relay.commit()
+        await earlier.begin()
+        await earlier.execute(writes[first])  # written, not committed yet
+        await later.begin()
+        writing = asyncio.create_task(later.execute(writes[second]))  # written meanwhile
+        await _until_someone_waits_on_the_counts_lock(observer, writing)
+        await earlier.commit()
+        await writing
+        await later.commit()
     await assert_counts(sandbox, {"pending": 0, "published": 1, "failed": 0, "delivered": 1})
 
 
