@@ -188,3 +188,49 @@ async def test_a_statement_one_sandbox_compiled_is_not_compiled_again_for_anothe
     assert second.engine.sync_engine.dialect is shared
     # Its dialect-level listener is there once, not once per sandbox: an error runs it once.
     assert len(shared.dispatch.handle_error) == 1
+
+
+class CountingPool(classroom.sqlite.WorkerPool):
+    """A worker pool that counts the trips connections make to it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=8, idle_seconds=30)
+        self.trips = 0
+
+    def submit(self, task) -> None:
+        self.trips += 1
+        super().submit(task)
+
+
+async def test_a_statement_through_sqlalchemy_is_one_trip_to_a_worker(tmp_path: Path):
+    """Executing, fetching the rows and closing the cursor: one trip, not four (cursor, execute,
+    fetchall, close, each awaited by the loop); a commit or rollback with nothing open: none."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    pool = CountingPool()
+
+    def connect(*args, **kwargs):
+        return classroom.sqlite.SharedWorkerConnection(
+            lambda: sqlite3.connect(tmp_path / "trips.db", check_same_thread=False), 64, pool
+        )
+
+    engine = create_async_engine("sqlite+aiosqlite://", connect_args={"async_creator_fn": connect})
+    async with engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE notes (n INTEGER)"))
+        await connection.execute(text("INSERT INTO notes VALUES (1), (2), (3)"))
+    async with engine.connect() as connection:
+        before = pool.trips
+        rows = (await connection.execute(text("SELECT n FROM notes ORDER BY n"))).all()
+        assert [n for (n,) in rows] == [1, 2, 3]
+        assert pool.trips - before == 1
+        updated = await connection.execute(text("UPDATE notes SET n = n + 10 WHERE n > 1"))
+        assert updated.rowcount == 2 and pool.trips - before == 2
+        await connection.commit()  # the UPDATE opened a transaction: the commit is a trip
+        assert pool.trips - before == 3
+        await connection.execute(text("SELECT count(*) FROM notes"))
+        await connection.rollback()  # a read opens no transaction: nothing to roll back
+        assert pool.trips - before == 4
+    async with engine.connect() as connection:
+        rows = (await connection.execute(text("SELECT n FROM notes ORDER BY n"))).all()
+        assert [n for (n,) in rows] == [1, 12, 13]  # the commit was real
+    await engine.dispose()
