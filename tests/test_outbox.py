@@ -25,7 +25,7 @@ from classroom import validation
 from classroom.demos import eventing
 from classroom.outbox.audit import VACUUM_AFTER_PRUNING, prune_delivered_events
 from classroom.outbox.circuit import BrokerCircuit
-from classroom.outbox.relay import GuardedPublisher
+from classroom.outbox.relay import GuardedPublisher, oversized_message_bytes
 from classroom.outbox.service import OutboxService, outbox_service, set_broker_outage
 from classroom.outbox.settings import OutboxSettings
 from classroom.outbox.status import outbox_status
@@ -617,6 +617,18 @@ async def test_an_oversized_event_fails_at_once_with_its_reason_without_blocking
     assert (await raised.publish_due_batch()).published == 1
     assert await stream_event_ids(sandbox) == [*good, poison.id]
     assert await counts_by_status(sandbox) == {"published": 6}
+
+
+def test_a_message_near_the_limit_is_measured_in_utf8_bytes_not_characters():
+    payload = json.dumps({"note": "é" * 600}, ensure_ascii=False)  # 2 bytes a character
+    claimed = source.ClaimedEvent(
+        source.new_id(), "Huge", "Test", source.new_id(), payload, source.utc_now()
+    )
+    exact = sum(len(key) + len(value.encode()) for key, value in claimed.stream_message().items())
+    assert exact > sum(len(key) + len(value) for key, value in claimed.stream_message().items())
+    assert oversized_message_bytes(claimed, limit=exact) is None  # exactly at the limit: sent
+    assert oversized_message_bytes(claimed, limit=exact - 1) == exact  # one byte over: refused
+    assert oversized_message_bytes(claimed, limit=64 * 1024) is None
 
 
 def test_the_broker_circuit_opens_once_and_probes_with_growing_jittered_backoff():

@@ -43,6 +43,27 @@ T = TypeVar("T")
 LEASE_END_MARGIN_SECONDS = 0.05  # look just after another relay's lease ended, not just before
 
 
+# The stream message's fields besides the stored ones: its names, and the ISO time it adds.
+_MESSAGE_OVERHEAD_CHARACTERS = (
+    len("event_idevent_typeaggregate_typeaggregate_idoccurred_atpayload") + 32
+)
+
+
+def oversized_message_bytes(claimed: source.ClaimedEvent, *, limit: int) -> Optional[int]:
+    """The size in bytes of the event's stream message if it is over `limit`, else None.
+
+    UTF-8 takes at most 4 bytes a character: a message whose characters, times 4, stay within
+    the limit is within it without being built (a batch's messages are then built once, to be
+    sent, not twice).
+    """
+    stored = (claimed.id, claimed.event_type, claimed.aggregate_type, claimed.aggregate_id)
+    characters = _MESSAGE_OVERHEAD_CHARACTERS + sum(map(len, stored)) + len(claimed.payload_json)
+    if 4 * characters <= limit:
+        return None
+    size = sum(len(key) + len(value.encode()) for key, value in claimed.stream_message().items())
+    return size if size > limit else None
+
+
 def backoff_seconds(settings: OutboxSettings, failures: int) -> float:
     """Exponential backoff with jitter for database failures (the broker's are the circuit's)."""
     base, ceiling = settings.outage_backoff_base_seconds, settings.outage_backoff_max_seconds
@@ -119,10 +140,8 @@ class GuardedPublisher(source.OutboxPublisher):
         undelivered = self._undelivered
         sendable = []
         for claimed in events:
-            size = sum(
-                len(key) + len(value.encode()) for key, value in claimed.stream_message().items()
-            )
-            if size > self.settings.max_message_bytes:
+            size = oversized_message_bytes(claimed, limit=self.settings.max_message_bytes)
+            if size is not None:
                 undelivered.refused[claimed.id] = (
                     f"message is {size} bytes; "
                     f"the broker's limit is {self.settings.max_message_bytes}"
