@@ -10,14 +10,18 @@ import asyncio
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import classroom.sqlite
 import source
+from classroom.cache.link import RedisService
 from classroom.outbox.status import outbox_status
+from classroom.sandboxes.registry import SandboxRegistry
 from classroom.sandboxes.sandbox import new_sandbox_id
 
 
@@ -130,6 +134,31 @@ async def test_idle_workers_end_and_come_back_when_work_does(tmp_path: Path):
     await asyncio.to_thread(wait_for, lambda: pool.threads == 0)
 
 
+def test_a_pool_grown_by_a_burst_shrinks_back_under_a_trickle_of_work():
+    """Four workers after a burst; then one small task every 20 ms for longer than the idle
+    time: the most recently idle worker takes each, so the three others end."""
+    pool = classroom.sqlite.WorkerPool(max_workers=8, idle_seconds=0.3)
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def blocking() -> None:
+        started.release()
+        release.wait(5)
+
+    for _ in range(4):
+        pool.submit(blocking)
+    for _ in range(4):
+        assert started.acquire(timeout=5)
+    assert pool.threads == 4
+    release.set()
+    ran = []
+    deadline = time.monotonic() + 10
+    while pool.threads > 1:
+        assert time.monotonic() < deadline, f"{pool.threads} workers still alive"
+        pool.submit(lambda: ran.append(1))
+        time.sleep(0.02)  # the trickle itself, not a wait for a result
+    assert ran and pool.threads == 1
+
+
 async def test_an_operation_after_close_fails_instead_of_hanging(tmp_path: Path):
     pool = classroom.sqlite.WorkerPool(max_workers=2, idle_seconds=30)
     connection = await open_connection(pool, tmp_path / "closed.db")
@@ -205,8 +234,6 @@ class CountingPool(classroom.sqlite.WorkerPool):
 async def test_a_statement_through_sqlalchemy_is_one_trip_to_a_worker(tmp_path: Path):
     """Executing, fetching the rows and closing the cursor: one trip, not four (cursor, execute,
     fetchall, close, each awaited by the loop); a commit or rollback with nothing open: none."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
     pool = CountingPool()
 
     def connect(*args, **kwargs):
@@ -234,3 +261,29 @@ async def test_a_statement_through_sqlalchemy_is_one_trip_to_a_worker(tmp_path: 
         rows = (await connection.execute(text("SELECT n FROM notes ORDER BY n"))).all()
         assert [n for (n,) in rows] == [1, 12, 13]  # the commit was real
     await engine.dispose()
+
+
+async def test_a_class_leaving_at_once_sleeps_without_a_burst_of_sqlite_workers(settings):
+    """Thirty learners close their tabs together: one sweep sends every sandbox to sleep, and
+    their checkpoints and closes take turns instead of each starting a shared worker thread."""
+    if settings.database_url:
+        pytest.skip("SQLite sandboxes only: PostgreSQL sandboxes share one engine")
+    redis_service = await RedisService.connect(settings)
+    registry = SandboxRegistry(replace(settings, sandbox_grace_seconds=0), redis_service)
+    try:
+        sandboxes = [await registry.acquire(new_sandbox_id(), holder=f"tab {n}") for n in range(30)]
+        for sandbox in sandboxes:
+            await source.init_db(sandbox, reset=True)
+        pool = classroom.sqlite.shared_workers()
+        threads_before = pool.threads
+        pool.peak_threads = pool.threads  # count from here
+        for n in range(30):
+            registry.release_holder(f"tab {n}")
+        assert len((await registry.sweep())["dormant"]) == 30
+        assert all(not sandbox.awake for sandbox in sandboxes)
+        assert pool.peak_threads - threads_before <= 3, pool.peak_threads
+        woken = await registry.acquire(sandboxes[0].id, holder="back")  # data kept
+        assert len(await source.list_users(woken)) == 2
+    finally:
+        await registry.close()
+        await redis_service.close()

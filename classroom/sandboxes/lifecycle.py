@@ -24,6 +24,10 @@ from classroom.sandboxes.stores import PostgresSandboxStore, SQLiteSandboxStore
 
 logger = logging.getLogger("qulab")
 MAX_REMEMBERED_DELETIONS = 10_000
+# Sleeps whose storage work (checkpoint, closing connections) runs at once. A class leaving
+# together sends dozens to sleep in one sweep: all at once, each operation finding every
+# shared SQLite worker busy started another (31 threads for 50 sandboxes, idle 30 s after).
+SLEEPS_CLOSING_AT_ONCE = 2
 
 
 def still_going_dormant(sandbox: Sandbox) -> bool:
@@ -76,6 +80,7 @@ class Dormancy:
     ) -> None:
         self.store = store
         self.budget = budget
+        self._closing = asyncio.Semaphore(SLEEPS_CLOSING_AT_ONCE)
 
     def begin_sleep(self, sandbox: Sandbox) -> Optional[asyncio.Task[None]]:
         """Mark the sandbox dormant now (under the lock) and run its flush and close as a task.
@@ -100,12 +105,13 @@ class Dormancy:
     async def _finish_sleep(self, sandbox: Sandbox) -> None:
         """The slow part of a sleep (listeners flush, then the engine goes); never raises."""
         try:
-            await sandbox.notify(sandbox.dormant_listeners, "dormant")
-            try:
-                await self.store.before_sleep(sandbox)
-            except Exception:
-                logger.warning("could not checkpoint sandbox %s", sandbox.id, exc_info=True)
-            await sandbox.close_engine()
+            await sandbox.notify(sandbox.dormant_listeners, "dormant")  # flushes: all at once
+            async with self._closing:
+                try:
+                    await self.store.before_sleep(sandbox)
+                except Exception:
+                    logger.warning("could not checkpoint sandbox %s", sandbox.id, exc_info=True)
+                await sandbox.close_engine()
         except Exception:
             logger.exception("sandbox %s did not close cleanly on going dormant", sandbox.id)
         finally:

@@ -41,10 +41,23 @@ __all__ = [
 ]
 
 
+class _Worker:
+    """One worker thread's inbox: the pool hands it its next task here."""
+
+    __slots__ = ("inbox",)
+
+    def __init__(self) -> None:
+        self.inbox: queue.SimpleQueue[Callable[[], Optional[bool]]] = queue.SimpleQueue()
+
+
 class WorkerPool:
     """Threads that run submitted callables.
 
-    One is started when all are busy, and ends after `idle_seconds` idle.
+    A task goes to the worker that went idle last; a new one is started when none is idle (up to
+    `max_workers`, beyond which tasks wait in line); a worker idle for `idle_seconds` ends.
+    Handing work to the most recently idle worker is what lets the others end: with one shared
+    queue, a trickle of work (a lifecycle pass every few seconds) reached every worker in turn,
+    and a pool grown by one busy minute never shrank.
     """
 
     def __init__(
@@ -53,38 +66,42 @@ class WorkerPool:
         self.max_workers = max_workers
         self.idle_seconds = idle_seconds
         self.name = name
-        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._spare = 0  # idle workers minus queued tasks (negative: tasks wait for a worker)
+        self._idle: list[_Worker] = []  # the last one went idle last: it gets the next task
+        self._waiting: collections.deque[Callable[[], Optional[bool]]] = collections.deque()
+        self._current = threading.local()  # the calling thread's _Worker
         self.threads = 0
         self.peak_threads = 0
 
     def submit(self, task: Callable[[], Optional[bool]]) -> None:
-        """Run `task` on a worker: an idle one, a new one if all are busy, else the first to finish.
+        """Run `task` on a worker: the last to go idle, a new one if none is, else the next free.
 
         A task that returns True has already counted its worker idle (see `_SerialQueue._drain`).
         """
         with self._lock:
-            self._spare -= 1
-            start = self._spare < 0 and self.threads < self.max_workers
-            if start:
-                self._spare += 1  # the new worker takes this task
-                self.threads += 1
-                self.peak_threads = max(self.peak_threads, self.threads)
-        self._tasks.put(task)
-        if start:
-            threading.Thread(
-                target=self._work, name=f"{self.name}-{self.threads}", daemon=True
-            ).start()
+            if self._idle:
+                self._idle.pop().inbox.put(task)
+                return
+            if self.threads >= self.max_workers:
+                self._waiting.append(task)
+                return
+            self.threads += 1
+            self.peak_threads = max(self.peak_threads, self.threads)
+            worker = _Worker()
+            worker.inbox.put(task)
+        threading.Thread(
+            target=self._work, args=(worker,), name=f"{self.name}-{self.threads}", daemon=True
+        ).start()
 
-    def _work(self) -> None:
+    def _work(self, worker: _Worker) -> None:
+        self._current.worker = worker
         while True:
             try:
-                task = self._tasks.get(timeout=self.idle_seconds)
+                task = worker.inbox.get(timeout=self.idle_seconds)
             except queue.Empty:
                 with self._lock:
-                    if self._spare > 0:  # more idle workers than queued tasks: this one may go
-                        self._spare -= 1
+                    if worker in self._idle:  # no task was handed to it meanwhile: it may go
+                        self._idle.remove(worker)
                         self.threads -= 1
                         return
                 continue
@@ -94,17 +111,25 @@ class WorkerPool:
             finally:
                 if not counted:
                     with self._lock:
-                        self._spare += 1
+                        self._went_idle(worker)
+
+    def _went_idle(self, worker: _Worker) -> None:
+        # Under the lock: a task waiting in line is this worker's next; else it joins the idle.
+        if self._waiting:
+            worker.inbox.put(self._waiting.popleft())
+        else:
+            self._idle.append(worker)
 
     def count_idle_if(self, finished: Callable[[], bool]) -> bool:
         """If `finished()`, count the calling worker idle at once and return True.
 
         Both happen under the pool's one lock, so nobody can see the work finished while its worker
-        still looks busy, which would start a needless thread.
+        still looks busy, which would start a needless thread. A task handed to it meanwhile waits
+        in its inbox until it is done.
         """
         with self._lock:
             if finished():
-                self._spare += 1
+                self._went_idle(self._current.worker)
                 return True
             return False
 
