@@ -208,8 +208,13 @@ def _print_hung(result: dict[str, Any]) -> None:
         f"Redis frozen (SIGSTOP): first read {result['first read while hung (ms)']:.0f} ms "
         f"(one timeout), then a cached read {result['cached read while hung (ms)']:.3f} ms "
         f"vs uncached {result['uncached read (ms)']:.3f} ms: "
-        f"{ratio:.2f}× (≤ {HUNG_READ_TARGET:g}×: {'yes' if ratio <= HUNG_READ_TARGET else 'NO'}); "
-        f"breaker opened {result['breaker trips']}×; after SIGCONT Redis answered reads again in "
+        f"{ratio:.2f}× (≤ {HUNG_READ_TARGET:g}×: {'yes' if ratio <= HUNG_READ_TARGET else 'NO'})"
+        + (
+            f"; {result['hung ÷ bare engine']:.2f}× a bare engine's read of the row"
+            if result["hung ÷ bare engine"] is not None
+            else ""
+        )
+        + f"; breaker opened {result['breaker trips']}×; after SIGCONT Redis answered again in "
         f"{result['recovery (s)']:.1f} s (cooling {result['cooling (s)']:g} s), no restart"
     )
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import signal
+import time
 
 import pytest
 import redis
@@ -145,4 +146,55 @@ async def test_qulab_redis_timeout_is_the_command_timeout_of_a_real_server(real_
     try:
         assert service.command_timeout_seconds == 0.25
     finally:
+        await service.close()
+
+
+async def test_a_busy_loop_never_makes_an_answered_command_late(sandbox, real_redis_url):
+    """Redis answers in a millisecond, but the process's loop is held for three timeouts by other
+    work: the answer was in time, so the read is a hit and the shared breaker stays closed."""
+    settings = Settings.from_environment(
+        {"REDIS_URL": real_redis_url, "QULAB_REDIS_TIMEOUT": "0.1"}
+    )
+    service = await RedisService.connect(settings)
+    registry = SandboxRegistry(settings, service)
+    try:
+        sandbox = await registry.acquire(new_sandbox_id())
+        user = await source.create_user(sandbox, email="busy@example.com", name="Busy Loop")
+        cache = cached_users(sandbox)
+        await cache.get_user(user_id=user.id)
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            # Another learner's work holds the loop while the MGET's answer comes in (the
+            # loop's next pass but one: the MGET is sent by then).
+            loop.call_soon(loop.call_soon, time.sleep, 0.3)
+            read = await cache.get_user(user_id=user.id)
+            assert read.outcome == source.HIT, read.note
+        assert service.breaker.state == "closed" and service.breaker.trips == 0
+    finally:
+        await registry.close()
+        await service.close()
+
+
+async def test_a_frozen_redis_is_late_after_the_timeout_even_on_a_busy_loop(
+    settings, freezable_redis
+):
+    url, process = freezable_redis
+    on_redis = Settings(**{**settings.__dict__, "redis_url": url})
+    service = await RedisService.connect(on_redis)
+    service.command_timeout_seconds = 0.1
+    registry = SandboxRegistry(on_redis, service)
+    try:
+        sandbox = await registry.acquire(new_sandbox_id())
+        user = await source.create_user(sandbox, email="frozen2@example.com", name="Frozen")
+        await cached_users(sandbox).get_user(user_id=user.id)
+        process.send_signal(signal.SIGSTOP)
+        asyncio.get_running_loop().call_soon(time.sleep, 0.3)  # busy, and Redis never answers
+        started = time.monotonic()
+        read = await cached_users(sandbox).get_user(user_id=user.id)
+        assert read.outcome == source.FALLBACK and read.value["name"] == "Frozen"
+        assert time.monotonic() - started < 1.0  # about the busy 0.3 s, then the timeout
+        assert service.breaker.is_open and service.breaker.trips == 1
+    finally:
+        process.send_signal(signal.SIGCONT)
+        await registry.close()
         await service.close()

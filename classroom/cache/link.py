@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 
 from classroom.cache import breaker
 from classroom.cache.breaker import REDIS_ERRORS, CircuitBreaker, RedisSkipped
+from classroom.cache.deadline import answer_within
 from classroom.config import ConfigurationError, Settings, mask_url
 
 logger = logging.getLogger("qulab")
@@ -104,8 +105,7 @@ class RedisService:
 
     async def reading(self) -> RedisReading:
         """Whether Redis answers now: the breaker's word when it is open, else a PING given as
-        long as any command (command_timeout_seconds: a shorter one would trip the breaker every
-        sandbox shares whenever the loop is busy), shared by every page drawn within
+        long as any command (command_timeout_seconds), shared by every page drawn within
         READING_FRESH_SECONDS (the sidebar and the cache page, drawn in one rerun, never
         disagree). A failed PING opens the breaker, so the reads that follow skip Redis at once."""
         async with self._probing:
@@ -124,7 +124,7 @@ class RedisService:
                 self._reading = RedisReading(False, now, self.breaker.last_failure)
                 return self._reading
             try:
-                async with asyncio.timeout(self.command_timeout_seconds):
+                async with answer_within(self.command_timeout_seconds):
                     await self.client.ping()
             except REDIS_ERRORS as error:
                 if isinstance(error, breaker.SERVER_FAILURES):
@@ -235,7 +235,7 @@ class RedisLink:
             self._unreachable is None and not self.service.breaker.is_open
         ):  # the usual case, kept lean: a hit's path
             try:
-                async with asyncio.timeout(self.service.command_timeout_seconds):
+                async with answer_within(self.service.command_timeout_seconds):
                     reply = await self.service.client.execute_command(*command)
             except REDIS_ERRORS as error:
                 self._failed(error, cut_off=False)
@@ -269,7 +269,7 @@ class RedisLink:
             self.health.record_failure(error)
             raise error
         try:
-            async with asyncio.timeout(timeout_seconds or self.service.command_timeout_seconds):
+            async with answer_within(timeout_seconds or self.service.command_timeout_seconds):
                 reply = await call(self.client)
         except REDIS_ERRORS as error:
             self._failed(error, cut_off=cut_off)
