@@ -4,7 +4,9 @@ relays share the work, and how soon a committed event is published.
 Run from the project root: `python3 bench/outbox.py`. It reads DATABASE_URL and REDIS_URL like the
 app; when they are unset it starts a throwaway PostgreSQL and Redis (tests/servers.py) if installed.
 SQLite always runs (embedded). Only ratios measured within this one run mean anything: the
-machine is shared and timings drift.
+machine is shared and timings drift. `--panel` measures only the status panel's cost with
+history; `--triggers` only what the panel's count triggers cost the writers (two sandboxes, one
+with its triggers dropped, alternating round by round).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,6 +36,7 @@ from sqlalchemy import select  # noqa: E402
 import source  # noqa: E402
 from classroom.cache.link import RedisService  # noqa: E402
 from classroom.config import Settings  # noqa: E402
+from classroom.outbox.counts import SQLITE_TRIGGERS  # noqa: E402
 from classroom.outbox.relay import GuardedPublisher  # noqa: E402
 from classroom.outbox.service import outbox_service, start_event_publisher  # noqa: E402
 from classroom.outbox.status import outbox_status  # noqa: E402
@@ -54,6 +57,12 @@ REMOTE_WRITES = 100
 TWO_RELAY_EVENTS = 6000
 TWO_RELAY_ROUNDS = 3  # 1 relay, 2 relays, alternating: the median ratio resists a busy moment
 LATENCY_WRITES = 200
+TRIGGER_ROUNDS, TRIGGER_WRITES, TRIGGER_EVENTS = 5, 100, 3000  # the count triggers' cost
+POSTGRESQL_TRIGGERS = (  # classroom/outbox/counts.py's, with their tables
+    *((f"qulab_count_events_{change}", "domain_events") for change in ("inserted", "deleted")),
+    ("qulab_count_events_changed", "domain_events"),
+    *((f"qulab_count_inbox_{change}", "consumed_events") for change in ("inserted", "deleted")),
+)
 
 
 @dataclass(frozen=True)
@@ -271,6 +280,48 @@ async def measure_latency(sandbox: Sandbox) -> tuple[float, float]:
     return await _commit_to_publish_latencies(sandbox)
 
 
+async def drop_counts_triggers(sandbox: Sandbox) -> None:
+    """Take the status panel's count triggers off a sandbox (what the writers would cost
+    without them); the panel of that sandbox is wrong from then on."""
+    async with sandbox.engine.begin() as connection:
+        if sandbox.backend == "sqlite":
+            for name in SQLITE_TRIGGERS:
+                await connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
+            return
+        schema = sandbox.engine.get_execution_options()["schema_translate_map"][None]
+        for name, table in POSTGRESQL_TRIGGERS:
+            await connection.exec_driver_sql(f'DROP TRIGGER IF EXISTS {name} ON "{schema}".{table}')
+
+
+async def measure_trigger_cost(registry: SandboxRegistry) -> tuple[list[float], list[float]]:
+    """What the count triggers cost the writers, per round: (score+event write with ÷ without,
+    relay events/s with ÷ without). Two sandboxes, one without the triggers, alternating."""
+    counted = await registry.acquire(new_sandbox_id())
+    bare = await registry.acquire(new_sandbox_id())
+    users = {}
+    for sandbox in (counted, bare):
+        users[sandbox.id] = [user.id for user in await initialize_sandbox(sandbox)]
+    await drop_counts_triggers(bare)
+    write_ratios, relay_ratios = [], []
+    for round_number in range(TRIGGER_ROUNDS):
+        pair = (counted, bare) if round_number % 2 == 0 else (bare, counted)
+        medians = {}
+        for sandbox in pair:
+            ids = users[sandbox.id]
+            times = [
+                await _timed_write(sandbox, ids[n % len(ids)], with_event=True)
+                for n in range(TRIGGER_WRITES)
+            ]
+            medians[sandbox.id] = statistics.median(times)
+        write_ratios.append(medians[counted.id] / medians[bare.id])
+        rates = {}
+        for sandbox in pair:
+            rates[sandbox.id], _ = await measure_relay(sandbox, relays=1, events=TRIGGER_EVENTS)
+            users[sandbox.id] = [user.id for user in await source.list_users(sandbox)]
+        relay_ratios.append(rates[counted.id] / rates[bare.id])
+    return write_ratios, relay_ratios
+
+
 async def panel_results(backend: str, registry: SandboxRegistry) -> list[Result]:
     """The status panel's cost with history, as rows of the table."""
     ratios, panel_ms = await measure_panel_cost(registry)
@@ -289,13 +340,27 @@ async def panel_results(backend: str, registry: SandboxRegistry) -> list[Result]
     ]
 
 
-async def bench_panel_only(label: str, settings: Settings) -> list[Result]:
-    """`--panel`: only the status panel's cost with history."""
+async def trigger_results(backend: str, registry: SandboxRegistry) -> list[Result]:
+    """What the panel's count triggers cost the writers, as rows of the table."""
+    write_ratios, relay_ratios = await measure_trigger_cost(registry)
+    rows = []
+    for what, ratios in (
+        ("score+event write time", write_ratios),
+        ("relay events/s", relay_ratios),
+    ):
+        spread = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+        measure = f"{what} with the panel's count triggers ÷ without, median of rounds {spread}"
+        rows.append(Result(backend, measure, statistics.median(ratios), "×"))
+    return rows
+
+
+async def bench_one(label: str, settings: Settings, measure: Any) -> list[Result]:
+    """`--panel` or `--triggers`: one measurement on one backend."""
     redis_service = await RedisService.connect(settings)
     registry = SandboxRegistry(settings, redis_service)
     try:
         backend = f"{label} + {'Redis' if redis_service.mode == 'redis' else 'fakeredis'}"
-        return await panel_results(backend, registry)
+        return await measure(backend, registry)
     finally:
         await registry.close()
         await redis_service.close()
@@ -316,6 +381,7 @@ async def bench_backend(label: str, settings: Settings, *, two_relays: bool) -> 
             Result(backend, "score+event write (one transaction), median", with_event * 1000, "ms"),
             Result(backend, "score+event ÷ score-only", ratio, "×", "≤ 1.3", ratio <= 1.3),
         ]
+        results += await trigger_results(backend, registry)
         one_rate, minimal_rate, ratios = await measure_relay_against_minimal(
             sandbox, events=RELAY_EVENTS
         )
@@ -446,10 +512,12 @@ def main() -> list[Result]:
             )
         for label, settings, two_relays in plans:
             if "--panel" in sys.argv:
-                results += asyncio.run(bench_panel_only(label, settings))
+                results += asyncio.run(bench_one(label, settings, panel_results))
+            elif "--triggers" in sys.argv:
+                results += asyncio.run(bench_one(label, settings, trigger_results))
             else:
                 results += asyncio.run(bench_backend(label, settings, two_relays=two_relays))
-        if "--no-idle" not in sys.argv and "--panel" not in sys.argv:
+        if not {"--no-idle", "--panel", "--triggers"} & set(sys.argv):
             label, settings, _ = plans[-1]
             share, running = asyncio.run(measure_idle_cost(settings))
             backend = f"{label} + {'Redis' if settings.redis_url else 'fakeredis'}"
