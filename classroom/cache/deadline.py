@@ -24,8 +24,13 @@ LONGEST_WAIT_FACTOR = 10
 LATE_SECONDS = 0.005  # a deadline run this much after its time means the loop was held
 
 
-class answer_within:  # noqa: N801 - used like asyncio.timeout
+def answer_within(seconds: float) -> AnswerDeadline:
     """`async with answer_within(seconds):` raise TimeoutError if the server has not answered."""
+    return AnswerDeadline(seconds)
+
+
+class AnswerDeadline:
+    """The context manager answer_within returns (asyncio.timeout's Timeout, loop-stall aware)."""
 
     __slots__ = ("_seconds", "_loop", "_task", "_handle", "_due", "_give_up_at", "_expired")
 
@@ -33,7 +38,7 @@ class answer_within:  # noqa: N801 - used like asyncio.timeout
         self._seconds = seconds
         self._expired = False
 
-    async def __aenter__(self) -> answer_within:
+    async def __aenter__(self) -> AnswerDeadline:
         self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         if task is None:
