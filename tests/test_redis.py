@@ -11,6 +11,7 @@ import servers
 import source
 from classroom.cache.breaker import REDIS_ERRORS
 from classroom.cache.coherent import cache_coherence, cached_users
+from classroom.cache.deadline import answer_within
 from classroom.cache.link import RedisService
 from classroom.config import Settings
 from classroom.demos.caching import cache_status, rename_user
@@ -198,3 +199,18 @@ async def test_a_frozen_redis_is_late_after_the_timeout_even_on_a_busy_loop(
         process.send_signal(signal.SIGCONT)
         await registry.close()
         await service.close()
+
+
+async def test_a_call_that_swallowed_the_deadlines_cancellation_leaves_none_behind():
+    """asyncio.timeout takes its cancellation back whatever the call did with it: so does
+    answer_within, or every later timeout in the task would end in CancelledError."""
+    async with answer_within(0.01):
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            pass  # a call that turned the cancellation into something else
+    assert asyncio.current_task().cancelling() == 0
+    with pytest.raises(TimeoutError):
+        async with answer_within(0.01):
+            await asyncio.sleep(5)
+    assert asyncio.current_task().cancelling() == 0

@@ -159,6 +159,16 @@ def test_a_pool_grown_by_a_burst_shrinks_back_under_a_trickle_of_work():
     assert ran and pool.threads == 1
 
 
+def test_a_worker_outlives_a_task_that_fails():
+    """One worker: a task that raises must not take it down (the next task would wait forever)."""
+    pool = classroom.sqlite.WorkerPool(max_workers=1, idle_seconds=30)
+    ran = threading.Event()
+    pool.submit(lambda: 1 / 0)
+    pool.submit(ran.set)
+    assert ran.wait(5)
+    assert pool.threads == 1
+
+
 async def test_an_operation_after_close_fails_instead_of_hanging(tmp_path: Path):
     pool = classroom.sqlite.WorkerPool(max_workers=2, idle_seconds=30)
     connection = await open_connection(pool, tmp_path / "closed.db")

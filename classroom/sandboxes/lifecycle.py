@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Optional
@@ -106,7 +107,8 @@ class Dormancy:
         """The slow part of a sleep (listeners flush, then the engine goes); never raises."""
         try:
             await sandbox.notify(sandbox.dormant_listeners, "dormant")  # flushes: all at once
-            async with self._closing:
+            # SQLite: its own file and engine, a checkpoint and closes that take turns.
+            async with self._closing if sandbox.backend == "sqlite" else contextlib.nullcontext():
                 try:
                     await self.store.before_sleep(sandbox)
                 except Exception:

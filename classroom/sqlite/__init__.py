@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import queue
 import sqlite3
 import threading
@@ -31,6 +32,8 @@ from typing import Any, Optional
 import aiosqlite
 from aiosqlite.context import contextmanager as aiosqlite_result
 from aiosqlite.core import _STOP_RUNNING_SENTINEL, set_exception, set_result
+
+logger = logging.getLogger("qulab")
 
 __all__ = [
     "FetchingCursor",
@@ -47,7 +50,7 @@ class _Worker:
     __slots__ = ("inbox",)
 
     def __init__(self) -> None:
-        self.inbox: queue.SimpleQueue[Callable[[], Optional[bool]]] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
 
 class WorkerPool:
@@ -68,15 +71,15 @@ class WorkerPool:
         self.name = name
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []  # the last one went idle last: it gets the next task
-        self._waiting: collections.deque[Callable[[], Optional[bool]]] = collections.deque()
-        self._current = threading.local()  # the calling thread's _Worker
+        self._waiting: collections.deque[Callable[[], None]] = collections.deque()
+        self._current = threading.local()  # the calling thread's worker, and if it counted idle
         self.threads = 0
         self.peak_threads = 0
 
-    def submit(self, task: Callable[[], Optional[bool]]) -> None:
+    def submit(self, task: Callable[[], None]) -> None:
         """Run `task` on a worker: the last to go idle, a new one if none is, else the next free.
 
-        A task that returns True has already counted its worker idle (see `_SerialQueue._drain`).
+        A task may count its worker idle itself, before it returns (`count_idle_if`).
         """
         with self._lock:
             if self._idle:
@@ -94,7 +97,8 @@ class WorkerPool:
         ).start()
 
     def _work(self, worker: _Worker) -> None:
-        self._current.worker = worker
+        current = self._current
+        current.worker = worker
         while True:
             try:
                 task = worker.inbox.get(timeout=self.idle_seconds)
@@ -105,13 +109,14 @@ class WorkerPool:
                         self.threads -= 1
                         return
                 continue
-            counted = False
+            current.counted_idle = False
             try:
-                counted = bool(task())
-            finally:
-                if not counted:
-                    with self._lock:
-                        self._went_idle(worker)
+                task()
+            except BaseException:  # noqa: B036 - a worker outlives a task that fails
+                logger.exception("a shared SQLite worker's task failed")
+            if not current.counted_idle:
+                with self._lock:
+                    self._went_idle(worker)
 
     def _went_idle(self, worker: _Worker) -> None:
         # Under the lock: a task waiting in line is this worker's next; else it joins the idle.
@@ -130,6 +135,7 @@ class WorkerPool:
         with self._lock:
             if finished():
                 self._went_idle(self._current.worker)
+                self._current.counted_idle = True
                 return True
             return False
 
@@ -157,6 +163,11 @@ class _SerialQueue:
             self._scheduled = True
         self._pool.submit(self._drain)
 
+    def idle(self) -> bool:
+        """Nothing queued or running."""
+        with self._lock:
+            return not self._scheduled
+
     def _finished(self) -> bool:
         with self._lock:
             if self._items:
@@ -164,9 +175,9 @@ class _SerialQueue:
             self._scheduled = False
             return True
 
-    def _drain(self) -> bool:
+    def _drain(self) -> None:
         if self._pool.count_idle_if(self._finished):
-            return True
+            return
         while True:
             with self._lock:
                 future, function = self._items.popleft()
@@ -189,9 +200,12 @@ class _SerialQueue:
             # connection) must find the worker free, not start another thread.
             idle = self._pool.count_idle_if(self._finished)
             if future is not None:
-                future.get_loop().call_soon_threadsafe(outcome[0], future, outcome[1])
+                try:
+                    future.get_loop().call_soon_threadsafe(outcome[0], future, outcome[1])
+                except RuntimeError:  # its loop has closed: nobody waits for this answer
+                    pass
             if idle:
-                return True
+                return
 
 
 class _NoThread:
@@ -218,18 +232,23 @@ class FetchingCursor(aiosqlite.Cursor):
     each an awaited trip to the connection's worker and back to the loop (about 0.1 ms each on
     this machine, more than a small statement itself). Here a statement is executed and its rows
     fetched in one trip, and neither creating the cursor nor closing it after that needs one: a
-    sqlite3 cursor is a Python object, and once its statement has run to the end closing it only
-    marks it closed (no SQLite call). After any other use (executemany) close is queued behind
-    the connection's operations as usual, nobody waiting on it.
+    sqlite3 cursor is a Python object, and once its statement has run to the end there is nothing
+    to release (sqlite3 has reset it; the cursor is left to the garbage collector). After any
+    other use (executemany, executescript) close is queued behind the connection's operations as
+    usual, nobody waiting on it. Every row is fetched with the statement, as SQLAlchemy's adapter
+    does for all but server-side cursors (`stream()`, `yield_per`), which QuLab does not use.
     """
 
-    _fetched: Optional[list[Any]] = None  # the executed statement's rows, not yet fetched
+    _fetched: Optional[collections.deque[Any]] = (
+        None  # the executed statement's rows, not yet fetched
+    )
 
     async def execute(self, sql: str, parameters: Any = None) -> FetchingCursor:
         """Run the statement and fetch every row it returns, in one trip to a worker."""
-        self._fetched = await self._execute(
+        rows = await self._execute(
             _execute_and_fetch, self._cursor, sql, () if parameters is None else parameters
         )
+        self._fetched = collections.deque(rows)
         return self
 
     async def executemany(self, sql: str, parameters: Any) -> FetchingCursor:
@@ -238,28 +257,33 @@ class FetchingCursor(aiosqlite.Cursor):
         await super().executemany(sql, parameters)
         return self
 
+    async def executescript(self, sql_script: str) -> FetchingCursor:
+        """As aiosqlite does it; close is then queued as usual."""
+        self._fetched = None
+        await super().executescript(sql_script)
+        return self
+
     async def fetchone(self) -> Any:
         if self._fetched is None:
             return await super().fetchone()
-        return self._fetched.pop(0) if self._fetched else None
+        return self._fetched.popleft() if self._fetched else None
 
     async def fetchmany(self, size: Optional[int] = None) -> list[Any]:
         if self._fetched is None:
             return list(await super().fetchmany(size))
-        size = self.arraysize if size is None else size
-        rows, self._fetched = self._fetched[:size], self._fetched[size:]
-        return rows
+        count = min(self.arraysize if size is None else size, len(self._fetched))
+        return [self._fetched.popleft() for _ in range(count)]
 
     async def fetchall(self) -> list[Any]:
         if self._fetched is None:
             return list(await super().fetchall())
-        rows, self._fetched = self._fetched, []
+        rows, self._fetched = list(self._fetched), collections.deque()
         return rows
 
     async def close(self) -> None:
         """Nothing to do after execute(): its statement ran to the end. Else queued, not awaited."""
         if self._fetched is not None:
-            self._fetched = []
+            self._fetched = collections.deque()
             return
         connection = self._conn
         if connection._running and connection._connection is not None:
@@ -269,8 +293,9 @@ class FetchingCursor(aiosqlite.Cursor):
 class SharedWorkerConnection(aiosqlite.Connection):
     """An aiosqlite connection whose operations run on a shared WorkerPool, not its own thread.
 
-    Its cursors are FetchingCursors, and a commit or rollback with no transaction open (a read,
-    or a connection in autocommit) returns at once: sqlite3 would do nothing with it anyway.
+    The cursors its cursor() makes (SQLAlchemy's way in) are FetchingCursors, and a commit or
+    rollback with no transaction open (a read, or a connection in autocommit) and nothing queued
+    returns at once: sqlite3 would do nothing with it anyway.
     """
 
     def __init__(
@@ -287,17 +312,23 @@ class SharedWorkerConnection(aiosqlite.Connection):
             raise ValueError("Connection closed")
         return FetchingCursor(self, self._connection.cursor())
 
-    def _in_transaction(self) -> bool:
-        # Every operation that can open a transaction was awaited before this is asked; only
-        # cursor closes may still be queued, and they never open or end one.
-        return self._connection is None or self._connection.in_transaction
+    def _nothing_to_end(self) -> bool:
+        # No transaction open and nothing queued that could open one (an operation whose caller
+        # stopped waiting still runs): then sqlite3's commit or rollback would do nothing.
+        connection = self._connection
+        return (
+            self._running
+            and connection is not None
+            and self._tx.idle()  # type: ignore[attr-defined]
+            and not connection.in_transaction
+        )
 
     async def commit(self) -> None:
-        if self._in_transaction():
+        if not self._nothing_to_end():
             await super().commit()
 
     async def rollback(self) -> None:
-        if self._in_transaction():
+        if not self._nothing_to_end():
             await super().rollback()
 
 
