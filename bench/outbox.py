@@ -36,14 +36,14 @@ from sqlalchemy import select  # noqa: E402
 import source  # noqa: E402
 from classroom.cache.link import RedisService  # noqa: E402
 from classroom.config import Settings  # noqa: E402
-from classroom.outbox.counts import SQLITE_TRIGGERS  # noqa: E402
+from classroom.outbox.counts import counts_removal  # noqa: E402
 from classroom.outbox.relay import GuardedPublisher  # noqa: E402
 from classroom.outbox.service import outbox_service, start_event_publisher  # noqa: E402
 from classroom.outbox.status import outbox_status  # noqa: E402
 from classroom.progress.journal import journal_muted  # noqa: E402
 from classroom.sandboxes.registry import SandboxRegistry  # noqa: E402
 from classroom.sandboxes.reset import initialize_sandbox  # noqa: E402
-from classroom.sandboxes.sandbox import Sandbox, new_sandbox_id  # noqa: E402
+from classroom.sandboxes.sandbox import Sandbox, new_sandbox_id, quoted_schema  # noqa: E402
 
 WRITES_PER_VARIANT = 600
 WARM_UP_WRITES = 20
@@ -58,11 +58,6 @@ TWO_RELAY_EVENTS = 6000
 TWO_RELAY_ROUNDS = 3  # 1 relay, 2 relays, alternating: the median ratio resists a busy moment
 LATENCY_WRITES = 200
 TRIGGER_ROUNDS, TRIGGER_WRITES, TRIGGER_EVENTS = 5, 100, 3000  # the count triggers' cost
-POSTGRESQL_TRIGGERS = (  # classroom/outbox/counts.py's, with their tables
-    *((f"qulab_count_events_{change}", "domain_events") for change in ("inserted", "deleted")),
-    ("qulab_count_events_changed", "domain_events"),
-    *((f"qulab_count_inbox_{change}", "consumed_events") for change in ("inserted", "deleted")),
-)
 
 
 @dataclass(frozen=True)
@@ -292,14 +287,10 @@ async def measure_latency(sandbox: Sandbox) -> tuple[float, float]:
 async def drop_counts_triggers(sandbox: Sandbox) -> None:
     """Take the status panel's count triggers off a sandbox (what the writers would cost
     without them); the panel of that sandbox is wrong from then on."""
+    schema = quoted_schema(sandbox.location) if sandbox.backend == "postgresql" else ""
     async with sandbox.engine.begin() as connection:
-        if sandbox.backend == "sqlite":
-            for name in SQLITE_TRIGGERS:
-                await connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
-            return
-        schema = sandbox.engine.get_execution_options()["schema_translate_map"][None]
-        for name, table in POSTGRESQL_TRIGGERS:
-            await connection.exec_driver_sql(f'DROP TRIGGER IF EXISTS {name} ON "{schema}".{table}')
+        for statement in counts_removal(sandbox.backend, schema, keep_table=True):
+            await connection.exec_driver_sql(statement)
 
 
 async def measure_trigger_cost(registry: SandboxRegistry) -> tuple[list[float], list[float]]:

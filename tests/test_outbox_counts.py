@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import delete, func, insert, inspect, select, text, update
 from test_outbox import FAST, add_pending_events, drain, drain_consumer
 
 import source
@@ -22,6 +22,7 @@ from classroom.outbox.audit import prune_delivered_events
 from classroom.outbox.counts import (
     COUNTS_TABLE,
     PublishedRate,
+    counts_removal,
     counts_statement,
     install_outbox_counts,
 )
@@ -117,43 +118,34 @@ async def test_the_counts_follow_every_way_an_event_moves(sandbox_with_users):
     await assert_counts(sandbox, {"pending": 0, "published": 0, "failed": 0, "delivered": 0})
 
 
-async def test_a_sandbox_from_before_the_counts_is_counted_when_it_opens(sandbox_with_users):
-    sandbox = sandbox_with_users
+async def stored_published_and_consumed(sandbox, count: int):
+    """`count` scores with their events, every event published and consumed; the service."""
     service = outbox_service(sandbox, FAST)
-    await eventing.store_airscore_burst(sandbox, count=7)
+    await eventing.store_airscore_burst(sandbox, count=count)
     await drain(service.publisher)
     await drain_consumer(service.consumer)
+    return service
+
+
+async def test_a_sandbox_from_before_the_counts_is_counted_when_it_opens(sandbox_with_users):
+    sandbox = sandbox_with_users
+    await stored_published_and_consumed(sandbox, 7)
     await add_pending_events(sandbox, 2)
+    schema = quoted_schema(sandbox.location) if sandbox.backend == "postgresql" else ""
     async with sandbox.engine.begin() as connection:  # the sandbox as an older QuLab left it
-        if sandbox.backend == "postgresql":
-            await connection.exec_driver_sql(
-                f"DROP TABLE {quoted_schema(sandbox.location)}.{COUNTS_TABLE}"
-            )
-            for table, trigger in [
-                ("domain_events", "inserted"),
-                ("domain_events", "deleted"),
-                ("domain_events", "changed"),
-                ("consumed_events", "inserted"),
-                ("consumed_events", "deleted"),
-            ]:
-                noun = "events" if table == "domain_events" else "inbox"
-                await connection.exec_driver_sql(
-                    f"DROP TRIGGER qulab_count_{noun}_{trigger} "
-                    f"ON {quoted_schema(sandbox.location)}.{table}"
-                )
-        else:
-            for name in ("event_inserted", "event_deleted", "event_changed"):
-                await connection.exec_driver_sql(f"DROP TRIGGER qulab_count_{name}")
-            for name in ("inbox_inserted", "inbox_deleted"):
-                await connection.exec_driver_sql(f"DROP TRIGGER qulab_count_{name}")
-            await connection.exec_driver_sql(f"DROP TABLE {COUNTS_TABLE}")
-    await add_pending_events(sandbox, 1)  # written while nothing counts
+        for statement in counts_removal(sandbox.backend, schema):
+            await connection.exec_driver_sql(statement)
+        location = sandbox.location if sandbox.backend == "postgresql" else None
+        kept = await connection.run_sync(
+            lambda sync: inspect(sync).has_table(COUNTS_TABLE, schema=location)
+        )
+        assert not kept
+    await add_pending_events(sandbox, 1)  # written while nothing counts: a trigger left fails it
 
     await create_schema(sandbox)  # what opening the sandbox does
     expected = {"pending": 3, "published": 7, "failed": 0, "delivered": 7}
     await assert_counts(sandbox, expected)
     async with sandbox.engine.begin() as connection:  # and only once
-        schema = quoted_schema(sandbox.location) if sandbox.backend == "postgresql" else ""
         assert await install_outbox_counts(connection, schema) is False
     await add_pending_events(sandbox, 1)
     await assert_counts(sandbox, {**expected, "pending": 4})
@@ -163,10 +155,7 @@ async def test_the_panel_shows_the_kept_counts_and_the_rate_of_the_last_seconds(
     sandbox_with_users,
 ):
     sandbox = sandbox_with_users
-    service = outbox_service(sandbox, FAST)
-    await eventing.store_airscore_burst(sandbox, count=5)
-    await drain(service.publisher)
-    await drain_consumer(service.consumer)
+    await stored_published_and_consumed(sandbox, 5)
     status = await outbox_status(sandbox)
     assert (status.pending, status.published, status.failed, status.delivered) == (0, 5, 0, 5)
     assert status.events_per_second == pytest.approx(5 / 5.0)  # all five within the window
@@ -191,10 +180,7 @@ def test_the_rate_counts_only_the_window_even_when_the_last_reading_before_it_is
 
 async def test_a_redelivered_event_recorded_again_is_not_delivered_twice(sandbox_with_users):
     sandbox = sandbox_with_users
-    service = outbox_service(sandbox, FAST)
-    await eventing.store_airscore_burst(sandbox, count=3)
-    await drain(service.publisher)
-    await drain_consumer(service.consumer)
+    service = await stored_published_and_consumed(sandbox, 3)
     stream = sandbox.redis.key("events")
     entries = await sandbox.redis.client.xrange(stream)
     for _, fields in entries:  # the broker hands every entry out again

@@ -112,6 +112,31 @@ SQLITE_REMOVAL = (  # for a copy that leaves QuLab: the lesson's tables without 
 
 # --- PostgreSQL: statement triggers over transition tables ----------------------------------------
 
+POSTGRESQL_TRIGGERS = (  # name (also its function's), table, event, transition tables
+    ("qulab_count_events_inserted", "domain_events", "INSERT", "NEW TABLE AS new_rows"),
+    ("qulab_count_events_deleted", "domain_events", "DELETE", "OLD TABLE AS old_rows"),
+    (
+        "qulab_count_events_changed",
+        "domain_events",
+        "UPDATE",
+        "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+    ),
+    ("qulab_count_inbox_inserted", "consumed_events", "INSERT", "NEW TABLE AS new_rows"),
+    ("qulab_count_inbox_deleted", "consumed_events", "DELETE", "OLD TABLE AS old_rows"),
+)
+
+
+def counts_removal(backend: str, quoted_schema: str = "", *, keep_table: bool = False) -> list[str]:
+    """The statements that take the counts off a sandbox (its triggers, and its table unless
+    keep_table): a copy that leaves QuLab, or a sandbox as an older QuLab left it."""
+    if backend == "sqlite":
+        return list(SQLITE_REMOVAL[:-1] if keep_table else SQLITE_REMOVAL)
+    s = quoted_schema
+    drops = [
+        f"DROP TRIGGER IF EXISTS {name} ON {s}.{table}" for name, table, *_ in POSTGRESQL_TRIGGERS
+    ]
+    return drops if keep_table else [*drops, f"DROP TABLE IF EXISTS {s}.{COUNTS_TABLE}"]
+
 
 def _postgresql_statements(schema: str) -> list[str]:
     """The table, its slots' rows, the trigger functions and the triggers, in one schema."""
@@ -199,7 +224,7 @@ def _postgresql_statements(schema: str) -> list[str]:
     inbox_inserted = inbox_changed("qulab_count_inbox_inserted", "new_rows", "")
     inbox_deleted = inbox_changed("qulab_count_inbox_deleted", "old_rows", "-")
 
-    def trigger(name: str, when: str, table: str, referencing: str) -> str:
+    def trigger(name: str, table: str, when: str, referencing: str) -> str:
         return (
             f"CREATE OR REPLACE TRIGGER {name} AFTER {when} ON {s}.{table} "
             f"REFERENCING {referencing} FOR EACH STATEMENT EXECUTE FUNCTION {s}.{name}()"
@@ -215,16 +240,7 @@ def _postgresql_statements(schema: str) -> list[str]:
         events_changed,
         inbox_inserted,
         inbox_deleted,
-        trigger("qulab_count_events_inserted", "INSERT", "domain_events", "NEW TABLE AS new_rows"),
-        trigger("qulab_count_events_deleted", "DELETE", "domain_events", "OLD TABLE AS old_rows"),
-        trigger(
-            "qulab_count_events_changed",
-            "UPDATE",
-            "domain_events",
-            "OLD TABLE AS old_rows NEW TABLE AS new_rows",
-        ),
-        trigger("qulab_count_inbox_inserted", "INSERT", "consumed_events", "NEW TABLE AS new_rows"),
-        trigger("qulab_count_inbox_deleted", "DELETE", "consumed_events", "OLD TABLE AS old_rows"),
+        *(trigger(*spec) for spec in POSTGRESQL_TRIGGERS),
     ]
 
 
