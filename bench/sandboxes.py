@@ -10,26 +10,31 @@ Measured in this process, on the backend DATABASE_URL names (embedded SQLite by 
 - The WAL a 500-write burst leaves in RAM (/dev/shm), and what is left once the sandbox went
   dormant (its checkpoint truncates the WAL).
 - pool_pre_ping on a SQLite sandbox: one checkout + SELECT 1 with pre-ping ÷ without.
-- Fairness: one learner's list_users p95 while another runs the pool experiment at its maximum,
-  ÷ the same p95 with nobody else busy; once with the trials in the experiment process (as QuLab
-  runs them), once on the shared loop (as before), in the same run. bench/classroom.py --fairness
-  measures every long experiment through the real app.
+- Fairness: one learner's list_users p95 during another's pool experiment at its maximum ÷ the
+  same p95 with nobody else busy, over interleaved rounds; on PostgreSQL also with NullPool's
+  connections opened all at once (as before), a control with no QuLab code, and what opening
+  them one at a time costs NullPool's throughput. bench/classroom.py --fairness measures every
+  long experiment through the real app.
 
-    python3 bench/sandboxes.py [--learners 50]
+    python3 bench/sandboxes.py [--learners 50] [--fairness]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from benchtools import print_table, result
+from benchtools import print_table, result, spread_result
 
 import classroom.sqlite
 import source
@@ -37,14 +42,16 @@ from classroom.config import Settings
 from classroom.demos import eventing
 from classroom.demos.pooling import (
     MAX_POOL_EXPERIMENT_REQUESTS,
+    POSTGRESQL_OPENS_AT_ONCE,
     compare_pooling_on,
-    run_pool_experiment,
 )
 from classroom.engines import open_engine
+from classroom.experiments import run_experiment_elsewhere
 from classroom.runtime import Runtime
 from classroom.sandboxes.lifecycle import still_going_dormant
 from classroom.sandboxes.reset import initialize_sandbox
 from classroom.sandboxes.sandbox import Sandbox, new_sandbox_id
+from classroom.worker import NICENESS
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -189,54 +196,148 @@ def pre_ping_cost(runtime: Runtime) -> list[dict[str, Any]]:
     return [result("sandboxes", "SQLite checkout + SELECT 1: pre-ping ÷ none", with_ping / without)]
 
 
-def fairness(runtime: Runtime) -> list[dict[str, Any]]:
+FAIRNESS_ROUNDS = 5
+
+
+def fairness(runtime: Runtime, rounds: int = FAIRNESS_ROUNDS) -> list[dict[str, Any]]:
+    """Another learner's list_users p95 during one pool experiment at its maximum ÷ quiet.
+
+    Each round, in turn (the order reversed every other round): a quiet window; QuLab's
+    experiment as the page runs it; and on PostgreSQL two more, the experiment with NullPool's
+    connections opened all at once (as before the gate) and a control with no QuLab code (bare
+    asyncpg, at the experiment process's nice level, the same queries, one connection opened at
+    a time). The walker clicks during the whole of each run.
+    """
     walker, heavy = runtime.lab(new_sandbox_id()), runtime.lab(new_sandbox_id())
     walker.run(initialize_sandbox)
     heavy.run(initialize_sandbox)
     maximum = {"requests": MAX_POOL_EXPERIMENT_REQUESTS, "concurrency": 50, "pool_size": 50}
 
-    def walker_p95(seconds: float) -> float:
+    async def where(sandbox: Sandbox) -> tuple[str, Any, str]:
+        return sandbox.backend, sandbox.engine.url, sandbox.location
+
+    backend, heavy_url, heavy_schema = heavy.run(where)
+    postgresql = backend == "postgresql"
+
+    def walker_p95(busy: Optional[threading.Thread] = None, seconds: float = 3.0) -> float:
+        """The walker's p95 while `busy` runs (at least 2 s of it), else over `seconds`."""
         latencies = []
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        started_all = time.monotonic()
+        if busy is not None:
+            busy.start()
+        while True:
+            elapsed = time.monotonic() - started_all
+            if busy is None and elapsed >= seconds:
+                break
+            if busy is not None and not busy.is_alive() and elapsed >= 2.0:
+                break
             started = time.perf_counter()
             walker.run(source.list_users)
             latencies.append(time.perf_counter() - started)
-            time.sleep(0.01)
+            time.sleep(0.01)  # a learner's pause between clicks: the load, not a wait
+        if busy is not None:
+            busy.join()
         return statistics.quantiles(latencies, n=20)[-1]
 
-    async def trials_on_the_shared_loop(sandbox: Sandbox) -> None:  # how it ran before
-        translate = sandbox.engine.get_execution_options().get("schema_translate_map")
-        url, settings = sandbox.engine.url, sandbox.settings
-        await compare_pooling_on(url=url, settings=settings, translate=translate, **maximum)
+    throughput: dict[str, list[float]] = {"gated": [], "all at once": []}
 
-    def while_running(experiment: Any, **kwargs: Any) -> float:
-        done = threading.Event()
+    def experiment(opens_at_once: Optional[int], kind: str) -> threading.Thread:
+        async def run(sandbox: Sandbox) -> None:
+            translate = sandbox.engine.get_execution_options().get("schema_translate_map")
+            (trials, _), _ = await run_experiment_elsewhere(
+                compare_pooling_on, url=sandbox.engine.url, settings=sandbox.settings,
+                translate=translate, opens_at_once=opens_at_once, **maximum,
+            )  # fmt: skip
+            throughput[kind].append(trials[1].throughput)
 
-        def loop() -> None:
-            while not done.is_set():
-                heavy.run(experiment, **kwargs)
+        return threading.Thread(target=heavy.run, args=(run,))
 
-        worker = threading.Thread(target=loop)
-        worker.start()
-        try:
-            time.sleep(0.5)
-            return walker_p95(8.0)
-        finally:
-            done.set()
-            worker.join()
+    def control() -> threading.Thread:
+        def run() -> None:
+            dsn = heavy_url.set(drivername="postgresql").render_as_string(hide_password=False)
+            environment = {**os.environ, "QULAB_BENCH_DSN": dsn, "QULAB_BENCH_SCHEMA": heavy_schema}
+            command = ["nice", "-n", str(NICENESS), sys.executable, __file__, "--bare-pool"]
+            subprocess.run(command, env=environment, check=True)
 
-    quiet = walker_p95(5.0)
-    own_loop = while_running(run_pool_experiment, **maximum)
-    shared = while_running(trials_on_the_shared_loop)
-    return [
-        result("sandboxes", "list_users p95 quiet", quiet * 1000, unit="ms"),
-        result(
-            "sandboxes", "list_users p95 beside a max pool experiment ÷ quiet", own_loop / quiet,
-            target="≤ 2×", met=own_loop / quiet <= 2,
+        return threading.Thread(target=run)
+
+    variants: dict[str, Callable[[], Optional[threading.Thread]]] = {
+        "quiet": lambda: None,
+        "QuLab": lambda: experiment(POSTGRESQL_OPENS_AT_ONCE, "gated"),
+    }
+    if postgresql:
+        variants["all at once"] = lambda: experiment(None, "all at once")
+        variants["control"] = control
+    p95s: dict[str, list[float]] = {name: [] for name in variants}
+    for round_number in range(rounds):
+        order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
+        for name in order:
+            p95s[name].append(walker_p95(variants[name]()))
+
+    def over_quiet(name: str) -> list[float]:
+        return [busy / calm for busy, calm in zip(p95s[name], p95s["quiet"], strict=True)]
+
+    quiet = statistics.median(p95s["quiet"])
+    rows = [
+        result("sandboxes", "list_users p95 quiet (median of rounds)", quiet * 1000, unit="ms"),
+        spread_result(
+            "sandboxes", "list_users p95 during a max pool experiment ÷ quiet",
+            over_quiet("QuLab"), target=2,
         ),
-        result("sandboxes", "same, experiment on the shared loop (before) ÷ quiet", shared / quiet),
     ]  # fmt: skip
+    if postgresql:
+        rows += [
+            spread_result(
+                "sandboxes", "same, NullPool's connections opened all at once (before) ÷ quiet",
+                over_quiet("all at once"),
+            ),
+            spread_result(
+                "sandboxes", "control: bare asyncpg, same queries, nice 10, no QuLab code ÷ quiet",
+                over_quiet("control"),
+            ),
+            spread_result(
+                "sandboxes", "QuLab's experiment ÷ the control (QuLab's part of that p95)",
+                [ours / bare for ours, bare in zip(p95s["QuLab"], p95s["control"], strict=True)],
+            ),
+            spread_result(
+                "sandboxes", "NullPool throughput, one connection opened at a time ÷ all at once",
+                [one / free for one, free in zip(*throughput.values(), strict=True)],
+            ),
+        ]  # fmt: skip
+    return rows
+
+
+def bare_pool_workload() -> None:
+    """The control: the experiment's queries on bare asyncpg (DSN, schema in the environment)."""
+    import asyncpg
+
+    dsn, schema = os.environ["QULAB_BENCH_DSN"], os.environ["QULAB_BENCH_SCHEMA"]
+    query = f'SELECT count(*) FROM "{schema}".users'
+    requests, concurrency = MAX_POOL_EXPERIMENT_REQUESTS, 50
+
+    async def workload() -> None:
+        pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
+
+        async def pooled() -> None:
+            async with pool.acquire() as connection:
+                await connection.fetchval(query)
+
+        await asyncio.gather(*(pooled() for _ in range(requests)))
+        await pool.close()
+        in_flight, opening = asyncio.Semaphore(concurrency), asyncio.Semaphore(1)
+
+        async def unpooled() -> None:
+            async with in_flight:
+                async with opening:
+                    connection = await asyncpg.connect(dsn)
+                try:
+                    await connection.fetchval(query)
+                finally:
+                    await connection.close()
+
+        await asyncio.gather(*(unpooled() for _ in range(requests)))
+
+    asyncio.run(workload())
 
 
 def main(learners: int = 50) -> list[dict[str, Any]]:
@@ -260,7 +361,27 @@ def main(learners: int = 50) -> list[dict[str, Any]]:
     return rows
 
 
+def fairness_only() -> list[dict[str, Any]]:
+    """--fairness: the fairness rounds alone."""
+    settings = Settings.from_environment()
+    runtime = Runtime(Settings(**{**settings.__dict__, "sandbox_grace_seconds": 0}))
+    try:
+        rows = fairness(runtime)
+    finally:
+        runtime.close()
+    print_table(rows)
+    return rows
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--learners", type=int, default=50)
-    main(parser.parse_args().learners)
+    parser.add_argument("--fairness", action="store_true", help="the fairness rounds alone")
+    parser.add_argument("--bare-pool", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.bare_pool:
+        bare_pool_workload()
+    elif arguments.fairness:
+        fairness_only()
+    else:
+        main(arguments.learners)

@@ -79,10 +79,12 @@ def open_engine(url: URL, settings: Settings, **overrides: Any) -> AsyncEngine:
     }
     options.update(overrides)
     if url.get_backend_name() == "postgresql":
-        options.setdefault("connect_args", application_name_arguments(QULAB_APPLICATION_NAME))
         # Bounded: a port that takes the connection and never speaks PostgreSQL fails in time.
-        timeout = {"timeout": settings.database_connect_timeout_seconds}
-        options["connect_args"] = {**timeout, **options["connect_args"]}
+        options["connect_args"] = {
+            "timeout": settings.database_connect_timeout_seconds,
+            **application_name_arguments(QULAB_APPLICATION_NAME),
+            **options.get("connect_args", {}),
+        }
     if is_sqlite:  # no thread per connection: the process's shared SQLite workers run it
         creator = functools.partial(shared_sqlite.connect, max_workers=settings.connection_budget)
         options.setdefault(

@@ -153,6 +153,14 @@ def render_experiment(experiment: pooling.PoolExperiment) -> None:
             f"Your experiment waited {experiment.waited_seconds:.1f} s for other learners' "
             "experiments (their turn in the experiment process, or their connections)."
         )
+    if experiment.opened_at_once is not None:
+        st.caption(
+            "On PostgreSQL, QuLab opens NullPool's connections one at a time (in this run, at "
+            f"most {experiment.opened_at_once} at once): each starts a server process, a few "
+            "milliseconds of the server's CPU at full priority, and fifty at once took this "
+            "machine's cores from the rest of the class. NullPool's figure is for connections "
+            "opened one after another."
+        )
     if experiment.capped_by_budget:
         st.info(
             f"This server's connection budget allows {pooled.concurrency} connections for one "

@@ -104,6 +104,13 @@ async def test_the_connection_budget_makes_a_second_reservation_wait_for_the_fir
     assert order == ["first in", "first out", "second in"] and budget.in_use == 0
 
 
+async def test_on_postgresql_nullpool_opens_its_connections_one_at_a_time(postgres_registry):
+    sandbox = await postgres_registry.acquire(new_sandbox_id())
+    experiment = await run_pool_experiment(sandbox, requests=40, concurrency=8, pool_size=4)
+    assert experiment.unpooled.connections_opened == 40
+    assert experiment.opened_at_once == 1  # eight queries wanted a connection at once
+
+
 async def test_five_learners_at_the_experiment_maximum_share_default_max_connections(
     postgres_registry,
 ):

@@ -137,6 +137,11 @@ def test_pool_experiment_runs_from_the_page_and_shows_measured_throughput(app):
     rows = app.table[0].value.to_dict("records")
     assert [row["connections opened"] for row in rows] == ["0", rows[1]["requests"]]
     assert [row["requests"] for row in rows] == ["300", "300"]  # the slider's default R
+    one_at_a_time = [caption.value for caption in app.caption if "one at a time" in caption.value]
+    if app.session_state["pool_experiment_result"].opened_at_once is None:  # SQLite: no gate
+        assert one_at_a_time == []
+    else:  # PostgreSQL: the page says NullPool's connections were opened one at a time
+        assert one_at_a_time and "at most 1 at once" in one_at_a_time[0]
 
 
 def test_the_pool_table_shows_figures_as_text_at_a_sensible_precision(app):

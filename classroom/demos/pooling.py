@@ -6,14 +6,22 @@ else's clicks), on fresh engines on the learner's own database, and it reserves 
 connections from the class's budget first (on PostgreSQL, granted against every replica's
 connections as the server counts them), so learners who run it at its maximum together take
 turns instead of meeting "too many clients".
+
+On PostgreSQL it also opens NullPool's connections one at a time. Starting a connection costs
+the server a process and a few milliseconds of CPU at the server's own priority, which the
+experiment process's lower priority does not reach: fifty opening at once took both of this
+machine's cores from the rest of the class (another learner's list_users p95 4.6× quiet; one at
+a time, about 2×; bench/sandboxes.py measures both, and what the gate costs NullPool's figure).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import asyncpg
 from sqlalchemy.engine import URL
 
 import source
@@ -25,6 +33,7 @@ from classroom.sandboxes.admission import MAX_POOL_EXPERIMENT_CONCURRENCY
 from classroom.sandboxes.sandbox import Sandbox
 
 MAX_POOL_EXPERIMENT_REQUESTS = 2000
+POSTGRESQL_OPENS_AT_ONCE = 1  # NullPool's connections being opened at the same moment, at most
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class PoolExperiment:
     unpooled: source.PoolTrial
     waited_seconds: float  # in line for the experiment process and the connection budget
     capped_by_budget: bool  # C and P were lowered to what the budget can ever grant
+    opened_at_once: Optional[int] = None  # the most connections opened together; None: no gate
 
     @property
     def speedup(self) -> float:
@@ -96,7 +106,7 @@ async def run_pool_experiment(
     translate = sandbox.engine.get_execution_options().get("schema_translate_map")
     timeout = 3 * sandbox.settings.pool_timeout_seconds
     async with budget.reserve(granted, timeout_seconds=timeout) as waited:
-        trials, queued = await run_experiment_elsewhere(
+        (trials, opened_at_once), queued = await run_experiment_elsewhere(
             compare_pooling_on,
             url=sandbox.engine.url,
             settings=sandbox.settings,
@@ -105,12 +115,37 @@ async def run_pool_experiment(
             concurrency=concurrency,
             pool_size=pool_size,
         )
-    return PoolExperiment(trials[0], trials[1], waited + queued, capped)
+    return PoolExperiment(trials[0], trials[1], waited + queued, capped, opened_at_once)
+
+
+class OpeningGate:
+    """asyncpg's connect, with at most `limit` connections being opened at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._opening = 0
+        self.most_at_once = 0  # the most seen opening together
+
+    async def connect(self, *args: Any, **kwargs: Any) -> Any:
+        """`asyncpg.connect(*args, **kwargs)` once a slot is free."""
+        async with self._slots:
+            self._opening += 1
+            self.most_at_once = max(self.most_at_once, self._opening)
+            try:
+                return await asyncpg.connect(*args, **kwargs)
+            finally:
+                self._opening -= 1
 
 
 def _engine_on(
-    url: URL, settings: Settings, translate: Optional[dict[Any, Any]], **pooling: Any
+    url: URL,
+    settings: Settings,
+    translate: Optional[dict[Any, Any]],
+    gate: Optional[OpeningGate],
+    **pooling: Any,
 ) -> Any:
+    if gate is not None:
+        pooling["connect_args"] = {"async_creator_fn": gate.connect}
     engine = open_engine(url, settings, pre_ping=False, pool_timeout=60, **pooling)
     return engine.execution_options(schema_translate_map=translate) if translate else engine
 
@@ -123,11 +158,18 @@ async def compare_pooling_on(
     requests: int,
     concurrency: int,
     pool_size: int,
-) -> list[source.PoolTrial]:
-    """In the experiment process: the lesson's compare_pooling on engines of its own."""
-    return await source.compare_pooling(
-        functools.partial(_engine_on, url, settings, translate),
+    opens_at_once: Optional[int] = POSTGRESQL_OPENS_AT_ONCE,
+) -> tuple[list[source.PoolTrial], Optional[int]]:
+    """In the experiment process: the lesson's compare_pooling on engines of its own.
+
+    Returns the trials and, on PostgreSQL with a limit, the most connections opened at once.
+    """
+    postgresql = url.get_backend_name() == "postgresql"
+    gate = OpeningGate(opens_at_once) if postgresql and opens_at_once else None
+    trials = await source.compare_pooling(
+        functools.partial(_engine_on, url, settings, translate, gate),
         requests=requests,
         concurrency=concurrency,
         pool_size=pool_size,
     )
+    return trials, gate.most_at_once if gate is not None else None
