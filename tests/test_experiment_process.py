@@ -3,6 +3,8 @@
 import asyncio
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -47,20 +49,41 @@ async def test_a_refusal_inside_the_experiment_process_reaches_the_caller_as_it_
     assert refused.value.field == "users"
 
 
-async def test_experiments_queue_one_at_a_time(sandbox_with_users):
-    sandbox = sandbox_with_users
-    await grow_scale_up_users(sandbox, target_users=200)
+async def test_experiments_queue_one_at_a_time(sandbox_with_users, tmp_path):
+    """An experiment arriving while another runs waits for it whole, however quick either is."""
     worker = experiment_worker()
-    first = asyncio.create_task(compare_loading_strategies(sandbox, sizes=[200], repeats=3))
-    second = asyncio.create_task(
-        run_pool_experiment(sandbox, requests=50, concurrency=5, pool_size=2)
-    )
-    await until(lambda: worker.queued == 2)
-    comparison, pooling = await asyncio.gather(first, second)
-    assert worker.queued == 0
-    # The pool experiment waited for the whole comparison: at least the comparison's own timed runs.
-    timed_seconds = sum(sum(run.times_ms) for run in comparison.runs) / 1000
-    assert pooling.waited_seconds >= timed_seconds
+    fifo = tmp_path / "hold"
+    os.mkfifo(fifo)
+    # The first occupant reads a named pipe: it runs, in the experiment process, until we write.
+    holding = asyncio.create_task(worker.run(Path.read_text, self=fifo))
+    writer: list[int] = []
+
+    def release() -> bool:  # opens once the experiment process has the pipe open for reading
+        try:
+            writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            return False
+        os.write(writer[0], b"go")
+        os.close(writer[0])
+        return True
+
+    try:
+        await until(lambda: worker.queued == 1)
+        second = asyncio.create_task(
+            run_pool_experiment(sandbox_with_users, requests=50, concurrency=5, pool_size=2)
+        )
+        await until(lambda: worker.queued == 2)
+        held_from = time.monotonic()
+        await asyncio.wait({second}, timeout=0.5)
+        assert not second.done()  # half a second in line, behind the first
+        await until(release)
+        held_seconds = time.monotonic() - held_from
+    finally:
+        if not writer:
+            worker.close()
+    (text, _), pooling = await asyncio.gather(holding, second)
+    assert text == "go" and worker.queued == 0
+    assert pooling.waited_seconds >= held_seconds >= 0.5  # it waited for the first, whole
     assert pooling.pooled.requests == pooling.unpooled.requests == 50
 
 
