@@ -24,7 +24,7 @@ from classroom.sandboxes.reset import reset_sandbox
 from classroom.sandboxes.sandbox import new_sandbox_id
 from classroom.status import RuntimeStatus, runtime_status
 from pages.common import browser_session_hold, plain_text
-from pages.common.instructor import render_class_message, render_instructor_sees
+from pages.common.instructor import instructor_key, render_class_message, render_instructor_sees
 from pages.common.progress import render_progress
 from pages.common.sections import INSTRUCTOR, SECTIONS
 from pages.common.sidebar import remember_redis_shown, render_server_details
@@ -171,7 +171,9 @@ try:
     render_progress(lab)
     render_sandbox(lab, status)
     render_server_details(status)
-    render_instructor_sees(lab)  # only with an instructor key set; drawn only while open
+    # Looked up once a run: without a secrets file, each look is a failed parse.
+    configured_key = instructor_key()
+    render_instructor_sees(lab, configured_key)  # only with a key set; drawn only while open
     if st.session_state.get("qulab_remembered") != lab.sandbox_id:  # once per session and id
         st.session_state["qulab_remembered"] = lab.sandbox_id
         script = remember_sandbox_script(lab.sandbox_id) + LINK_SCRIPT
@@ -191,5 +193,5 @@ except source.QuLabError as error:
 
 if status.sandbox_notice:
     st.info(status.sandbox_notice)
-render_class_message()  # only with an instructor key set: a small fragment, plain text
+render_class_message(configured_key)  # only with a key set: a small fragment, plain text
 navigation.run()

@@ -50,3 +50,49 @@ def test_streamlit_still_has_what_the_reconnect_patch_uses():
         "Streamlit's fragment storage changed: update pages/common/reconnect.py (and check "
         "tests/e2e/test_browser_replicas.py) before moving the pin in requirements.txt."
     )
+
+
+def _theme_of_a_new_session() -> bytes:
+    """The theme sections of a new-session message, built in the order Streamlit builds them."""
+    from streamlit import config
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+    from streamlit.runtime import app_session
+
+    message = ForwardMsg()
+    theme = message.new_session.custom_theme
+    app_session._populate_theme_msg(theme)
+    for category in config.CustomThemeCategories:
+        section = theme
+        for part in category.value.split("."):
+            section = getattr(section, part)
+        app_session._populate_theme_msg(section, f"theme.{category.value}")
+    return message.SerializeToString()
+
+
+def test_the_theme_is_read_from_the_configuration_once_and_is_the_message_streamlit_builds(
+    monkeypatch,
+):
+    """pages/common/theme_message.py keeps each theme section Streamlit builds for every run."""
+    from streamlit import config
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+    from streamlit.runtime import app_session
+
+    from pages.common.theme_message import build_theme_once
+
+    build = app_session._populate_theme_msg
+    monkeypatch.setattr(app_session, "_populate_theme_msg", getattr(build, "__wrapped__", build))
+    as_streamlit_builds = _theme_of_a_new_session()
+    build_theme_once()
+    config.get_config_options(force_reparse=True)  # starts from nothing built
+    sections_read = []
+    read = config.get_options_for_section
+
+    def counted(section: str) -> dict:
+        sections_read.append(section)
+        return read(section)
+
+    monkeypatch.setattr(config, "get_options_for_section", counted)
+    assert [_theme_of_a_new_session() for _ in range(3)] == [as_streamlit_builds] * 3
+    assert len(sections_read) == len(set(sections_read)) == 6  # each section read once, not 18
+    shown = ForwardMsg.FromString(as_streamlit_builds).new_session.custom_theme
+    assert shown.primary_color == "#3056d3"  # .streamlit/config.toml's, in what is sent

@@ -35,6 +35,7 @@ from classroom.browser import SANDBOX_STATE_KEY, BrowserSessionHold, lab_for_bro
 from classroom.progress.steps import learner_progress
 from classroom.runtime import Lab, get_runtime
 from pages.common.reconnect import rerun_whole_page_for_a_new_session
+from pages.common.theme_message import build_theme_once
 
 try:  # Streamlit's switch for the v1 mode; if a later version drops it, there is no v1 mode.
     from streamlit.runtime.pages_manager import PagesManager
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover
     PagesManager = None
 
 rerun_whole_page_for_a_new_session()  # once per process: a reconnected tab's clicks work
+build_theme_once()  # once per process: the theme is read from the configuration once
 T = TypeVar("T")
 WORD_JOINER = "\u2060"  # zero width, no break: keeps Streamlit from making a link (plain_text)
 STEPS_AFTER_CLICK = "qulab_steps_after_click"  # set by run_and_keep; pages.common.progress reads it

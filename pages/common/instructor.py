@@ -3,10 +3,10 @@
 - `instructor_key()`: QULAB_INSTRUCTOR_KEY, else `instructor_key` in .streamlit/secrets.toml
   (st.secrets raises without a secrets file: that means no key). Without a key there is no
   instructor, and a learner's page draws nothing of this.
-- `render_class_message()`: the instructor's message on every learner page, in a small fragment
+- `render_class_message(key)`: the instructor's message on every learner page, in a small fragment
   that looks every MESSAGE_SECONDS (the process's copy of the message is at most 2 s old, so a
   post shows within 5 s), as plain text, with "Dismiss" (per session; a new message shows again).
-- `render_instructor_sees(lab)`: the sidebar's collapsed "What your instructor sees", drawn
+- `render_instructor_sees(lab, key)`: the sidebar's collapsed "What your instructor sees", drawn
   only while open: the display-name form and exactly what the instructor sees of this learner.
 """
 
@@ -56,9 +56,9 @@ def current_class_message() -> Optional[ClassMessage]:
         return None
 
 
-def render_class_message() -> None:
+def render_class_message(key: Optional[str]) -> None:
     """The instructor's message, on every learner page: only when an instructor key is set."""
-    if instructor_key() is not None:
+    if key is not None:
         _class_message()
 
 
@@ -75,9 +75,9 @@ def _class_message() -> None:
     st.button("Dismiss", key="qulab_dismiss_class_message", on_click=_dismiss, args=(message.id,))
 
 
-def render_instructor_sees(lab: Lab) -> None:
+def render_instructor_sees(lab: Lab, key: Optional[str]) -> None:
     """The sidebar's "What your instructor sees" (with a key set), drawn only while open."""
-    if instructor_key() is None:
+    if key is None:
         return
     sees = st.sidebar.expander("What your instructor sees", key=SEES_KEY, on_change="rerun")
     if not sees.open:
