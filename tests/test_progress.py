@@ -9,6 +9,7 @@ otherwise) and on a real PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import sqlite3
 import time
@@ -47,6 +48,7 @@ from classroom.outbox.service import (
     start_event_publisher,
     stop_event_publisher,
 )
+from classroom.progress import steps
 from classroom.progress.evidence import run_and_record
 from classroom.progress.journal import (
     MAX_LINES_KEPT,
@@ -170,6 +172,28 @@ async def test_each_required_step_turns_done_with_its_own_action_in_the_guides_o
     recaps = {section: RECAPS[section].format(**evidence) for section in range(1, 6)}
     assert all(recaps.values())
     assert "N+1 ran 5 statements, eager loading 2" in recaps[3]
+
+
+async def test_a_done_step_is_not_checked_again_as_later_lines_come(fresh, monkeypatch):
+    """A click costs the steps not done yet: a done step keeps its evidence, unchecked."""
+    sandbox, checked = fresh, collections.Counter()
+    run_check = steps._run_check
+
+    def counted(step, journal):
+        checked[step.key] += 1
+        return run_check(step, journal)
+
+    monkeypatch.setattr(steps, "_run_check", counted)
+    await run(source.create_user, sandbox, email="first@example.com", name="First")
+    first = await learner_progress(sandbox)
+    for number in range(3):  # each adds a journal line, so each reading checks again
+        await run(source.create_user, sandbox, email=f"u{number}@example.com", name="Later")
+        progress = await learner_progress(sandbox)
+    assert len(progress.journal) == 4
+    assert checked["create_user"] == 1  # done at the first reading, never checked after
+    assert checked["initialize"] == 4  # not done: checked at every reading
+    done = {status.step.key: status.evidence for status in progress.steps if status.done}
+    assert done == {"create_user": first.steps[0].evidence}
 
 
 async def test_a_lesson_function_called_directly_is_not_journaled(fresh):

@@ -395,7 +395,7 @@ async def _read_own(
         if len(written) != generations[0] - kept.journal_generation:  # one not seen written
             written = list(await _read_journal(sandbox, after_id=newest_id))
         journal = (*kept.progress.journal, *(line for line in written if line.id > newest_id))
-        progress = _checked(journal[-MAX_JOURNAL_LINES_READ:])
+        progress = _checked(journal[-MAX_JOURNAL_LINES_READ:], kept.progress)
     unchanged_rows = kept is not None and kept.deletion_generation == generations[1]
     progress, existing, gone = await _mark_rows_gone(
         sandbox,
@@ -418,7 +418,7 @@ async def _read_shared(sandbox: Sandbox, kept: Optional[ProgressReading]) -> Pro
             added = await _read_journal(sandbox, after_id=kept.newest_id)
             if kept.lines + len(added) == lines:  # nothing committed out of order, nothing gone
                 journal = (*kept.progress.journal, *added)
-                progress = _checked(journal[-MAX_JOURNAL_LINES_READ:])
+                progress = _checked(journal[-MAX_JOURNAL_LINES_READ:], kept.progress)
         if progress is None:
             progress = _checked(await _read_journal(sandbox))
     progress, existing, gone = await _mark_rows_gone(
@@ -516,9 +516,20 @@ async def _read_journal(sandbox: Sandbox, *, after_id: int = 0) -> tuple[Journal
     )
 
 
-def _checked(journal: tuple[JournalLine, ...]) -> LearnerProgress:
+def _checked(
+    journal: tuple[JournalLine, ...], earlier: Optional[LearnerProgress] = None
+) -> LearnerProgress:
+    """Every step's check on the journal; with `earlier`, a reading of the same journal before
+    lines were added, a step it found done keeps its evidence without being checked again.
+
+    Each check looks for the first lines that show its step, so lines added after them cannot
+    change what it finds: a click costs the steps not done yet, not every step over the whole
+    journal.
+    """
+    found = {status.step.key: status.evidence for status in earlier.steps} if earlier else {}
     return LearnerProgress(
-        tuple(StepStatus(step, _run_check(step, journal)) for step in STEPS), journal
+        tuple(StepStatus(step, found.get(step.key) or _run_check(step, journal)) for step in STEPS),
+        journal,
     )
 
 
