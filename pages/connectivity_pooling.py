@@ -156,10 +156,9 @@ def render_experiment(experiment: pooling.PoolExperiment) -> None:
     if experiment.opened_at_once is not None:
         st.caption(
             "On PostgreSQL, QuLab opens NullPool's connections one at a time (in this run, at "
-            f"most {experiment.opened_at_once} at once): each starts a server process, a few "
-            "milliseconds of the server's CPU at full priority, and fifty at once took this "
-            "machine's cores from the rest of the class. NullPool's figure is for connections "
-            "opened one after another."
+            f"most {experiment.opened_at_once} at once): each new connection starts a server "
+            "process, and starting many at once would take the server's CPU from the rest of "
+            "the class. NullPool's figure is for connections opened one after another."
         )
     if experiment.capped_by_budget:
         st.info(

@@ -10,8 +10,9 @@ turns instead of meeting "too many clients".
 On PostgreSQL it also opens NullPool's connections one at a time. Starting a connection costs
 the server a process and a few milliseconds of CPU at the server's own priority, which the
 experiment process's lower priority does not reach: fifty opening at once took both of this
-machine's cores from the rest of the class (another learner's list_users p95 4.6× quiet; one at
-a time, about 2×; bench/sandboxes.py measures both, and what the gate costs NullPool's figure).
+machine's cores from the rest of the class (bench/sandboxes.py, 2026-12-08: another learner's
+list_users p95 5.15× quiet; one at a time 2.04×, a bare-asyncpg control 2.09×; NullPool's
+throughput 0.85× what it was).
 """
 
 from __future__ import annotations
